@@ -59,8 +59,16 @@ REFERENCES: dict[str, Callable[[], MemeConfig]] = {
 }
 
 
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+
+
+def packaged_configs() -> dict[str, Path]:
+    """Small ready-made configs shipped with the package (e.g. fmnist-meme-small)."""
+    return {p.stem: p for p in sorted(PACKAGED_CONFIGS.glob("*.yaml"))}
+
+
 def reference_names() -> list[str]:
-    return list(REFERENCES)
+    return list(REFERENCES) + list(packaged_configs())
 
 
 def resolve(name_or_path: str | Path) -> MemeConfig:
@@ -68,6 +76,8 @@ def resolve(name_or_path: str | Path) -> MemeConfig:
     key = str(name_or_path)
     if key in REFERENCES:
         return REFERENCES[key]().validate()
+    if key in packaged_configs():
+        return MemeConfig.load(packaged_configs()[key])
     path = Path(key)
     if path.suffix in (".yaml", ".yml") or path.exists():
         return MemeConfig.load(path)

@@ -1,0 +1,245 @@
+"""Sampling a trained MEME: ``python -m meme.sample --run DIR``.
+
+Two schedules give the same images for the same seed:
+
+* normal: every expert on the accelerator; each batch runs its whole trajectory.
+* ``--low-memory`` (paper appendix): one expert on the accelerator at a time. All
+  batches run through the interval of the expert owning the largest t, then the
+  next expert is loaded, and so on. Intermediate states wait in host memory, or on
+  disk (``--offload-dir``) when n is very large.
+
+They agree because every random draw is keyed by (seed, batch, step) instead of
+being taken from one running generator, so the order of work does not matter.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from meme import checkpoint
+from meme.cli import UserError, main_guard, setup_logging
+from meme.config import MemeConfig
+from meme.diffusion import Diffusion
+from meme.experts import MultiExpertDenoiser, build_denoiser
+from meme.images import Decoder, decode, save_grid, save_pngs, to_uint8
+
+log = logging.getLogger("meme.sample")
+SAMPLERS = ("ddim", "ddpm")
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """What to sample: the same plan gives the same images on either schedule."""
+
+    n: int = 64                 # number of images
+    steps: int = 50             # denoising steps
+    eta: float = 0.0            # DDIM stochasticity (0 = deterministic)
+    sampler: str = "ddim"       # 'ddim' or 'ddpm' (ancestral)
+    seed: int = 0               # keys every random draw
+    batch_size: int = 64        # images per forward pass
+
+    def batches(self) -> list[tuple[int, int]]:
+        """(start, size) of each batch."""
+        return [(s, min(self.batch_size, self.n - s)) for s in range(0, self.n, self.batch_size)]
+
+
+def keyed_noise(seed: int, batch: int, step: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Gaussian noise that depends only on (seed, batch, step); step -1 is x_T."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + batch) * 100_003 + step + 1)
+    return torch.randn(shape, generator=g)
+
+
+def timestep_pairs(diffusion: Diffusion, plan: SamplingPlan) -> list[tuple[int, int]]:
+    """(t, t_prev) for every step, t descending; t_prev = -1 ends at x_0."""
+    ts = diffusion.ddim_timesteps(plan.steps) if plan.sampler == "ddim" or plan.steps < diffusion.T \
+        else list(range(diffusion.T - 1, -1, -1))
+    return list(zip(ts, ts[1:] + [-1]))
+
+
+def _step(diffusion: Diffusion, plan: SamplingPlan, x, t, t_prev, eps, noise):
+    """One reverse step. 'ddpm' with fewer than T steps is DDIM with eta=1 (respaced ancestral)."""
+    if plan.sampler == "ddpm" and plan.steps >= diffusion.T:
+        return diffusion.ddpm_step(x, t, eps, noise)
+    eta = 1.0 if plan.sampler == "ddpm" else plan.eta
+    return diffusion.ddim_step(x, t, t_prev, eps, eta, noise)
+
+
+@torch.no_grad()
+def _run_steps(expert, diffusion, plan, x, b, pairs, first_index, device, autocast):
+    for i, (t, t_prev) in enumerate(pairs, start=first_index):
+        tt = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
+        with autocast:
+            eps = expert(x, tt).float()
+        noise = keyed_noise(plan.seed, b, i, tuple(x.shape)).to(device)
+        x = _step(diffusion, plan, x, t, t_prev, eps, noise)
+    return x
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _segments(denoiser: MultiExpertDenoiser, pairs):
+    """Split the step list into runs that share one expert: (expert index, first step, pairs)."""
+    segs: list[tuple[int, int, list]] = []
+    for i, (t, tp) in enumerate(pairs):
+        e = int(denoiser.expert_index(torch.tensor([t]))[0])
+        if segs and segs[-1][0] == e:
+            segs[-1][2].append((t, tp))
+        else:
+            segs.append((e, i, [(t, tp)]))
+    return segs
+
+
+@torch.no_grad()
+def generate(denoiser: MultiExpertDenoiser, diffusion: Diffusion, shape: tuple[int, int, int],
+             plan: SamplingPlan, device: torch.device | str = "cpu", low_memory: bool = False,
+             offload_dir: Optional[Path] = None, progress: bool = False) -> torch.Tensor:
+    """Samples in [-1, 1] on the CPU, [n, C, H, W]."""
+    device = torch.device(device)
+    denoiser.eval()
+    pairs = timestep_pairs(diffusion, plan)
+    segs = _segments(denoiser, pairs)
+    autocast = _autocast(device)
+    batches = plan.batches()
+    bar = tqdm(total=len(batches) * len(pairs), disable=not progress, desc="sampling", unit="step")
+    if not low_memory:
+        denoiser.to(device)
+        out = []
+        for b, (_, size) in enumerate(batches):
+            x = keyed_noise(plan.seed, b, -1, (size, *shape)).to(device)
+            for e, first, seg in segs:
+                x = _run_steps(denoiser.experts[e], diffusion, plan, x, b, seg, first, device, autocast)
+                bar.update(len(seg))
+            out.append(x.float().cpu())
+        bar.close()
+        return torch.cat(out)
+    # Low memory: expert-major order; states wait on the host (or on disk).
+    denoiser.cpu()
+    store = _StateStore(offload_dir)
+    for b, (_, size) in enumerate(batches):
+        store.put(b, keyed_noise(plan.seed, b, -1, (size, *shape)))
+    for e, first, seg in segs:
+        expert = denoiser.experts[e].to(device)
+        for b in range(len(batches)):
+            x = _run_steps(expert, diffusion, plan, store.get(b).to(device), b, seg, first, device, autocast)
+            store.put(b, x.float().cpu())
+            bar.update(len(seg))
+        expert.cpu()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    bar.close()
+    return torch.cat([store.get(b) for b in range(len(batches))])
+
+
+class _StateStore:
+    """Host-memory dict of batch states, or .pt files in a folder for very large n."""
+
+    def __init__(self, folder: Optional[Path]):
+        self.folder = Path(folder) if folder else None
+        self.mem: dict[int, torch.Tensor] = {}
+        if self.folder:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def put(self, b: int, x: torch.Tensor) -> None:
+        if self.folder:
+            torch.save(x, self.folder / f"state_{b:06d}.pt")
+        else:
+            self.mem[b] = x
+
+    def get(self, b: int) -> torch.Tensor:
+        return torch.load(self.folder / f"state_{b:06d}.pt") if self.folder else self.mem[b]
+
+
+# ---------------------------------------------------------------------------- run dirs
+def load_run(run: Path, use_ema: bool = True) -> tuple[MemeConfig, MultiExpertDenoiser, int]:
+    """A training run directory -> (config, denoiser with EMA weights, step)."""
+    run = Path(run)
+    cfg_path = run / "config.yaml"
+    if not cfg_path.is_file():
+        raise UserError(f"{run} is not a training run: {cfg_path} is missing (train with `python -m meme.train --out {run}`)")
+    cfg = MemeConfig.load(cfg_path)
+    ckpt = checkpoint.load(run / "checkpoints" / "last.pt")
+    denoiser = build_denoiser(cfg)
+    state = ckpt["ema"] if use_ema else ckpt["model"]
+    denoiser.load_state_dict(state)
+    return cfg, denoiser, int(ckpt["step"])
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but CUDA is not available here")
+    return torch.device(name)
+
+
+def write_samples(samples: torch.Tensor, out: Path, decoder: Optional[Decoder] = None) -> dict:
+    """PNGs, grid.png and samples.npz (uint8 NHWC under key 'samples')."""
+    out.mkdir(parents=True, exist_ok=True)
+    images = decode(samples, decoder)
+    arr = to_uint8(images)
+    np.savez_compressed(out / "samples.npz", samples=arr)
+    save_pngs(arr, out / "png")
+    save_grid(images[:64], out / "grid.png")
+    return {"npz": str(out / "samples.npz"), "grid": str(out / "grid.png"), "n": len(arr)}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m meme.sample", description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, type=Path, help="training run directory (from meme.train)")
+    p.add_argument("--n", type=int, default=64, help="number of images")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--low-memory", action="store_true", help="one expert on the device at a time")
+    p.add_argument("--offload-dir", type=Path, default=None, help="with --low-memory: keep states on disk here")
+    p.add_argument("--no-ema", action="store_true", help="sample the raw weights instead of the EMA")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, default=None, help="default: RUN/samples")
+    return p.parse_args(argv)
+
+
+@main_guard
+def main(argv=None) -> int:
+    setup_logging()
+    args = parse_args(argv)
+    if args.n < 1 or args.steps < 1 or args.batch_size < 1:
+        raise UserError("--n, --steps and --batch-size must be >= 1")
+    cfg, denoiser, step = load_run(args.run, use_ema=not args.no_ema)
+    device = pick_device(args.device)
+    diffusion = Diffusion(cfg.diffusion)
+    plan = SamplingPlan(args.n, args.steps, args.eta, args.sampler, args.seed, args.batch_size)
+    shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+    log.info("sampling %d images from %s (step %d) on %s, %s %d steps%s", args.n, args.run, step, device,
+             args.sampler, args.steps, ", low-memory" if args.low_memory else "")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    samples = generate(denoiser, diffusion, shape, plan, device, args.low_memory, args.offload_dir, progress=True)
+    wall = time.perf_counter() - t0
+    out = args.out or args.run / "samples"
+    info = write_samples(samples, out)
+    info.update(step=step, wall_s=round(wall, 3), img_per_s=round(args.n / wall, 3), device=str(device),
+                low_memory=args.low_memory, plan=plan.__dict__,
+                peak_device_mem_mb=(torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None))
+    (out / "sampling.json").write_text(json.dumps(info, indent=2))
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,284 @@
+"""Training every expert of a MEME: ``python -m meme.train --config NAME_OR_YAML``.
+
+Schedules (``--schedule``):
+
+* ``interleaved`` (default): step k trains expert ``k mod N``. Every expert gets an
+  equal share at every moment, so a stopped or resumed run is always samplable and the
+  sample grids during training show the whole model improving.
+* ``sequential``: the paper's way, expert 1 for the first S/N steps, then expert 2...
+  Same total budget and per-expert share; useful to reproduce the paper exactly.
+
+Each expert's timesteps come from the soft-expert sampler (its own interval with
+probability p_n, otherwise uniform over [0, T)). AdamW with linear warm-up, EMA
+weights (used for sampling), gradient clipping, bf16 autocast + channels_last on CUDA,
+fp32 on CPU. Checkpoints are atomic and carry every RNG so ``--resume`` continues
+bit-for-bit.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.optim.swa_utils import AveragedModel
+from tqdm import tqdm
+
+from meme import checkpoint
+from meme.cli import UserError, main_guard, setup_logging
+from meme.config import MemeConfig
+from meme.data import load_data
+from meme.diffusion import Diffusion
+from meme.experts import SoftExpertSampler, build_denoiser
+from meme.images import save_grid
+from meme.references import resolve
+from meme.sample import SamplingPlan, generate, pick_device
+
+log = logging.getLogger("meme.train")
+SCHEDULES = ("interleaved", "sequential")
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN/inf; the last good checkpoint is kept untouched."""
+
+
+@dataclass
+class TrainOptions:
+    """Everything about a run that is not the model itself (saved beside the checkpoints)."""
+
+    data: Optional[str] = None      # dataset spec for meme.data.load_data (None = Fashion-MNIST)
+    steps: int = 20_000             # total optimizer steps over all experts
+    batch_size: int = 64            # images per step
+    lr: float = 2e-4                # AdamW peak learning rate
+    warmup: int = 500               # linear warm-up steps
+    weight_decay: float = 0.0       # AdamW decoupled weight decay
+    ema_decay: float = 0.999        # EMA decay (warmed up as min(decay, (1+n)/(10+n)))
+    grad_clip: float = 1.0          # max global grad norm (0 = off)
+    schedule: str = "interleaved"   # 'interleaved' or 'sequential' expert training
+    seed: int = 0                   # model init, data order, timesteps and noise
+    ckpt_every: int = 1000          # steps between checkpoints
+    sample_every: int = 2000        # steps between sample grids (0 = off)
+    sample_steps: int = 50          # DDIM steps for the grids
+    log_every: int = 50             # steps between CSV rows / bar updates
+    limit_data: Optional[int] = None  # use only the first N training images
+    device: str = "auto"            # 'auto', 'cpu', 'cuda', 'cuda:1'...
+
+
+def expert_for_step(step: int, num_experts: int, total_steps: int, schedule: str) -> int:
+    if schedule == "sequential":
+        return min(step * num_experts // max(total_steps, 1), num_experts - 1)
+    return step % num_experts
+
+
+def _ema_update(decay: float):
+    """multi_avg_fn for AveragedModel: EMA with the usual warm-up of the decay."""
+
+    def update(ema_params, params, num_averaged):
+        n = int(num_averaged)
+        d = min(decay, (1 + n) / (10 + n))
+        torch._foreach_lerp_(ema_params, params, 1.0 - d)
+
+    return update
+
+
+class Trainer:
+    """Owns model, EMA, optimizer and RNG; one ``step()`` trains one expert on one batch."""
+
+    def __init__(self, cfg: MemeConfig, opts: TrainOptions, out: Path):
+        self.cfg, self.opts, self.out = cfg, opts, Path(out)
+        self.device = pick_device(opts.device)
+        torch.manual_seed(opts.seed)
+        self.model = build_denoiser(cfg).to(self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ema = AveragedModel(self.model, multi_avg_fn=_ema_update(opts.ema_decay), use_buffers=True)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+        self.diffusion = Diffusion(cfg.diffusion)
+        self.timesteps = SoftExpertSampler(cfg)
+        self.gen = torch.Generator().manual_seed(opts.seed + 1)
+        self.data = load_data(opts.data, cfg.data, "train")
+        if opts.limit_data:
+            self.data = self.data[: opts.limit_data]
+        self.step_count = 0
+
+    # ---- paths -------------------------------------------------------------------
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "checkpoints" / "last.pt"
+
+    # ---- one step ------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        return self.opts.lr * min(1.0, (step + 1) / max(self.opts.warmup, 1))
+
+    def step(self) -> tuple[int, float]:
+        s = self.step_count
+        e = expert_for_step(s, self.cfg.num_experts, self.opts.steps, self.opts.schedule)
+        idx = torch.randint(len(self.data), (self.opts.batch_size,), generator=self.gen)
+        x0 = self.data[idx].to(self.device)
+        t = self.timesteps.sample(e, self.opts.batch_size, generator=self.gen).to(self.device)
+        noise = torch.randn(x0.shape, generator=self.gen).to(self.device)
+        if self.device.type == "cuda":
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_at(s)
+        self.opt.zero_grad(set_to_none=True)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" \
+            else torch.autocast("cpu", enabled=False)
+        expert = self.model.experts[e]
+        with autocast:
+            loss = self.diffusion.training_loss(expert, x0, t, noise)
+        loss_value = float(loss)
+        if not torch.isfinite(loss):
+            where = self.ckpt_path if self.ckpt_path.exists() else "none written yet"
+            raise TrainingDiverged(f"loss is {loss_value} at step {s} (expert {e}); stopped. "
+                                   f"Last good checkpoint: {where}")
+        loss.backward()
+        if self.opts.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(expert.parameters(), self.opts.grad_clip)
+        self.opt.step()
+        self.ema.update_parameters(self.model)
+        self.step_count += 1
+        return e, loss_value
+
+    # ---- checkpoints -----------------------------------------------------------------
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "ema": self.ema.module.state_dict(),
+                "ema_n": self.ema.n_averaged.clone(), "opt": self.opt.state_dict(),
+                "step": self.step_count, "rng": checkpoint.rng_state(), "data_gen": self.gen.get_state(),
+                "config": self.cfg.to_dict(), "options": dataclasses.asdict(self.opts)}
+
+    def save(self) -> Path:
+        return checkpoint.atomic_save(self.state(), self.ckpt_path)
+
+    def load(self) -> None:
+        ck = checkpoint.load(self.ckpt_path, map_location=self.device)
+        saved = MemeConfig.from_dict(ck["config"])
+        if saved.hash() != self.cfg.hash():
+            raise UserError(f"{self.ckpt_path} was trained with a different config; use a new --out")
+        self.model.load_state_dict(ck["model"])
+        self.ema.module.load_state_dict(ck["ema"])
+        self.ema.n_averaged.copy_(ck["ema_n"])
+        self.opt.load_state_dict(ck["opt"])
+        self.step_count = int(ck["step"])
+        checkpoint.set_rng_state(ck["rng"])
+        self.gen.set_state(ck["data_gen"])
+
+    # ---- samples -----------------------------------------------------------------------
+    def sample_grid(self, n: int = 64) -> Path:
+        shape = (self.cfg.data.channels, self.cfg.data.resolution, self.cfg.data.resolution)
+        plan = SamplingPlan(n=n, steps=self.opts.sample_steps, seed=1234, batch_size=n)
+        x = generate(self.ema.module, self.diffusion, shape, plan, self.device)
+        self.ema.module.to(self.device)
+        return save_grid(x, self.out / "grids" / f"step{self.step_count:07d}.png")
+
+
+class MetricsLog:
+    """Append-only CSV (and TensorBoard when installed); rows past a resumed step are dropped."""
+
+    FIELDS = ["step", "expert", "loss", "lr", "img_per_s", "wall_s"]
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        if path.exists():
+            rows = [r for r in csv.DictReader(path.open()) if int(r["step"]) <= resume_step]
+            with path.open("w", newline="") as f:
+                w = csv.DictWriter(f, self.FIELDS)
+                w.writeheader()
+                w.writerows(rows)
+        else:
+            with path.open("w", newline="") as f:
+                csv.DictWriter(f, self.FIELDS).writeheader()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(path.parent / "tb"), purge_step=resume_step)
+        except Exception:  # tensorboard not installed: CSV only
+            self.tb = None
+
+    def write(self, row: dict) -> None:
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, self.FIELDS).writerow(row)
+        if self.tb:
+            for k in ("loss", "lr", "img_per_s"):
+                self.tb.add_scalar(k, row[k], row["step"])
+
+
+def train(cfg: MemeConfig, opts: TrainOptions, out: Path, resume: bool = False, progress: bool = True) -> Trainer:
+    """Run (or continue) training to ``opts.steps``; returns the trainer."""
+    out = Path(out)
+    if opts.schedule not in SCHEDULES:
+        raise UserError(f"--schedule must be one of {list(SCHEDULES)}, got {opts.schedule!r}")
+    if opts.steps < 1 or opts.batch_size < 1:
+        raise UserError("--steps and --batch-size must be >= 1")
+    trainer = Trainer(cfg, opts, out)
+    if trainer.ckpt_path.exists():
+        if not resume:
+            raise UserError(f"{out} already holds a checkpoint: pass --resume to continue or choose a new --out")
+        trainer.load()
+        log.info("resumed %s at step %d", out, trainer.step_count)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "config.yaml")
+    (out / "options.json").write_text(json.dumps(dataclasses.asdict(opts), indent=2))
+    metrics = MetricsLog(out / "metrics.csv", trainer.step_count)
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    log.info("training %s: %d experts, %.2fM params, %d images, %s schedule, on %s",
+             cfg.name, cfg.num_experts, n_params / 1e6, len(trainer.data), opts.schedule, trainer.device)
+    bar = tqdm(total=opts.steps, initial=trainer.step_count, disable=not progress, desc="train", unit="step")
+    t_window, imgs, losses, t_start = time.perf_counter(), 0, [], time.perf_counter()
+    while trainer.step_count < opts.steps:
+        e, loss = trainer.step()
+        losses.append(loss)
+        imgs += opts.batch_size
+        s = trainer.step_count
+        bar.update(1)
+        if s % opts.log_every == 0 or s == opts.steps:
+            now = time.perf_counter()
+            row = {"step": s, "expert": e, "loss": sum(losses) / len(losses), "lr": trainer.lr_at(s - 1),
+                   "img_per_s": imgs / max(now - t_window, 1e-9), "wall_s": now - t_start}
+            metrics.write(row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.1f}")
+            t_window, imgs, losses = now, 0, []
+        if s % opts.ckpt_every == 0 or s == opts.steps:
+            trainer.save()
+        if opts.sample_every and (s % opts.sample_every == 0 or s == opts.steps):
+            trainer.sample_grid()
+    bar.close()
+    return trainer
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, TrainOptions]:
+    p = argparse.ArgumentParser(prog="python -m meme.train", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="reference name (ldm-s, meme-table4, ...) or YAML path")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default results/train/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    defaults = TrainOptions()
+    for f in dataclasses.fields(TrainOptions):
+        flag = "--" + f.name.replace("_", "-")
+        kind = {"steps": int, "batch_size": int, "warmup": int, "seed": int, "ckpt_every": int,
+                "sample_every": int, "sample_steps": int, "log_every": int, "limit_data": int,
+                "lr": float, "weight_decay": float, "ema_decay": float, "grad_clip": float}.get(f.name, str)
+        p.add_argument(flag, type=kind, default=getattr(defaults, f.name))
+    args = p.parse_args(argv)
+    opts = TrainOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions)})
+    return args, opts
+
+
+@main_guard
+def main(argv=None) -> int:
+    setup_logging()
+    args, opts = parse_args(argv)
+    cfg = resolve(args.config)
+    out = args.out or Path("results") / "train" / cfg.name
+    trainer = train(cfg, opts, out, resume=args.resume)
+    print(f"done: {trainer.step_count} steps; checkpoint {trainer.ckpt_path}; "
+          f"sample with: python -m meme.sample --run {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
