@@ -1,0 +1,251 @@
+"""MAC counting: hand-computed counts, attention matmuls, references, cache, CLI."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from meme.config import ArchConfig, DataShape, MemeConfig
+from meme.macs import NetCost, cost_of_meme, cost_of_network, count_module, sdpa_macs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """Never read or write the user's on-disk MACs cache from tests."""
+    monkeypatch.setenv("MEME_MACS_CACHE", str(tmp_path / "macs-cache"))
+
+
+def _networks():
+    return pytest.importorskip("meme.networks", reason="meme.networks not built yet")
+
+
+class ConvLinearAttention(nn.Module):
+    """One conv, one linear, one SDPA call with shapes easy to count by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)  # 3x8x8 -> 8x8x8
+        self.qkv = nn.Linear(8, 24)                # 64 tokens x 8 -> 64 x (3 x 2 heads x 4)
+
+    def forward(self, x, t):
+        h = self.conv(x).flatten(2).transpose(1, 2)                       # B, 64, 8
+        q, k, v = self.qkv(h).reshape(x.shape[0], 64, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v)                    # B, 2, 64, 4
+
+
+# Hand counts for ConvLinearAttention at 3x8x8, batch 1.
+CONV_MACS = 8 * 8 * 8 * (3 * 3 * 3) + 8 * 8 * 8   # per output: 27 MACs, + bias per output
+LINEAR_MACS = 64 * (8 * 24 + 24)                  # per token: 8x24 weights + 24 bias
+ATTN_MACS = 2 * 64 * 64 * 4 + 2 * 64 * 64 * 4     # heads x Lq x Lk x (Dqk + Dv)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_hand_count_conv_linear_attention(device):
+    with torch.device(device):
+        net = ConvLinearAttention()
+    cost = count_module(net, (3, 8, 8))
+    assert cost.macs_hooks == CONV_MACS + LINEAR_MACS
+    assert cost.macs == CONV_MACS + LINEAR_MACS + ATTN_MACS
+    assert cost.attention_macs == ATTN_MACS
+    assert cost.params == (8 * 27 + 8) + (8 * 24 + 24)
+    assert cost.gflops == pytest.approx(2 * cost.macs / 1e9)
+    assert cost.paper_units == pytest.approx(3 * cost.macs_hooks / 1e9)
+
+
+def test_sdpa_formula_handles_distinct_value_dim_and_cross_attention():
+    q = torch.empty(2, 3, 10, 8, device="meta")
+    k = torch.empty(2, 3, 7, 8, device="meta")
+    v = torch.empty(2, 3, 7, 5, device="meta")
+    assert sdpa_macs(q, k, v) == 2 * 3 * 10 * 7 * (8 + 5)
+
+
+class FunctionalOps(nn.Module):
+    """Matmul-like work done outside modules: hooks miss it, the full count must not."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 3, 3, 3))
+        self.lw = nn.Parameter(torch.randn(5, 8))
+
+    def forward(self, x, t):
+        h = F.conv2d(x, self.w, padding=1).flatten(2).transpose(1, 2)  # 1, 64, 8
+        a = F.linear(h, self.lw)                                       # 64 x 8 x 5
+        b = torch.einsum("bld,bmd->blm", h, h)                         # 64 x 64 x 8
+        c = h @ h.transpose(1, 2)                                      # 64 x 64 x 8 (ptflops counts it)
+        return x + 0 * (a.sum() + b.sum() + c.sum())
+
+
+def test_functional_matmuls_counted_once():
+    with torch.device("meta"):
+        net = FunctionalOps()
+    cost = count_module(net, (3, 8, 8))
+    matmul = 64 * 64 * 8
+    hidden = 8 * 8 * 8 * 27 + 64 * 8 * 5 + matmul   # conv + linear + einsum: no module hook
+    assert cost.macs - cost.macs_hooks == hidden
+    assert cost.macs_hooks >= matmul                 # '@' is in ptflops' functional count
+    assert cost.macs_hooks - matmul < 64 * 64         # ... plus elementwise odds and ends only
+
+
+def _sdpa_cpu_formula(q, k, v, *args, out_shape=None, **kwargs):
+    b, h, lq, d = q
+    return 2 * b * h * lq * k[-2] * (d + v[-1])
+
+
+def _flop_counter_macs(net: nn.Module, shape) -> tuple[int, int]:
+    """torch's own counter with the fused CPU SDPA kernel given its formula: (total, sdpa)."""
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    x = torch.randn(1, *shape)
+    with FlopCounterMode(display=False, custom_mapping={op: _sdpa_cpu_formula}) as fc, torch.no_grad():
+        net(x, torch.zeros(1, dtype=torch.long))
+    by_op = fc.get_flop_counts()["Global"]
+    return fc.get_total_flops() // 2, by_op.get(op, 0) // 2
+
+
+def test_agrees_with_torch_flop_counter_on_hand_module():
+    net = ConvLinearAttention()
+    cost = count_module(net, (3, 8, 8))
+    total, attn = _flop_counter_macs(net, (3, 8, 8))
+    assert attn == cost.attention_macs
+    biases = 8 * 8 * 8 + 64 * 24   # torch's counter leaves bias adds out
+    assert total + biases == cost.macs
+
+
+# ---- networks ---------------------------------------------------------------------
+
+TINY_DATA = DataShape(channels=3, resolution=16, latent=False)
+TINY_UNET = ArchConfig(kind="unet", base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                       attention_ds=(2,), head_channels=8)
+
+
+def _unet_attention_macs(arch: ArchConfig, data: DataShape) -> int:
+    """LDM UNetModel: attention after each ResBlock at attention_ds (encoder num_res_blocks,
+    decoder num_res_blocks + 1 per level) and once in the middle block; QK^T + AV = 2 L^2 C."""
+    total, deepest = 0, 2 ** (arch.num_stages - 1)
+    for level, ch in enumerate(arch.stage_channels()):
+        ds = 2 ** level
+        L = (data.resolution // ds) ** 2
+        per_block = 2 * L * L * ch
+        if ds in arch.attention_ds:
+            total += (2 * arch.num_res_blocks + 1) * per_block
+        if ds == deepest:
+            total += per_block  # middle block always attends
+    return total
+
+
+def test_tiny_unet_hooks_miss_exactly_the_attention_matmuls():
+    _networks()
+    cost = cost_of_network(TINY_UNET, TINY_DATA)
+    assert cost.macs - cost.macs_hooks == _unet_attention_macs(TINY_UNET, TINY_DATA)
+
+
+def test_tiny_unet_agrees_with_torch_flop_counter():
+    networks = _networks()
+    net = networks.build_network(TINY_UNET, TINY_DATA).eval()
+    cost = count_module(net, (3, 16, 16))
+    total, attn = _flop_counter_macs(net, (3, 16, 16))
+    assert attn == cost.attention_macs
+    # torch counts only conv/matmul (no bias, norm, activation): a little less, never more
+    assert total <= cost.macs_hooks
+    assert cost.macs_hooks - total < 0.1 * cost.macs_hooks
+
+
+def test_meta_and_cpu_counts_agree():
+    networks = _networks()
+    with torch.device("meta"):
+        meta = networks.build_network(TINY_UNET, TINY_DATA)
+    cpu = networks.build_network(TINY_UNET, TINY_DATA)
+    assert count_module(meta, (3, 16, 16)) == count_module(cpu, (3, 16, 16))
+
+
+def test_ldm_s_matches_reference():
+    _networks()
+    from meme.references import resolve
+    cost = cost_of_meme(resolve("ldm-s")).experts[0]
+    # latent-diffusion's own UNetModel at 3x64x64 (DESIGN.md, Budget): 89.54M, 34.33 GMACs,
+    # 31.4 hook GMACs (paper: 94.2G = 3 x 31.4)
+    assert cost.params / 1e6 == pytest.approx(89.54, rel=0.01)
+    assert cost.gmacs == pytest.approx(34.33, rel=0.02)
+    assert cost.gmacs_hooks == pytest.approx(31.4, rel=0.02)
+    assert cost.paper_units == pytest.approx(94.2, rel=0.02)
+    assert cost.attention_macs == _unet_attention_macs(resolve("ldm-s").experts[0], resolve("ldm-s").data)
+
+
+def test_meme_cost_is_interval_weighted_mean_and_cached():
+    _networks()
+    small = TINY_UNET
+    big = ArchConfig(kind="unet", base_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                     attention_ds=(2,), head_channels=8)
+    cfg = MemeConfig(name="two", experts=(small, big, small), data=TINY_DATA,
+                     boundaries=(0, 100, 700, 1000)).validate()
+    cost = cost_of_meme(cfg)
+    a, b = cost_of_network(small, TINY_DATA), cost_of_network(big, TINY_DATA)
+    assert cost.experts[0] is cost.experts[2] is a  # identical experts: counted once
+    assert cost.intervals == [(0, 100), (100, 700), (700, 1000)]
+    expect = (0.1 * a.macs + 0.6 * b.macs + 0.3 * a.macs) / 1e9
+    assert cost.gmacs_mean == pytest.approx(expect)
+    assert cost.gflops_mean == pytest.approx(2 * expect)
+    assert cost.gflops_max == pytest.approx(b.gflops)
+    assert cost.params_total == 2 * a.params + b.params
+
+
+def test_disk_cache_round_trip(tmp_path, monkeypatch):
+    _networks()
+    import meme.macs as macs
+    monkeypatch.setenv("MEME_MACS_CACHE", str(tmp_path / "c"))
+    arch = ArchConfig(kind="unet", base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                      attention_ds=(), head_channels=8)
+    first = cost_of_network(arch, TINY_DATA)
+    files = list((tmp_path / "c").glob("*.json"))
+    assert len(files) == 1
+    cost_of_network.cache_clear()
+    assert cost_of_network(arch, TINY_DATA) == first  # now read back from disk
+    assert json.loads(files[0].read_text())["macs"] == first.macs
+    assert macs.cost_key(arch, TINY_DATA) == files[0].stem
+
+
+# ---- CLI ----------------------------------------------------------------------------
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "meme.macs", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_json(tmp_path):
+    _networks()
+    cfg = MemeConfig(name="tiny", experts=(TINY_UNET, TINY_UNET), data=TINY_DATA)
+    path = cfg.save(tmp_path / "tiny.yaml")
+    res = _cli(str(path), "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert set(out) == {"experts", "gmacs_mean", "gflops_mean", "params_total"}
+    assert [e["interval"] for e in out["experts"]] == [[0, 500], [500, 1000]]
+    assert set(out["experts"][0]) == {"params", "gmacs", "gflops", "paper_units", "interval"}
+    expect = cost_of_network(TINY_UNET, TINY_DATA)
+    assert out["experts"][0]["params"] == expect.params
+    assert math.isclose(out["gflops_mean"], expect.gflops)
+
+
+@pytest.mark.parametrize("arg", ["no-such-model", "missing.yaml"])
+def test_cli_bad_config_exits_2_with_one_line(arg):
+    res = _cli(arg)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:")
+
+
+def test_cli_malformed_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experts: [kind: unet\n  - : :\n")
+    res = _cli(str(bad))
+    assert res.returncode == 2
+    assert len(res.stderr.strip().splitlines()) == 1
