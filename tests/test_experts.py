@@ -1,0 +1,165 @@
+"""Routing of mixed batches to timestep experts, and soft-expert timestep statistics."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from meme.config import ArchConfig, DataShape, DiffusionConfig, MemeConfig
+from meme.experts import MultiExpertDenoiser, SoftExpertSampler, build_denoiser
+
+
+class TinyEps(nn.Module):
+    """A real conv denoiser whose output depends on its own weights and on t."""
+
+    def __init__(self, channels: int = 2) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.temb = nn.Linear(1, channels)
+
+    def forward(self, x, t):
+        return self.conv(x) + self.temb(t.float()[:, None] / 1000.0)[:, :, None, None]
+
+
+def meme_cfg(n: int = 4, probs=(0.8, 0.4, 0.2, 0.1), boundaries=()) -> MemeConfig:
+    arch = ArchConfig(kind="unet", base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                      attention_ds=(2,), head_channels=16)
+    return MemeConfig(name="tiny", experts=(arch,) * n, data=DataShape(channels=2, resolution=8, latent=False),
+                      diffusion=DiffusionConfig(), boundaries=tuple(boundaries),
+                      expert_probs=tuple(probs)).validate()
+
+
+def tiny_denoiser(boundaries=(0, 250, 500, 750, 1000)) -> MultiExpertDenoiser:
+    torch.manual_seed(0)
+    return MultiExpertDenoiser([TinyEps() for _ in range(len(boundaries) - 1)], list(boundaries))
+
+
+def test_expert_index_follows_half_open_intervals():
+    den = tiny_denoiser((0, 100, 600, 1000))
+    t = torch.tensor([0, 99, 100, 599, 600, 999])
+    assert den.expert_index(t).tolist() == [0, 0, 1, 1, 2, 2]
+    assert den.expert_index(torch.tensor([99.5, 100.0])).tolist() == [0, 1]
+    assert den.expert_for(600) is den.experts[2]
+    assert den.expert_for(0) is den.experts[0]
+    with pytest.raises(ValueError):
+        den.expert_for(1000)
+
+
+def test_mixed_batch_routing_equals_each_expert_on_its_samples():
+    den = tiny_denoiser()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 2, 8, 8, generator=g)
+    t = torch.tensor([999, 0, 300, 260, 740, 10, 500, 751, 249])
+    out = den(x, t)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    owner = [3, 0, 1, 1, 2, 0, 2, 3, 0]
+    for i in range(9):
+        ref = den.experts[owner[i]](x[i: i + 1], t[i: i + 1])
+        torch.testing.assert_close(out[i: i + 1], ref)
+    # gradients reach exactly the experts present in the batch
+    den(x[:2], t[:2]).sum().backward()
+    assert [e.conv.weight.grad is not None for e in den.experts] == [True, False, False, True]
+
+
+def test_single_interval_batch_and_expert_override():
+    den = tiny_denoiser()
+    x = torch.randn(4, 2, 8, 8)
+    t = torch.full((4,), 600)
+    torch.testing.assert_close(den(x, t), den.experts[2](x, t))
+    torch.testing.assert_close(den(x, 600), den.experts[2](x, t))
+    # soft-expert training: expert 0 on a t outside its interval
+    torch.testing.assert_close(den(x, t, expert=0), den.experts[0](x, t))
+    idx = torch.tensor([3, 1, 3, 0])
+    out = den(x, t, expert=idx)
+    for i, n in enumerate(idx.tolist()):
+        torch.testing.assert_close(out[i: i + 1], den.experts[n](x[i: i + 1], t[i: i + 1]))
+
+
+def test_one_expert_denoiser():
+    den = tiny_denoiser((0, 1000))
+    x = torch.randn(3, 2, 8, 8)
+    t = torch.tensor([0, 500, 999])
+    torch.testing.assert_close(den(x, t), den.experts[0](x, t))
+    assert den.expert_index(t).tolist() == [0, 0, 0]
+
+
+def test_bad_boundaries_are_rejected():
+    with pytest.raises(ValueError):
+        MultiExpertDenoiser([TinyEps(), TinyEps()], [0, 500])
+    with pytest.raises(ValueError):
+        MultiExpertDenoiser([TinyEps(), TinyEps()], [0, 600, 500])
+
+
+def test_state_dict_holds_only_expert_weights():
+    den = tiny_denoiser()
+    assert all(k.startswith("experts.") for k in den.state_dict())
+
+
+def test_build_denoiser_from_config():
+    pytest.importorskip("meme.networks")
+    cfg = meme_cfg(n=2, probs=(1.0, 1.0), boundaries=(0, 300, 1000))
+    den = build_denoiser(cfg)
+    assert den.num_experts == 2 and den.boundaries == [0, 300, 1000]
+    x = torch.randn(2, 2, 8, 8)
+    out = den(x, torch.tensor([10, 900]))
+    assert out.shape == x.shape
+
+
+@pytest.mark.parametrize("boundaries", [(), (0, 100, 300, 600, 1000)])
+def test_soft_expert_frequencies(boundaries):
+    cfg = meme_cfg(boundaries=boundaries)
+    s = SoftExpertSampler(cfg)
+    g = torch.Generator().manual_seed(0)
+    n = 200_000
+    T = cfg.diffusion.timesteps
+    for e, ((lo, hi), p) in enumerate(zip(cfg.intervals(), cfg.resolved_probs())):
+        t = s.sample(e, n, generator=g)
+        assert t.dtype == torch.long and t.shape == (n,)
+        assert t.min() >= 0 and t.max() < T
+        q = p + (1 - p) * (hi - lo) / T
+        frac = ((t >= lo) & (t < hi)).float().mean().item()
+        assert abs(frac - q) < 4 * math.sqrt(q * (1 - q) / n), (e, frac, q)
+        # outside the own interval the draw is uniform: mean of the outside part
+        out = t[(t < lo) | (t >= hi)].double()
+        if out.numel():
+            outside = [v for v in range(T) if not lo <= v < hi]
+            assert out.mean().item() == pytest.approx(sum(outside) / len(outside), rel=0.02)
+
+
+def test_hard_experts_stay_in_their_interval():
+    cfg = meme_cfg(probs=(1.0, 1.0, 1.0, 1.0))
+    s = SoftExpertSampler(cfg)
+    g = torch.Generator().manual_seed(1)
+    for e, (lo, hi) in enumerate(cfg.intervals()):
+        t = s.sample(e, 50_000, generator=g)
+        assert t.min().item() == lo and t.max().item() == hi - 1
+        # uniform inside: every value of the interval appears
+        assert torch.unique(t).numel() == hi - lo
+
+
+def test_sample_is_reproducible_with_generator():
+    s = SoftExpertSampler(meme_cfg())
+    a = s.sample(2, 100, generator=torch.Generator().manual_seed(3))
+    b = s.sample(2, 100, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+def test_sample_mixed():
+    cfg = meme_cfg(boundaries=(0, 100, 300, 600, 1000))
+    s = SoftExpertSampler(cfg)
+    g = torch.Generator().manual_seed(2)
+    n = 200_000
+    experts, t = s.sample_mixed(n, generator=g)
+    assert experts.shape == t.shape == (n,)
+    counts = torch.bincount(experts, minlength=4).double() / n
+    assert torch.allclose(counts, torch.full((4,), 0.25, dtype=torch.float64), atol=4 * math.sqrt(0.25 * 0.75 / n))
+    for e, ((lo, hi), p) in enumerate(zip(cfg.intervals(), cfg.resolved_probs())):
+        te = t[experts == e]
+        q = p + (1 - p) * (hi - lo) / 1000
+        frac = ((te >= lo) & (te < hi)).double().mean().item()
+        assert abs(frac - q) < 4 * math.sqrt(q * (1 - q) / len(te))
+    experts, _ = s.sample_mixed(n, generator=g, weighting="interval")
+    counts = torch.bincount(experts, minlength=4).double() / n
+    assert torch.allclose(counts, torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64), atol=0.005)
