@@ -25,7 +25,8 @@ item) is ``'val'``, the rest ``'train'``. ``limit=n`` keeps the first n of a spl
 is a fixed random subset (used by tests and search proxies).
 
 Decoded sources are cached in memory (``functools.lru_cache``) because a search loads
-the same data for every trial; the cache assumes files do not change during a process.
+the same data for every trial; keys include the path's mtime, so a rewritten latent
+file is read again (an image folder is re-read when its top-level entries change).
 When ``channels > 1`` for a grey source, the result is a broadcast view (``expand``):
 no memory is spent on the copies, and in-place writes raise instead of corrupting the
 cache.
@@ -68,12 +69,12 @@ def load_data(spec: Optional[str | Path],    # None/'fashion-mnist', image folde
         raise UserError(f"split must be one of {list(SPLITS)}, got {split!r}")
     kind, path = _resolve(spec)
     if kind == "latents":
-        arr = _latents(str(path))
+        arr = _latents(str(path), _stamp(path))
         _check_latents(arr, shape, path)
         idx = _split_indices(len(arr), split, limit, path)
         return arr[torch.from_numpy(idx)]
     if kind == "idx":
-        raw = _idx_images(str(path))                               # uint8 [N, 28, 28]
+        raw = _idx_images(str(path), _stamp(path))                 # uint8 [N, 28, 28]
         idx = _split_indices(len(raw), split, limit, path)
         x = torch.from_numpy(raw[idx]).unsqueeze(1).float()
         if x.shape[-1] != shape.resolution:
@@ -81,7 +82,7 @@ def load_data(spec: Optional[str | Path],    # None/'fashion-mnist', image folde
                               antialias=True, align_corners=False)
     else:
         mode = "RGB" if shape.channels == 3 else "L"
-        raw = _folder_images(str(path), shape.resolution, mode)    # uint8 [N, c, R, R]
+        raw = _folder_images(str(path), shape.resolution, mode, _stamp(path))  # uint8 [N, c, R, R]
         idx = _split_indices(len(raw), split, limit, path)
         x = torch.from_numpy(raw[idx]).float()
     x = (x / 127.5 - 1.0).clamp_(-1.0, 1.0)
@@ -127,8 +128,14 @@ def _find_idx(root: Path, name: str) -> Optional[Path]:
     return None
 
 
+def _stamp(path: Path) -> tuple[int, int]:
+    """(mtime_ns, size): part of every cache key, so a rewritten file is decoded again."""
+    st = path.stat()
+    return st.st_mtime_ns, st.st_size
+
+
 @functools.lru_cache(maxsize=4)
-def _idx_images(root: str) -> np.ndarray:
+def _idx_images(root: str, stamp: tuple[int, int] = (0, 0)) -> np.ndarray:
     """Train + test images of an IDX dataset, in file order (uint8 [N, H, W])."""
     return np.concatenate([_read_idx(p) for p in fashion_mnist_files(Path(root))])
 
@@ -151,7 +158,7 @@ def _read_idx(path: Path) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=4)
-def _folder_images(root: str, resolution: int, mode: str) -> np.ndarray:
+def _folder_images(root: str, resolution: int, mode: str, stamp: tuple[int, int] = (0, 0)) -> np.ndarray:
     """Every PNG/JPEG under ``root``: centre-cropped, resized, uint8 [N, c, R, R]."""
     files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
@@ -176,7 +183,7 @@ def _folder_images(root: str, resolution: int, mode: str) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=2)
-def _latents(path: str) -> torch.Tensor:
+def _latents(path: str, stamp: tuple[int, int] = (0, 0)) -> torch.Tensor:
     p = Path(path)
     try:
         if p.suffix.lower() == ".npy":

@@ -28,7 +28,7 @@ def test_fashion_mnist_split_sizes_range_and_determinism():
     assert train.min().item() == -1.0 and train.max().item() == 1.0
     # same split on a second call, and train/val are disjoint (compare exact pixel rows)
     torch.testing.assert_close(load_data(None, shape, "val"), val, rtol=0, atol=0)
-    raw = data._idx_images(str(data.FASHION_MNIST_DIR))
+    raw = data._idx_images(str(data.FASHION_MNIST_DIR), data._stamp(data.FASHION_MNIST_DIR))
     assert raw.shape == (70_000, 28, 28)
     # first val item is a fixed raw image scaled to [-1, 1]
     perm = np.random.RandomState(0).permutation(70_000)
@@ -93,6 +93,9 @@ def test_latent_npy_and_pt_loader(tmp_path):
     torch.testing.assert_close(load_data(str(tmp_path / "z.pt"), shape, "val"), val)
     with pytest.raises(UserError, match=r"latents have shape \[40, 3, 8, 8\].*4 x 8 x 8"):
         load_data(str(tmp_path / "z.npy"), DataShape(channels=4, resolution=8), "train")
+    # a rewritten file is read again, not served from the cache
+    np.save(tmp_path / "z.npy", z[:20])
+    assert len(load_data(str(tmp_path / "z.npy"), shape, "train")) == 19
 
 
 def test_missing_data_errors_name_path_and_fix(tmp_path):
