@@ -146,6 +146,12 @@ def _ptflops_wrapper_code():
         return None
 
 
+def _is_ptflops_patch(func) -> bool:
+    """ptflops replaces ops by callables with ``.op`` (a class instance or a closure)."""
+    mod = getattr(func, "__module__", None) or type(func).__module__
+    return hasattr(func, "op") and str(mod).startswith("ptflops")
+
+
 def _called_by_ptflops(code, depth: int = 4) -> bool:
     """True when ptflops' own functional patch already counted this op (no double count)."""
     if code is None:
@@ -195,6 +201,10 @@ class UnhookedOpCounter(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if _is_ptflops_patch(func):
+            # ptflops' patch of this op already counted the call that led here; calling
+            # the patch again would count it twice and change ptflops' default count.
+            func = func.op
         if self._depth == 0:
             if func in _SDPA:
                 q, k, v = (kwargs[n] if n in kwargs else args[i] for i, n in enumerate(("query", "key", "value")))
