@@ -1,0 +1,315 @@
+"""Building blocks shared by the LDM U-Net and the iU-Net.
+
+Every block that needs the timestep takes ``forward(x, emb)``; blocks that do not
+(``Downsample``/``Upsample``) accept and ignore ``emb`` so a network can call every
+entry of its ``nn.ModuleDict`` the same way (as NVlabs/edm2 ``networks_edm2.py`` does).
+
+The U-Net blocks follow latent-diffusion's ``openaimodel.py`` exactly where it moves
+parameters (so LDM-S/LDM-L counts match the paper): ResBlocks add the embedding after
+the first conv (no scale-shift norm), attention is a 1x1 qkv projection to 3C plus a
+zero-initialised 1x1 output projection. The iFormer block follows the reference
+Inception Transformer (Si et al. 2022, ``sail-sg/iFormer``) token mixer: high channels
+first, each high branch doubling its channels, no output projection inside attention
+(the fusion 1x1 conv plays that role), qkv with bias, MLP ratio 4.
+
+All attention goes through ``F.scaled_dot_product_attention`` (fused kernels on GPU;
+``meme.macs`` counts its matmuls by formula). Nothing loops over the batch in Python.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+# ----------------------------------------------------------------------------------
+# Timestep embedding (DDPM / LDM sinusoidal features).
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features [cos | sin] of timesteps t [B] (int or float) -> [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def num_groups(channels: int, groups: int = 32) -> int:
+    """32 groups (LDM) when they divide the width; else the largest divisor of both (tiny models)."""
+    return groups if channels % groups == 0 else math.gcd(channels, groups)
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in fp32 and cast back (stable under autocast/bf16), as in LDM."""
+
+    def __init__(self, channels: int, groups: int = 32, eps: float = 1e-5):
+        super().__init__(num_groups(channels, groups), channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero every parameter: residual branches start as the identity (LDM's init)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+# ----------------------------------------------------------------------------------
+# U-Net blocks (latent-diffusion openaimodel).
+
+
+class ResBlock(nn.Module):
+    """Residual block conditioned on the timestep embedding (LDM openaimodel.ResBlock)."""
+
+    def __init__(self,
+        in_channels: int,           # channels of the input feature map
+        out_channels: int,          # channels of the output feature map
+        emb_channels: int,          # width of the timestep embedding vector
+        dropout: float = 0.0,       # dropout before the last conv
+    ):
+        super().__init__()
+        self.in_layers = nn.Sequential(GroupNorm32(in_channels), nn.SiLU(),
+                                       nn.Conv2d(in_channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(GroupNorm32(out_channels), nn.SiLU(), nn.Dropout(dropout),
+                                        zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        return self.skip(x) + self.out_layers(h)
+
+
+class AttentionBlock(nn.Module):
+    """Spatial self-attention over all H*W positions (LDM openaimodel.AttentionBlock)."""
+
+    def __init__(self,
+        channels: int,              # feature channels C
+        head_channels: int = 32,    # channels per head; heads = C // head_channels
+    ):
+        super().__init__()
+        assert channels % head_channels == 0, f"{channels} channels is not a multiple of {head_channels}"
+        self.heads = channels // head_channels
+        self.norm = GroupNorm32(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj_out = zero_module(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor, emb: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        qkv = rearrange(self.qkv(self.norm(x)), "b (k n c) h w -> k b n (h w) c", k=3, n=self.heads)
+        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        y = rearrange(y, "b n (h w) c -> b (n c) h w", h=h, w=w)
+        return x + self.proj_out(y)
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 3x3 conv (may also change the width)."""
+
+    def __init__(self,
+        in_channels: int,                   # channels in
+        out_channels: Optional[int] = None,  # channels out (default: unchanged)
+    ):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels or in_channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor, emb: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour x2 then a 3x3 conv."""
+
+    def __init__(self,
+        channels: int,              # channels in and out
+    ):
+        super().__init__()
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, emb: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.conv(self.up(x))
+
+
+class ResAttnBlock(nn.Module):
+    """One U-Net level entry: a ResBlock, optionally followed by an AttentionBlock.
+
+    LDM groups the pair into one skip-producing unit; keeping them as one module
+    keeps one ModuleDict key per skip connection.
+    """
+
+    def __init__(self,
+        in_channels: int,           # channels in
+        out_channels: int,          # channels out
+        emb_channels: int,          # width of the timestep embedding
+        attention: bool,            # add an AttentionBlock after the ResBlock
+        head_channels: int = 32,    # channels per attention head
+        dropout: float = 0.0,       # ResBlock dropout
+    ):
+        super().__init__()
+        self.res = ResBlock(in_channels, out_channels, emb_channels, dropout)
+        self.attn = AttentionBlock(out_channels, head_channels) if attention else None
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        x = self.res(x, emb)
+        return self.attn(x) if self.attn is not None else x
+
+
+# ----------------------------------------------------------------------------------
+# iFormer block (Si et al. 2022), time-conditioned for the iU-Net encoder.
+
+
+class HighMixer(nn.Module):
+    """High-frequency mixer on d_h channels -> 2 d_h channels (paper eqs 4-5).
+
+    First half: 1x1 conv to 2x, 3x3 depthwise conv, GELU        (eq 5, D-Conv(FC(Z_h2))).
+    Second half: 3x3 max-pool (stride 1), 1x1 conv to 2x, GELU  (eq 4, FC(MP(Z_h1))).
+    """
+
+    def __init__(self,
+        channels: int,              # d_h (even)
+    ):
+        super().__init__()
+        half = channels // 2
+        self.half = half
+        # Paper eq 5: Y_h2 = D-Conv(FC(Z_h2)).
+        self.conv_fc = nn.Conv2d(half, 2 * half, 1, bias=False)
+        self.conv_dw = nn.Conv2d(2 * half, 2 * half, 3, padding=1, groups=2 * half, bias=False)
+        # Paper eq 4: Y_h1 = FC(MP(Z_h1)).
+        self.pool = nn.MaxPool2d(3, stride=1, padding=1)
+        self.pool_fc = nn.Conv2d(half, 2 * half, 1)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cx, px = x[:, :self.half], x[:, self.half:]
+        cx = self.act(self.conv_dw(self.conv_fc(cx)))
+        px = self.act(self.pool_fc(self.pool(px)))
+        return torch.cat([cx, px], dim=1)
+
+
+class LowMixer(nn.Module):
+    """Low-frequency mixer: avg-pool, MHSA, upsample back (paper eq 6).
+
+    No output projection: as in the reference iFormer, the fusion 1x1 conv projects.
+    """
+
+    def __init__(self,
+        channels: int,              # d_l = heads x head_channels
+        head_channels: int,         # channels per attention head
+        pool_stride: int = 1,       # avg-pool stride before attention (1: none)
+    ):
+        super().__init__()
+        assert channels % head_channels == 0, f"d_l={channels} is not a whole number of {head_channels}-channel heads"
+        self.heads = channels // head_channels
+        self.stride = pool_stride
+        self.pool = (nn.AvgPool2d(pool_stride, stride=pool_stride, ceil_mode=True, count_include_pad=False)
+                     if pool_stride > 1 else nn.Identity())
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        xa = self.pool(x)
+        h, w = xa.shape[-2:]
+        qkv = rearrange(self.qkv(xa), "b (k n c) h w -> k b n (h w) c", k=3, n=self.heads)
+        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        y = rearrange(y, "b n (h w) c -> b (n c) h w", h=h, w=w)
+        if self.stride > 1:
+            y = F.interpolate(y, size=size, mode="nearest")
+        return y
+
+
+class InceptionMixer(nn.Module):
+    """iFormer token mixer: high/low split, concat, fusion (paper eqs 4-8)."""
+
+    def __init__(self,
+        channels: int,              # d = d_h + d_l
+        high_channels: int,         # d_h (even, may be 0); the first d_h channels
+        head_channels: int,         # channels per attention head of the low mixer
+        pool_stride: int = 1,       # avg-pool stride of the low mixer
+    ):
+        super().__init__()
+        self.d_h = high_channels
+        low = channels - high_channels
+        assert low >= head_channels and high_channels % 2 == 0, (
+            f"iFormer split d={channels}, d_h={high_channels} needs even d_h and d_l >= one head")
+        self.high = HighMixer(high_channels) if high_channels > 0 else None
+        self.low = LowMixer(low, head_channels, pool_stride)
+        cat = low + 2 * high_channels
+        # Paper eq 8: Y = FC(Y_c + D-Conv(Y_c)).
+        self.fuse_dw = nn.Conv2d(cat, cat, 3, padding=1, groups=cat, bias=False)
+        self.proj = nn.Conv2d(cat, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Paper eq 7: Y_c = Concat(Y_h1, Y_h2, Y_l).
+        yl = self.low(x[:, self.d_h:])
+        yc = torch.cat([self.high(x[:, :self.d_h]), yl], dim=1) if self.high is not None else yl
+        return self.proj(yc + self.fuse_dw(yc))
+
+
+class FeedForward(nn.Module):
+    """Pointwise MLP (1x1 convs, hidden = ratio x d, GELU): the transformer FFN on NCHW."""
+
+    def __init__(self,
+        channels: int,              # d
+        ratio: int = 4,             # hidden width / d
+        dropout: float = 0.0,       # dropout after the activation
+    ):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, ratio * channels, 1)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(dropout)
+        self.fc2 = nn.Conv2d(ratio * channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.drop(self.act(self.fc1(x))))
+
+
+class IFormerBlock(nn.Module):
+    """Time-conditioned iFormer block (pre-norm; mixer and MLP each residual).
+
+    x <- x + ls1 * Mixer(Norm(x) + W_t emb)
+    x <- x + ls2 * MLP(Norm(x))
+
+    The timestep enters as in a ResBlock: SiLU-Linear(emb -> d) added to the
+    normalised features, here the mixer input, so both frequency branches see t.
+    ``ls1``/``ls2`` are optional per-channel layer scales (reference iFormer uses
+    them in its deep models, init 1e-5); off by default here, as LDM's zero-init
+    output convs already start each residual branch near zero.
+    """
+
+    def __init__(self,
+        channels: int,              # d
+        high_channels: int,         # d_h, channels given to the conv (high-frequency) mixer
+        emb_channels: int,          # width of the timestep embedding
+        head_channels: int = 32,    # channels per attention head of the low mixer
+        pool_stride: int = 1,       # avg-pool stride before attention
+        mlp_ratio: int = 4,         # FFN hidden width / d
+        dropout: float = 0.0,       # FFN dropout
+        layer_scale: Optional[float] = None,  # init of per-channel layer scale; None: off
+    ):
+        super().__init__()
+        self.norm1 = GroupNorm32(channels)
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, channels))
+        self.mixer = InceptionMixer(channels, high_channels, head_channels, pool_stride)
+        self.norm2 = GroupNorm32(channels)
+        self.mlp = FeedForward(channels, mlp_ratio, dropout)
+        if layer_scale is not None:
+            self.ls1 = nn.Parameter(torch.full((channels, 1, 1), float(layer_scale)))
+            self.ls2 = nn.Parameter(torch.full((channels, 1, 1), float(layer_scale)))
+        else:
+            self.ls1 = self.ls2 = None
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x) + self.emb_layers(emb).to(x.dtype)[:, :, None, None]
+        h = self.mixer(h)
+        x = x + (h * self.ls1 if self.ls1 is not None else h)
+        h = self.mlp(self.norm2(x))
+        return x + (h * self.ls2 if self.ls2 is not None else h)
