@@ -221,6 +221,47 @@ class UnhookedOpCounter(TorchFunctionMode):
         return self.attention_macs + self.other_macs
 
 
+_DECOMP_MODULES = ("torch._decomp", "torch._refs", "torch._prims", "torch._meta_registrations")
+
+
+def _from_decomposition(depth: int = 3) -> bool:
+    """True when torch's own Python decomposition (meta kernels) made this call."""
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if str(frame.f_globals.get("__name__", "")).startswith(_DECOMP_MODULES):
+            return True
+        frame = frame.f_back
+    return False
+
+
+@contextlib.contextmanager
+def _ptflops_as_on_cpu() -> Iterator[None]:
+    """Make ptflops' default count on meta equal its count on CPU.
+
+    On meta, ``nn.Linear`` runs torch's Python ``addmm`` decomposition, which calls
+    ``torch.mm`` -- an op ptflops patches -- so the layer would be counted twice.
+    Calls made by a decomposition are therefore given zero cost while we count.
+    """
+    from ptflops import pytorch_ops
+
+    saved = {}
+    for table in (pytorch_ops.FUNCTIONAL_MAPPING, pytorch_ops.TENSOR_OPS_MAPPING):
+        for op, handler in list(table.items()):
+            saved[(id(table), op)] = (table, handler)
+
+            def gated(*args, _handler=handler, **kwargs):
+                return 0 if _from_decomposition() else _handler(*args, **kwargs)
+
+            table[op] = gated
+    try:
+        yield
+    finally:
+        for (_, op), (table, handler) in saved.items():
+            table[op] = handler
+
+
 class _WithTimestep(nn.Module):
     """(x) -> net(x, t=0): ptflops feeds one positional tensor and sizes the batch from it."""
 
@@ -245,7 +286,8 @@ def count_module(net: nn.Module, input_shape: tuple[int, ...], *, takes_t: bool 
     counter = UnhookedOpCounter(model)
     sink = io.StringIO()
     try:
-        with _LOCK, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), counter, torch.no_grad():
+        with _LOCK, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), \
+                _ptflops_as_on_cpu(), counter, torch.no_grad():
             macs_hooks, _ = get_model_complexity_info(
                 model, tuple(input_shape), as_strings=False, print_per_layer_stat=False,
                 ost=sink, verbose=False, backend="pytorch")
