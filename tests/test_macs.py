@@ -281,17 +281,29 @@ def test_cli_json(tmp_path):
     assert math.isclose(out["gflops_mean"], expect.gflops)
 
 
-@pytest.mark.parametrize("arg", ["no-such-model", "missing.yaml"])
-def test_cli_bad_config_exits_2_with_one_line(arg):
-    res = _cli(arg)
+def test_cli_unknown_name_exits_2_with_one_line():
+    res = _cli("no-such-model", "--json")
     assert res.returncode == 2
+    assert res.stdout == ""
     lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:")
+    assert len(lines) == 1 and lines[0].startswith("error:") and "no-such-model" in lines[0]
 
 
-def test_cli_malformed_yaml(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("experts: [kind: unet\n  - : :\n")
-    res = _cli(str(bad))
-    assert res.returncode == 2
-    assert len(res.stderr.strip().splitlines()) == 1
+@pytest.mark.parametrize("text", [None, "experts: [kind: unet\n  - : :\n", "experts: []\n"],
+                         ids=["missing", "malformed", "no-experts"])
+def test_cli_bad_yaml_exits_2_with_one_line(tmp_path, capsys, text):
+    from meme.macs import main
+    path = tmp_path / "cfg.yaml"
+    if text is not None:
+        path.write_text(text)
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:")
+
+
+def test_cli_table_lists_every_expert(capsys):
+    _networks()
+    from meme.macs import main
+    assert main(["multi-expert-s"]) == 0
+    out = capsys.readouterr().out
+    assert "[750,1000)" in out and "94.2G" in out and "mean" in out
