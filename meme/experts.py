@@ -33,9 +33,10 @@ class MultiExpertDenoiser(nn.Module):
         self.experts = nn.ModuleList(experts)
         self.boundaries = b
         self.T = b[-1]
-        # Inner boundaries for bucketize; a buffer so .to(device) moves it, not persistent
-        # so checkpoints hold only expert weights.
-        self.register_buffer("_inner", torch.tensor(b[1:-1], dtype=torch.long), persistent=False)
+        # Inner boundaries for bucketize, kept as a plain tensor per device rather than a
+        # buffer: checkpoints then hold only expert weights, and weight averaging that
+        # also averages buffers (EMA with use_buffers=True) never meets an integer tensor.
+        self._inner: dict[torch.device, torch.Tensor] = {}
 
     @classmethod
     def from_config(cls, cfg: MemeConfig) -> "MultiExpertDenoiser":
@@ -48,7 +49,10 @@ class MultiExpertDenoiser(nn.Module):
     def expert_index(self, t: torch.Tensor) -> torch.Tensor:
         """Owner of each timestep: n with b_n <= t < b_{n+1} (LongTensor, same shape as t)."""
         t = torch.as_tensor(t).contiguous()
-        inner = self._inner.to(t.device)
+        inner = self._inner.get(t.device)
+        if inner is None:
+            inner = self._inner[t.device] = torch.tensor(self.boundaries[1:-1], dtype=torch.long,
+                                                         device=t.device)
         if t.is_floating_point():
             inner = inner.to(t.dtype)
         return torch.bucketize(t, inner, right=True)

@@ -92,19 +92,36 @@ def test_bad_boundaries_are_rejected():
         MultiExpertDenoiser([TinyEps(), TinyEps()], [0, 600, 500])
 
 
-def test_state_dict_holds_only_expert_weights():
+def test_state_dict_and_buffers_hold_only_expert_tensors():
     den = tiny_denoiser()
     assert all(k.startswith("experts.") for k in den.state_dict())
+    assert all(k.startswith("experts.") for k, _ in den.named_buffers())
+    # EMA that averages buffers too (as meme.train does) works on a denoiser
+    ema = torch.optim.swa_utils.AveragedModel(den, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9),
+                                              use_buffers=True)
+    ema.update_parameters(den)
+    ema.update_parameters(den)
 
 
 def test_build_denoiser_from_config():
+    """Real networks of two kinds behind one denoiser; routing matches direct calls."""
     pytest.importorskip("meme.networks")
-    cfg = meme_cfg(n=2, probs=(1.0, 1.0), boundaries=(0, 300, 1000))
-    den = build_denoiser(cfg)
+    unet = ArchConfig(kind="unet", base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                      attention_ds=(2,), head_channels=16)
+    iunet = ArchConfig(kind="iunet", base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                       head_channels=8, high_ratios=("1/2", "1/4"), pool_strides=(2, 1))
+    cfg = MemeConfig(name="mixed", experts=(iunet, unet), data=DataShape(channels=2, resolution=8, latent=False),
+                     boundaries=(0, 300, 1000)).validate()
+    torch.manual_seed(0)
+    den = build_denoiser(cfg).eval()
     assert den.num_experts == 2 and den.boundaries == [0, 300, 1000]
-    x = torch.randn(2, 2, 8, 8)
-    out = den(x, torch.tensor([10, 900]))
-    assert out.shape == x.shape
+    x = torch.randn(3, 2, 8, 8)
+    t = torch.tensor([900, 10, 299])
+    with torch.no_grad():
+        out = den(x, t)
+        assert out.shape == x.shape
+        torch.testing.assert_close(out[1:], den.experts[0](x[1:], t[1:]), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out[:1], den.experts[1](x[:1], t[:1]), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("boundaries", [(), (0, 100, 300, 600, 1000)])
