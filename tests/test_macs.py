@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from meme.config import ArchConfig, DataShape, MemeConfig
-from meme.macs import NetCost, cost_of_meme, cost_of_network, count_module, sdpa_macs
+from meme.macs import cost_of_meme, cost_of_network, count_module, sdpa_macs
 
 ROOT = Path(__file__).resolve().parents[1]
 
