@@ -46,13 +46,15 @@ def num_groups(channels: int, groups: int = 32) -> int:
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in fp32 and cast back (stable under autocast/bf16), as in LDM."""
+    """GroupNorm computed in fp32 and cast back (stable under autocast and in bf16/fp16 models), as in LDM."""
 
     def __init__(self, channels: int, groups: int = 32, eps: float = 1e-5):
         super().__init__(num_groups(channels, groups), channels, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).type(x.dtype)
 
 
 def zero_module(module: nn.Module) -> nn.Module:

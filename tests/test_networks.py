@@ -18,6 +18,16 @@ PAPER_TABLE4 = [82.56e6, 82.85e6, 83.11e6, 83.32e6]
 TINY = DataShape(channels=1, resolution=16, latent=False)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core box
+    OpenMP spinning makes them ~100x slower; restore the setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_unet(**kw) -> ArchConfig:
     return ArchConfig(kind="unet", base_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                       attention_ds=(2,), head_channels=8, **kw)
@@ -131,6 +141,16 @@ def test_channels_last_input_gives_same_output():
     torch.testing.assert_close(net_cl(x.to(memory_format=torch.channels_last), t), y, atol=1e-5, rtol=1e-4)
 
 
+def test_low_precision_runs():
+    """bf16 under autocast and as bf16 weights (norms still computed in fp32)."""
+    net = wake(build_network(tiny_iunet(), TINY))
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([1, 900])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(net(x, t).float()).all()
+    y = net.to(torch.bfloat16)(x.bfloat16(), t)
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+
+
 @pytest.mark.parametrize("high,pools", [
     (("0", "0"), (1, 1)),          # pure attention (d_h = 0), no pooling
     (("3/4", "7/8"), (2, 2)),      # conv-heavy, pooled attention
@@ -182,7 +202,6 @@ def test_timestep_embedding_is_cos_sin():
     torch.testing.assert_close(e[1, 0], torch.cos(torch.tensor(1.0)))
 
 
-@pytest.mark.slow
 def test_full_size_iunet_forward_batch1():
     cfg = resolve("iu-ldm-s")
     net = build_network(cfg.experts[0], cfg.data).eval()
