@@ -29,6 +29,7 @@ from torch import nn
 # Timestep embedding (DDPM / LDM sinusoidal features).
 
 
+# DDPM/LDM sinusoidal timestep features.
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal features [cos | sin] of timesteps t [B] (int or float) -> [B, dim]."""
     half = dim // 2
@@ -68,6 +69,7 @@ def zero_module(module: nn.Module) -> nn.Module:
 # U-Net blocks (latent-diffusion openaimodel).
 
 
+# LDM openaimodel.ResBlock (use_scale_shift_norm=False).
 class ResBlock(nn.Module):
     """Residual block conditioned on the timestep embedding (LDM openaimodel.ResBlock)."""
 
@@ -91,6 +93,7 @@ class ResBlock(nn.Module):
         return self.skip(x) + self.out_layers(h)
 
 
+# LDM openaimodel.AttentionBlock (num_head_channels heads, SDPA).
 class AttentionBlock(nn.Module):
     """Spatial self-attention over all H*W positions (LDM openaimodel.AttentionBlock)."""
 
@@ -169,6 +172,7 @@ class ResAttnBlock(nn.Module):
 # iFormer block (Si et al. 2022), time-conditioned for the iU-Net encoder.
 
 
+# Paper eqs 4-5: high-frequency mixer, Y_h1 = FC(MP(Z_h1)), Y_h2 = D-Conv(FC(Z_h2)).
 class HighMixer(nn.Module):
     """High-frequency mixer on d_h channels -> 2 d_h channels (paper eqs 4-5).
 
@@ -197,6 +201,7 @@ class HighMixer(nn.Module):
         return torch.cat([cx, px], dim=1)
 
 
+# Paper eq 6: low-frequency mixer, Y_l = Up(MHSA(AP(Z_l))).
 class LowMixer(nn.Module):
     """Low-frequency mixer: avg-pool, MHSA, upsample back (paper eq 6).
 
@@ -228,6 +233,7 @@ class LowMixer(nn.Module):
         return y
 
 
+# Paper eqs 7-8: Y_c = Concat(Y_h1, Y_h2, Y_l); Y = FC(Y_c + D-Conv(Y_c)).
 class InceptionMixer(nn.Module):
     """iFormer token mixer: high/low split, concat, fusion (paper eqs 4-8)."""
 
@@ -274,6 +280,7 @@ class FeedForward(nn.Module):
         return self.fc2(self.drop(self.act(self.fc1(x))))
 
 
+# Paper Fig. 4: iFormer block with timestep conditioning (pre-norm mixer + MLP residuals).
 class IFormerBlock(nn.Module):
     """Time-conditioned iFormer block (pre-norm; mixer and MLP each residual).
 
@@ -283,8 +290,9 @@ class IFormerBlock(nn.Module):
     The timestep enters as in a ResBlock: SiLU-Linear(emb -> d) added to the
     normalised features, here the mixer input, so both frequency branches see t.
     ``ls1``/``ls2`` are optional per-channel layer scales (reference iFormer uses
-    them in its deep models, init 1e-5); off by default here, as LDM's zero-init
-    output convs already start each residual branch near zero.
+    them in its deep models, init 1e-5); off by default here (and then applied to
+    every stage when on), as the LDM parts' zero-init output convs already start
+    their residual branches at zero.
     """
 
     def __init__(self,

@@ -11,6 +11,9 @@ Each was picked to reproduce the paper's parameter counts with the reference
 iFormer's block internals; with them the four Table 4 experts build with
 82.45 / 82.74 / 82.99 / 83.16 M parameters (paper: 82.56 / 82.85 / 83.11 / 83.32 M,
 all within 0.2%, same increasing trend; tests/test_networks.py checks this).
+Their cost in the paper's "MACs" unit (3 x ptflops module-hook GMACs, see
+``meme.macs``) is 88.4G for iU-LDM-S (paper 90.5G) and 88.3G averaged over the four
+experts (paper 90.4G): within 2.5%, and falling with more attention as in the paper.
 
 * **Stage layout.** Stage s = [stride-2 conv (s > 0, width kept)] -> ResBlock
   (d_{s-1} -> d_s) -> ``num_res_blocks`` iFormer blocks at d_s. Table 4 lists the
@@ -33,8 +36,9 @@ all within 0.2%, same increasing trend; tests/test_networks.py checks this).
   qkv with bias and no separate output projection, as the reference iFormer.
 * **Pool stride.** ``arch.pool_strides[s]`` (Table 4 prints 2 everywhere); stride 1
   skips the pool/upsample pair.
-* **Layer scale.** Off by default (``layer_scale=None``): zero-initialised output
-  convs already make residual branches start small; pass a float to enable it.
+* **Layer scale.** Off by default (``layer_scale=None``; ``ArchConfig`` has no field
+  for it): the LDM parts' zero-initialised output convs already start their residual
+  branches at zero; ``IUNet(..., layer_scale=1e-5)`` turns it on in every stage.
 """
 from __future__ import annotations
 

@@ -38,6 +38,20 @@ class TimeEmbedding(nn.Module):
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
+class InputConv(nn.Module):
+    """3x3 conv from data channels to the base width (``emb`` accepted, unused)."""
+
+    def __init__(self,
+        in_channels: int,           # data channels
+        out_channels: int,          # base width
+    ):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        return self.conv(x)
+
+
 class OutputHead(nn.Module):
     """GroupNorm-SiLU-zero-init 3x3 conv: predicts eps, starting from exactly zero."""
 
@@ -140,16 +154,3 @@ class UNet(nn.Module):
             skips.append(x)
         return self.decoder(x, emb, skips)
 
-
-class InputConv(nn.Module):
-    """3x3 conv from data channels to the base width (``emb`` accepted, unused)."""
-
-    def __init__(self,
-        in_channels: int,           # data channels
-        out_channels: int,          # base width
-    ):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        return self.conv(x)

@@ -208,3 +208,13 @@ def test_full_size_iunet_forward_batch1():
     with torch.no_grad():
         y = net(torch.randn(1, 3, 64, 64), torch.tensor([500]))
     assert y.shape == (1, 3, 64, 64)
+
+
+def test_layer_scale_option_adds_two_vectors_per_iformer_block():
+    from meme.iunet import IUNet
+    arch = tiny_iunet()
+    plain, scaled = IUNet(arch, TINY), IUNet(arch, TINY, layer_scale=1e-5)
+    widths = arch.stage_channels()
+    assert count_params(scaled) - count_params(plain) == sum(2 * d * arch.num_res_blocks for d in widths)
+    y = wake(scaled)(torch.randn(1, 1, 16, 16), torch.tensor([5]))
+    assert y.shape == (1, 1, 16, 16)
