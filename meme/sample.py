@@ -46,6 +46,7 @@ class SamplingPlan:
     sampler: str = "ddim"       # 'ddim' or 'ddpm' (ancestral)
     seed: int = 0               # keys every random draw
     batch_size: int = 64        # images per forward pass
+    clip_x0: bool = False       # clamp x_0 estimates to [-1, 1] (pixel models)
 
     def batches(self) -> list[tuple[int, int]]:
         """(start, size) of each batch."""
@@ -60,17 +61,15 @@ def keyed_noise(seed: int, batch: int, step: int, shape: tuple[int, ...]) -> tor
 
 def timestep_pairs(diffusion: Diffusion, plan: SamplingPlan) -> list[tuple[int, int]]:
     """(t, t_prev) for every step, t descending; t_prev = -1 ends at x_0."""
-    ts = diffusion.ddim_timesteps(plan.steps) if plan.sampler == "ddim" or plan.steps < diffusion.T \
-        else list(range(diffusion.T - 1, -1, -1))
+    ts = diffusion.ddim_timesteps(plan.steps)
     return list(zip(ts, ts[1:] + [-1]))
 
 
 def _step(diffusion: Diffusion, plan: SamplingPlan, x, t, t_prev, eps, noise):
-    """One reverse step. 'ddpm' with fewer than T steps is DDIM with eta=1 (respaced ancestral)."""
-    if plan.sampler == "ddpm" and plan.steps >= diffusion.T:
-        return diffusion.ddpm_step(x, t, eps, noise)
-    eta = 1.0 if plan.sampler == "ddpm" else plan.eta
-    return diffusion.ddim_step(x, t, t_prev, eps, eta, noise)
+    """One reverse step; 'ddpm' with fewer than T steps is respaced ancestral sampling."""
+    if plan.sampler == "ddpm":
+        return diffusion.ddpm_step(x, t, eps, noise, t_prev=t_prev, clip_x0=plan.clip_x0)
+    return diffusion.ddim_step(x, t, t_prev, eps, plan.eta, noise, clip_x0=plan.clip_x0)
 
 
 @torch.no_grad()
@@ -222,7 +221,10 @@ def main(argv=None) -> int:
     cfg, denoiser, step = load_run(args.run, use_ema=not args.no_ema)
     device = pick_device(args.device)
     diffusion = Diffusion(cfg.diffusion)
-    plan = SamplingPlan(args.n, args.steps, args.eta, args.sampler, args.seed, args.batch_size)
+    if args.sampler not in SAMPLERS:
+        raise UserError(f"--sampler must be one of {list(SAMPLERS)}")
+    plan = SamplingPlan(args.n, args.steps, args.eta, args.sampler, args.seed, args.batch_size,
+                        clip_x0=not cfg.data.latent)
     shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
     log.info("sampling %d images from %s (step %d) on %s, %s %d steps%s", args.n, args.run, step, device,
              args.sampler, args.steps, ", low-memory" if args.low_memory else "")

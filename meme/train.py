@@ -97,7 +97,7 @@ class Trainer:
         self.model = build_denoiser(cfg).to(self.device)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.ema = AveragedModel(self.model, multi_avg_fn=_ema_update(opts.ema_decay), use_buffers=True)
+        self.ema = AveragedModel(self.model, multi_avg_fn=_ema_update(opts.ema_decay))
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
         self.diffusion = Diffusion(cfg.diffusion)
         self.timesteps = SoftExpertSampler(cfg)
@@ -133,7 +133,7 @@ class Trainer:
         expert = self.model.experts[e]
         with autocast:
             loss = self.diffusion.training_loss(expert, x0, t, noise)
-        loss_value = float(loss)
+        loss_value = float(loss.detach())
         if not torch.isfinite(loss):
             where = self.ckpt_path if self.ckpt_path.exists() else "none written yet"
             raise TrainingDiverged(f"loss is {loss_value} at step {s} (expert {e}); stopped. "
@@ -172,7 +172,8 @@ class Trainer:
     # ---- samples -----------------------------------------------------------------------
     def sample_grid(self, n: int = 64) -> Path:
         shape = (self.cfg.data.channels, self.cfg.data.resolution, self.cfg.data.resolution)
-        plan = SamplingPlan(n=n, steps=self.opts.sample_steps, seed=1234, batch_size=n)
+        plan = SamplingPlan(n=n, steps=self.opts.sample_steps, seed=1234, batch_size=n,
+                            clip_x0=not self.cfg.data.latent)
         x = generate(self.ema.module, self.diffusion, shape, plan, self.device)
         self.ema.module.to(self.device)
         return save_grid(x, self.out / "grids" / f"step{self.step_count:07d}.png")
