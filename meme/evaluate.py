@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from meme.cli import UserError, main_guard, setup_logging
 from meme.config import DataShape
+from meme.data import load_data
 from meme.fid_assets import find_inception_weights, load_inception
 from meme.images import to_uint8
 
@@ -108,6 +109,7 @@ def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
     """
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if min(len(a), len(b)) >= a.shape[1]:
+        log.info("FID: %dx%d matrix square root (about a minute on 2 CPU cores)", a.shape[1], a.shape[1])
         return fid_from_stats(*feature_stats(a), *feature_stats(b))
     return _fid_low_rank(a, b)
 
@@ -214,8 +216,6 @@ def reference_stats(data_spec: Optional[str],             # meme.data spec; None
         stats = load_stats_file(path)
         stats.name = name
         return stats
-    from meme.data import load_data  # imported here: only needed on a cache miss
-
     data = load_data(data_spec, shape, split)
     if data.shape[1] not in (1, 3):
         raise UserError(f"FID needs 1- or 3-channel images; {name} gives {data.shape[1]} channels")
@@ -258,9 +258,9 @@ def evaluate_samples(samples: np.ndarray,                 # uint8 [N,H,W,C]
                      ) -> dict:
     """FID and precision/recall of samples against the reference; a JSON-ready dict."""
     device = pick_device(device) if not isinstance(device, torch.device) else device
-    shape = DataShape(channels=samples.shape[-1], resolution=samples.shape[1], latent=False)
     if samples.shape[1] != samples.shape[2]:
         raise UserError(f"samples must be square, got {samples.shape[1]}x{samples.shape[2]}")
+    shape = DataShape(channels=samples.shape[-1], resolution=samples.shape[1], latent=False)
     t0 = time.perf_counter()
     reference = reference_stats(ref, shape, n_ref, cache_dir, split, batch_size, device, progress)
     t1 = time.perf_counter()

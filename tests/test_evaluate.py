@@ -5,6 +5,7 @@ Inception runs at ~0.07 s per image on 2 CPU cores, so every test uses a few doz
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from PIL import Image
 
 from meme import evaluate as ev
 from meme.cli import UserError
+from meme.config import DataShape
 from meme.fid_assets import CLEANFID_FILE, WEIGHTS_ENV, find_inception_weights, load_inception
 
 
@@ -33,12 +35,12 @@ def smooth_images(n: int, size: int = 32, channels: int = 3, seed: int = 0) -> n
 
 @pytest.fixture(scope="module")
 def images() -> np.ndarray:
-    return smooth_images(24)
+    return smooth_images(16)
 
 
 @pytest.fixture(scope="module")
 def feats(images) -> np.ndarray:
-    return ev.inception_features(images, batch_size=12, device="cpu")
+    return ev.inception_features(images, batch_size=16, device="cpu")
 
 
 def cleanfid_model(tmp_path):
@@ -65,7 +67,7 @@ def test_features_equal_cleanfid_folder_pipeline(tmp_path):
     """Ours on in-memory arrays == clean-fid's get_folder_features on the same images as PNGs."""
     from cleanfid.fid import get_folder_features
 
-    rgb, gray = smooth_images(6, size=28, seed=1), smooth_images(6, size=28, channels=1, seed=2)
+    rgb, gray = smooth_images(4, size=28, seed=1), smooth_images(4, size=28, channels=1, seed=2)
     for name, arr in (("rgb", rgb), ("gray", gray)):
         folder = tmp_path / name
         folder.mkdir()
@@ -73,10 +75,10 @@ def test_features_equal_cleanfid_folder_pipeline(tmp_path):
             Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(folder / f"{i:03d}.png")
     model = cleanfid_model(tmp_path)
     for name, arr in (("rgb", rgb), ("gray", gray)):
-        theirs = get_folder_features(str(tmp_path / name), model, num_workers=0, batch_size=6,
+        theirs = get_folder_features(str(tmp_path / name), model, num_workers=0, batch_size=4,
                                      device=torch.device("cpu"), mode="clean", verbose=False)
-        ours = ev.inception_features(arr, batch_size=6, device="cpu")
-        assert ours.shape == (6, 2048) and ours.dtype == np.float32
+        ours = ev.inception_features(arr, batch_size=4, device="cpu")
+        assert ours.shape == (4, 2048) and ours.dtype == np.float32
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
         assert ours.std() > 0.01  # real features, not a constant
 
@@ -116,7 +118,7 @@ def test_fid_of_a_set_with_itself_is_zero(feats):
 
 def test_fid_against_noise_is_large(images, feats):
     noise = np.random.default_rng(0).integers(0, 256, images.shape, dtype=np.uint8)
-    noise_feats = ev.inception_features(noise, batch_size=12, device="cpu")
+    noise_feats = ev.inception_features(noise, batch_size=16, device="cpu")
     assert ev.fid_from_features(feats, noise_feats) > 100
 
 
@@ -175,24 +177,25 @@ def test_bad_inputs_are_rejected(tmp_path):
         ev.load_samples(tmp_path / "wrong.npz")
 
 
-def test_cli_writes_eval_json_and_caches_reference(tmp_path, capsys):
+def test_cli_writes_eval_json_and_caches_reference(tmp_path, capsys, caplog):
     """End to end on Fashion-MNIST (the default data): run dir in, eval.json out, cache reused."""
     pytest.importorskip("meme.data")
     run, cache = tmp_path / "run", tmp_path / "cache"
     (run / "samples").mkdir(parents=True)
-    np.savez(run / "samples" / "samples.npz", samples=smooth_images(12, size=28, channels=1))
-    args = ["--run", str(run), "--n", "12", "--cache-dir", str(cache), "--batch-size", "12", "--device", "cpu"]
+    np.savez(run / "samples" / "samples.npz", samples=smooth_images(8, size=28, channels=1))
+    args = ["--run", str(run), "--n", "8", "--cache-dir", str(cache), "--batch-size", "8", "--device", "cpu"]
     assert ev.main(args) == 0
     result = json.loads((run / "eval.json").read_text())
     assert json.loads(capsys.readouterr().out) == result
-    assert result["n"] == result["n_ref"] == 12 and result["ref"] == "fashion-mnist"
+    assert result["n"] == result["n_ref"] == 8 and result["ref"] == "fashion-mnist"
     assert result["fid"] > 0 and 0 <= result["precision"] <= 1 and 0 <= result["recall"] <= 1
     cached = list(cache.glob("*.npz"))
-    assert [p.name for p in cached] == ["fashion-mnist-train-1x28-n12-clean.npz"]
+    assert [p.name for p in cached] == ["fashion-mnist-train-1x28-n8-clean.npz"]
     stats = ev.load_stats_file(cached[0])
-    assert stats.feats.shape == (12, 2048) and stats.n == 12
-    # second run: reference from the cache (same numbers), stats .npz accepted as --ref too
-    assert ev.main(args) == 0
-    assert json.loads((run / "eval.json").read_text())["fid"] == pytest.approx(result["fid"], rel=1e-6)
+    assert stats.feats.shape == (8, 2048) and stats.n == 8
+    # the cache is reused (no data loading, no Inception), and a stats .npz works as --ref
+    with caplog.at_level(logging.INFO, logger="meme.evaluate"):
+        again = ev.reference_stats(None, DataShape(1, 28, latent=False), 8, cache)
+    assert "from cache" in caplog.text and np.array_equal(again.feats, stats.feats)
     assert ev.main(args + ["--ref", str(cached[0]), "--out", str(tmp_path / "e2.json")]) == 0
-    assert json.loads((tmp_path / "e2.json").read_text())["fid"] == pytest.approx(result["fid"], rel=1e-6)
+    assert json.loads((tmp_path / "e2.json").read_text())["fid"] == pytest.approx(result["fid"], rel=1e-9)
