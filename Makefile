@@ -23,7 +23,9 @@ $(STAMP): setup.cfg pyproject.toml
 	@if [ ! -d $(FMNIST_DIR) ]; then \
 	  if command -v apt-get >/dev/null 2>&1; then \
 	    echo ">> installing Debian package dataset-fashion-mnist"; \
-	    apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || sudo -n apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
+	    $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	    { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } || \
 	    echo "!! could not install dataset-fashion-mnist; pass --data DIR or install it (see README)"; \
 	  else echo "!! no apt-get: Fashion-MNIST missing; pass --data DIR (see README)"; fi; \
 	fi
