@@ -1,0 +1,109 @@
+"""nas.bench: a quick CPU run yields a complete table, CSV and markdown section (never timings)."""
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nas import bench
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def expected_keys() -> set[tuple[str, str, str]]:
+    """(section, item, metric) of every row a CPU run of all sections must print."""
+    keys = {("device", "*", "matmul_peak_float32")}
+    for m in bench.SAMPLING_MODELS:
+        keys |= {("sampling", m, k) for k in ("img_per_s", "ms_per_step", "latency_per_img")}
+    for m in bench.TRAINING_MODELS:
+        keys |= {("training", m, k) for k in ("step_time", "img_per_s", "model_tflops_per_s", "mfu")}
+    keys |= {("memory", "meme-table4", k) for k in
+             ("peak_device_mem_normal", "peak_device_mem_low_memory", "low_memory_saving")}
+    keys |= {("search", "macs_check", "s_per_candidate"), ("search", "macs_check", "s_per_network")}
+    keys |= {("search", "engine_optuna", k) for k in
+             ("wall_per_trial", "body_per_trial", "overhead_s_per_trial", "overhead")}
+    keys |= {("search", "engine_ray", "overhead")}
+    keys |= {("target", "meme-table4/ldm-l sampling", "img_per_s_ratio (cpu)"),
+             ("target", "meme-table4/ldm-l sampling", "img_per_s_ratio (H100/H200)"),
+             ("target", "iU-Net expert training", "mfu (cpu)"),
+             ("target", "iU-Net expert training", "mfu (H100/H200 bf16)"),
+             ("target", "MACs check", "s_per_candidate"),
+             ("target", "engine overhead (optuna)", "pct_of_trial"),
+             ("target", "engine overhead (ray)", "pct_of_trial")}
+    return keys
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One quick CPU run of every section (Ray left out: its start-up alone is many seconds)."""
+    out = tmp_path_factory.mktemp("bench")
+    md = out / "BENCHMARKS.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "nas.bench", "--device", "cpu", "--quick", "--resolution", "16",
+         "--repeats", "1", "--warmup", "0", "--engines", "optuna", "--out", str(out), "--md", str(md)],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc, out, md
+
+
+def test_quick_run_writes_every_row_and_column(quick_run):
+    proc, out, md = quick_run
+    csvs = list(out.glob("bench-cpu-quick-*.csv"))
+    assert len(csvs) == 1
+    with csvs[0].open() as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == bench.COLUMNS
+        rows = list(reader)
+    got = {(r["section"], "*" if r["section"] == "device" else r["item"], r["metric"]) for r in rows}
+    assert expected_keys() <= got
+    for r in rows:
+        assert r["value"] != "", r
+    by = {(r["section"], r["item"], r["metric"]): r for r in rows}
+    # No GPU here: device memory is labelled, GPU targets stay unmeasured, Ray was not asked for.
+    assert by[("memory", "meme-table4", "peak_device_mem_normal")]["value"] == "n/a (cpu)"
+    assert by[("target", "iU-Net expert training", "mfu (H100/H200 bf16)")]["value"] == bench.NOT_MEASURED
+    assert by[("search", "engine_ray", "overhead")]["value"] == "skipped (--engines)"
+    # The reference is 1.0x itself, and its MACs ratio is exactly 1.
+    ref = by[("sampling", "ldm-l", "img_per_s")]
+    assert float(ref["vs_ref"]) == 1.0 and float(ref["macs_ratio"]) == 1.0
+    assert "3x16x16 b4 4 steps" == by[("sampling", "meme-table4", "img_per_s")]["shape"]
+    # The stdout table carries the same rows.
+    for m in bench.SAMPLING_MODELS:
+        assert m in proc.stdout
+    assert "s_per_candidate" in proc.stdout and "not yet measured" in proc.stdout
+
+
+def test_quick_run_markdown_section(quick_run):
+    _, _, md = quick_run
+    text = md.read_text()
+    assert text.startswith("# Benchmarks")
+    assert "-- quick mode" in text and "torch " in text and "command: `python -m nas.bench" in text
+    assert "GPU (H100 / H200): not yet measured" in text
+
+
+def test_markdown_rerun_replaces_only_its_device(tmp_path):
+    md = tmp_path / "B.md"
+    row = [bench.Row("search", "macs_check", "s_per_candidate", 0.5, "s")]
+    meta = {"device_type": "cpu", "device": "CPU X", "mode": "full", "date": "2024-01-01", "torch": "2",
+            "threads": "2", "load": "0.0 0.0 0.0"}
+    key, sec = bench.markdown_section(row, meta, "python -m nas.bench")
+    bench.update_markdown(md, key, sec, cuda=False)
+    other = dict(meta, device="CPU Y")
+    bench.update_markdown(md, *bench.markdown_section(row, other, "python -m nas.bench"), cuda=False)
+    key, sec = bench.markdown_section(row, dict(meta, date="2024-02-02"), "python -m nas.bench")
+    bench.update_markdown(md, key, sec, cuda=False)
+    text = md.read_text()
+    assert text.count("## CPU X") == 1 and "2024-02-02" in text and "2024-01-01" in text  # Y keeps its date
+    assert text.count("## CPU Y") == 1 and text.count("not yet measured") >= 1
+    gpu = dict(meta, device_type="cuda", device="NVIDIA H100")
+    bench.update_markdown(md, *bench.markdown_section(row, gpu, "python -m nas.bench"), cuda=True)
+    text = md.read_text()
+    assert "## NVIDIA H100" in text and "GPU (H100 / H200): not yet measured" not in text
+
+
+def test_bad_section_is_one_line_error(capsys):
+    assert bench.main(["--only", "sampling,nope", "--no-md"]) == 2
+    assert "error: --only" in capsys.readouterr().err
