@@ -550,7 +550,7 @@ def update_markdown(path: Path, key: str, section: str, cuda: bool) -> None:
     for b in blocks:
         m = re.match(r"<!-- bench:(.*?) -->", b)
         k = m.group(1) if m else None
-        if k == key or (cuda and k == _GPU_PENDING_KEY):
+        if k in (key, _GPU_PENDING_KEY):       # the pending note is re-added last when still true
             continue
         keep.append(b.rstrip() + "\n\n")
     keep.append(section.rstrip() + "\n\n")
