@@ -1,0 +1,76 @@
+"""Plain Optuna engine: ask/tell loop in this process, successive-halving pruning.
+
+Used where Ray is absent (``--executor optuna``) and for single-GPU boxes: the trial
+body is the same ``run_trial`` the Ray engine runs, the study the same format.
+"""
+from __future__ import annotations
+
+import logging
+
+import optuna
+from optuna.trial import TrialState
+from tqdm import tqdm
+
+from nas.study import (Deadline, Settings, counted, log_trial, make_sampler, one_line, prepare,
+                       result_attrs, values_for)
+from nas.trial import run_trial
+
+log = logging.getLogger("nas.search")
+
+
+def make_pruner(s: Settings) -> optuna.pruners.BasePruner:
+    if s.multi:  # Optuna cannot prune multi-objective trials
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource=s.space.proxy.eval_every, reduction_factor=3)
+
+
+def run(s: Settings, storage: optuna.storages.BaseStorage) -> optuna.Study:
+    study = optuna.create_study(storage=storage, study_name=s.study_name, sampler=make_sampler(s),
+                                pruner=make_pruner(s), directions=s.directions, load_if_exists=True)
+    deadline = Deadline(s.time_budget)
+    done = counted(study)
+    bar = tqdm(total=s.trials, initial=done, desc="trials", unit="trial", disable=not s.progress)
+    attempts = 0
+    while counted(study) < s.trials and attempts < 3 * s.trials:
+        if deadline.passed():
+            bar.write(f"time budget of {s.time_budget:.0f} s used up: no new trial")
+            break
+        attempts += 1
+        trial = study.ask()
+        cand = None
+        try:
+            cand = prepare(trial, s)
+            if not cand.feasible:
+                study.tell(trial, state=TrialState.PRUNED)
+                log_trial(trial.number, cand.config.num_experts, cand.gflops, None,
+                          "REJECTED (over budget, not trained)", write=bar.write)
+                bar.update(1)
+                continue
+
+            def report(step: int, value: float) -> bool:
+                trial.set_user_attr("trained_steps", step)
+                if s.multi:
+                    return False
+                trial.report(value, step)
+                return trial.should_prune()
+
+            res = run_trial(cand.config, s.space.proxy, report, objective=s.quality, device=s.device)
+        except Exception as exc:  # recorded, and the search goes on
+            trial.set_user_attr("fail_reason", one_line(exc))
+            study.tell(trial, state=TrialState.FAIL)
+            log_trial(trial.number, cand.config.num_experts if cand else None, cand.gflops if cand else None,
+                      None, f"FAIL  {one_line(exc)}", write=bar.write)
+            continue
+        for k, v in result_attrs(res).items():
+            trial.set_user_attr(k, v)
+        if res.stopped_early:
+            study.tell(trial, state=TrialState.PRUNED)
+            state = f"PRUNED at step {res.steps}"
+        else:
+            study.tell(trial, values_for(res.objective, cand.gflops, s))
+            state = "COMPLETE"
+        log_trial(trial.number, cand.config.num_experts, cand.gflops, res.objective,
+                  f"{state}  ({res.wall_s:.0f} s)", write=bar.write)
+        bar.update(1)
+    bar.close()
+    return study

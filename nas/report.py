@@ -1,0 +1,171 @@
+"""Study outputs: trials.csv, pareto.png, best.yaml and the printed summary table.
+
+Everything is rebuilt from the Optuna storage (plus ``reference.json``), so running it
+again after ``--resume`` or on a copied ``optuna.db`` gives the same files.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import optuna
+import pandas as pd
+from optuna.trial import FrozenTrial, TrialState
+
+from meme.config import MemeConfig
+
+CSV_ATTRS = ("num_experts", "gflops", "gflops_mean", "gflops_max", "constraint", "params", "paper_units",
+             "trained_steps", "stopped_early", "wall_s", "peak_mem_mb", "device", "fail_reason")
+
+
+def ratios_summary(cfg_yaml: Optional[str]) -> str:
+    """'3/4 5/8 1/2 1/4 | 3/4 ...' -- the searched ratios at a glance."""
+    if not cfg_yaml:
+        return ""
+    cfg = MemeConfig.from_yaml(cfg_yaml, "trial")
+    return " | ".join(" ".join(e.high_ratios) for e in cfg.experts)
+
+
+def quality(t: FrozenTrial) -> Optional[float]:
+    if t.state != TrialState.COMPLETE or not t.values:
+        return None
+    return float(t.values[0])
+
+
+def is_full(t: FrozenTrial) -> bool:
+    """Trained for the whole proxy budget (comparable with the reference)."""
+    return quality(t) is not None and not t.user_attrs.get("stopped_early", False)
+
+
+def status(t: FrozenTrial) -> str:
+    if t.state == TrialState.PRUNED and t.user_attrs.get("constraint", 0) > 0:
+        return "rejected"
+    if t.state == TrialState.COMPLETE and t.user_attrs.get("stopped_early"):
+        return "stopped"
+    return {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "fail",
+            TrialState.RUNNING: "running"}.get(t.state, t.state.name.lower())
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial: Optuna's frame plus the recorded attributes (YAML summarised)."""
+    df = study.trials_dataframe(attrs=("number", "value", "values", "state", "params", "duration"), multi_index=False)
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        row: dict[str, Any] = {"number": t.number, "status": status(t)}
+        for k in CSV_ATTRS:
+            v = t.user_attrs.get(k)
+            row[k] = ",".join(f"{x:.3f}" for x in v) if isinstance(v, list) else v
+        row["gflops_per_expert"] = ",".join(f"{x:.2f}" for x in t.user_attrs.get("gflops_per_expert", []))
+        row["ratios"] = ratios_summary(t.user_attrs.get("config_yaml"))
+        cfg_yaml = t.user_attrs.get("config_yaml")
+        if cfg_yaml:
+            cfg = MemeConfig.from_yaml(cfg_yaml, "trial")
+            row["expert_probs"] = " ".join(f"{p:g}" for p in cfg.resolved_probs())
+            row["boundaries"] = " ".join(str(b) for b in cfg.resolved_boundaries())
+        rows.append(row)
+    extra = pd.DataFrame(rows)
+    if df.empty:
+        return extra
+    return df.merge(extra, on="number", how="left")
+
+
+def best_trial(study: optuna.Study) -> Optional[FrozenTrial]:
+    """Lowest quality objective among feasible, fully trained trials."""
+    full = [t for t in study.get_trials(deepcopy=False) if is_full(t) and t.user_attrs.get("constraint", 0) <= 0]
+    return min(full, key=quality) if full else None
+
+
+def ranked(study: optuna.Study) -> list[FrozenTrial]:
+    full = [t for t in study.get_trials(deepcopy=False) if is_full(t) and t.user_attrs.get("constraint", 0) <= 0]
+    return sorted(full, key=quality)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Non-dominated (cost, quality) points, both minimised, sorted by cost."""
+    front, best = [], math.inf
+    for c, q in sorted(points):
+        if q < best:
+            front.append((c, q))
+            best = q
+    return front
+
+
+def plot_pareto(study: optuna.Study, path: Path, budget: float, reference: Optional[dict],
+                references_cost: dict[str, float], objective: str) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    trials = study.get_trials(deepcopy=False)
+    full = [(t.user_attrs["gflops"], quality(t)) for t in trials if is_full(t)]
+    stopped = [(t.user_attrs["gflops"], quality(t)) for t in trials if quality(t) is not None and not is_full(t)]
+    rejected = [t.user_attrs["gflops"] for t in trials if status(t) == "rejected"]
+    if full:
+        ax.scatter(*zip(*full), c="tab:blue", label="feasible, fully trained", zorder=3)
+        front = pareto_front(full)
+        ax.step(*zip(*front), where="post", c="tab:blue", alpha=0.5, label="Pareto front")
+    if stopped:
+        ax.scatter(*zip(*stopped), c="tab:blue", alpha=0.3, marker="o", label="stopped early (ASHA/pruner)")
+    qs = [q for _, q in full + stopped] + ([reference["objective"]] if reference and reference.get("objective") else [])
+    y_top = max(qs) if qs else 1.0
+    if rejected:
+        ax.scatter(rejected, [y_top] * len(rejected), c="tab:red", marker="x",
+                   label="over budget (rejected, not trained)", zorder=3)
+    if reference and reference.get("objective") is not None:
+        ax.scatter([reference["gflops"]], [reference["objective"]], c="tab:orange", marker="*", s=220,
+                   label=f"{reference['name']} (hand design, same proxy)", zorder=4)
+    ax.axvline(budget, c="k", ls="--", lw=1, label=f"budget {budget:.1f} GFLOPs")
+    for name, g in references_cost.items():
+        ax.axvline(g, c="gray", ls=":", lw=1)
+        ax.text(g, ax.get_ylim()[1], f" {name}", rotation=90, va="top", fontsize=8, color="gray")
+    ax.set_xlabel("GFLOPs per denoising step at the target shape (attention included)")
+    ax.set_ylabel(f"proxy {objective} (lower is better)")
+    ax.set_title(f"study {study.study_name}: cost vs quality")
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_best(study: optuna.Study, out: Path) -> Optional[Path]:
+    t = best_trial(study)
+    if t is None:
+        return None
+    cfg = MemeConfig.from_yaml(t.user_attrs["config_yaml"], f"trial {t.number}")
+    cfg = MemeConfig.from_dict({**cfg.to_dict(), "name": f"{study.study_name}-best"}, "best")
+    return cfg.save(out / "best.yaml")
+
+
+def summary_lines(study: optuna.Study, reference: Optional[dict], budget: float, top: int = 5) -> list[str]:
+    trials = study.get_trials(deepcopy=False)
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[status(t)] = counts.get(status(t), 0) + 1
+    lines = ["trials: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())),
+             f"{'':3}{'trial':>7} {'N':>2} {'GFLOPs':>8} {'params':>9} {'objective':>10}  ratios (per expert) / p_n"]
+    ref_q = reference.get("objective") if reference else None
+    for i, t in enumerate(ranked(study)[:top]):
+        cfg = MemeConfig.from_yaml(t.user_attrs["config_yaml"], "trial")
+        mark = ""
+        if ref_q is not None:
+            mark = "  beats reference" if quality(t) < ref_q else ""
+        lines.append(f"{i + 1:>2} {t.number:>7} {cfg.num_experts:>2} {t.user_attrs['gflops']:>8.2f} "
+                     f"{t.user_attrs['params'] / 1e6:>8.1f}M {quality(t):>10.5f}  "
+                     f"{ratios_summary(t.user_attrs['config_yaml'])} / p={list(cfg.resolved_probs())}{mark}")
+    if reference:
+        q = f"{ref_q:>10.5f}" if ref_q is not None else f"{'failed':>10}"
+        over = "  (over budget)" if reference["gflops"] > budget else ""
+        lines.append(f"{'ref':>3} {reference['name']:>7} {reference['num_experts']:>2} {reference['gflops']:>8.2f} "
+                     f"{reference['params'] / 1e6:>8.1f}M {q}  hand-designed reference, same proxy and seed{over}")
+    best = best_trial(study)
+    if best is not None and ref_q is not None:
+        d = (quality(best) - ref_q) / ref_q * 100
+        verdict = "beats" if quality(best) < ref_q else "does not beat"
+        lines.append(f"best trial {best.number} {verdict} {reference['name']}: objective {quality(best):.5f} vs "
+                     f"{ref_q:.5f} ({d:+.1f}%), cost {best.user_attrs['gflops']:.2f} vs {reference['gflops']:.2f} GFLOPs")
+    elif best is None:
+        lines.append("no feasible trial was fully trained: no best.yaml")
+    return lines

@@ -1,0 +1,231 @@
+"""Architecture search over timestep experts: ``python -m nas.search --budget-gflops 95``.
+
+Samples MEME candidates from a search space (``search_spaces/*.yaml``), rejects those
+over the per-step compute budget before any training, trains the rest on a small proxy
+(all experts, soft-expert sampling), and records everything in one Optuna study that
+``optuna-dashboard`` opens. Outputs in ``results/<study>/``: optuna.db, trials.csv,
+pareto.png, best.yaml (loadable by ``meme.train``), reference.json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from meme.cli import UserError, main_guard
+from nas import reference as ref_mod
+from nas.budget import check_feasible, cheapest_config, reference_costs, resolve_budget
+from nas.space import DEFAULT_SPACE, load_space
+from nas.study import (Settings, check_compatible, counted, fail_stale_running, open_storage, storage_url_for,
+                       study_attrs)
+
+log = logging.getLogger("nas.search")
+EXECUTORS = ("ray", "optuna")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad flags -> one-line 'error: ...' and exit 2 (argparse prints the usage too)."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see python -m nas.search --help)")
+
+
+def ray_available() -> bool:
+    return importlib.util.find_spec("ray") is not None and importlib.util.find_spec("ray.tune") is not None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = _Parser(prog="python -m nas.search", description=__doc__.splitlines()[0])
+    p.add_argument("--space", default=DEFAULT_SPACE, help="search space YAML or name in search_spaces/ (default %(default)s)")
+    b = p.add_argument_group("budget")
+    b.add_argument("--budget-gflops", type=float, default=None, help="GFLOPs per denoising step at the target shape")
+    b.add_argument("--budget-like", default=None, help="take the budget from a reference config (ldm-s, meme-table4, ...)")
+    b.add_argument("--budget-mode", default="mean", help="'mean' (interval-weighted, default) or 'max' (every expert)")
+    r = p.add_argument_group("run")
+    r.add_argument("--trials", type=int, default=None, help="trials in the study, rejected ones included (default: space's)")
+    r.add_argument("--time-budget", type=float, default=None, help="seconds after which no new trial starts")
+    r.add_argument("--objective", default="loss", help="'loss' (held-out denoising loss, default) or 'fid'")
+    r.add_argument("--objectives", default=None, help="multi-objective, e.g. 'loss,gflops' (NSGA-II, Pareto front)")
+    r.add_argument("--executor", default=None, help="'ray' (default when installed) or 'optuna'")
+    r.add_argument("--study", default=None, help="study name (default <space>-b<budget>)")
+    r.add_argument("--out", default="results", help="results root; the study lives in OUT/<study> (default %(default)s)")
+    r.add_argument("--resume", action="store_true", help="continue an interrupted study (finished trials are kept)")
+    r.add_argument("--seed", type=int, default=None, help="sampler and training seed (default: space's proxy seed)")
+    r.add_argument("--device", default=None, help="torch device for trials (default: cuda when available)")
+    r.add_argument("--no-reference", action="store_true", help="skip training the paper's Table 4 reference")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    c = p.add_argument_group("cluster")
+    c.add_argument("--cpus-per-trial", type=float, default=1.0)
+    c.add_argument("--gpus-per-trial", type=float, default=None, help="fractions allowed (default 0.5 if a GPU is visible)")
+    c.add_argument("--address", default=None, help="Ray cluster to join (default $RAY_ADDRESS, else local)")
+    c.add_argument("--storage", default=None, help="Optuna RDB URL (postgresql://..., mysql://...); default sqlite in OUT/<study>")
+    return p.parse_args(argv)
+
+
+def parse_objectives(args) -> tuple[str, ...]:
+    objs = tuple(o.strip() for o in (args.objectives or args.objective).split(",") if o.strip())
+    if not objs or objs[0] not in ("loss", "fid") or len(objs) > 2 or (len(objs) == 2 and objs[1] != "gflops"):
+        raise UserError(f"objectives must be 'loss' or 'fid', optionally followed by ',gflops'; got {','.join(objs)!r}")
+    return objs
+
+
+def dashboard_command(url: str) -> str:
+    return f"optuna-dashboard {url}"
+
+
+def main_impl(argv=None) -> int:
+    t_start = time.perf_counter()
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", message=".*ExperimentalWarning.*")
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+    executor = args.executor or ("ray" if ray_available() else "optuna")
+    if executor not in EXECUTORS:
+        raise UserError(f"--executor must be one of {list(EXECUTORS)}, got {executor!r}")
+    if executor == "ray" and not ray_available():
+        raise UserError("--executor ray: Ray Tune is not installed here; use --executor optuna")
+    if args.trials is not None and args.trials < 1:
+        raise UserError(f"--trials must be >= 1, got {args.trials}")
+    if args.cpus_per_trial <= 0 or (args.gpus_per_trial is not None and args.gpus_per_trial < 0):
+        raise UserError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+    objectives = parse_objectives(args)
+    space = load_space(args.space)
+    if args.seed is not None:
+        space = dataclasses.replace(space, proxy=dataclasses.replace(space.proxy, seed=args.seed))
+    budget = resolve_budget(args.budget_gflops, args.budget_like, args.budget_mode)
+
+    refs = reference_costs(budget.mode)
+    print(f"budget: {budget.describe()}")
+    print("  reference costs (GFLOPs per step, attention included; paper 'MACs' column = 3 x hook GMACs):")
+    for name, c in refs.items():
+        print(f"    {name:<12} {c.gflops:>8.2f} GFLOPs  {c.params / 1e6:>7.1f}M params  paper {c.paper_units:>6.1f}G")
+    cmin = check_feasible(space, budget)
+    print(f"space {space.name} ({space.source}): cheapest candidate {cmin:.2f} GFLOPs -- budget is feasible")
+
+    trials = args.trials or int(space.defaults.get("trials", 16))
+    study_name = args.study or f"{space.name}-b{budget.gflops:g}" + ("" if budget.mode == "mean" else "-max")
+    out = Path(args.out) / study_name
+    out.mkdir(parents=True, exist_ok=True)
+    url = storage_url_for(out, args.storage)
+    gpus = args.gpus_per_trial
+    if gpus is None:
+        import torch
+        gpus = 0.5 if torch.cuda.is_available() else 0.0
+    s = Settings(space=space, budget=budget, objectives=objectives, trials=trials, study_name=study_name, out=out,
+                 storage_url=url, seed=args.seed if args.seed is not None else space.proxy.seed,
+                 time_budget=args.time_budget, device=args.device, cpus_per_trial=args.cpus_per_trial,
+                 gpus_per_trial=gpus, address=args.address, progress=not args.quiet)
+
+    storage = open_storage(url)
+    existing = _existing_trials(storage, study_name)
+    if existing and not args.resume:
+        raise UserError(f"study {study_name!r} already has {existing} trials in {url}: pass --resume to continue it, "
+                        f"or --study NAME for a new one")
+    if args.resume:
+        n = fail_stale_running(storage, study_name)
+        if n:
+            print(f"resume: {n} trial(s) left RUNNING by the interrupted run marked FAIL")
+    study = optuna.create_study(storage=storage, study_name=study_name, directions=s.directions, load_if_exists=True)
+    check_compatible(study, s)
+    for k, v in study_attrs(s).items():
+        study.set_user_attr(k, v)
+    done = counted(study)
+    print(f"study {study_name}: {done}/{trials} trials done; executor {executor}; "
+          f"objective{'s' if s.multi else ''} {','.join(objectives)}; proxy {space.proxy.channels}x"
+          f"{space.proxy.resolution}x{space.proxy.resolution} {space.proxy.data or 'fashion-mnist'}, "
+          f"width x{space.proxy.width_mult}, {space.proxy.steps} steps")
+    print(f"watch it:  {dashboard_command(url)}")
+
+    ref_path = out / "reference.json"
+    ref_cfg = space.reference_config()
+    reference = None if args.no_reference else ref_mod.load(ref_path, ref_cfg, space.proxy, s.quality)
+    need_ref = not args.no_reference and reference is None
+    remaining = max(0, trials - done)
+    if executor == "ray":
+        from nas import ray_engine
+        ray_engine.init_ray(args.address)
+        job = None
+        if need_ref:
+            import ray
+            job = ray.remote(ref_mod.run_reference).options(num_cpus=s.cpus_per_trial, num_gpus=s.gpus_per_trial) \
+                .remote(ref_cfg, space.proxy, s.quality, budget.mode, args.device)
+            print(f"training the reference {ref_cfg.name} on the proxy (in parallel with the trials)")
+        bar = _bar(s, done)
+        got = ray_engine.run(s, storage, remaining, bar=bar, reference_job=job) if remaining else None
+        if job is not None and got is None:
+            import ray
+            got = ray.get(job)
+        if bar is not None:
+            bar.close()
+        reference = got or reference
+    else:
+        from nas import optuna_engine
+        if need_ref:
+            print(f"training the reference {ref_cfg.name} on the proxy first")
+            reference = ref_mod.run_reference(ref_cfg, space.proxy, s.quality, budget.mode, args.device)
+        if remaining:
+            optuna_engine.run(s, storage)
+    if need_ref and reference is not None:
+        ref_mod.save(ref_path, reference)
+        if reference.get("objective") is None:
+            print(f"reference {ref_cfg.name} failed: {reference.get('fail_reason')}")
+
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    _outputs(study, s, reference, refs)
+    print(f"wall time {time.perf_counter() - t_start:.0f} s")
+    print(f"open the study:  {dashboard_command(url)}")
+    if executor == "ray":
+        import ray
+        ray.shutdown()
+    return 0
+
+
+def _existing_trials(storage, name: str) -> int:
+    try:
+        sid = storage.get_study_id_from_name(name)
+    except KeyError:
+        return 0
+    return len(storage.get_all_trials(sid, deepcopy=False))
+
+
+def _bar(s: Settings, done: int):
+    if not s.progress:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=s.trials, initial=done, desc="trials", unit="trial", file=sys.stdout)
+
+
+def _outputs(study, s: Settings, reference, refs) -> None:
+    from nas import report
+
+    df = report.trials_frame(study)
+    df.to_csv(s.out / "trials.csv", index=False)
+    report.plot_pareto(study, s.out / "pareto.png", s.budget.gflops, reference,
+                       {k: v.gflops for k, v in refs.items()}, s.quality)
+    best = report.write_best(study, s.out)
+    print()
+    for line in report.summary_lines(study, reference, s.budget.gflops):
+        print(line)
+    print(f"outputs in {s.out}/: optuna.db, trials.csv, pareto.png"
+          + (", best.yaml" if best else "") + (", reference.json" if reference else ""))
+    if best:
+        print(f"train the winner at full scale:  python -m meme.train --config {best}")
+
+
+@main_guard
+def main(argv=None) -> int:
+    return main_impl(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,454 @@
+"""Search spaces: a YAML file -> :class:`SearchSpace`, and ``build_config(trial, space)``.
+
+The space is conditional (N changes how many experts exist), so it is written as an
+Optuna *define-by-run* function: :func:`build_config` calls ``trial.suggest_*`` and
+returns a validated :class:`MemeConfig` at the TARGET shape.
+
+Structural rules hold by construction, never by sample-and-reject:
+
+* d_h/d non-increasing with depth and with expert index: every ratio is drawn as a
+  non-negative *decrement* (in head steps of its stage) below the tightest upper bound
+  the rules allow (the previous stage of the same expert, the same stage of the
+  previous expert), clipped to the stage's head-step grid. The decrement's range is
+  ``max_drop_experts`` (experts after the first) or ``max_drop_depth`` (first expert),
+  in fractions of d; the unconstrained first value indexes the whole grid;
+* p_n non-increasing: p_1 is an index into the choices, every later p_n a decrement.
+
+Parameter names do not depend on N (``e{n}_s{s}`` is the same parameter for every N
+that has expert n), so TPE pools what trials with different N learn about shared
+experts. The schema is documented in ``search_spaces/README.md``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+import yaml
+
+from meme.config import (ArchConfig, ConfigError, DataShape, DiffusionConfig, MemeConfig,
+                         head_step_grid, parse_fraction)
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+DEFAULT_SPACE = "meme_ffhq256"
+
+
+class TrialLike(Protocol):
+    """What build_config needs from an Optuna trial (real, Ray's captor, or a fixed dict)."""
+
+    number: int
+
+    def suggest_int(self, name: str, low: int, high: int) -> int: ...
+
+    def suggest_categorical(self, name: str, choices: list) -> Any: ...
+
+
+@dataclass(frozen=True)
+class RatioRules:
+    """How per-expert, per-stage d_h/d are drawn."""
+
+    min: str = "step"                  # 'step' (one head step of high channels) or a fraction
+    max: str = "grid"                  # 'grid' (largest legal: one attention head left) or a fraction
+    max_drop_depth: Fraction = Fraction(1, 2)    # largest drop from the stage above (fraction of d)
+    max_drop_experts: Fraction = Fraction(1, 4)  # largest drop from the previous expert (fraction of d)
+    monotone_depth: bool = True        # d_h/d non-increasing with stage index
+    monotone_experts: bool = True      # d_h/d non-increasing with expert index (toward t = T)
+
+
+@dataclass(frozen=True)
+class ProbRules:
+    """How the soft-expert probabilities p_n are drawn."""
+
+    choices: tuple[float, ...] = (0.1, 0.2, 0.4, 0.6, 0.8, 1.0)  # sorted ascending
+    monotone: bool = True              # p_n non-increasing with n
+    max_decrement: int = 3             # largest drop between p_n and p_{n+1}, in choice steps
+
+
+@dataclass(frozen=True)
+class BoundaryRules:
+    """Interval boundaries: uniform, or searchable via integer interval weights."""
+
+    mode: str = "uniform"              # 'uniform' or 'searchable'
+    weight_levels: int = 3             # searchable: interval n has length prop. to w_n in 1..levels
+
+
+@dataclass(frozen=True)
+class Macro:
+    """Macro shape shared by all experts; one-element lists mean fixed."""
+
+    base_channels: tuple[int, ...]
+    num_res_blocks: tuple[int, ...]
+    pool_strides: tuple[tuple[int, ...], ...]
+
+    def combos(self) -> list[tuple[int, int, tuple[int, ...]]]:
+        return list(itertools.product(self.base_channels, self.num_res_blocks, self.pool_strides))
+
+
+@dataclass(frozen=True)
+class ProxySpec:
+    """Where and how long a trial trains: a small, fast stand-in for the target.
+
+    The candidate is scaled to ``channels x resolution x resolution`` and every width
+    (base channels AND head channels) is multiplied by ``width_mult``, so each stage
+    keeps its number of heads and every target d_h/d is a legal head step at the proxy.
+    """
+
+    data: Optional[str] = "fashion-mnist"  # meme.data spec (None/'fashion-mnist' = embedded default)
+    resolution: int = 32                   # proxy side in pixels
+    channels: int = 1                      # proxy image channels
+    width_mult: Fraction = Fraction(1, 4)  # proxy widths = target widths x this
+    diffusion: Optional[DiffusionConfig] = None  # None = the target's schedule
+    steps: int = 240                       # optimizer steps per trial (all experts together)
+    batch_size: int = 32                   # images per step
+    lr: float = 5e-4                       # AdamW learning rate (after warm-up)
+    warmup: int = 20                       # linear warm-up steps
+    grad_clip: float = 1.0                 # max global grad norm (0 = off)
+    eval_every: int = 80                   # steps between objective reports (rungs for the pruner)
+    eval_batch: int = 64                   # held-out images per evaluated t
+    eval_timesteps: int = 10               # size of the fixed, uniformly spaced t grid
+    fid_samples: int = 256                 # --objective fid: generated samples
+    fid_steps: int = 25                    # --objective fid: DDIM steps
+    limit_data: Optional[int] = 10000      # use only the first N training images
+    seed: int = 0                          # init, data order, t and noise: same for every trial
+
+    def shape(self) -> DataShape:
+        return DataShape(channels=self.channels, resolution=self.resolution, latent=False)
+
+    def digest(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["width_mult"] = str(self.width_mult)
+        d["diffusion"] = dataclasses.asdict(self.diffusion) if self.diffusion else None
+        return d
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    name: str
+    source: str
+    template: ArchConfig                 # every expert starts from this (ratios filled in)
+    data: DataShape                      # target shape (the budget is measured here)
+    diffusion: DiffusionConfig
+    num_experts: tuple[int, ...]
+    ratios: RatioRules
+    probs: ProbRules
+    boundaries: BoundaryRules
+    macro: Macro
+    proxy: ProxySpec
+    defaults: dict = field(default_factory=dict)  # CLI defaults for this space (trials, ...)
+    reference: Optional[MemeConfig] = None        # hand design trained beside the search (None: meme-table4)
+
+    def reference_config(self) -> MemeConfig:
+        if self.reference is not None:
+            return self.reference
+        from meme.references import resolve
+        return resolve("meme-table4")
+
+    @property
+    def num_stages(self) -> int:
+        return self.template.num_stages
+
+    def arch(self, base: int, blocks: int, pools: tuple[int, ...], ratios: tuple[str, ...]) -> ArchConfig:
+        return dataclasses.replace(self.template, base_channels=base, num_res_blocks=blocks,
+                                   pool_strides=tuple(pools), high_ratios=tuple(ratios))
+
+    def stage_grid(self, base: int, stage: int) -> list[Fraction]:
+        """Legal d_h/d of a stage at this base width within [min, max], ascending."""
+        width = base * self.template.channel_mult[stage]
+        grid = head_step_grid(width, self.template.head_channels)
+        step = Fraction(self.template.head_channels, width)
+        lo = step if self.ratios.min == "step" else parse_fraction(self.ratios.min, "ratios.min")
+        hi = grid[-1] if self.ratios.max == "grid" else parse_fraction(self.ratios.max, "ratios.max")
+        return [g for g in grid if lo <= g <= hi]
+
+    def max_steps(self, stage: int, drop: Fraction) -> int:
+        """A drop (fraction of d) in head steps of a stage, at the widest base choice."""
+        out = 0
+        for base in self.macro.base_channels:
+            width = base * self.template.channel_mult[stage]
+            out = max(out, int(drop * width / self.template.head_channels))
+        return max(out, 1)
+
+    def grid_size(self, stage: int) -> int:
+        return max(len(self.stage_grid(b, stage)) for b in self.macro.base_channels)
+
+
+# ---- sampling ---------------------------------------------------------------------
+
+def _pick_below(grid: list[Fraction], bound: Fraction, decrement: int) -> Fraction:
+    """The grid value ``decrement`` steps below the largest value <= bound (clipped)."""
+    below = [g for g in grid if g <= bound]
+    if not below:  # load_space's check makes this unreachable; keep the rule anyway
+        return grid[0]
+    return below[max(0, len(below) - 1 - decrement)]
+
+
+def sample_ratios(trial: TrialLike, space: SearchSpace, n_experts: int, base: int) -> list[tuple[str, ...]]:
+    """Per-expert, per-stage d_h/d; monotone rules hold by construction."""
+    rules = space.ratios
+    out: list[list[Fraction]] = []
+    for n in range(n_experts):
+        row: list[Fraction] = []
+        for s in range(space.num_stages):
+            grid = space.stage_grid(base, s)
+            bound, high = grid[-1], space.grid_size(s) - 1
+            if rules.monotone_depth and s > 0:
+                bound, high = min(bound, row[s - 1]), space.max_steps(s, rules.max_drop_depth)
+            if rules.monotone_experts and n > 0:
+                bound, high = min(bound, out[n - 1][s]), space.max_steps(s, rules.max_drop_experts)
+            dec = trial.suggest_int(f"e{n}_s{s}", 0, high)
+            row.append(_pick_below(grid, bound, dec))
+        out.append(row)
+    return [tuple(str(r) for r in row) for row in out]
+
+
+def sample_probs(trial: TrialLike, space: SearchSpace, n_experts: int) -> tuple[float, ...]:
+    choices = space.probs.choices
+    top = len(choices) - 1
+    idx: list[int] = []
+    for n in range(n_experts):
+        if space.probs.monotone and n > 0:
+            dec = trial.suggest_int(f"p{n}", 0, space.probs.max_decrement)
+            idx.append(max(0, idx[-1] - dec))
+        else:
+            idx.append(top - trial.suggest_int(f"p{n}", 0, top))
+    return tuple(choices[i] for i in idx)
+
+
+def sample_boundaries(trial: TrialLike, space: SearchSpace, n_experts: int) -> tuple[int, ...]:
+    if space.boundaries.mode == "uniform":
+        return ()
+    T = space.diffusion.timesteps
+    w = [trial.suggest_int(f"w{n}", 1, space.boundaries.weight_levels) for n in range(n_experts)]
+    total, acc, b = sum(w), 0, [0]
+    for x in w:
+        acc += x
+        b.append(round(T * acc / total))
+    return tuple(b)
+
+
+def build_config(trial: TrialLike, space: SearchSpace, name: Optional[str] = None) -> MemeConfig:
+    """Define-by-run: draw one candidate from the space (target shape), validated."""
+    n_experts = trial.suggest_categorical("num_experts", list(space.num_experts))
+    base = _maybe(trial, "base_channels", space.macro.base_channels)
+    blocks = _maybe(trial, "num_res_blocks", space.macro.num_res_blocks)
+    pools = tuple(int(p) for p in str(_maybe(trial, "pool_strides",
+                                              tuple(_strides_str(p) for p in space.macro.pool_strides))).split(","))
+    ratios = sample_ratios(trial, space, n_experts, base)
+    probs = sample_probs(trial, space, n_experts)
+    bounds = sample_boundaries(trial, space, n_experts)
+    cfg = MemeConfig(name=name or f"{space.name}-t{getattr(trial, 'number', 0)}",
+                     experts=tuple(space.arch(base, blocks, pools, r) for r in ratios),
+                     data=space.data, diffusion=space.diffusion, boundaries=bounds, expert_probs=probs)
+    return cfg.validate()
+
+
+def _maybe(trial: TrialLike, name: str, choices: tuple) -> Any:
+    """A categorical only when there is a choice (fixed knobs stay out of the study)."""
+    return choices[0] if len(choices) == 1 else trial.suggest_categorical(name, list(choices))
+
+
+def _strides_str(p: tuple[int, ...]) -> str:
+    return ",".join(str(x) for x in p)
+
+
+class FixedTrial:
+    """Replays a dict of parameters (defaults for missing ones: 0 / first choice)."""
+
+    def __init__(self, params: dict[str, Any], number: int = 0):
+        self.params, self.number = dict(params), number
+
+    def suggest_int(self, name: str, low: int, high: int) -> int:
+        return int(min(max(self.params.get(name, low), low), high))
+
+    def suggest_categorical(self, name: str, choices: list) -> Any:
+        return self.params.get(name, choices[0])
+
+
+# ---- loading ----------------------------------------------------------------------
+
+def resolve_space_path(spec: str | Path | None) -> Path:
+    """A path, or a bare name looked up in search_spaces/ (``tiny`` -> tiny.yaml)."""
+    spec = str(spec or DEFAULT_SPACE)
+    p = Path(spec)
+    if p.is_file():
+        return p
+    for cand in (SPACES_DIR / spec, SPACES_DIR / f"{spec}.yaml"):
+        if cand.is_file():
+            return cand
+    known = sorted(q.stem for q in SPACES_DIR.glob("*.yaml"))
+    raise ConfigError(f"search space not found: {spec} (a YAML path, or one of {known})")
+
+
+_TOP_KEYS = {"name", "description", "target", "search", "proxy", "defaults", "reference"}
+
+
+def load_space(spec: str | Path | None = None) -> SearchSpace:
+    """Parse and check a space file; every error is one line naming the field."""
+    path = resolve_space_path(spec)
+    src = str(path)
+    try:
+        d = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{src}: malformed YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    _need(isinstance(d, dict), f"{src}: top level must be a mapping")
+    _keys(d, _TOP_KEYS, src)
+    target = _map(d.get("target"), f"{src}: target")
+    _keys(target, {"data", "diffusion", "expert"}, f"{src}: target")
+    data = _dc(DataShape, target.get("data", {}), f"{src}: target.data")
+    diffusion = _dc(DiffusionConfig, target.get("diffusion", {}), f"{src}: target.diffusion")
+    expert = dict(_map(target.get("expert"), f"{src}: target.expert"))
+    _need(expert.get("kind", "iunet") == "iunet", f"{src}: target.expert.kind must be 'iunet' (ratios are searched)")
+    expert.setdefault("kind", "iunet")
+    expert.setdefault("attention_ds", [])
+    n_stages = len(expert.get("channel_mult", ArchConfig().channel_mult))
+    expert.setdefault("pool_strides", [2] * n_stages)
+    expert["high_ratios"] = ["0"] * n_stages  # placeholder, replaced per candidate
+    try:
+        template = MemeConfig.from_dict({"name": "template", "experts": [expert]}, f"{src}: target.expert").experts[0]
+    except ConfigError as exc:
+        # placeholder ratio 0 is always legal; any error is about the user's fields
+        raise ConfigError(str(exc)) from None
+
+    s = _map(d.get("search"), f"{src}: search")
+    _keys(s, {"num_experts", "ratios", "probs", "boundaries", "macro"}, f"{src}: search")
+    n_exp = tuple(int(x) for x in _list(s.get("num_experts", [4]), f"{src}: search.num_experts"))
+    _need(all(n >= 1 for n in n_exp), f"{src}: search.num_experts must be positive ints, got {list(n_exp)}")
+    r = _map(s.get("ratios", {}), f"{src}: search.ratios")
+    _keys(r, {f.name for f in dataclasses.fields(RatioRules)}, f"{src}: search.ratios")
+    ratios = RatioRules(
+        min=str(r.get("min", "step")), max=str(r.get("max", "grid")),
+        max_drop_depth=parse_fraction(r.get("max_drop_depth", "1/2"), f"{src}: search.ratios.max_drop_depth"),
+        max_drop_experts=parse_fraction(r.get("max_drop_experts", "1/4"), f"{src}: search.ratios.max_drop_experts"),
+        monotone_depth=bool(r.get("monotone_depth", True)), monotone_experts=bool(r.get("monotone_experts", True)))
+    for key in ("min", "max"):
+        v = getattr(ratios, key)
+        if v not in ("step", "grid"):
+            f = parse_fraction(v, f"{src}: search.ratios.{key}")
+            _need(0 <= f < 1, f"{src}: search.ratios.{key} must lie in [0, 1), got {v}")
+    p = _map(s.get("probs", {}), f"{src}: search.probs")
+    _keys(p, {f.name for f in dataclasses.fields(ProbRules)}, f"{src}: search.probs")
+    choices = tuple(sorted(float(x) for x in _list(p.get("choices", list(ProbRules.choices)), f"{src}: search.probs.choices")))
+    _need(choices and all(0 <= c <= 1 for c in choices), f"{src}: search.probs.choices must be values in [0, 1]")
+    probs = ProbRules(choices=choices, monotone=bool(p.get("monotone", True)),
+                      max_decrement=int(p.get("max_decrement", 3)))
+    b = _map(s.get("boundaries", {}), f"{src}: search.boundaries")
+    _keys(b, {"mode", "weight_levels"}, f"{src}: search.boundaries")
+    bounds = BoundaryRules(mode=str(b.get("mode", "uniform")), weight_levels=int(b.get("weight_levels", 3)))
+    _need(bounds.mode in ("uniform", "searchable"),
+          f"{src}: search.boundaries.mode must be 'uniform' or 'searchable', got {bounds.mode!r}")
+    _need(bounds.weight_levels >= 1, f"{src}: search.boundaries.weight_levels must be >= 1")
+    m = _map(s.get("macro", {}), f"{src}: search.macro")
+    _keys(m, {"base_channels", "num_res_blocks", "pool_strides"}, f"{src}: search.macro")
+    pools = m.get("pool_strides", [list(template.pool_strides)])
+    _need(isinstance(pools, list) and all(isinstance(x, list) and len(x) == n_stages for x in pools),
+          f"{src}: search.macro.pool_strides must be a list of per-stage lists ({n_stages} values each)")
+    macro = Macro(
+        base_channels=tuple(int(x) for x in _list(m.get("base_channels", [template.base_channels]), "base_channels")),
+        num_res_blocks=tuple(int(x) for x in _list(m.get("num_res_blocks", [template.num_res_blocks]), "num_res_blocks")),
+        pool_strides=tuple(tuple(int(v) for v in x) for x in pools))
+
+    proxy = parse_proxy(d.get("proxy", {}), src)
+    defaults = _map(d.get("defaults", {}), f"{src}: defaults")
+    space = SearchSpace(name=str(d.get("name", path.stem)), source=src, template=template, data=data,
+                        diffusion=diffusion, num_experts=n_exp, ratios=ratios, probs=probs, boundaries=bounds,
+                        macro=macro, proxy=proxy, defaults=dict(defaults),
+                        reference=parse_reference(d.get("reference"), path))
+    check_space(space)
+    return space
+
+
+def parse_reference(x: Any, path: Path) -> Optional[MemeConfig]:
+    """A reference name (meme.references), a YAML path (relative to the space), or inline config."""
+    if x is None:
+        return None
+    src = f"{path}: reference"
+    if isinstance(x, dict):
+        return MemeConfig.from_dict({"name": "reference", **x}, src)
+    _need(isinstance(x, str), f"{src} must be a reference name, a YAML path or a config mapping")
+    from meme.references import REFERENCES, resolve
+    if x in REFERENCES:
+        return resolve(x)
+    return MemeConfig.load(path.parent / x)
+
+
+def parse_proxy(d: Any, src: str) -> ProxySpec:
+    d = dict(_map(d, f"{src}: proxy"))
+    _keys(d, {f.name for f in dataclasses.fields(ProxySpec)}, f"{src}: proxy")
+    if "width_mult" in d:
+        d["width_mult"] = parse_fraction(d["width_mult"], f"{src}: proxy.width_mult")
+    if d.get("diffusion") is not None:
+        d["diffusion"] = _dc(DiffusionConfig, d["diffusion"], f"{src}: proxy.diffusion")
+    if "data" in d and d["data"] in ("", "default"):
+        d["data"] = None
+    try:
+        proxy = ProxySpec(**d)
+    except TypeError as exc:
+        raise ConfigError(f"{src}: proxy: {exc}") from None
+    for key in ("resolution", "channels", "steps", "batch_size", "eval_every", "eval_batch", "eval_timesteps"):
+        _need(int(getattr(proxy, key)) >= 1, f"{src}: proxy.{key} must be >= 1, got {getattr(proxy, key)}")
+    _need(0 < proxy.width_mult <= 1, f"{src}: proxy.width_mult must lie in (0, 1], got {proxy.width_mult}")
+    return proxy
+
+
+def check_space(space: SearchSpace) -> None:
+    """Every draw must be legal: non-empty grids, rule bounds reachable, proxy exact."""
+    src = space.source
+    _need(space.diffusion.timesteps >= max(space.num_experts) * space.boundaries.weight_levels,
+          f"{src}: T={space.diffusion.timesteps} too small for {max(space.num_experts)} searchable intervals")
+    for base, blocks, pools in space.macro.combos():
+        arch = space.arch(base, blocks, pools, ("0",) * space.num_stages)
+        arch.validate(f"{src}: target.expert (base {base})")
+        _need(space.data.resolution % 2 ** (space.num_stages - 1) == 0,
+              f"{src}: target.data.resolution {space.data.resolution} is not divisible by 2^{space.num_stages - 1}")
+        grids = [space.stage_grid(base, st) for st in range(space.num_stages)]
+        for st, g in enumerate(grids):
+            _need(bool(g), f"{src}: search.ratios: no legal d_h/d in [min, max] at stage {st + 1} (base {base})")
+        if space.ratios.monotone_depth:
+            for st in range(1, space.num_stages):
+                _need(all(any(x <= v for x in grids[st]) for v in grids[st - 1]),
+                      f"{src}: search.ratios.min: a stage-{st} ratio leaves no legal stage-{st + 1} ratio "
+                      f"below it at base {base}; use min: step")
+        # the proxy keeps every target head step exact
+        from nas.proxy import proxy_arch, proxy_config  # local: proxy imports this module
+        proxy_arch(arch, space.proxy, where=f"{src}: proxy (base {base})")
+    ref = space.reference_config()
+    _need(ref.data == space.data, f"{src}: reference {ref.name} has data {ref.data}, the target is {space.data}")
+    proxy_config(ref, space.proxy)
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _map(x: Any, where: str) -> dict:
+    if x is None:
+        return {}
+    _need(isinstance(x, dict), f"{where} must be a mapping")
+    return x
+
+
+def _list(x: Any, where: str) -> list:
+    _need(isinstance(x, list) and len(x) > 0, f"{where} must be a non-empty list")
+    return x
+
+
+def _keys(d: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(d) - allowed)
+    _need(not unknown, f"{where}: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+def _dc(cls: type, d: Any, where: str):
+    d = _map(d, where)
+    _keys(d, {f.name for f in dataclasses.fields(cls)}, where)
+    try:
+        obj = cls(**d)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    obj.validate()
+    return obj

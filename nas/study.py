@@ -1,0 +1,204 @@
+"""What every engine shares: the study's storage, sampler, and how a trial is recorded.
+
+One Optuna RDB storage per study (``results/<study>/optuna.db`` or a PostgreSQL/MySQL
+URL), the same user attributes whichever engine ran the trial, so optuna-dashboard,
+``trials.csv`` and ``--resume`` see one format:
+
+========================  ==========================================================
+``gflops``                budgeted cost (mean or max per --budget-mode), target shape
+``gflops_mean/_max``      both figures; ``gflops_per_expert`` the list
+``params``                parameters of all experts at the target shape
+``paper_units``           the paper's "MACs" column (3 x ptflops hook GMACs)
+``constraint``            gflops - B (> 0: infeasible, never trained)
+``config_yaml``           the candidate as MemeConfig YAML (target scale)
+``trained_steps``         proxy optimizer steps actually run (0 for infeasible)
+``stopped_early``         the scheduler/pruner stopped it before proxy.steps
+``wall_s/peak_mem_mb/device``  measured while training
+``fail_reason``           one line, for FAIL trials
+========================  ==========================================================
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import optuna
+from optuna.trial import TrialState
+
+from meme.config import MemeConfig
+from nas.budget import Budget, cost_of
+from nas.space import SearchSpace, build_config
+from nas.trial import TrialResult
+
+log = logging.getLogger("nas.search")
+
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # toward --trials (infeasible ones are PRUNED)
+
+
+@dataclass
+class Settings:
+    """Everything a search run needs, resolved from the CLI."""
+
+    space: SearchSpace
+    budget: Budget
+    objectives: tuple[str, ...]        # ('loss',), ('fid',), or with 'gflops' second: Pareto search
+    trials: int                        # total counted trials wanted in the study
+    study_name: str
+    out: Path                          # results/<study>
+    storage_url: str
+    seed: int = 0
+    time_budget: Optional[float] = None  # seconds; no new trial starts after it
+    device: Optional[str] = None       # torch device for trials ('auto' when None)
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    address: Optional[str] = None      # Ray cluster address
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def quality(self) -> str:
+        return self.objectives[0]
+
+    @property
+    def multi(self) -> bool:
+        return len(self.objectives) > 1
+
+    @property
+    def directions(self) -> list[str]:
+        return ["minimize"] * len(self.objectives)
+
+
+# ---- storage and study ---------------------------------------------------------------
+
+def storage_url_for(out: Path, url: Optional[str]) -> str:
+    return url or f"sqlite:///{(Path(out) / 'optuna.db').resolve()}"
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """An RDBStorage object (OptunaSearch wants an object, not a URL)."""
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+
+
+# Optuna >= 5 stores constraints on the trial (Trial.set_constraint); older versions
+# take a constraints_func that the sampler calls after each trial.
+_NATIVE_CONSTRAINTS = hasattr(optuna.trial.Trial, "set_constraint")
+
+
+def constraint_of(trial: optuna.trial.FrozenTrial) -> list[float]:
+    """constraints_func (Optuna < 5): <= 0 feasible. Trials without the attr count as feasible."""
+    return [float(trial.user_attrs.get("constraint", 0.0))]
+
+
+def set_constraint(trial: Any, value: float) -> None:
+    """Tell the sampler how far over budget a candidate is (<= 0: feasible)."""
+    trial.set_user_attr("constraint", value)
+    if _NATIVE_CONSTRAINTS:
+        trial.set_constraint("gflops_over_budget", value)
+
+
+def make_sampler(s: Settings) -> optuna.samplers.BaseSampler:
+    kw = {} if _NATIVE_CONSTRAINTS else {"constraints_func": constraint_of}
+    if s.multi:
+        return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=max(4, min(20, s.trials // 3)), **kw)
+    return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=max(3, min(10, s.trials // 3)),
+                                      multivariate=True, group=True, **kw)
+
+
+def counted(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=COUNTED))
+
+
+def fail_stale_running(storage: optuna.storages.BaseStorage, study_name: str) -> int:
+    """Trials left RUNNING by a killed run -> FAIL (their work is lost; finished ones are kept)."""
+    try:
+        sid = storage.get_study_id_from_name(study_name)
+    except KeyError:
+        return 0
+    n = 0
+    for t in storage.get_all_trials(sid, deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted: the search process was killed")
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        n += 1
+    return n
+
+
+def study_attrs(s: Settings) -> dict[str, Any]:
+    """Study-level user attrs: what this study searched and under which budget."""
+    return {"space": s.space.source, "space_name": s.space.name, "budget_gflops": s.budget.gflops,
+            "budget_mode": s.budget.mode, "budget_source": s.budget.source,
+            "objectives": list(s.objectives), "proxy": s.space.proxy.digest(), "seed": s.seed}
+
+
+def check_compatible(study: optuna.Study, s: Settings) -> None:
+    """--resume with another budget/space/objective would mix incomparable trials."""
+    from meme.cli import UserError
+
+    old = study.user_attrs
+    if not old:
+        return
+    for key in ("space_name", "budget_gflops", "budget_mode", "objectives", "proxy"):
+        new = study_attrs(s)[key]
+        if key in old and old[key] != new:
+            raise UserError(f"study {s.study_name!r} was run with {key}={old[key]!r}, not {new!r}: "
+                            f"use another --study or the same settings")
+
+
+# ---- one trial ------------------------------------------------------------------------
+
+@dataclass
+class Candidate:
+    config: MemeConfig
+    gflops: float
+    feasible: bool
+
+
+def prepare(trial: Any, s: Settings) -> Candidate:
+    """Define-by-run body: draw the candidate, measure its cost, record it, judge it."""
+    cfg = build_config(trial, s.space, name=f"{s.study_name}-t{trial.number}")
+    c = cost_of(cfg, s.budget.mode)
+    attrs = {"gflops": c.gflops, "gflops_mean": c.gflops_mean, "gflops_max": c.gflops_max,
+             "gflops_per_expert": c.gflops_per_expert, "params": c.params, "paper_units": c.paper_units,
+             "num_experts": cfg.num_experts, "config_yaml": cfg.to_yaml(), "config_hash": cfg.hash(),
+             "trained_steps": 0, "stopped_early": False}
+    for k, v in attrs.items():
+        trial.set_user_attr(k, v)
+    set_constraint(trial, c.gflops - s.budget.gflops)
+    return Candidate(cfg, c.gflops, c.gflops <= s.budget.gflops)
+
+
+def result_attrs(res: TrialResult) -> dict[str, Any]:
+    return {"trained_steps": res.steps, "stopped_early": res.stopped_early, "wall_s": round(res.wall_s, 2),
+            "peak_mem_mb": round(res.peak_mem_mb, 1), "device": res.device, "params_proxy": res.params_proxy}
+
+
+def values_for(objective: float, gflops: float, s: Settings) -> list[float]:
+    return [objective, gflops] if s.multi else [objective]
+
+
+def one_line(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {msg[0] if msg else ''}"[:500]
+
+
+def log_trial(number: int, n_experts: Optional[int], gflops: Optional[float], value: Optional[float],
+              state: str, extra: str = "", write: Callable[[str], None] = print) -> None:
+    v = "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.5f}"
+    g = "-" if gflops is None else f"{gflops:.2f}"
+    n = "-" if n_experts is None else str(n_experts)
+    write(f"trial {number:>3}  N={n}  gflops={g:>7}  objective={v:>9}  {state}{'  ' + extra if extra else ''}")
+
+
+class Deadline:
+    def __init__(self, seconds: Optional[float]):
+        self.end = None if not seconds else time.monotonic() + seconds
+
+    def passed(self) -> bool:
+        return self.end is not None and time.monotonic() >= self.end
+
+    def left(self) -> Optional[float]:
+        return None if self.end is None else max(0.0, self.end - time.monotonic())

@@ -1,0 +1,186 @@
+"""The trial body: train one candidate on the proxy and report its objective.
+
+A plain function of (config, proxy, report) that knows nothing of Ray or Optuna, so the
+Ray trainable, the plain Optuna loop and the tests all run the same code.
+
+* Every trial uses the same seed: same init stream, data order, timesteps and noise,
+  so two trials differ by their architecture, not their luck.
+* Experts are trained interleaved (step k trains expert k mod N, as ``meme.train``),
+  each on soft-expert timesteps, with one AdamW over all experts.
+* Objective ``loss``: held-out eps-MSE averaged over a fixed, uniformly spaced t grid
+  with fixed noise, each t denoised by the expert that owns it -- what a sampler sees,
+  comparable across trials and cheap. ``fid``: clean-fid of DDIM samples vs held-out data.
+"""
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Callable, Optional
+
+import torch
+
+from meme.config import DataShape, MemeConfig
+from meme.diffusion import Diffusion
+from meme.experts import MultiExpertDenoiser, SoftExpertSampler, build_denoiser
+from nas.proxy import proxy_config
+from nas.space import ProxySpec
+
+Report = Callable[[int, float], bool]   # (step, objective) -> True: stop now
+OBJECTIVES = ("loss", "fid")
+
+
+class TrialDiverged(RuntimeError):
+    """Loss became NaN or infinite: the trial is recorded FAIL with this message."""
+
+
+@dataclass
+class TrialResult:
+    objective: float                     # last reported value (lower is better)
+    steps: int                           # optimizer steps actually trained
+    stopped_early: bool                  # the engine asked to stop before proxy.steps
+    wall_s: float
+    peak_mem_mb: float                   # CUDA max allocated, else process max RSS
+    device: str
+    params_proxy: int                    # parameters of the proxy-scale model
+    history: list[tuple[int, float]] = field(default_factory=list)  # (step, objective)
+
+
+def pick_device(name: Optional[str] = None) -> torch.device:
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@lru_cache(maxsize=4)
+def _dataset(spec: Optional[str], shape: DataShape, split: str, limit: Optional[int]) -> torch.Tensor:
+    """Proxy data, loaded once per process (a Ray worker reused across trials keeps it)."""
+    from meme.data import load_data
+
+    x = load_data(None if spec in (None, "fashion-mnist") else spec, shape, split)
+    return x[:limit] if limit else x
+
+
+def eval_timesteps(T: int, k: int) -> list[int]:
+    """k uniformly spaced t: centres of k equal bins of [0, T)."""
+    return [min(T - 1, int((i + 0.5) * T / k)) for i in range(k)]
+
+
+@torch.no_grad()
+def heldout_loss(model: MultiExpertDenoiser, diffusion: Diffusion, val: torch.Tensor,
+                 timesteps: list[int], seed: int, device: torch.device) -> float:
+    """Mean over the t grid of eps-MSE on fixed held-out images and fixed noise."""
+    model.eval()
+    g = torch.Generator().manual_seed(seed + 12345)
+    noise = torch.randn(val.shape, generator=g)
+    x0 = val.to(device)
+    noise = noise.to(device)
+    total = 0.0
+    with _autocast(device):
+        for t in timesteps:
+            tt = torch.full((len(x0),), t, dtype=torch.long, device=device)
+            total += float(diffusion.training_loss(model, x0, tt, noise))
+    model.train()
+    return total / len(timesteps)
+
+
+def sample_fid(model: MultiExpertDenoiser, diffusion: Diffusion, proxy: ProxySpec, device: torch.device) -> float:
+    """FID of proxy.fid_samples DDIM samples against the held-out split."""
+    from meme.evaluate import evaluate_samples
+    from meme.images import to_uint8
+
+    model.eval()
+    shape = (proxy.channels, proxy.resolution, proxy.resolution)
+    g = torch.Generator().manual_seed(proxy.seed + 777)
+    out = []
+    with torch.no_grad(), _autocast(device):
+        for start in range(0, proxy.fid_samples, 64):
+            n = min(64, proxy.fid_samples - start)
+            x = diffusion.sample(lambda x, t: model(x, t).float(), (n, *shape), steps=proxy.fid_steps,
+                                 generator=g, device=device)
+            out.append(x.float().cpu())
+    model.train()
+    samples = to_uint8(torch.cat(out))
+    spec = None if proxy.data in (None, "fashion-mnist") else proxy.data
+    return float(evaluate_samples(samples, ref=spec, n_ref=max(proxy.fid_samples, 1000), split="val",
+                                  device=device)["fid"])
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def run_trial(config: MemeConfig, proxy: ProxySpec, report: Report, *, objective: str = "loss",
+              device: Optional[str] = None) -> TrialResult:
+    """Train ``config`` (TARGET shape; scaled here) on the proxy; report every eval_every steps."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    t0 = time.perf_counter()
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    cfg = proxy_config(config, proxy)
+    shape = proxy.shape()
+    train = _dataset(proxy.data, shape, "train", proxy.limit_data)
+    val = _dataset(proxy.data, shape, "val", None)
+    g_val = torch.Generator().manual_seed(proxy.seed + 99)
+    val = val[torch.randperm(len(val), generator=g_val)[: proxy.eval_batch]]
+
+    torch.manual_seed(proxy.seed)
+    model = build_denoiser(cfg).to(dev)
+    params = sum(p.numel() for p in model.parameters())
+    diffusion = Diffusion(cfg.diffusion)
+    sampler = SoftExpertSampler(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=proxy.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(proxy.seed + 1)
+    grid = eval_timesteps(diffusion.T, proxy.eval_timesteps)
+    n_exp = cfg.num_experts
+
+    def measure() -> float:
+        if objective == "fid":
+            return sample_fid(model, diffusion, proxy, dev)
+        return heldout_loss(model, diffusion, val, grid, proxy.seed, dev)
+
+    history: list[tuple[int, float]] = []
+    stopped, step, value = False, 0, math.nan
+    model.train()
+    while step < proxy.steps:
+        e = step % n_exp
+        idx = torch.randint(len(train), (proxy.batch_size,), generator=gen)
+        x0 = train[idx].to(dev)
+        t = sampler.sample(e, proxy.batch_size, generator=gen).to(dev)
+        noise = torch.randn(x0.shape, generator=gen).to(dev)
+        for grp in opt.param_groups:
+            grp["lr"] = proxy.lr * min(1.0, (step + 1) / max(proxy.warmup, 1))
+        opt.zero_grad(set_to_none=True)
+        with _autocast(dev):
+            loss = diffusion.training_loss(model.experts[e], x0, t, noise)
+        if not torch.isfinite(loss):
+            raise TrialDiverged(f"training loss is {float(loss)} at step {step + 1} (expert {e + 1} of {n_exp})")
+        loss.backward()
+        if proxy.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), proxy.grad_clip)
+        opt.step()
+        step += 1
+        if step % proxy.eval_every == 0 or step == proxy.steps:
+            value = measure()
+            if not math.isfinite(value):
+                raise TrialDiverged(f"held-out objective is {value} at step {step}")
+            history.append((step, value))
+            if report(step, value) and step < proxy.steps:
+                stopped = True
+                break
+    return TrialResult(objective=value, steps=step, stopped_early=stopped,
+                       wall_s=time.perf_counter() - t0, peak_mem_mb=peak_memory_mb(dev),
+                       device=str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
+                       params_proxy=params, history=history)
