@@ -29,7 +29,7 @@ def run(s: Settings, storage: optuna.storages.BaseStorage) -> optuna.Study:
                                 pruner=make_pruner(s), directions=s.directions, load_if_exists=True)
     deadline = Deadline(s.time_budget)
     done = counted(study)
-    bar = tqdm(total=s.trials, initial=done, desc="trials", unit="trial", disable=not s.progress)
+    bar = tqdm(total=s.trials, initial=done, desc="trials", unit="trial", disable=None if s.progress else True)
     attempts = 0
     while counted(study) < s.trials and attempts < 3 * s.trials:
         if deadline.passed():
@@ -47,8 +47,10 @@ def run(s: Settings, storage: optuna.storages.BaseStorage) -> optuna.Study:
                 bar.update(1)
                 continue
 
+            per = cand.config.num_experts if s.space.proxy.steps_per_expert else 1
+
             def report(step: int, value: float) -> bool:
-                trial.set_user_attr("trained_steps", step)
+                trial.set_user_attr("trained_steps", step * per)
                 if s.multi:
                     return False
                 trial.report(value, step)

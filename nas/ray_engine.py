@@ -26,28 +26,50 @@ import optuna
 from optuna.trial import TrialState
 
 from meme.cli import UserError
-from nas.study import Settings, log_trial, make_sampler, prepare, values_for
+from nas.study import Deadline, Settings, log_trial, make_sampler, prepare, values_for
 
 log = logging.getLogger("nas.search")
 METRIC = "objective"
 
 
-def init_ray(address: Optional[str]) -> None:
-    """Join ``address`` (or $RAY_ADDRESS), else start a quiet local instance."""
+def init_ray(address: Optional[str]) -> bool:
+    """Join ``address`` (or $RAY_ADDRESS), else start a quiet local instance.
+
+    Returns True when this call connected (so the caller should shut Ray down), False
+    when Ray was already initialised in this process (e.g. by a test fixture).
+    """
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
+        check_reachable(address)
         try:
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         except Exception as exc:  # ConnectionError, RuntimeError, TimeoutError...
             msg = str(exc).strip().splitlines()
             raise UserError(f"cannot join Ray cluster at {address}: {msg[0] if msg else type(exc).__name__}") from None
-        return
+        return True
     ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING, configure_logging=True)
+    return True
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not minutes: ray.init keeps retrying an address nobody answers."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rsplit("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--address must look like HOST:PORT or ray://HOST:PORT, got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise UserError(f"cannot join Ray cluster at {address}: {exc.strerror or exc}") from None
 
 
 def trainable(config: dict, proxy=None, objective: str = "loss", device: Optional[str] = None,
@@ -66,10 +88,11 @@ def trainable(config: dict, proxy=None, objective: str = "loss", device: Optiona
     dev = pick_device(device)
     dev_name = str(dev)
     steps = [0]
+    per = int(config["num_experts_"]) if proxy.steps_per_expert else 1
 
     def report(step: int, value: float) -> bool:
-        steps[0] = step
-        row = {METRIC: value, "step": step, "trained_steps": step, "wall_s": time.perf_counter() - t0,
+        steps[0] = step * per
+        row = {METRIC: value, "step": step, "trained_steps": step * per, "wall_s": time.perf_counter() - t0,
                "peak_mem_mb": peak_memory_mb(dev), "device": dev_name, "stopped_early": False}
         if multi:
             row["gflops"] = config["gflops"]
@@ -84,6 +107,7 @@ def trainable(config: dict, proxy=None, objective: str = "loss", device: Optiona
 
 
 def _make_search_class():
+    from ray.tune.search import Searcher
     from ray.tune.search.optuna import OptunaSearch
 
     class StudySearch(OptunaSearch):
@@ -94,6 +118,8 @@ def _make_search_class():
             self.bar = bar
             self.meta: dict[str, dict[str, Any]] = {}
             self.reported: dict[str, int] = {}
+            self.deadline = Deadline(settings.time_budget)
+            self.deadline_said = False
             super().__init__(space=self._define, storage=storage, study_name=settings.study_name,
                              sampler=make_sampler(settings), **kwargs)
 
@@ -103,6 +129,12 @@ def _make_search_class():
                     "optuna_number": trial.number, "num_experts_": cand.config.num_experts}
 
         def suggest(self, trial_id: str):
+            if self.deadline.passed():  # no new trial; running ones finish normally
+                if not self.deadline_said:
+                    self.deadline_said = True
+                    (self.bar.write if self.bar else print)(
+                        f"time budget of {self.settings.time_budget:.0f} s used up: no new trial")
+                return Searcher.FINISHED
             params = super().suggest(trial_id)
             if params is not None:
                 self.meta[trial_id] = params
@@ -202,8 +234,7 @@ def run(s: Settings, storage: optuna.storages.BaseStorage, remaining: int, bar=N
     tuner = tune.Tuner(
         fn,
         tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=remaining,
-                                    max_concurrent_trials=concurrent, reuse_actors=True,
-                                    time_budget_s=s.time_budget),
+                                    max_concurrent_trials=concurrent, reuse_actors=True),
         run_config=tune.RunConfig(name=s.study_name, storage_path=str((s.out / "ray").resolve()), verbose=0,
                                   log_to_file=True),
     )

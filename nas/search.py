@@ -94,6 +94,9 @@ def main_impl(argv=None) -> int:
         raise UserError(f"--executor must be one of {list(EXECUTORS)}, got {executor!r}")
     if executor == "ray" and not ray_available():
         raise UserError("--executor ray: Ray Tune is not installed here; use --executor optuna")
+    if executor == "ray" and (args.address or os.environ.get("RAY_ADDRESS")):
+        from nas.ray_engine import check_reachable
+        check_reachable(args.address or os.environ["RAY_ADDRESS"])
     if args.trials is not None and args.trials < 1:
         raise UserError(f"--trials must be >= 1, got {args.trials}")
     if args.cpus_per_trial <= 0 or (args.gpus_per_trial is not None and args.gpus_per_trial < 0):
@@ -113,6 +116,9 @@ def main_impl(argv=None) -> int:
     print(f"space {space.name} ({space.source}): cheapest candidate {cmin:.2f} GFLOPs -- budget is feasible")
 
     trials = args.trials or int(space.defaults.get("trials", 16))
+    time_budget = args.time_budget if args.time_budget is not None else space.defaults.get("time_budget")
+    if time_budget is not None and float(time_budget) <= 0:
+        raise UserError(f"--time-budget must be > 0 seconds, got {time_budget}")
     study_name = args.study or f"{space.name}-b{budget.gflops:g}" + ("" if budget.mode == "mean" else "-max")
     out = Path(args.out) / study_name
     out.mkdir(parents=True, exist_ok=True)
@@ -123,7 +129,7 @@ def main_impl(argv=None) -> int:
         gpus = 0.5 if torch.cuda.is_available() else 0.0
     s = Settings(space=space, budget=budget, objectives=objectives, trials=trials, study_name=study_name, out=out,
                  storage_url=url, seed=args.seed if args.seed is not None else space.proxy.seed,
-                 time_budget=args.time_budget, device=args.device, cpus_per_trial=args.cpus_per_trial,
+                 time_budget=float(time_budget) if time_budget else None, device=args.device, cpus_per_trial=args.cpus_per_trial,
                  gpus_per_trial=gpus, address=args.address, progress=not args.quiet)
 
     storage = open_storage(url)
@@ -143,7 +149,9 @@ def main_impl(argv=None) -> int:
     print(f"study {study_name}: {done}/{trials} trials done; executor {executor}; "
           f"objective{'s' if s.multi else ''} {','.join(objectives)}; proxy {space.proxy.channels}x"
           f"{space.proxy.resolution}x{space.proxy.resolution} {space.proxy.data or 'fashion-mnist'}, "
-          f"width x{space.proxy.width_mult}, {space.proxy.steps} steps")
+          f"width x{space.proxy.width_mult}, {space.proxy.steps} steps"
+          f"{' per expert' if space.proxy.steps_per_expert else ''}"
+          f"{f'; time budget {time_budget:g} s' if time_budget else ''}")
     print(f"watch it:  {dashboard_command(url)}")
 
     ref_path = out / "reference.json"
@@ -151,9 +159,10 @@ def main_impl(argv=None) -> int:
     reference = None if args.no_reference else ref_mod.load(ref_path, ref_cfg, space.proxy, s.quality)
     need_ref = not args.no_reference and reference is None
     remaining = max(0, trials - done)
+    started_ray = False
     if executor == "ray":
         from nas import ray_engine
-        ray_engine.init_ray(args.address)
+        started_ray = ray_engine.init_ray(args.address)
         job = None
         if need_ref:
             import ray
@@ -184,7 +193,7 @@ def main_impl(argv=None) -> int:
     _outputs(study, s, reference, refs)
     print(f"wall time {time.perf_counter() - t_start:.0f} s")
     print(f"open the study:  {dashboard_command(url)}")
-    if executor == "ray":
+    if executor == "ray" and started_ray:
         import ray
         ray.shutdown()
     return 0
@@ -202,7 +211,8 @@ def _bar(s: Settings, done: int):
     if not s.progress:
         return None
     from tqdm import tqdm
-    return tqdm(total=s.trials, initial=done, desc="trials", unit="trial", file=sys.stdout)
+    # disable=None: a bar on a terminal, plain log lines when stdout is a file
+    return tqdm(total=s.trials, initial=done, desc="trials", unit="trial", file=sys.stdout, disable=None)
 
 
 def _outputs(study, s: Settings, reference, refs) -> None:

@@ -101,18 +101,24 @@ class ProxySpec:
     channels: int = 1                      # proxy image channels
     width_mult: Fraction = Fraction(1, 4)  # proxy widths = target widths x this
     diffusion: Optional[DiffusionConfig] = None  # None = the target's schedule
-    steps: int = 240                       # optimizer steps per trial (all experts together)
+    steps: int = 60                        # training budget: steps per expert (or in all, see below)
+    steps_per_expert: bool = True          # True: N x steps optimizer steps, so every N gets the same
+                                           # per-expert training; False: steps in all (favours small N)
     batch_size: int = 32                   # images per step
     lr: float = 5e-4                       # AdamW learning rate (after warm-up)
     warmup: int = 20                       # linear warm-up steps
     grad_clip: float = 1.0                 # max global grad norm (0 = off)
-    eval_every: int = 80                   # steps between objective reports (rungs for the pruner)
+    eval_every: int = 20                   # budget steps between objective reports (pruner rungs)
     eval_batch: int = 64                   # held-out images per evaluated t
     eval_timesteps: int = 10               # size of the fixed, uniformly spaced t grid
     fid_samples: int = 256                 # --objective fid: generated samples
     fid_steps: int = 25                    # --objective fid: DDIM steps
     limit_data: Optional[int] = 10000      # use only the first N training images
     seed: int = 0                          # init, data order, t and noise: same for every trial
+
+    def total_steps(self, num_experts: int) -> int:
+        """Optimizer steps a candidate with N experts trains for."""
+        return self.steps * (num_experts if self.steps_per_expert else 1)
 
     def shape(self) -> DataShape:
         return DataShape(channels=self.channels, resolution=self.resolution, latent=False)
@@ -389,6 +395,7 @@ def parse_proxy(d: Any, src: str) -> ProxySpec:
         proxy = ProxySpec(**d)
     except TypeError as exc:
         raise ConfigError(f"{src}: proxy: {exc}") from None
+    _need(isinstance(proxy.steps_per_expert, bool), f"{src}: proxy.steps_per_expert must be true or false")
     for key in ("resolution", "channels", "steps", "batch_size", "eval_every", "eval_batch", "eval_timesteps"):
         _need(int(getattr(proxy, key)) >= 1, f"{src}: proxy.{key} must be >= 1, got {getattr(proxy, key)}")
     _need(0 < proxy.width_mult <= 1, f"{src}: proxy.width_mult must lie in (0, 1], got {proxy.width_mult}")

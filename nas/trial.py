@@ -6,7 +6,11 @@ Ray trainable, the plain Optuna loop and the tests all run the same code.
 * Every trial uses the same seed: same init stream, data order, timesteps and noise,
   so two trials differ by their architecture, not their luck.
 * Experts are trained interleaved (step k trains expert k mod N, as ``meme.train``),
-  each on soft-expert timesteps, with one AdamW over all experts.
+  each on soft-expert timesteps, with one AdamW over all experts. The budget is
+  ``proxy.steps`` per expert by default (N x steps optimizer steps): with a fixed
+  total, a 6-expert candidate would get a third of a 2-expert one's training per
+  expert and the search would learn "small N" from the proxy, not from the design.
+  ``report`` and ``eval_every`` count these budget steps, so rungs line up across N.
 * Objective ``loss``: held-out eps-MSE averaged over a fixed, uniformly spaced t grid
   with fixed noise, each t denoised by the expert that owns it -- what a sampler sees,
   comparable across trials and cheap. ``fid``: clean-fid of DDIM samples vs held-out data.
@@ -39,13 +43,13 @@ class TrialDiverged(RuntimeError):
 @dataclass
 class TrialResult:
     objective: float                     # last reported value (lower is better)
-    steps: int                           # optimizer steps actually trained
-    stopped_early: bool                  # the engine asked to stop before proxy.steps
+    steps: int                           # optimizer steps actually trained (all experts)
+    stopped_early: bool                  # the engine asked to stop before the full budget
     wall_s: float
     peak_mem_mb: float                   # CUDA max allocated, else process max RSS
     device: str
     params_proxy: int                    # parameters of the proxy-scale model
-    history: list[tuple[int, float]] = field(default_factory=list)  # (step, objective)
+    history: list[tuple[int, float]] = field(default_factory=list)  # (budget step, objective)
 
 
 def pick_device(name: Optional[str] = None) -> torch.device:
@@ -122,7 +126,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def run_trial(config: MemeConfig, proxy: ProxySpec, report: Report, *, objective: str = "loss",
               device: Optional[str] = None) -> TrialResult:
-    """Train ``config`` (TARGET shape; scaled here) on the proxy; report every eval_every steps."""
+    """Train ``config`` (TARGET shape; scaled here) on the proxy; report every eval_every budget steps."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     t0 = time.perf_counter()
@@ -153,8 +157,10 @@ def run_trial(config: MemeConfig, proxy: ProxySpec, report: Report, *, objective
 
     history: list[tuple[int, float]] = []
     stopped, step, value = False, 0, math.nan
+    per = n_exp if proxy.steps_per_expert else 1
+    total = proxy.total_steps(n_exp)
     model.train()
-    while step < proxy.steps:
+    while step < total:
         e = step % n_exp
         idx = torch.randint(len(train), (proxy.batch_size,), generator=gen)
         x0 = train[idx].to(dev)
@@ -172,12 +178,12 @@ def run_trial(config: MemeConfig, proxy: ProxySpec, report: Report, *, objective
             torch.nn.utils.clip_grad_norm_(model.parameters(), proxy.grad_clip)
         opt.step()
         step += 1
-        if step % proxy.eval_every == 0 or step == proxy.steps:
+        if step % (proxy.eval_every * per) == 0 or step == total:
             value = measure()
             if not math.isfinite(value):
                 raise TrialDiverged(f"held-out objective is {value} at step {step}")
-            history.append((step, value))
-            if report(step, value) and step < proxy.steps:
+            history.append((step // per, value))
+            if report(step // per, value) and step < total:
                 stopped = True
                 break
     return TrialResult(objective=value, steps=step, stopped_early=stopped,
