@@ -56,7 +56,8 @@ def run(s: Settings, storage: optuna.storages.BaseStorage) -> optuna.Study:
                 trial.report(value, step)
                 return trial.should_prune()
 
-            res = run_trial(cand.config, s.space.proxy, report, objective=s.quality, device=s.device)
+            res = run_trial(cand.config, s.space.proxy, report, objective=s.quality, device=s.device,
+                            threads=max(1, int(s.cpus_per_trial)))
         except Exception as exc:  # recorded, and the search goes on
             trial.set_user_attr("fail_reason", one_line(exc))
             study.tell(trial, state=TrialState.FAIL)

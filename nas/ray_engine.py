@@ -73,7 +73,7 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 def trainable(config: dict, proxy=None, objective: str = "loss", device: Optional[str] = None,
-              multi: bool = False) -> None:
+              multi: bool = False, threads: int = 1) -> None:
     """One Tune trial: run_trial on the candidate, reporting to Tune; never raises."""
     from ray import tune
 
@@ -101,7 +101,7 @@ def trainable(config: dict, proxy=None, objective: str = "loss", device: Optiona
 
     try:
         cfg = MemeConfig.from_yaml(config["config_yaml"], "candidate")
-        run_trial(cfg, proxy, report, objective=objective, device=device)
+        run_trial(cfg, proxy, report, objective=objective, device=device, threads=threads)
     except Exception as exc:  # recorded FAIL with the reason; the search goes on
         tune.report({"fail_reason": one_line(exc), "trained_steps": steps[0]})
 
@@ -227,7 +227,8 @@ def run(s: Settings, storage: optuna.storages.BaseStorage, remaining: int, bar=N
     if not s.multi:
         scheduler = ASHAScheduler(time_attr="step", metric=METRIC, mode="min", max_t=proxy.steps,
                                   grace_period=proxy.eval_every, reduction_factor=3)
-    fn = tune.with_parameters(trainable, proxy=proxy, objective=s.quality, device=s.device, multi=s.multi)
+    fn = tune.with_parameters(trainable, proxy=proxy, objective=s.quality, device=s.device, multi=s.multi,
+                              threads=max(1, int(s.cpus_per_trial)))
     fn = tune.with_resources(fn, {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})
     total = int(ray.cluster_resources().get("CPU", 1))
     concurrent = max(1, int(total // max(s.cpus_per_trial, 1e-6)))

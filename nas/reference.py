@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 
-def run_reference(cfg, proxy, objective: str, budget_mode: str, device: Optional[str] = None) -> dict[str, Any]:
+def run_reference(cfg, proxy, objective: str, budget_mode: str, device: Optional[str] = None,
+                  threads: Optional[int] = None) -> dict[str, Any]:
     """Train the reference on the proxy; a JSON-ready record (never raises)."""
     from nas.budget import cost_of
     from nas.study import one_line
@@ -24,7 +25,8 @@ def run_reference(cfg, proxy, objective: str, budget_mode: str, device: Optional
                            "params": c.params, "paper_units": c.paper_units, "num_experts": cfg.num_experts,
                            "objective_name": objective, "proxy": proxy.digest()}
     try:
-        res = run_trial(cfg, proxy, lambda step, value: False, objective=objective, device=device)
+        res = run_trial(cfg, proxy, lambda step, value: False, objective=objective, device=device,
+                        threads=threads)
         rec.update(objective=res.objective, trained_steps=res.steps, wall_s=round(res.wall_s, 2),
                    peak_mem_mb=round(res.peak_mem_mb, 1), device=res.device, history=res.history)
     except Exception as exc:

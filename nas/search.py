@@ -167,7 +167,7 @@ def main_impl(argv=None) -> int:
         if need_ref:
             import ray
             job = ray.remote(ref_mod.run_reference).options(num_cpus=s.cpus_per_trial, num_gpus=s.gpus_per_trial) \
-                .remote(ref_cfg, space.proxy, s.quality, budget.mode, args.device)
+                .remote(ref_cfg, space.proxy, s.quality, budget.mode, args.device, max(1, int(s.cpus_per_trial)))
             print(f"training the reference {ref_cfg.name} on the proxy (in parallel with the trials)")
         bar = _bar(s, done)
         got = ray_engine.run(s, storage, remaining, bar=bar, reference_job=job) if remaining else None
@@ -181,7 +181,8 @@ def main_impl(argv=None) -> int:
         from nas import optuna_engine
         if need_ref:
             print(f"training the reference {ref_cfg.name} on the proxy first")
-            reference = ref_mod.run_reference(ref_cfg, space.proxy, s.quality, budget.mode, args.device)
+            reference = ref_mod.run_reference(ref_cfg, space.proxy, s.quality, budget.mode, args.device,
+                                              threads=max(1, int(s.cpus_per_trial)))
         if remaining:
             optuna_engine.run(s, storage)
     if need_ref and reference is not None:

@@ -125,12 +125,27 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def run_trial(config: MemeConfig, proxy: ProxySpec, report: Report, *, objective: str = "loss",
-              device: Optional[str] = None) -> TrialResult:
-    """Train ``config`` (TARGET shape; scaled here) on the proxy; report every eval_every budget steps."""
+              device: Optional[str] = None, threads: Optional[int] = None) -> TrialResult:
+    """Train ``config`` (TARGET shape; scaled here) on the proxy; report every eval_every budget steps.
+
+    ``threads``: CPU threads for this trial (restored afterwards). Proxy models are small,
+    and OpenMP threads that wait on a busy core slow them down by 100x, so engines pass
+    the cores they reserved for the trial (Ray already sets OMP_NUM_THREADS).
+    """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    t0 = time.perf_counter()
     dev = pick_device(device)
+    old_threads = torch.get_num_threads()
+    if threads and dev.type == "cpu":
+        torch.set_num_threads(max(1, int(threads)))
+    try:
+        return _train(config, proxy, report, objective, dev)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _train(config: MemeConfig, proxy: ProxySpec, report: Report, objective: str, dev: torch.device) -> TrialResult:
+    t0 = time.perf_counter()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     cfg = proxy_config(config, proxy)

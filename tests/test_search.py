@@ -1,0 +1,270 @@
+"""The search end to end on the tiny space: real SQLite, real local Ray, real dashboard.
+
+Properties checked on every study: no over-budget candidate was ever trained, every
+trained one was within budget, attributes are recorded, outputs exist and load.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import TrialState
+
+from meme.config import MemeConfig
+from nas import search
+from nas.budget import cheapest_config
+from nas.space import load_space
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+TINY = str(REPO / "search_spaces" / "tiny.yaml")
+ATTRS = ("gflops", "gflops_per_expert", "params", "config_yaml", "stopped_early", "trained_steps", "constraint")
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _budget() -> float:
+    """Between the cheapest tiny candidate and the wide ones: some rejections are certain."""
+    _, cmin = cheapest_config(load_space("tiny"))
+    return round(cmin * 2.0, 3)
+
+
+def _study(out: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{out / name / 'optuna.db'}")
+
+
+def _check_budget_respected(study: optuna.Study, budget: float) -> None:
+    for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.FAIL and "interrupted" in t.user_attrs.get("fail_reason", ""):
+            continue
+        for k in ATTRS:
+            assert k in t.user_attrs, f"trial {t.number} lacks {k}"
+        MemeConfig.from_yaml(t.user_attrs["config_yaml"])
+        over = t.user_attrs["gflops"] > budget
+        assert over == (t.user_attrs["constraint"] > 0)
+        if over:  # never trained
+            assert t.state == TrialState.PRUNED and t.user_attrs["trained_steps"] == 0
+            assert not t.intermediate_values
+        elif t.state == TrialState.COMPLETE:
+            assert t.user_attrs["trained_steps"] > 0
+            for k in ("wall_s", "peak_mem_mb", "device"):
+                assert k in t.user_attrs
+
+
+def _run(argv: list[str]) -> int:
+    return search.main(argv)
+
+
+@pytest.fixture(scope="module")
+def optuna_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("optuna")
+    budget = _budget()
+    rc = _run(["--space", TINY, "--budget-gflops", str(budget), "--executor", "optuna", "--trials", "6",
+               "--out", str(out), "--study", "s", "--quiet"])
+    assert rc == 0
+    return out, budget
+
+
+def test_optuna_executor_outputs(optuna_study):
+    out, budget = optuna_study
+    study = _study(out, "s")
+    trials = study.get_trials()
+    counted = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(counted) == 6
+    assert any(t.user_attrs["constraint"] > 0 for t in trials)    # the budget did reject some
+    assert any(t.state == TrialState.COMPLETE for t in trials)
+    _check_budget_respected(study, budget)
+    d = out / "s"
+    df = pd.read_csv(d / "trials.csv")
+    assert len(df) == len(trials) and {"gflops", "status", "ratios"} <= set(df.columns)
+    assert (d / "pareto.png").stat().st_size > 1000
+    best = MemeConfig.load(d / "best.yaml")
+    best_trial = min((t for t in trials if t.state == TrialState.COMPLETE and not t.user_attrs["stopped_early"]),
+                     key=lambda t: t.value)
+    assert best.hash() == MemeConfig.from_yaml(best_trial.user_attrs["config_yaml"]).hash()
+    ref = json.loads((d / "reference.json").read_text())
+    assert ref["name"] == "tiny-hand" and ref["objective"] > 0 and ref["trained_steps"] == 24
+    # intermediate values sit at budget steps (per expert): rungs 4, 8, 12
+    for t in trials:
+        if t.state == TrialState.COMPLETE:
+            assert set(t.intermediate_values) <= {4, 8, 12}
+
+
+def test_export_writes_the_ranked_config(optuna_study, tmp_path):
+    out, _ = optuna_study
+    r = subprocess.run([PY, "-m", "nas.export", "--study", str(out / "s"), "--rank", "1", "--out",
+                        str(tmp_path / "x.yaml")], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert MemeConfig.load(tmp_path / "x.yaml").hash() == MemeConfig.load(out / "s" / "best.yaml").hash()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_dashboard_serves_the_study(optuna_study):
+    out, _ = optuna_study
+    exe = Path(PY).parent / "optuna-dashboard"
+    port = _free_port()
+    proc = subprocess.Popen([str(exe), f"sqlite:///{out / 's' / 'optuna.db'}", "--host", "127.0.0.1",
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        body, deadline = None, time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as r:
+                    body = json.loads(r.read())
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert body is not None, "dashboard did not answer"
+        assert "s" in [s["study_name"] for s in body["study_summaries"]]
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_multi_objective_pareto(tmp_path):
+    budget = _budget()
+    rc = _run(["--space", TINY, "--budget-gflops", str(budget), "--executor", "optuna", "--trials", "4",
+               "--objectives", "loss,gflops", "--out", str(tmp_path), "--study", "mo", "--no-reference", "--quiet"])
+    assert rc == 0
+    study = _study(tmp_path, "mo")
+    assert len(study.directions) == 2
+    done = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
+    assert done and all(t.values[1] == pytest.approx(t.user_attrs["gflops"]) for t in done)
+    _check_budget_respected(study, budget)
+    assert (tmp_path / "mo" / "pareto.png").exists()
+
+
+def _nan_space(tmp_path: Path) -> str:
+    """The tiny space on a data file full of NaN: every trained trial diverges at step 1."""
+    np.save(tmp_path / "nan.npy", np.full((400, 1, 16, 16), np.nan, dtype=np.float32))
+    text = Path(TINY).read_text().replace("data: fashion-mnist", f"data: {tmp_path / 'nan.npy'}")
+    (tmp_path / "nan.yaml").write_text(text)
+    return str(tmp_path / "nan.yaml")
+
+
+def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path):
+    rc = _run(["--space", _nan_space(tmp_path), "--budget-gflops", "100", "--executor", "optuna", "--trials", "2",
+               "--out", str(tmp_path), "--study", "nan", "--no-reference", "--quiet"])
+    assert rc == 0
+    trials = _study(tmp_path, "nan").get_trials()
+    fails = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(fails) >= 2  # it kept going after the first failure
+    for t in fails:
+        assert "TrialDiverged" in t.user_attrs["fail_reason"] and "nan" in t.user_attrs["fail_reason"]
+
+
+def test_kill_9_then_resume_keeps_finished_trials(tmp_path):
+    budget = _budget()
+    cmd = [PY, "-m", "nas.search", "--space", TINY, "--budget-gflops", str(budget), "--executor", "optuna",
+           "--trials", "6", "--out", str(tmp_path), "--study", "k", "--no-reference", "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db = tmp_path / "k" / "optuna.db"
+    finished = []
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            if db.exists():
+                try:
+                    study = _study(tmp_path, "k")
+                    finished = [t for t in study.get_trials() if t.state.is_finished()]
+                except Exception:  # the study is being created
+                    finished = []
+                if finished and any(t.state == TrialState.RUNNING for t in study.get_trials()):
+                    break
+            time.sleep(0.1)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert finished, "no trial finished before the kill"
+    before = {t.number: (t.state, t.values, t.user_attrs.get("config_hash")) for t in _study(tmp_path, "k").get_trials()
+              if t.state.is_finished()}
+    # without --resume the study is protected
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and "--resume" in r.stderr
+    assert _run([*cmd[3:], "--resume"]) == 0
+    after = {t.number: t for t in _study(tmp_path, "k").get_trials()}
+    for n, (state, values, h) in before.items():
+        assert after[n].state == state and after[n].values == values and after[n].user_attrs["config_hash"] == h
+    counted = [t for t in after.values() if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(counted) == 6
+    interrupted = [t for t in after.values() if t.state == TrialState.FAIL]
+    assert all("interrupted" in t.user_attrs["fail_reason"] for t in interrupted)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--space", "no-such-space", "--budget-gflops", "95"], "search space not found"),
+    (["--budget-gflops", "-3"], "positive"),
+    (["--space", "tiny", "--budget-gflops", "0.001"], "cheapest candidate"),
+    (["--budget-gflops", "95", "--executor", "dask"], "--executor"),
+    (["--budget-gflops", "95", "--executor", "ray", "--address", "127.0.0.1:1"], "cannot join Ray cluster"),
+    (["--budget-gflops", "95", "--objectives", "gflops,loss"], "objectives"),
+    (["--budget-gflops", "95", "--bogus"], "unrecognized"),
+])
+def test_bad_input_is_one_line_exit_2(argv, needle, capsys, tmp_path):
+    rc = _run([*argv, "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0]
+
+
+def test_malformed_space_yaml_exits_2_from_the_shell(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nsearch: {num_experts: [2, 3\n")
+    r = subprocess.run([PY, "-m", "nas.search", "--space", str(bad), "--budget-gflops", "95", "--out", str(tmp_path)],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "malformed YAML" in lines[0]
+
+
+# ---- Ray ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_executor(local_ray, tmp_path):
+    budget = _budget()
+    rc = _run(["--space", TINY, "--budget-gflops", str(budget), "--executor", "ray", "--trials", "6",
+               "--out", str(tmp_path), "--study", "r", "--quiet"])
+    assert rc == 0
+    assert local_ray.is_initialized()  # the search did not shut down a Ray it did not start
+    study = _study(tmp_path, "r")
+    trials = study.get_trials()
+    assert len([t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 6
+    _check_budget_respected(study, budget)
+    for t in trials:
+        if t.state == TrialState.COMPLETE:
+            last = max(t.intermediate_values)  # the final value is stored at its real step
+            assert t.intermediate_values[last] == pytest.approx(t.value)
+            assert t.user_attrs["stopped_early"] == (last < 12)
+            assert t.user_attrs["trained_steps"] == last * t.user_attrs["num_experts"]
+    assert (tmp_path / "r" / "best.yaml").exists() and (tmp_path / "r" / "reference.json").exists()
+
+
+def test_ray_failures_are_recorded(local_ray, tmp_path):
+    rc = _run(["--space", _nan_space(tmp_path), "--budget-gflops", "100", "--executor", "ray", "--trials", "2",
+               "--out", str(tmp_path), "--study", "rn", "--no-reference", "--quiet"])
+    assert rc == 0
+    fails = [t for t in _study(tmp_path, "rn").get_trials() if t.state == TrialState.FAIL]
+    assert len(fails) == 2
+    assert all("TrialDiverged" in t.user_attrs["fail_reason"] for t in fails)
