@@ -124,6 +124,8 @@ def plot_pareto(study: optuna.Study, path: Path, budget: float, reference: Optio
     ax.set_ylabel(f"proxy {objective} (lower is better)")
     ax.set_title(f"study {study.study_name}: cost vs quality")
     ax.legend(fontsize=8, loc="best")
+    if qs and min(qs) > 0:
+        ax.set_yscale("log")  # stopped-early losses would otherwise squash the front
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
