@@ -117,7 +117,7 @@ def plot(df: pd.DataFrame, out: Path) -> list[Path]:
     fig.savefig(p1, dpi=120)
     plt.close(fig)
 
-    enc = df[df["block"].str.contains(r"(^|\.)enc\.")]
+    enc = df[df["block"].str.contains(r"(?:^|\.)enc\.")]
     deepest = enc.groupby("expert")["depth"].max()
     fig, axes = plt.subplots(1, len(experts), figsize=(4 * len(experts), 3.2), sharey=True, squeeze=False)
     for ax, e in zip(axes[0], experts):
