@@ -46,6 +46,12 @@ def run(s: Settings, storage: optuna.storages.BaseStorage) -> optuna.Study:
                           "REJECTED (over budget, not trained)", write=bar.write)
                 bar.update(1)
                 continue
+            if cand.duplicate_of is not None:
+                study.tell(trial, cand.duplicate_values)
+                log_trial(trial.number, cand.config.num_experts, cand.gflops, cand.duplicate_values[0],
+                          f"COMPLETE  (duplicate of trial {cand.duplicate_of}: result reused)", write=bar.write)
+                bar.update(1)
+                continue
 
             per = cand.config.num_experts if s.space.proxy.steps_per_expert else 1
 

@@ -84,6 +84,9 @@ def trainable(config: dict, proxy=None, objective: str = "loss", device: Optiona
     if not config["feasible"]:  # over budget: nothing is trained
         tune.report({"infeasible": 1, "trained_steps": 0})
         return
+    if config.get("duplicate_of") is not None:  # result reused from an identical trial
+        tune.report({"duplicate": 1, "trained_steps": 0})
+        return
     t0 = time.perf_counter()
     dev = pick_device(device)
     dev_name = str(dev)
@@ -126,7 +129,8 @@ def _make_search_class():
         def _define(self, trial) -> dict[str, Any]:
             cand = prepare(trial, self.settings)
             return {"config_yaml": cand.config.to_yaml(), "feasible": cand.feasible, "gflops": cand.gflops,
-                    "optuna_number": trial.number, "num_experts_": cand.config.num_experts}
+                    "optuna_number": trial.number, "num_experts_": cand.config.num_experts,
+                    "duplicate_of": cand.duplicate_of, "duplicate_values": cand.duplicate_values}
 
         def suggest(self, trial_id: str):
             if self.deadline.passed():  # no new trial; running ones finish normally
@@ -166,6 +170,9 @@ def _make_search_class():
             state, value, extra = TrialState.FAIL, None, ""
             if not meta.get("feasible", True):
                 state, extra = TrialState.PRUNED, "REJECTED (over budget, not trained)"
+            elif meta.get("duplicate_of") is not None:
+                state, value = TrialState.COMPLETE, meta["duplicate_values"][0]
+                extra = f"COMPLETE  (duplicate of trial {meta['duplicate_of']}: result reused)"
             elif error or "fail_reason" in result or METRIC not in result:
                 reason = result.get("fail_reason") or ("trial errored in Ray" if error else "no result reported")
                 ot.set_user_attr("fail_reason", reason)
@@ -187,7 +194,9 @@ def _make_search_class():
                     extra = f"COMPLETE{f'  (stopped at step {step})' if early else ''}" \
                             f"  ({float(result.get('wall_s', 0)):.0f} s)"
             try:
-                if state == TrialState.COMPLETE:
+                if state == TrialState.COMPLETE and meta.get("duplicate_of") is not None:
+                    self._ot_study.tell(ot, meta["duplicate_values"], state=state)
+                elif state == TrialState.COMPLETE:
                     self._ot_study.tell(ot, values_for(value, g, self.settings), state=state)
                 else:
                     self._ot_study.tell(ot, state=state)

@@ -16,7 +16,7 @@ from optuna.trial import FrozenTrial, TrialState
 from meme.config import MemeConfig
 
 CSV_ATTRS = ("num_experts", "gflops", "gflops_mean", "gflops_max", "constraint", "params", "paper_units",
-             "trained_steps", "stopped_early", "wall_s", "peak_mem_mb", "device", "fail_reason")
+             "trained_steps", "stopped_early", "wall_s", "peak_mem_mb", "device", "duplicate_of", "fail_reason")
 
 
 def ratios_summary(cfg_yaml: Optional[str]) -> str:
@@ -43,6 +43,8 @@ def status(t: FrozenTrial) -> str:
         return "rejected"
     if t.state == TrialState.COMPLETE and t.user_attrs.get("stopped_early"):
         return "stopped"
+    if t.state == TrialState.COMPLETE and t.user_attrs.get("duplicate_of") is not None:
+        return "duplicate"
     return {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "fail",
             TrialState.RUNNING: "running"}.get(t.state, t.state.name.lower())
 
@@ -70,15 +72,17 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     return df.merge(extra, on="number", how="left")
 
 
+def ranked(study: optuna.Study) -> list[FrozenTrial]:
+    """Feasible, fully trained, distinct designs (re-proposals left out), best first."""
+    full = [t for t in study.get_trials(deepcopy=False) if is_full(t) and t.user_attrs.get("constraint", 0) <= 0
+            and t.user_attrs.get("duplicate_of") is None]
+    return sorted(full, key=quality)
+
+
 def best_trial(study: optuna.Study) -> Optional[FrozenTrial]:
     """Lowest quality objective among feasible, fully trained trials."""
-    full = [t for t in study.get_trials(deepcopy=False) if is_full(t) and t.user_attrs.get("constraint", 0) <= 0]
-    return min(full, key=quality) if full else None
-
-
-def ranked(study: optuna.Study) -> list[FrozenTrial]:
-    full = [t for t in study.get_trials(deepcopy=False) if is_full(t) and t.user_attrs.get("constraint", 0) <= 0]
-    return sorted(full, key=quality)
+    order = ranked(study)
+    return order[0] if order else None
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:

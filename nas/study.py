@@ -15,6 +15,8 @@ URL), the same user attributes whichever engine ran the trial, so optuna-dashboa
 ``stopped_early``         the scheduler/pruner stopped it before proxy.steps
 ``wall_s/peak_mem_mb/device``  measured while training
 ``fail_reason``           one line, for FAIL trials
+``duplicate_of``          same architecture as that fully trained trial: its result is
+                          reused (same seed, same training), nothing retrained
 ========================  ==========================================================
 """
 from __future__ import annotations
@@ -155,6 +157,17 @@ class Candidate:
     config: MemeConfig
     gflops: float
     feasible: bool
+    duplicate_of: Optional[int] = None      # an identical, fully trained earlier trial
+    duplicate_values: Optional[list[float]] = None
+
+
+def find_duplicate(study: optuna.Study, config_hash: str) -> Optional[optuna.trial.FrozenTrial]:
+    """A COMPLETE, fully trained trial of the same architecture (same seed: same result)."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if (t.user_attrs.get("config_hash") == config_hash and not t.user_attrs.get("stopped_early")
+                and t.user_attrs.get("duplicate_of") is None and t.values):
+            return t
+    return None
 
 
 def prepare(trial: Any, s: Settings) -> Candidate:
@@ -168,7 +181,18 @@ def prepare(trial: Any, s: Settings) -> Candidate:
     for k, v in attrs.items():
         trial.set_user_attr(k, v)
     set_constraint(trial, c.gflops - s.budget.gflops)
-    return Candidate(cfg, c.gflops, c.gflops <= s.budget.gflops)
+    cand = Candidate(cfg, c.gflops, c.gflops <= s.budget.gflops)
+    dup = find_duplicate(trial.study, cfg.hash()) if cand.feasible else None
+    if dup is not None:  # TPE re-proposed a trained design: reuse, do not retrain
+        cand.duplicate_of, cand.duplicate_values = dup.number, list(dup.values)
+        trial.set_user_attr("duplicate_of", dup.number)
+        for k in ("wall_s", "peak_mem_mb", "device", "params_proxy"):
+            if k in dup.user_attrs:
+                trial.set_user_attr(k, dup.user_attrs[k])
+        for step, v in dup.intermediate_values.items():
+            if not s.multi:
+                trial.report(v, step)
+    return cand
 
 
 def result_attrs(res: TrialResult) -> dict[str, Any]:

@@ -55,6 +55,10 @@ def _check_budget_respected(study: optuna.Study, budget: float) -> None:
         if over:  # never trained
             assert t.state == TrialState.PRUNED and t.user_attrs["trained_steps"] == 0
             assert not t.intermediate_values
+        elif t.state == TrialState.COMPLETE and "duplicate_of" in t.user_attrs:
+            twin = study.trials[t.user_attrs["duplicate_of"]]  # reused, not retrained
+            assert t.user_attrs["trained_steps"] == 0 and t.values == twin.values
+            assert t.user_attrs["config_hash"] == twin.user_attrs["config_hash"]
         elif t.state == TrialState.COMPLETE:
             assert t.user_attrs["trained_steps"] > 0
             for k in ("wall_s", "peak_mem_mb", "device"):
@@ -253,7 +257,7 @@ def test_ray_executor(local_ray, tmp_path):
     assert len([t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 6
     _check_budget_respected(study, budget)
     for t in trials:
-        if t.state == TrialState.COMPLETE:
+        if t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs:
             last = max(t.intermediate_values)  # the final value is stored at its real step
             assert t.intermediate_values[last] == pytest.approx(t.value)
             assert t.user_attrs["stopped_early"] == (last < 12)
