@@ -272,3 +272,23 @@ def test_ray_failures_are_recorded(local_ray, tmp_path):
     fails = [t for t in _study(tmp_path, "rn").get_trials() if t.state == TrialState.FAIL]
     assert len(fails) == 2
     assert all("TrialDiverged" in t.user_attrs["fail_reason"] for t in fails)
+
+
+def test_reproposed_design_is_not_retrained(tmp_path):
+    """A space with two designs: from the third trial on, results are reused."""
+    text = Path(TINY).read_text()
+    for old, new in (("num_experts: [1, 2, 3]", "num_experts: [1]"), ("base_channels: [16, 32]", "base_channels: [16]"),
+                     ("choices: [0.2, 0.5, 1.0]", "choices: [1.0]"), ("mode: searchable", "mode: uniform")):
+        assert old in text
+        text = text.replace(old, new)
+    (tmp_path / "two.yaml").write_text(text)
+    rc = _run(["--space", str(tmp_path / "two.yaml"), "--budget-gflops", "100", "--executor", "optuna",
+               "--trials", "5", "--out", str(tmp_path), "--study", "two", "--no-reference", "--quiet"])
+    assert rc == 0
+    study = _study(tmp_path, "two")
+    dups = [t for t in study.trials if "duplicate_of" in t.user_attrs]
+    assert len(dups) >= 1
+    _check_budget_respected(study, 100)
+    assert len({t.user_attrs["config_hash"] for t in study.trials if "duplicate_of" not in t.user_attrs
+                and t.state == TrialState.COMPLETE}) == len([t for t in study.trials if "duplicate_of" not in t.user_attrs
+                                                            and t.state == TrialState.COMPLETE])
