@@ -81,7 +81,7 @@ def _reference(study_dir: Path, study) -> Optional[tuple[MemeConfig, dict]]:
         cfg = load_space(space).reference_config() if space else None
     except Exception:
         cfg = None
-    if cfg is None or cfg.hash() != rec.get("config_hash"):
+    if cfg is None or cfg.hash() != rec.get("config_hash"):  # space edited since the search
         return None
     return cfg, rec
 

@@ -155,9 +155,9 @@ def main_impl(argv=None) -> int:
     print(f"watch it:  {dashboard_command(url)}")
 
     ref_path = out / "reference.json"
-    ref_cfg = space.reference_config()
-    reference = None if args.no_reference else ref_mod.load(ref_path, ref_cfg, space.proxy, s.quality)
-    need_ref = not args.no_reference and reference is None
+    ref_cfg = None if args.no_reference else space.reference_config()
+    reference = None if ref_cfg is None else ref_mod.load(ref_path, ref_cfg, space.proxy, s.quality)
+    need_ref = ref_cfg is not None and reference is None
     remaining = max(0, trials - done)
     started_ray = False
     if executor == "ray":

@@ -144,13 +144,10 @@ class SearchSpace:
     macro: Macro
     proxy: ProxySpec
     defaults: dict = field(default_factory=dict)  # CLI defaults for this space (trials, ...)
-    reference: Optional[MemeConfig] = None        # hand design trained beside the search (None: meme-table4)
+    reference: Optional[MemeConfig] = None        # hand design trained beside the search (None: none)
 
-    def reference_config(self) -> MemeConfig:
-        if self.reference is not None:
-            return self.reference
-        from meme.references import resolve
-        return resolve("meme-table4")
+    def reference_config(self) -> Optional[MemeConfig]:
+        return self.reference
 
     @property
     def num_stages(self) -> int:
@@ -363,16 +360,21 @@ def load_space(spec: str | Path | None = None) -> SearchSpace:
     space = SearchSpace(name=str(d.get("name", path.stem)), source=src, template=template, data=data,
                         diffusion=diffusion, num_experts=n_exp, ratios=ratios, probs=probs, boundaries=bounds,
                         macro=macro, proxy=proxy, defaults=dict(defaults),
-                        reference=parse_reference(d.get("reference"), path))
+                        reference=parse_reference(d.get("reference"), path, data))
     check_space(space)
     return space
 
 
-def parse_reference(x: Any, path: Path) -> Optional[MemeConfig]:
-    """A reference name (meme.references), a YAML path (relative to the space), or inline config."""
-    if x is None:
-        return None
+def parse_reference(x: Any, path: Path, data: DataShape) -> Optional[MemeConfig]:
+    """A reference name (meme.references), a YAML path (relative to the space), or inline config.
+
+    Absent: paper Table 4's MEME when the target is its shape, else no reference.
+    """
     src = f"{path}: reference"
+    if x is None:
+        from meme.references import resolve
+        table4 = resolve("meme-table4")
+        return table4 if table4.data == data else None
     if isinstance(x, dict):
         return MemeConfig.from_dict({"name": "reference", **x}, src)
     _need(isinstance(x, str), f"{src} must be a reference name, a YAML path or a config mapping")
@@ -424,8 +426,9 @@ def check_space(space: SearchSpace) -> None:
         from nas.proxy import proxy_arch, proxy_config  # local: proxy imports this module
         proxy_arch(arch, space.proxy, where=f"{src}: proxy (base {base})")
     ref = space.reference_config()
-    _need(ref.data == space.data, f"{src}: reference {ref.name} has data {ref.data}, the target is {space.data}")
-    proxy_config(ref, space.proxy)
+    if ref is not None:
+        _need(ref.data == space.data, f"{src}: reference {ref.name} has data {ref.data}, the target is {space.data}")
+        proxy_config(ref, space.proxy)
 
 
 def _need(cond: bool, msg: str) -> None:
