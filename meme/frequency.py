@@ -44,8 +44,10 @@ def log_amplitude(feature: torch.Tensor) -> torch.Tensor:
 
 # Relative log amplitude along the diagonal, 0 -> pi: Delta log amplitude of Fig. 3.
 def relative_diagonal(log_amp: torch.Tensor) -> torch.Tensor:
+    # After fftshift the zero frequency sits at h//2 and -pi (= pi for real input) at 0,
+    # so walking the diagonal from the centre down to the corner covers 0 .. pi.
     h = log_amp.shape[-1]
-    diag = log_amp.diagonal()[h // 2:]
+    diag = log_amp.diagonal()[: h // 2 + 1].flip(0)
     return diag - diag[0]
 
 

@@ -21,7 +21,7 @@ def test_checkerboard_keeps_pi_and_smooth_map_loses_it():
     # checker: |F| = h*h at pi, ~0 at 0 -> log(64) - log(1e-6) above zero
     assert math.isclose(float(rc[-1]), math.log(h * h + 1e-6) - math.log(1e-6), rel_tol=1e-4)
     assert math.isclose(float(rs[-1]), math.log(1e-6) - math.log(h * h + 1e-6), rel_tol=1e-4)
-    assert float(rc[0]) == 0.0 and len(rc) == h // 2
+    assert float(rc[0]) == 0.0 and len(rc) == h // 2 + 1
 
 
 def test_analysis_covers_every_expert_block_and_t():
