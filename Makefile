@@ -42,7 +42,7 @@ bench: $(STAMP)
 	$(PY) -m nas.bench --quick $(ARGS)
 
 dashboard: $(STAMP)
-	$(VENV)/bin/optuna-dashboard sqlite:///results/$(or $(STUDY),default)/optuna.db
+	$(VENV)/bin/optuna-dashboard sqlite:///results/$(or $(STUDY),meme-ffhq256-b95)/optuna.db
 
 clean-venv:
 	rm -rf $(VENV)
