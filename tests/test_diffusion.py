@@ -7,26 +7,16 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from meme.config import DiffusionConfig
 from meme.diffusion import Diffusion
 from meme.experts import MultiExpertDenoiser
+from tests.tiny_models import TinyEps
 
 LDM = DiffusionConfig(timesteps=1000, schedule="sqrt_linear", beta_start=0.0015, beta_end=0.0195)
 DDPM = DiffusionConfig.ddpm_pixels()
 
 
-class TinyEps(nn.Module):
-    """A real (untrained) conv denoiser with a timestep input."""
-
-    def __init__(self, channels: int = 2) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-        self.temb = nn.Linear(1, channels)
-
-    def forward(self, x, t):
-        return self.conv(x) + self.temb(t.float()[:, None] / 1000.0)[:, :, None, None]
 
 
 class CountingExpert(TinyEps):

@@ -9,18 +9,9 @@ from torch import nn
 
 from meme.config import ArchConfig, DataShape, DiffusionConfig, MemeConfig
 from meme.experts import MultiExpertDenoiser, SoftExpertSampler, build_denoiser
+from tests.tiny_models import TinyEps
 
 
-class TinyEps(nn.Module):
-    """A real conv denoiser whose output depends on its own weights and on t."""
-
-    def __init__(self, channels: int = 2) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-        self.temb = nn.Linear(1, channels)
-
-    def forward(self, x, t):
-        return self.conv(x) + self.temb(t.float()[:, None] / 1000.0)[:, :, None, None]
 
 
 def meme_cfg(n: int = 4, probs=(0.8, 0.4, 0.2, 0.1), boundaries=()) -> MemeConfig:
