@@ -98,42 +98,39 @@ def high_frequency_table(df: pd.DataFrame) -> pd.DataFrame:
     return last[["expert", "t", "depth", "block", "resolution", "rel_log_amp"]].reset_index(drop=True)
 
 
-def plot(df: pd.DataFrame, out: Path) -> list[Path]:
+def _per_expert_figure(frames: dict[int, pd.DataFrame], x: str, xlabel: str, ylabel: str,
+                       title: str, path: Path) -> Path:
+    """One panel per expert, one line per t."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, axes = plt.subplots(1, len(frames), figsize=(4 * len(frames), 3.2), sharey=True, squeeze=False)
+    for ax, (e, frame) in zip(axes[0], frames.items()):
+        for t, g in frame.groupby("t"):
+            ax.plot(g[x], g["rel_log_amp"], marker=".", label=f"t={t}")
+        ax.set_title(title.format(expert=e + 1))
+        ax.set_xlabel(xlabel)
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot(df: pd.DataFrame, out: Path) -> list[Path]:
+    """high_freq.png (value at pi vs depth) and spectra.png (deepest encoder block)."""
     hf = high_frequency_table(df)
     experts = sorted(hf["expert"].unique())
-    fig, axes = plt.subplots(1, len(experts), figsize=(4 * len(experts), 3.2), sharey=True, squeeze=False)
-    for ax, e in zip(axes[0], experts):
-        for t, g in hf[hf["expert"] == e].groupby("t"):
-            ax.plot(g["depth"], g["rel_log_amp"], marker=".", label=f"t={t}")
-        ax.set_title(f"expert {e + 1}")
-        ax.set_xlabel("block depth")
-    axes[0][0].set_ylabel("Δ log amplitude at π")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    p1 = out / "high_freq.png"
-    fig.savefig(p1, dpi=120)
-    plt.close(fig)
-
+    p1 = _per_expert_figure({e: hf[hf["expert"] == e] for e in experts}, "depth", "block depth",
+                            "Δ log amplitude at π", "expert {expert}", out / "high_freq.png")
     enc = df[df["block"].str.contains(r"(?:^|\.)enc\.")]
     deepest = enc.groupby("expert")["depth"].max()
-    fig, axes = plt.subplots(1, len(experts), figsize=(4 * len(experts), 3.2), sharey=True, squeeze=False)
-    for ax, e in zip(axes[0], experts):
-        g = enc[(enc["expert"] == e) & (enc["depth"] == deepest[e])]
-        for t, gt in g.groupby("t"):
-            ax.plot(gt["freq_over_pi"], gt["rel_log_amp"], label=f"t={t}")
-        ax.set_title(f"expert {e + 1}: deepest encoder block")
-        ax.set_xlabel("frequency / π")
-    axes[0][0].set_ylabel("Δ log amplitude")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    p2 = out / "spectra.png"
-    fig.savefig(p2, dpi=120)
-    plt.close(fig)
+    p2 = _per_expert_figure({e: enc[(enc["expert"] == e) & (enc["depth"] == deepest[e])] for e in experts},
+                            "freq_over_pi", "frequency / π", "Δ log amplitude",
+                            "expert {expert}: deepest encoder block", out / "spectra.png")
     return [p1, p2]
 
 
