@@ -34,6 +34,19 @@ def main_guard(fn: Callable[..., int | None]) -> Callable[..., int]:
     return wrapper
 
 
+def pick_device(name: "str | torch.device | None" = None) -> "torch.device":
+    """``None``/``'auto'`` -> CUDA when available, else CPU; an unavailable CUDA is a UserError."""
+    import torch
+
+    if isinstance(name, torch.device):
+        return name
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(name).startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but CUDA is not available here")
+    return torch.device(name)
+
+
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")

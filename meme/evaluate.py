@@ -36,7 +36,7 @@ from cleanfid.fid import frechet_distance
 from cleanfid.resize import build_resizer
 from tqdm import tqdm
 
-from meme.cli import UserError, main_guard, setup_logging
+from meme.cli import UserError, main_guard, pick_device, setup_logging
 from meme.config import DataShape
 from meme.data import load_data
 from meme.fid_assets import find_inception_weights, load_inception
@@ -46,14 +46,6 @@ log = logging.getLogger("meme.evaluate")
 
 FID_MODE = "clean"            # clean-fid mode: PIL bicubic resize outside the network
 CACHE_ENV = "MEME_CACHE_DIR"  # overrides the default cache root ~/.cache/meme
-
-
-def pick_device(name: Optional[str] = None) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(name).startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for, but CUDA is not available here")
-    return torch.device(name)
 
 
 def _as_rgb_uint8(images: np.ndarray) -> np.ndarray:
@@ -74,7 +66,7 @@ def inception_features(images_uint8: np.ndarray,                  # [N,H,W,3] or
                        ) -> np.ndarray:
     """2048-d Inception pool features [N,2048] float32, identical to clean-fid's "clean" mode."""
     images = _as_rgb_uint8(images_uint8)
-    device = pick_device(device) if not isinstance(device, torch.device) else device
+    device = pick_device(device)
     model = load_inception(weights, device)
     resize = build_resizer(FID_MODE)  # uint8 HWC -> float32 299x299x3 in [0,255]
     out = np.empty((len(images), 2048), dtype=np.float32)
@@ -257,7 +249,7 @@ def evaluate_samples(samples: np.ndarray,                 # uint8 [N,H,W,C]
                      progress: bool = False,
                      ) -> dict:
     """FID and precision/recall of samples against the reference; a JSON-ready dict."""
-    device = pick_device(device) if not isinstance(device, torch.device) else device
+    device = pick_device(device)
     if samples.shape[1] != samples.shape[2]:
         raise UserError(f"samples must be square, got {samples.shape[1]}x{samples.shape[2]}")
     shape = DataShape(channels=samples.shape[-1], resolution=samples.shape[1], latent=False)

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from meme import checkpoint
-from meme.cli import UserError, main_guard, setup_logging
+from meme.cli import UserError, main_guard, pick_device, setup_logging
 from meme.config import MemeConfig
 from meme.diffusion import Diffusion
 from meme.experts import MultiExpertDenoiser, build_denoiser
@@ -181,14 +181,6 @@ def load_run(run: Path, use_ema: bool = True) -> tuple[MemeConfig, MultiExpertDe
     state = ckpt["ema"] if use_ema else ckpt["model"]
     denoiser.load_state_dict(state)
     return cfg, denoiser, int(ckpt["step"])
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for, but CUDA is not available here")
-    return torch.device(name)
 
 
 def write_samples(samples: torch.Tensor, out: Path, decoder: Optional[Decoder] = None) -> dict:

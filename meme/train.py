@@ -31,14 +31,14 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from meme import checkpoint
-from meme.cli import UserError, main_guard, setup_logging
+from meme.cli import UserError, main_guard, pick_device, setup_logging
 from meme.config import MemeConfig
 from meme.data import load_data
 from meme.diffusion import Diffusion
 from meme.experts import SoftExpertSampler, build_denoiser
 from meme.images import save_grid
 from meme.references import resolve
-from meme.sample import SamplingPlan, generate, pick_device
+from meme.sample import SamplingPlan, generate
 
 log = logging.getLogger("meme.train")
 SCHEDULES = ("interleaved", "sequential")
@@ -175,7 +175,6 @@ class Trainer:
         plan = SamplingPlan(n=n, steps=self.opts.sample_steps, seed=1234, batch_size=n,
                             clip_x0=not self.cfg.data.latent)
         x = generate(self.ema.module, self.diffusion, shape, plan, self.device)
-        self.ema.module.to(self.device)
         return save_grid(x, self.out / "grids" / f"step{self.step_count:07d}.png")
 
 

@@ -77,9 +77,10 @@ def trainable(config: dict, proxy=None, objective: str = "loss", device: Optiona
     """One Tune trial: run_trial on the candidate, reporting to Tune; never raises."""
     from ray import tune
 
+    from meme.cli import pick_device
     from meme.config import MemeConfig
     from nas.study import one_line
-    from nas.trial import peak_memory_mb, pick_device, run_trial
+    from nas.trial import peak_memory_mb, run_trial
 
     if not config["feasible"]:  # over budget: nothing is trained
         tune.report({"infeasible": 1, "trained_steps": 0})

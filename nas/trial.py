@@ -26,6 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
+from meme.cli import pick_device
 from meme.config import DataShape, MemeConfig
 from meme.diffusion import Diffusion
 from meme.experts import MultiExpertDenoiser, SoftExpertSampler, build_denoiser
@@ -50,12 +51,6 @@ class TrialResult:
     device: str
     params_proxy: int                    # parameters of the proxy-scale model
     history: list[tuple[int, float]] = field(default_factory=list)  # (budget step, objective)
-
-
-def pick_device(name: Optional[str] = None) -> torch.device:
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @lru_cache(maxsize=4)
