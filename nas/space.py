@@ -115,6 +115,8 @@ class ProxySpec:
     fid_steps: int = 25                    # --objective fid: DDIM steps
     limit_data: Optional[int] = 10000      # use only the first N training images
     seed: int = 0                          # init, data order, t and noise: same for every trial
+    precision: str = "auto"                # meme.fastpath: 'auto' (bf16 on GPU; fp32 for narrow CPU proxies),
+                                           # 'bf16' or 'fp32'
 
     def total_steps(self, num_experts: int) -> int:
         """Optimizer steps a candidate with N experts trains for."""
@@ -401,6 +403,9 @@ def parse_proxy(d: Any, src: str) -> ProxySpec:
     for key in ("resolution", "channels", "steps", "batch_size", "eval_every", "eval_batch", "eval_timesteps"):
         _need(int(getattr(proxy, key)) >= 1, f"{src}: proxy.{key} must be >= 1, got {getattr(proxy, key)}")
     _need(0 < proxy.width_mult <= 1, f"{src}: proxy.width_mult must lie in (0, 1], got {proxy.width_mult}")
+    from meme.fastpath import PRECISIONS
+    _need(proxy.precision in PRECISIONS, f"{src}: proxy.precision must be one of {list(PRECISIONS)}, "
+                                         f"got {proxy.precision!r}")
     return proxy
 
 

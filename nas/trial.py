@@ -30,6 +30,7 @@ from meme.cli import pick_device
 from meme.config import DataShape, MemeConfig
 from meme.diffusion import Diffusion
 from meme.experts import MultiExpertDenoiser, SoftExpertSampler, build_denoiser
+from meme.fastpath import FastPath, fast_path
 from nas.proxy import proxy_config
 from nas.space import ProxySpec
 
@@ -69,15 +70,15 @@ def eval_timesteps(T: int, k: int) -> list[int]:
 
 @torch.no_grad()
 def heldout_loss(model: MultiExpertDenoiser, diffusion: Diffusion, val: torch.Tensor,
-                 timesteps: list[int], seed: int, device: torch.device) -> float:
+                 timesteps: list[int], seed: int, device: torch.device, fp: FastPath) -> float:
     """Mean over the t grid of eps-MSE on fixed held-out images and fixed noise."""
     model.eval()
     g = torch.Generator().manual_seed(seed + 12345)
     noise = torch.randn(val.shape, generator=g)
-    x0 = val.to(device)
-    noise = noise.to(device)
+    x0 = fp.input(val, device)
+    noise = fp.input(noise, device)
     total = 0.0
-    with _autocast(device):
+    with fp.autocast():
         for t in timesteps:
             tt = torch.full((len(x0),), t, dtype=torch.long, device=device)
             total += float(diffusion.training_loss(model, x0, tt, noise))
@@ -85,7 +86,8 @@ def heldout_loss(model: MultiExpertDenoiser, diffusion: Diffusion, val: torch.Te
     return total / len(timesteps)
 
 
-def sample_fid(model: MultiExpertDenoiser, diffusion: Diffusion, proxy: ProxySpec, device: torch.device) -> float:
+def sample_fid(model: MultiExpertDenoiser, diffusion: Diffusion, proxy: ProxySpec, device: torch.device,
+               fp: FastPath) -> float:
     """FID of proxy.fid_samples DDIM samples against the held-out split."""
     from meme.evaluate import evaluate_samples
     from meme.images import to_uint8
@@ -94,7 +96,7 @@ def sample_fid(model: MultiExpertDenoiser, diffusion: Diffusion, proxy: ProxySpe
     shape = (proxy.channels, proxy.resolution, proxy.resolution)
     g = torch.Generator().manual_seed(proxy.seed + 777)
     out = []
-    with torch.no_grad(), _autocast(device):
+    with torch.no_grad(), fp.autocast():
         for start in range(0, proxy.fid_samples, 64):
             n = min(64, proxy.fid_samples - start)
             x = diffusion.sample(lambda x, t: model(x, t).float(), (n, *shape), steps=proxy.fid_steps,
@@ -105,12 +107,6 @@ def sample_fid(model: MultiExpertDenoiser, diffusion: Diffusion, proxy: ProxySpe
     spec = None if proxy.data in (None, "fashion-mnist") else proxy.data
     return float(evaluate_samples(samples, ref=spec, n_ref=max(proxy.fid_samples, 1000), split="val",
                                   device=device)["fid"])
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -151,7 +147,9 @@ def _train(config: MemeConfig, proxy: ProxySpec, report: Report, objective: str,
     val = val[torch.randperm(len(val), generator=g_val)[: proxy.eval_batch]]
 
     torch.manual_seed(proxy.seed)
-    model = build_denoiser(cfg).to(dev)
+    model = build_denoiser(cfg)
+    fp = fast_path(dev, proxy.precision, model)
+    fp.prepare(model, dev)
     params = sum(p.numel() for p in model.parameters())
     diffusion = Diffusion(cfg.diffusion)
     sampler = SoftExpertSampler(cfg)
@@ -162,8 +160,8 @@ def _train(config: MemeConfig, proxy: ProxySpec, report: Report, objective: str,
 
     def measure() -> float:
         if objective == "fid":
-            return sample_fid(model, diffusion, proxy, dev)
-        return heldout_loss(model, diffusion, val, grid, proxy.seed, dev)
+            return sample_fid(model, diffusion, proxy, dev, fp)
+        return heldout_loss(model, diffusion, val, grid, proxy.seed, dev, fp)
 
     history: list[tuple[int, float]] = []
     stopped, step, value = False, 0, math.nan
@@ -173,13 +171,13 @@ def _train(config: MemeConfig, proxy: ProxySpec, report: Report, objective: str,
     while step < total:
         e = step % n_exp
         idx = torch.randint(len(train), (proxy.batch_size,), generator=gen)
-        x0 = train[idx].to(dev)
+        x0 = fp.input(train[idx], dev)
         t = sampler.sample(e, proxy.batch_size, generator=gen).to(dev)
-        noise = torch.randn(x0.shape, generator=gen).to(dev)
+        noise = fp.input(torch.randn(x0.shape, generator=gen), dev)
         for grp in opt.param_groups:
             grp["lr"] = proxy.lr * min(1.0, (step + 1) / max(proxy.warmup, 1))
         opt.zero_grad(set_to_none=True)
-        with _autocast(dev):
+        with fp.autocast():
             loss = diffusion.training_loss(model.experts[e], x0, t, noise)
         if not torch.isfinite(loss):
             raise TrialDiverged(f"training loss is {float(loss)} at step {step + 1} (expert {e + 1} of {n_exp})")

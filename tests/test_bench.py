@@ -16,6 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 def expected_keys() -> set[tuple[str, str, str]]:
     """(section, item, metric) of every row a CPU run of all sections must print."""
     keys = {("device", "*", "matmul_peak_float32")}
+    variants = [v.name for v in bench.fast_path_variants(compile=False)]
+    for m in bench.FAST_PATH_MODELS:
+        keys |= {("fastpath", m, f"ms_{v}") for v in variants}
+    keys |= {("fastpath", "/".join(bench.FAST_PATH_MODELS), f"speed_ratio_{v}") for v in variants}
     for m in bench.SAMPLING_MODELS:
         keys |= {("sampling", m, k) for k in ("img_per_s", "ms_per_step", "latency_per_img")}
     for m in bench.TRAINING_MODELS:
@@ -66,6 +70,9 @@ def test_quick_run_writes_every_row_and_column(quick_run):
     assert by[("memory", "meme-table4", "peak_device_mem_normal")]["value"] == "n/a (cpu)"
     assert by[("target", "iU-Net expert training", "mfu (H100/H200 bf16)")]["value"] == bench.NOT_MEASURED
     assert by[("search", "engine_ray", "overhead")]["value"] == "skipped (--engines)"
+    # Fast paths are timed against fp32 eager of the same model: fp32 is 1.0x itself.
+    for m in bench.FAST_PATH_MODELS:
+        assert float(by[("fastpath", m, "ms_fp32")]["vs_ref"]) == 1.0
     # The reference is 1.0x itself, and its MACs ratio is exactly 1.
     ref = by[("sampling", "ldm-l", "img_per_s")]
     assert float(ref["vs_ref"]) == 1.0 and float(ref["macs_ratio"]) == 1.0

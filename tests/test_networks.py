@@ -8,7 +8,7 @@ import torch
 
 from meme.blocks import AttentionBlock, IFormerBlock, ResBlock, timestep_embedding
 from meme.config import ArchConfig, ConfigError, DataShape, head_step_grid
-from meme.networks import build_network, count_params
+from meme.networks import build_network, count_params, wake_zero_init
 from meme.references import TABLE4_HIGH_RATIOS, resolve
 
 # Paper Table 3 (LDM-S / LDM-L, exact figures from latent-diffusion's code) and Table 4.
@@ -39,14 +39,8 @@ def tiny_iunet(high=("1/2", "1/4"), pools=(2, 1), **kw) -> ArchConfig:
 
 
 def wake(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give the zero-initialised output convs small random weights: at init the
-    network outputs exactly 0 and no gradient reaches anything but the last conv."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return net
+    """At init the network outputs exactly 0 and no gradient reaches anything but the last conv."""
+    return wake_zero_init(net, seed)
 
 
 def params(arch: ArchConfig, data: DataShape) -> int:

@@ -1,0 +1,172 @@
+"""Fast paths (meme.fastpath): the choice per device, and that fast outputs match fp32.
+
+Every comparison uses a woken tiny network (zero-init convs given random weights), so
+each layer shapes the output; tolerances are those of bf16 (8 mantissa bits).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from meme.blocks import GroupNorm32
+from meme.config import ArchConfig, DataShape, MemeConfig
+from meme.diffusion import Diffusion
+from meme.experts import build_denoiser
+from meme.fastpath import CPU_BF16_MIN_WIDTH, FastPath, compile_for_inference, cpu_has_fast_bf16, fast_path
+from meme.networks import build_network, wake_zero_init
+from meme.sample import SamplingPlan, generate
+from meme.train import Trainer, TrainOptions
+
+TINY = DataShape(channels=1, resolution=16, latent=False)
+ARCHS = {
+    "iunet": ArchConfig(kind="iunet", base_channels=32, channel_mult=(1, 2), num_res_blocks=1, head_channels=8,
+                        high_ratios=("1/2", "1/4"), pool_strides=(2, 1)),
+    "unet": ArchConfig(kind="unet", base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_ds=(2,),
+                       head_channels=8),
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref.float()).norm() / ref.float().norm())
+
+
+def woken(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return wake_zero_init(build_network(ARCHS[kind], TINY), seed=1)
+
+
+def batch(n: int = 4):
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(n, 1, 16, 16, generator=g), torch.randint(0, 1000, (n,), generator=g)
+
+
+# ---- the decision ----------------------------------------------------------------------
+
+def test_forced_precisions_and_channels_last_everywhere():
+    for dev in ("cpu", "cuda"):
+        assert fast_path(dev, "fp32") == FastPath(dev, bf16=False, channels_last=True)
+        assert fast_path(dev, "bf16") == FastPath(dev, bf16=True, channels_last=True)
+    assert fast_path("cuda").bf16, "a GPU always runs bf16 under 'auto'"
+    assert fast_path("cpu", "fp32").describe() == "fp32 + channels_last"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        fast_path("cpu", "fp16")
+
+
+def test_auto_on_cpu_depends_on_native_bf16_and_width():
+    narrow = build_network(ARCHS["iunet"], TINY)            # 32 channels wide
+    assert narrow.enc["16x16_conv"].conv.out_channels < CPU_BF16_MIN_WIDTH
+    assert not fast_path("cpu", "auto", narrow).bf16, "narrow CPU networks lose with bf16: stay fp32"
+    with torch.device("meta"):
+        wide = build_network(dataclasses.replace(ARCHS["iunet"], base_channels=64, head_channels=16), TINY)
+    assert fast_path("cpu", "auto", wide).bf16 == cpu_has_fast_bf16()
+
+
+# ---- numbers -----------------------------------------------------------------------------
+
+def test_groupnorm_mixed_dtype_cpu_path_equals_fp32_then_cast():
+    """The CPU shortcut (bf16 in, fp32 affine) gives the numbers of casting to fp32 first,
+    up to one rounding step of the output dtype (the kernel sums in another order)."""
+    norm = GroupNorm32(64)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            x = (torch.randn(3, 64, 8, 8, generator=g) * 3 + 1).to(dtype).contiguous(memory_format=fmt)
+            want = F.group_norm(x.float(), norm.num_groups, norm.weight, norm.bias, norm.eps).to(dtype)
+            got = norm(x)
+            assert got.dtype == dtype
+            ulp = 2.0 ** -(7 if dtype == torch.bfloat16 else 10)
+            torch.testing.assert_close(got.float(), want.float(), atol=1e-6, rtol=ulp)
+            assert (got != want).float().mean() < 0.01, "only a rare element may round the other way"
+    x = torch.randn(2, 64, 4, 4, generator=g)
+    torch.testing.assert_close(norm(x), F.group_norm(x, 32, norm.weight, norm.bias, norm.eps))
+
+
+@pytest.mark.parametrize("kind", sorted(ARCHS))
+@pytest.mark.parametrize("channels_last,bf16", [(True, False), (False, True), (True, True)])
+def test_fast_forward_matches_fp32(kind, channels_last, bf16):
+    net = woken(kind).eval()
+    x, t = batch()
+    with torch.no_grad():
+        ref = net(x, t)
+        fp = FastPath("cpu", bf16=bf16, channels_last=channels_last)
+        fp.prepare(net, "cpu")
+        with fp.autocast():
+            y = net(fp.input(x, "cpu"), t)
+    assert ref.abs().max() > 0
+    assert rel_err(y, ref) < (3e-2 if bf16 else 1e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(ARCHS))
+def test_bf16_gradients_point_the_same_way(kind):
+    """A training step's gradient under bf16 autocast + channels_last agrees with fp32's."""
+    x, t = batch()
+    grads = []
+    for fp in (FastPath("cpu", False, False), FastPath("cpu", True, True)):
+        net = woken(kind)
+        fp.prepare(net, "cpu")
+        with fp.autocast():
+            loss = net(fp.input(x, "cpu"), t).float().square().mean()
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    cos = F.cosine_similarity(grads[0], grads[1], dim=0)
+    assert cos > 0.99, float(cos)
+    assert rel_err(grads[1], grads[0]) < 0.1
+
+
+def tiny_meme() -> MemeConfig:
+    return MemeConfig(name="tiny", experts=(ARCHS["iunet"], ARCHS["unet"]), data=TINY, boundaries=(0, 400, 1000),
+                      expert_probs=(0.8, 0.4)).validate()
+
+
+def test_bf16_sampling_close_to_fp32_and_schedules_still_agree():
+    cfg = tiny_meme()
+    den = wake_zero_init(build_denoiser(cfg), seed=3)
+    diff = Diffusion(cfg.diffusion)
+    plan = SamplingPlan(n=4, steps=6, batch_size=2, seed=0, eta=0.5)
+    shape = (1, 16, 16)
+    ref = generate(den, diff, shape, plan, "cpu", precision="fp32")
+    fast = generate(den, diff, shape, plan, "cpu", precision="bf16")
+    low = generate(den, diff, shape, plan, "cpu", low_memory=True, precision="bf16")
+    assert rel_err(fast, ref) < 3e-2
+    torch.testing.assert_close(low, fast, atol=0, rtol=0)
+
+
+def test_trainer_runs_on_the_forced_bf16_path(tmp_path):
+    data = tmp_path / "x.npy"
+    np.save(data, np.random.default_rng(0).standard_normal((16, 1, 16, 16)).astype(np.float32))
+    losses = {}
+    for prec in ("fp32", "bf16"):
+        opts = TrainOptions(data=str(data), steps=4, batch_size=4, warmup=1, sample_every=0, precision=prec,
+                            device="cpu")
+        tr = Trainer(tiny_meme(), opts, tmp_path / prec)
+        assert tr.fast.bf16 == (prec == "bf16")
+        assert next(tr.model.parameters()).dtype == torch.float32, "autocast keeps fp32 master weights"
+        losses[prec] = [tr.step()[1] for _ in range(4)]
+    for a, b in zip(losses["fp32"], losses["bf16"]):
+        assert abs(a - b) < 0.05 * abs(a)
+
+
+def test_compiled_inference_matches_eager():
+    """compile_for_inference (inductor, frozen weights) computes what eager does."""
+    pytest.importorskip("torch._inductor")
+    net = woken("iunet").eval()
+    x, t = batch(2)
+    with torch.no_grad():
+        ref = net(x, t)
+        y = compile_for_inference(net)(x, t)
+    assert rel_err(y, ref) < 1e-4
