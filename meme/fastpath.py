@@ -105,8 +105,14 @@ def fast_path(device: torch.device | str, precision: str = "auto", model: nn.Mod
 def compile_for_inference(module: nn.Module) -> nn.Module:
     """``torch.compile`` for sampling: inductor with the weights frozen as constants.
 
-    Freezing lets inductor pre-pack conv weights and fold them into fused kernels; on
-    a 2-core AMX CPU it turned a 0.94x (plain compile) into 1.28x over bf16 eager for
-    an iU-Net expert, after ~50 s of compiling. Only valid under ``torch.no_grad``.
+    Freezing lets inductor pre-pack conv weights and fuse them with their pointwise
+    neighbours; on a 2-core AMX CPU it turned plain compile's 1.00x into 1.2-1.3x over
+    bf16 eager for an iU-Net expert, after ~30 s of compiling. Inductor reads the flag
+    when a graph is compiled (at the first call), not when ``torch.compile`` wraps the
+    module, so it is set process-wide; it only ever applies to graphs compiled under
+    ``torch.no_grad``, so training graphs are unaffected.
     """
-    return torch.compile(module, options={"freezing": True})
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    return torch.compile(module)
