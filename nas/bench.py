@@ -463,6 +463,18 @@ def bench_engine(engine: str, o: BenchOptions, dev: torch.device, log: Callable[
 
 
 FAST_PATH_MODELS = ("iu-ldm-s", "ldm-l")     # one iU-Net expert and the reference, network forward only
+PROXY_ITEM = "search-proxy"                 # meme-table4's first expert as a default-space trial trains it
+
+
+def fast_path_models(o: BenchOptions) -> list[tuple[str, MemeConfig, int]]:
+    """(item, config, batch): the two models at the bench's shape, then a search proxy at its own."""
+    from meme.references import resolve
+    from nas.proxy import proxy_config
+    from nas.space import load_space
+
+    out = [(name, at_resolution(resolve(name), o.resolution), o.batch) for name in FAST_PATH_MODELS]
+    proxy = load_space("meme_ffhq256").proxy
+    return out + [(PROXY_ITEM, proxy_config(resolve("meme-table4"), proxy), proxy.batch_size)]
 
 
 @dataclass(frozen=True)
@@ -496,18 +508,18 @@ def bench_fast_paths(o: BenchOptions, dev: torch.device, log: Callable[[str], No
     times: dict[tuple[str, str], float] = {}
     rows: list[Row] = []
     macs: dict[str, float] = {}
-    label = ""
-    for name in FAST_PATH_MODELS:
-        cfg = at_resolution(resolve(name), o.resolution)
+    for name, cfg, b in fast_path_models(o):
         macs[name] = gmacs_mean(cfg)
-        label = shape_label(cfg, o.batch)
+        label = shape_label(cfg, b)
         torch.manual_seed(0)
         net = wake_zero_init(build_network(cfg.experts[0], cfg.data)).eval()
         g = torch.Generator().manual_seed(1)
-        x = torch.randn(o.batch, cfg.data.channels, cfg.data.resolution, cfg.data.resolution, generator=g)
-        t = torch.randint(0, cfg.diffusion.timesteps, (o.batch,), generator=g).to(dev)
+        x = torch.randn(b, cfg.data.channels, cfg.data.resolution, cfg.data.resolution, generator=g)
+        t = torch.randint(0, cfg.diffusion.timesteps, (b,), generator=g).to(dev)
         ref = None
         for v in variants:
+            if v.compiled and name == PROXY_ITEM:
+                continue    # a trial never compiles: each candidate would pay it anew
             fp = FastPath(dev.type, bf16=v.bf16, channels_last=v.channels_last)
             fp.prepare(net, dev)
             xv = fp.input(x, dev)
@@ -538,6 +550,7 @@ def bench_fast_paths(o: BenchOptions, dev: torch.device, log: Callable[[str], No
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     iu, ref_name = FAST_PATH_MODELS
+    label = shape_label(at_resolution(resolve(ref_name), o.resolution), o.batch)
     for v in variants:
         rows.append(Row("fastpath", f"{iu}/{ref_name}", f"speed_ratio_{v.name}",
                         times[(ref_name, v.name)] / times[(iu, v.name)], "x", "", macs[ref_name] / macs[iu],

@@ -17,7 +17,7 @@ def expected_keys() -> set[tuple[str, str, str]]:
     """(section, item, metric) of every row a CPU run of all sections must print."""
     keys = {("device", "*", "matmul_peak_float32")}
     variants = [v.name for v in bench.fast_path_variants(compile=False)]
-    for m in bench.FAST_PATH_MODELS:
+    for m in bench.FAST_PATH_MODELS + (bench.PROXY_ITEM,):
         keys |= {("fastpath", m, f"ms_{v}") for v in variants}
     keys |= {("fastpath", "/".join(bench.FAST_PATH_MODELS), f"speed_ratio_{v}") for v in variants}
     for m in bench.SAMPLING_MODELS:
