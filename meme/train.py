@@ -72,6 +72,7 @@ class TrainOptions:
     device: str = "auto"            # 'auto', 'cpu', 'cuda', 'cuda:1'...
     precision: str = "auto"         # 'auto' (meme.fastpath decides), 'bf16' or 'fp32'
     threads: Optional[int] = None   # CPU threads (default: torch's); set it when sharing the cores
+    compile: bool = False           # torch.compile each expert's training forward (pays on long runs)
 
 
 def expert_for_step(step: int, num_experts: int, total_steps: int, schedule: str) -> int:
@@ -107,6 +108,9 @@ class Trainer:
         self.model = build_denoiser(cfg)
         self.fast = fast_path(self.device, opts.precision, self.model)
         self.fast.prepare(self.model, self.device)
+        # Compiled wrappers share the experts' parameters: optimizer, EMA and checkpoints
+        # keep working on self.model; only the training forward goes through them.
+        self.train_nets = [torch.compile(e) if opts.compile else e for e in self.model.experts]
         self.ema = AveragedModel(self.model, multi_avg_fn=_ema_update(opts.ema_decay))
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
         self.diffusion = Diffusion(cfg.diffusion)
@@ -138,7 +142,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         expert = self.model.experts[e]
         with self.fast.autocast():
-            loss = self.diffusion.training_loss(expert, x0, t, noise)
+            loss = self.diffusion.training_loss(self.train_nets[e], x0, t, noise)
         loss_value = float(loss.detach())
         if not torch.isfinite(loss):
             where = self.ckpt_path if self.ckpt_path.exists() else "none written yet"
@@ -232,9 +236,9 @@ def train(cfg: MemeConfig, opts: TrainOptions, out: Path, resume: bool = False, 
     (out / "options.json").write_text(json.dumps(dataclasses.asdict(opts), indent=2))
     metrics = MetricsLog(out / "metrics.csv", trainer.step_count)
     n_params = sum(p.numel() for p in trainer.model.parameters())
-    log.info("training %s: %d experts, %.2fM params, %d images, %s schedule, on %s (%s, %d threads)",
+    log.info("training %s: %d experts, %.2fM params, %d images, %s schedule, on %s (%s%s, %d threads)",
              cfg.name, cfg.num_experts, n_params / 1e6, len(trainer.data), opts.schedule, trainer.device,
-             trainer.fast.describe(), torch.get_num_threads())
+             trainer.fast.describe(), ", compiled" if opts.compile else "", torch.get_num_threads())
     bar = tqdm(total=opts.steps, initial=trainer.step_count, disable=not progress, desc="train", unit="step")
     t_window, imgs, losses, t_start = time.perf_counter(), 0, [], time.perf_counter()
     while trainer.step_count < opts.steps:
@@ -268,7 +272,11 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainOptions]:
         flag = "--" + f.name.replace("_", "-")
         kind = {"steps": int, "batch_size": int, "warmup": int, "seed": int, "ckpt_every": int,
                 "sample_every": int, "sample_steps": int, "log_every": int, "limit_data": int, "threads": int,
-                "lr": float, "weight_decay": float, "ema_decay": float, "grad_clip": float}.get(f.name, str)
+                "lr": float, "weight_decay": float, "ema_decay": float, "grad_clip": float,
+                "compile": bool}.get(f.name, str)
+        if kind is bool:
+            p.add_argument(flag, action="store_true", help="off by default")
+            continue
         p.add_argument(flag, type=kind, default=getattr(defaults, f.name))
     args = p.parse_args(argv)
     opts = TrainOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions)})

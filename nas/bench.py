@@ -259,19 +259,23 @@ def bench_training(o: BenchOptions, dev: torch.device, peaks: dict[torch.dtype, 
     from meme.train import Trainer, TrainOptions
 
     rows = []
+    runs = [(name, False) for name in TRAINING_MODELS]
+    if o.compile and not o.quick:
+        runs.append((TRAINING_MODELS[0], True))
     with tempfile.TemporaryDirectory(prefix="meme-bench-") as tmp:
-        for name in TRAINING_MODELS:
+        for name, compiled in runs:
             cfg = training_config(name, o.resolution)
             data = _latent_file(Path(tmp), cfg, n=max(2 * o.train_batch, 16))
             opts = TrainOptions(data=str(data), steps=10 ** 9, batch_size=o.train_batch, warmup=1,
-                                device=str(dev), sample_every=0, seed=0)
-            trainer = Trainer(cfg, opts, Path(tmp) / name)
+                                device=str(dev), sample_every=0, seed=0, compile=compiled)
+            trainer = Trainer(cfg, opts, Path(tmp) / f"{name}-{compiled}")
             k = o.train_steps
 
             def run_k() -> None:
                 for _ in range(k):
                     trainer.step()
 
+            first_s = time_runs(trainer.step, dev, 1, 0)[0] if compiled else None
             step_s = median(time_runs(run_k, dev, o.repeats, o.warmup)) / k
             macs = gmacs_mean(cfg) * 1e9
             achieved = o.train_batch * 6 * macs / step_s
@@ -279,7 +283,20 @@ def bench_training(o: BenchOptions, dev: torch.device, peaks: dict[torch.dtype, 
             prec = trainer.fast.describe()
             peak_dtype = torch.bfloat16 if trainer.fast.bf16 else torch.float32
             peak, peak_label = peaks[peak_dtype], dtype_name(peak_dtype)
-            log(f"  training {name:<15} {step_s * 1e3:.1f} ms/step, MFU {100 * achieved / peak:.1f}%")
+            log(f"  training {name:<15} {step_s * 1e3:.1f} ms/step, MFU {100 * achieved / peak:.1f}%"
+                + (f" (compiled; first step {first_s:.1f} s)" if compiled else ""))
+            if compiled:
+                eager = next(r.value for r in rows if (r.item, r.metric) == (name, "step_time"))
+                rows += [
+                    Row("training", name, "step_time_compiled", 1e3 * step_s, "ms", eager / (1e3 * step_s),
+                        shape=label, note=f"TrainOptions(compile=True), {prec}; vs_ref = eager step / this"),
+                    Row("training", name, "compile_time", first_s - step_s, "s", shape=label,
+                        note="first compiled step minus a steady one (forward + backward graphs)"),
+                    Row("training", name, "mfu_compiled", 100 * achieved / peak, "%", shape=label,
+                        note=f"vs measured {peak_label} matmul peak {peak / 1e12:.2f} TFLOP/s"),
+                ]
+                del trainer
+                continue
             rows += [
                 Row("training", name, "step_time", 1e3 * step_s, "ms", note=f"meme.train.Trainer.step, {prec}",
                     shape=label),

@@ -170,3 +170,27 @@ def test_compiled_inference_matches_eager():
         ref = net(x, t)
         y = compile_for_inference(net)(x, t)
     assert rel_err(y, ref) < 1e-4
+
+
+def test_compile_with_low_memory_is_a_user_error():
+    from meme.cli import UserError
+
+    cfg = tiny_meme()
+    with pytest.raises(UserError, match="--compile and --low-memory"):
+        generate(build_denoiser(cfg), Diffusion(cfg.diffusion), (1, 16, 16), SamplingPlan(n=1, steps=2), "cpu",
+                 low_memory=True, compile=True)
+
+
+def test_compiled_training_step_matches_eager(tmp_path):
+    """TrainOptions(compile=True) trains the same numbers and checkpoints the same keys."""
+    data = tmp_path / "x.npy"
+    np.save(data, np.random.default_rng(0).standard_normal((16, 1, 16, 16)).astype(np.float32))
+    cfg = MemeConfig(name="one", experts=(ARCHS["iunet"],), data=TINY)
+    runs = {}
+    for compiled in (False, True):
+        opts = TrainOptions(data=str(data), steps=2, batch_size=4, warmup=1, sample_every=0, precision="fp32",
+                            device="cpu", compile=compiled)
+        tr = Trainer(cfg, opts, tmp_path / str(compiled))
+        runs[compiled] = ([tr.step()[1] for _ in range(2)], tr.state()["model"])
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-4)
+    assert runs[True][1].keys() == runs[False][1].keys()
