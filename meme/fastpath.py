@@ -3,12 +3,14 @@
 One decision, shared by training, sampling, search trials and the benchmark, so a
 speed measured by ``nas.bench`` is the speed a user's run gets.
 
-Why these two, and when (measured in ``results/BENCHMARKS.md``, section "fast paths"):
+Why these two, and when (measured by ``python -m nas.bench``: the "fastpath" rows of
+``results/BENCHMARKS.md``):
 
 * **channels_last** (NHWC): cuDNN and oneDNN run 3x3 and 1x1 convs fastest in it;
   on the CPU alone it bought 1.1-1.5x in fp32. Always on for 4-D activations.
 * **bf16 autocast**: the matmul rate of an H100's tensor cores, and of CPUs with
-  AMX / AVX512-BF16 (oneDNN), where it bought 4-7x over fp32 eager at LDM size.
+  AMX / AVX512-BF16 (oneDNN), where with channels_last it bought 3.6-3.9x (iU-Net
+  expert) and 4.9-6.7x (LDM-L) over fp32 eager for a forward at 3x64x64.
   On a CPU only networks at least ``CPU_BF16_MIN_WIDTH`` channels wide gain (2-core
   AMX Xeon, channels_last, per step: base 128 train 2.4x / infer 3.3x; base 64
   1.5x / 2x; base 32 0.9x / 1.06x; the 16-wide search proxies 0.6x), because
