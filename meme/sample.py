@@ -234,8 +234,9 @@ def main(argv=None) -> int:
     plan = SamplingPlan(args.n, args.steps, args.eta, args.sampler, args.seed, args.batch_size,
                         clip_x0=not cfg.data.latent)
     shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+    path = fast_path(device, args.precision, denoiser).describe()
     log.info("sampling %d images from %s (step %d) on %s (%s), %s %d steps%s%s", args.n, args.run, step, device,
-             fast_path(device, args.precision, denoiser).describe(), args.sampler, args.steps,
+             path, args.sampler, args.steps,
              ", low-memory" if args.low_memory else "", ", compiled" if args.compile else "")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -246,7 +247,7 @@ def main(argv=None) -> int:
     out = args.out or args.run / "samples"
     info = write_samples(samples, out)
     info.update(step=step, wall_s=round(wall, 3), img_per_s=round(args.n / wall, 3), device=str(device),
-                low_memory=args.low_memory, precision=fast_path(device, args.precision, denoiser).describe(),
+                low_memory=args.low_memory, precision=path,
                 compiled=args.compile, plan=plan.__dict__,
                 peak_device_mem_mb=(torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None))
     (out / "sampling.json").write_text(json.dumps(info, indent=2))

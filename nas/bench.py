@@ -211,10 +211,9 @@ def gmacs_mean(cfg: MemeConfig) -> float:
 def bench_sampling(o: BenchOptions, dev: torch.device, log: Callable[[str], None]) -> list[Row]:
     from meme.diffusion import Diffusion
     from meme.experts import build_denoiser
+    from meme.fastpath import fast_path
     from meme.references import resolve
     from meme.sample import SamplingPlan, generate
-
-    from meme.fastpath import fast_path
 
     speed: dict[str, dict[str, float]] = {}
     paths: dict[str, str] = {}
@@ -310,18 +309,17 @@ def bench_training(o: BenchOptions, dev: torch.device, peaks: dict[torch.dtype, 
                     Row("training", name, "mfu_compiled", 100 * achieved / peak, "%", shape=label,
                         note=f"vs measured {peak_label} matmul peak {peak / 1e12:.2f} TFLOP/s"),
                 ]
-                del trainer
-                continue
-            rows += [
-                Row("training", name, "step_time", 1e3 * step_s, "ms", note=f"meme.train.Trainer.step, {prec}",
-                    shape=label),
-                Row("training", name, "img_per_s", o.train_batch / step_s, "img/s", shape=label),
-                Row("training", name, "model_tflops_per_s", achieved / 1e12, "TFLOP/s", shape=label,
-                    note=f"3 x 2 x {macs / 1e9:.2f} GMACs per sample"),
-                Row("training", name, "mfu", 100 * achieved / peak, "%", shape=label,
-                    target=">= 35% (iU-Net, H100/H200 bf16)" if name == "iunet-expert0" else "",
-                    note=f"vs measured {peak_label} matmul peak {peak / 1e12:.2f} TFLOP/s"),
-            ]
+            else:
+                rows += [
+                    Row("training", name, "step_time", 1e3 * step_s, "ms", note=f"meme.train.Trainer.step, {prec}",
+                        shape=label),
+                    Row("training", name, "img_per_s", o.train_batch / step_s, "img/s", shape=label),
+                    Row("training", name, "model_tflops_per_s", achieved / 1e12, "TFLOP/s", shape=label,
+                        note=f"3 x 2 x {macs / 1e9:.2f} GMACs per sample"),
+                    Row("training", name, "mfu", 100 * achieved / peak, "%", shape=label,
+                        target=">= 35% (iU-Net, H100/H200 bf16)" if name == "iunet-expert0" else "",
+                        note=f"vs measured {peak_label} matmul peak {peak / 1e12:.2f} TFLOP/s"),
+                ]
             del trainer
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
