@@ -6,24 +6,25 @@ sees either the previous complete checkpoint or the new complete one.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import torch
 
 
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to ``path`` atomically (temp file + fsync + rename)."""
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Write ``path`` atomically: ``write(f)`` into a temp file, fsync, rename over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -37,6 +38,17 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to ``path`` atomically."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_json(obj: Any, path: str | Path) -> Path:
+    """A JSON document (indented) written atomically: a reader never sees half of it."""
+    data = (json.dumps(obj, indent=2) + "\n").encode()
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

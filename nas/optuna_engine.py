@@ -21,7 +21,9 @@ log = logging.getLogger("nas.search")
 def make_pruner(s: Settings) -> optuna.pruners.BasePruner:
     if s.multi:  # Optuna cannot prune multi-objective trials
         return optuna.pruners.NopPruner()
-    return optuna.pruners.SuccessiveHalvingPruner(min_resource=s.space.proxy.eval_every, reduction_factor=3)
+    proxy = s.space.proxy  # first rung past warm-up and a third of the budget (proxy.first_rung)
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource=proxy.first_rung(),
+                                                  reduction_factor=proxy.reduction_factor)
 
 
 def run(s: Settings, storage: optuna.storages.BaseStorage) -> optuna.Study:
@@ -53,7 +55,7 @@ def run(s: Settings, storage: optuna.storages.BaseStorage) -> optuna.Study:
                 bar.update(1)
                 continue
 
-            per = cand.config.num_experts if s.space.proxy.steps_per_expert else 1
+            per = s.space.proxy.steps_per_budget_step(cand.config.num_experts)
 
             def report(step: int, value: float) -> bool:
                 trial.set_user_attr("trained_steps", step * per)

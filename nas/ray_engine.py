@@ -1,16 +1,15 @@
-"""Ray Tune engine: OptunaSearch (define-by-run, constraints) + ASHA over a Ray cluster.
+"""Ray Tune engine: Optuna ask/tell behind Ray's public ``Searcher`` API, ASHA over a cluster.
 
-Ray's OptunaSearch is subclassed (:class:`StudySearch`) to keep the study in the same
-format as the plain Optuna loop:
+:class:`StudySearcher` is a plain Tune ``Searcher`` that asks the study for each new
+trial and tells it the outcome, so both engines write the same study:
 
-* intermediate values are stored at the real training step (``result['step']``), not
-  at Tune's report counter;
-* a trial ASHA stops never gets its last result reported (Tune skips the searcher on
-  a STOP decision) and is told COMPLETE: we store that last value as an intermediate
-  value and set ``stopped_early`` while the trial is still RUNNING, then tell;
+* intermediate values are stored at the real training step (``result['step']``);
+* a trial ASHA stops is told PRUNED with every value it reported (Tune does not pass
+  the result it stopped on to ``on_trial_result``, so that one is reported on
+  completion): TPE never mistakes a rung value for a final objective;
 * over-budget candidates are told PRUNED with their ``constraint`` attr (the trainable
   returns at once for them, so no compute is spent), failures FAIL with a reason;
-* measurements (wall time, memory, device, trained steps) become user attrs.
+* measurements (wall time, memory, device, training compute) become user attrs.
 
 The trainable wraps :func:`nas.trial.run_trial`; that function knows nothing of Ray.
 """
@@ -30,6 +29,8 @@ from nas.study import Deadline, Settings, log_trial, make_sampler, prepare, valu
 
 log = logging.getLogger("nas.search")
 METRIC = "objective"
+PROGRESS_ATTRS = ("trained_steps", "train_steps_total", "train_gflops_total", "wall_s", "peak_mem_mb", "device",
+                  "params_proxy", "seed")
 
 
 def init_ray(address: Optional[str]) -> bool:
@@ -80,7 +81,8 @@ def trainable(config: dict, proxy=None, objective: str = "loss", device: Optiona
     from meme.cli import pick_device
     from meme.config import MemeConfig
     from nas.study import one_line
-    from nas.trial import peak_memory_mb, run_trial
+    from nas.proxy import proxy_config
+    from nas.trial import peak_memory_mb, run_trial, train_gflops_per_step, training_gflops
 
     if not config["feasible"]:  # over budget: nothing is trained
         tune.report({"infeasible": 1, "trained_steps": 0})
@@ -92,12 +94,15 @@ def trainable(config: dict, proxy=None, objective: str = "loss", device: Optiona
     dev = pick_device(device)
     dev_name = str(dev)
     steps = [0]
-    per = int(config["num_experts_"]) if proxy.steps_per_expert else 1
+    per = proxy.steps_per_budget_step(int(config["num_experts_"]))
+    step_gflops: list[float] = []
 
     def report(step: int, value: float) -> bool:
-        steps[0] = step * per
-        row = {METRIC: value, "step": step, "trained_steps": step * per, "wall_s": time.perf_counter() - t0,
-               "peak_mem_mb": peak_memory_mb(dev), "device": dev_name, "stopped_early": False}
+        n = steps[0] = step * per
+        row = {METRIC: value, "step": step, "trained_steps": n, "train_steps_total": n,
+               "train_gflops_total": training_gflops(step_gflops, n),
+               "wall_s": time.perf_counter() - t0, "peak_mem_mb": peak_memory_mb(dev), "device": dev_name,
+               "seed": proxy.seed, "stopped_early": False}
         if multi:
             row["gflops"] = config["gflops"]
         tune.report(row)
@@ -105,33 +110,33 @@ def trainable(config: dict, proxy=None, objective: str = "loss", device: Optiona
 
     try:
         cfg = MemeConfig.from_yaml(config["config_yaml"], "candidate")
+        step_gflops += train_gflops_per_step(proxy_config(cfg, proxy), proxy.batch_size)
         run_trial(cfg, proxy, report, objective=objective, device=device, threads=threads)
     except Exception as exc:  # recorded FAIL with the reason; the search goes on
         tune.report({"fail_reason": one_line(exc), "trained_steps": steps[0]})
 
 
-def _make_search_class():
+def _make_searcher_class():
     from ray.tune.search import Searcher
-    from ray.tune.search.optuna import OptunaSearch
 
-    class StudySearch(OptunaSearch):
-        """OptunaSearch that records trials the way the plain Optuna engine does."""
+    class StudySearcher(Searcher):
+        """Tune searcher over one Optuna study (public APIs of both libraries only)."""
 
-        def __init__(self, settings: Settings, storage, bar=None, **kwargs):
+        def __init__(self, settings: Settings, storage, bar=None, metric=None, mode=None):
+            super().__init__(metric=metric, mode=mode)
             self.settings = settings
             self.bar = bar
+            self.study = optuna.create_study(storage=storage, study_name=settings.study_name,
+                                             sampler=make_sampler(settings), directions=settings.directions,
+                                             load_if_exists=True)
+            self.live: dict[str, optuna.Trial] = {}
             self.meta: dict[str, dict[str, Any]] = {}
             self.reported: dict[str, int] = {}
             self.deadline = Deadline(settings.time_budget)
             self.deadline_said = False
-            super().__init__(space=self._define, storage=storage, study_name=settings.study_name,
-                             sampler=make_sampler(settings), **kwargs)
 
-        def _define(self, trial) -> dict[str, Any]:
-            cand = prepare(trial, self.settings)
-            return {"config_yaml": cand.config.to_yaml(), "feasible": cand.feasible, "gflops": cand.gflops,
-                    "optuna_number": trial.number, "num_experts_": cand.config.num_experts,
-                    "duplicate_of": cand.duplicate_of, "duplicate_values": cand.duplicate_values}
+        def set_search_properties(self, metric, mode, config, **spec) -> bool:
+            return True  # the space is the study's define-by-run function, not a Tune config
 
         def suggest(self, trial_id: str):
             if self.deadline.passed():  # no new trial; running ones finish normally
@@ -140,83 +145,83 @@ def _make_search_class():
                     (self.bar.write if self.bar else print)(
                         f"time budget of {self.settings.time_budget:.0f} s used up: no new trial")
                 return Searcher.FINISHED
-            params = super().suggest(trial_id)
-            if params is not None:
-                self.meta[trial_id] = params
+            trial = self.study.ask()
+            cand = prepare(trial, self.settings)
+            params = {"config_yaml": cand.config.to_yaml(), "feasible": cand.feasible, "gflops": cand.gflops,
+                      "optuna_number": trial.number, "num_experts_": cand.config.num_experts,
+                      "duplicate_of": cand.duplicate_of, "duplicate_values": cand.duplicate_values}
+            self.live[trial_id], self.meta[trial_id] = trial, params
             return params
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
-            if self.settings.multi or METRIC not in result or trial_id in self._completed_trials:
+            ot = self.live.get(trial_id)
+            if ot is None or self.settings.multi or METRIC not in result:
                 return
-            ot = self._ot_trials[trial_id]
             step = int(result.get("step", 0))
             ot.report(float(result[METRIC]), step)
             self.reported[trial_id] = step
-            self._attrs(ot, result)
-
-        @staticmethod
-        def _attrs(ot, result: dict) -> None:
-            for k in ("trained_steps", "wall_s", "peak_mem_mb", "device", "params_proxy"):
-                if k in result:
-                    v = result[k]
-                    ot.set_user_attr(k, round(v, 2) if isinstance(v, float) else v)
+            record_progress(ot, result)
 
         def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
-            if trial_id in self._completed_trials:
+            ot = self.live.pop(trial_id, None)
+            if ot is None:
                 return
-            ot = self._ot_trials[trial_id]
-            meta = self.meta.get(trial_id, {})
+            meta = self.meta.pop(trial_id, {})
             result = result or {}
             n, g = meta.get("num_experts_"), meta.get("gflops")
-            state, value, extra = TrialState.FAIL, None, ""
+            values, state, value, extra = None, TrialState.FAIL, None, ""
             if not meta.get("feasible", True):
                 state, extra = TrialState.PRUNED, "REJECTED (over budget, not trained)"
             elif meta.get("duplicate_of") is not None:
-                state, value = TrialState.COMPLETE, meta["duplicate_values"][0]
+                state, values, value = TrialState.COMPLETE, meta["duplicate_values"], meta["duplicate_values"][0]
                 extra = f"COMPLETE  (duplicate of trial {meta['duplicate_of']}: result reused)"
             elif error or "fail_reason" in result or METRIC not in result:
                 reason = result.get("fail_reason") or ("trial errored in Ray" if error else "no result reported")
                 ot.set_user_attr("fail_reason", reason)
-                self._attrs(ot, result)
+                record_progress(ot, result)
                 extra = f"FAIL  {reason}"
             else:
                 value = float(result[METRIC])
                 step = int(result.get("step", 0))
                 early = step < self.settings.space.proxy.steps
-                self._attrs(ot, result)
+                record_progress(ot, result)
                 ot.set_user_attr("stopped_early", early)
-                if not self.settings.multi and self.reported.get(trial_id) != step:
+                if not self.settings.multi and self.reported.get(trial_id) != step and math.isfinite(value):
                     ot.report(value, step)  # the result ASHA stopped on never reached on_trial_result
                 if not math.isfinite(value):
                     ot.set_user_attr("fail_reason", f"objective is {value}")
                     extra = f"FAIL  objective is {value}"
+                elif early:
+                    state, extra = TrialState.PRUNED, f"PRUNED at step {step}  ({float(result.get('wall_s', 0)):.0f} s)"
                 else:
-                    state = TrialState.COMPLETE
-                    extra = f"COMPLETE{f'  (stopped at step {step})' if early else ''}" \
-                            f"  ({float(result.get('wall_s', 0)):.0f} s)"
+                    state, values = TrialState.COMPLETE, values_for(value, g, self.settings)
+                    extra = f"COMPLETE  ({float(result.get('wall_s', 0)):.0f} s)"
+            self.reported.pop(trial_id, None)
             try:
-                if state == TrialState.COMPLETE and meta.get("duplicate_of") is not None:
-                    self._ot_study.tell(ot, meta["duplicate_values"], state=state)
-                elif state == TrialState.COMPLETE:
-                    self._ot_study.tell(ot, values_for(value, g, self.settings), state=state)
-                else:
-                    self._ot_study.tell(ot, state=state)
+                self.study.tell(ot, values, state=state)
             except Exception as exc:  # never lose the run over one bookkeeping error
                 log.warning("could not record trial %s: %s", ot.number, exc)
-            self._completed_trials.add(trial_id)
             log_trial(ot.number, n, g, value, extra, write=self.bar.write if self.bar else print)
             if self.bar is not None and state != TrialState.FAIL:
                 self.bar.update(1)
 
-        # Tune checkpoints searchers by pickling them; the study lives in the RDB storage
-        # and --resume reads it from there, so there is nothing else to save.
+        # Tune checkpoints searchers; the study lives in the RDB storage and --resume
+        # reads it from there, so there is nothing else to save.
         def save(self, checkpoint_path: str) -> None:
             return None
 
         def restore(self, checkpoint_path: str) -> None:
             return None
 
-    return StudySearch
+    return StudySearcher
+
+
+def record_progress(ot, result: dict) -> None:
+    """Measurements a trial reported -> user attrs (same names as the Optuna engine)."""
+    for k in PROGRESS_ATTRS:
+        if k in result:
+            v = result[k]
+            ot.set_user_attr(k, round(v, 2) if isinstance(v, float) else v)
 
 
 def run(s: Settings, storage: optuna.storages.BaseStorage, remaining: int, bar=None,
@@ -228,15 +233,15 @@ def run(s: Settings, storage: optuna.storages.BaseStorage, remaining: int, bar=N
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    StudySearch = _make_search_class()
+    StudySearcher = _make_searcher_class()
     proxy = s.space.proxy
     mode = ["min", "min"] if s.multi else "min"
     metric = [METRIC, "gflops"] if s.multi else METRIC
-    search = StudySearch(s, storage, bar=bar, metric=metric, mode=mode)
+    search = StudySearcher(s, storage, bar=bar, metric=metric, mode=mode)
     scheduler = None
-    if not s.multi:
+    if not s.multi:  # rungs from proxy.first_rung(): past warm-up and a third of the budget
         scheduler = ASHAScheduler(time_attr="step", metric=METRIC, mode="min", max_t=proxy.steps,
-                                  grace_period=proxy.eval_every, reduction_factor=3)
+                                  grace_period=proxy.first_rung(), reduction_factor=proxy.reduction_factor)
     fn = tune.with_parameters(trainable, proxy=proxy, objective=s.quality, device=s.device, multi=s.multi,
                               threads=max(1, int(s.cpus_per_trial)))
     fn = tune.with_resources(fn, {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial})

@@ -46,7 +46,6 @@ def load(path: Path, cfg, proxy, objective: str) -> Optional[dict[str, Any]]:
 
 
 def save(path: Path, rec: dict[str, Any]) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(rec, indent=2))
-    tmp.replace(path)
+    from meme.checkpoint import atomic_write_json
+
+    atomic_write_json(rec, path)

@@ -7,12 +7,13 @@ returns a validated :class:`MemeConfig` at the TARGET shape.
 Structural rules hold by construction, never by sample-and-reject:
 
 * d_h/d non-increasing with depth and with expert index: every ratio is drawn as a
-  non-negative *decrement* (in head steps of its stage) below the tightest upper bound
-  the rules allow (the previous stage of the same expert, the same stage of the
-  previous expert), clipped to the stage's head-step grid. The decrement's range is
-  ``max_drop_experts`` (experts after the first) or ``max_drop_depth`` (first expert),
-  in fractions of d; the unconstrained first value indexes the whole grid;
-* p_n non-increasing: p_1 is an index into the choices, every later p_n a decrement.
+  *position* in [0, 1) among the legal values between its upper bound (the previous
+  stage of the same expert, the same stage of the previous expert, the grid's top) and
+  its lower bound (``max_drop_depth`` / ``max_drop_experts`` below the upper one, the
+  grid's floor). A uniform position is a uniform draw among the legal values, so random
+  start-up trials spread over the space instead of piling onto its floor;
+* p_n non-increasing: the same, over the choices at or below p_{n-1}
+  (at most ``max_decrement`` choice steps below).
 
 Parameter names do not depend on N (``e{n}_s{s}`` is the same parameter for every N
 that has expert n), so TPE pools what trials with different N learn about shared
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -42,6 +44,8 @@ class TrialLike(Protocol):
     number: int
 
     def suggest_int(self, name: str, low: int, high: int) -> int: ...
+
+    def suggest_float(self, name: str, low: float, high: float) -> float: ...
 
     def suggest_categorical(self, name: str, choices: list) -> Any: ...
 
@@ -101,14 +105,19 @@ class ProxySpec:
     channels: int = 1                      # proxy image channels
     width_mult: Fraction = Fraction(1, 4)  # proxy widths = target widths x this
     diffusion: Optional[DiffusionConfig] = None  # None = the target's schedule
-    steps: int = 60                        # training budget: steps per expert (or in all, see below)
-    steps_per_expert: bool = True          # True: N x steps optimizer steps, so every N gets the same
-                                           # per-expert training; False: steps in all (favours small N)
+    steps: int = 240                       # training budget: optimizer steps in all, whatever N
+                                           # (equal training compute for every candidate, as the paper
+                                           # compares designs and as a promoted winner is trained)
+    steps_per_expert: bool = False         # True: N x steps (more training for larger N: ranks budgets,
+                                           # not architectures; kept as an explicit option)
     batch_size: int = 32                   # images per step
     lr: float = 5e-4                       # AdamW learning rate (after warm-up)
     warmup: int = 20                       # linear warm-up steps
     grad_clip: float = 1.0                 # max global grad norm (0 = off)
-    eval_every: int = 20                   # budget steps between objective reports (pruner rungs)
+    eval_every: int = 20                   # budget steps between objective reports
+    prune_from: Optional[int] = None       # first pruning rung (budget step; grace period); None:
+                                           # the first report at or after max(steps/3, warmup)
+    reduction_factor: int = 3              # successive halving / ASHA: keep 1 in this many per rung
     eval_batch: int = 64                   # held-out images per evaluated t
     eval_timesteps: int = 10               # size of the fixed, uniformly spaced t grid
     fid_samples: int = 256                 # --objective fid: generated samples
@@ -121,6 +130,20 @@ class ProxySpec:
     def total_steps(self, num_experts: int) -> int:
         """Optimizer steps a candidate with N experts trains for."""
         return self.steps * (num_experts if self.steps_per_expert else 1)
+
+    def steps_per_budget_step(self, num_experts: int) -> int:
+        """Optimizer steps in one budget step (reports and rungs count budget steps)."""
+        return num_experts if self.steps_per_expert else 1
+
+    def first_rung(self) -> int:
+        """Budget step of the first pruning rung: past warm-up and a third of the budget.
+
+        Earlier rungs rank how fast a model leaves the initial loss, not where it ends.
+        """
+        if self.prune_from is not None:
+            return int(self.prune_from)
+        start = max(math.ceil(self.steps / 3), self.warmup)
+        return min(self.steps, math.ceil(start / self.eval_every) * self.eval_every)
 
     def shape(self) -> DataShape:
         return DataShape(channels=self.channels, resolution=self.resolution, latent=False)
@@ -168,58 +191,64 @@ class SearchSpace:
         hi = grid[-1] if self.ratios.max == "grid" else parse_fraction(self.ratios.max, "ratios.max")
         return [g for g in grid if lo <= g <= hi]
 
-    def max_steps(self, stage: int, drop: Fraction) -> int:
-        """A drop (fraction of d) in head steps of a stage, at the widest base choice."""
-        out = 0
-        for base in self.macro.base_channels:
-            width = base * self.template.channel_mult[stage]
-            out = max(out, int(drop * width / self.template.head_channels))
-        return max(out, 1)
-
-    def grid_size(self, stage: int) -> int:
-        return max(len(self.stage_grid(b, stage)) for b in self.macro.base_channels)
-
 
 # ---- sampling ---------------------------------------------------------------------
+#
+# Every value is drawn as a *position* u in [0, 1) inside the range the rules leave it
+# (upper bound: the previous stage and the previous expert; lower bound: the largest
+# allowed drop below that), so a uniform u is a uniform draw among the legal values.
+# Decrements drawn from a fixed range and clipped at the grid's floor would instead
+# pile random draws (TPE's start-up trials) onto the all-minimum corner.
 
-def _pick_below(grid: list[Fraction], bound: Fraction, decrement: int) -> Fraction:
-    """The grid value ``decrement`` steps below the largest value <= bound (clipped)."""
-    below = [g for g in grid if g <= bound]
-    if not below:  # load_space's check makes this unreachable; keep the rule anyway
-        return grid[0]
-    return below[max(0, len(below) - 1 - decrement)]
+def _pick(choices: list, u: float) -> Any:
+    """The value at position u in [0, 1]: equal-width bins, one per choice."""
+    return choices[min(len(choices) - 1, max(0, int(float(u) * len(choices))))]
+
+
+def _position(choices: list, value: Any) -> float:
+    """Inverse of _pick: the centre of value's bin."""
+    return (choices.index(value) + 0.5) / len(choices)
+
+
+def ratio_choices(space: SearchSpace, base: int, stage: int, above: Optional[Fraction],
+                  previous_expert: Optional[Fraction]) -> list[Fraction]:
+    """Legal d_h/d of one stage given the stage above and the previous expert (ascending)."""
+    rules, grid = space.ratios, space.stage_grid(base, stage)
+    hi, drop = grid[-1], None
+    if rules.monotone_depth and above is not None:
+        hi, drop = min(hi, above), rules.max_drop_depth
+    if rules.monotone_experts and previous_expert is not None:
+        hi, drop = min(hi, previous_expert), rules.max_drop_experts
+    lo = grid[0] if drop is None else hi - drop
+    legal = [g for g in grid if lo <= g <= hi]
+    return legal or [max([g for g in grid if g <= hi], default=grid[0])]
+
+
+def prob_choices(space: SearchSpace, previous: Optional[int]) -> list[int]:
+    """Legal indices into probs.choices given p_{n-1}'s index."""
+    top = len(space.probs.choices) - 1
+    if not space.probs.monotone or previous is None:
+        return list(range(top + 1))
+    return list(range(max(0, previous - space.probs.max_decrement), previous + 1))
 
 
 def sample_ratios(trial: TrialLike, space: SearchSpace, n_experts: int, base: int) -> list[tuple[str, ...]]:
     """Per-expert, per-stage d_h/d; monotone rules hold by construction."""
-    rules = space.ratios
     out: list[list[Fraction]] = []
     for n in range(n_experts):
         row: list[Fraction] = []
         for s in range(space.num_stages):
-            grid = space.stage_grid(base, s)
-            bound, high = grid[-1], space.grid_size(s) - 1
-            if rules.monotone_depth and s > 0:
-                bound, high = min(bound, row[s - 1]), space.max_steps(s, rules.max_drop_depth)
-            if rules.monotone_experts and n > 0:
-                bound, high = min(bound, out[n - 1][s]), space.max_steps(s, rules.max_drop_experts)
-            dec = trial.suggest_int(f"e{n}_s{s}", 0, high)
-            row.append(_pick_below(grid, bound, dec))
+            legal = ratio_choices(space, base, s, row[s - 1] if s else None, out[n - 1][s] if n else None)
+            row.append(_pick(legal, trial.suggest_float(f"e{n}_s{s}", 0.0, 1.0)))
         out.append(row)
     return [tuple(str(r) for r in row) for row in out]
 
 
 def sample_probs(trial: TrialLike, space: SearchSpace, n_experts: int) -> tuple[float, ...]:
-    choices = space.probs.choices
-    top = len(choices) - 1
     idx: list[int] = []
     for n in range(n_experts):
-        if space.probs.monotone and n > 0:
-            dec = trial.suggest_int(f"p{n}", 0, space.probs.max_decrement)
-            idx.append(max(0, idx[-1] - dec))
-        else:
-            idx.append(top - trial.suggest_int(f"p{n}", 0, top))
-    return tuple(choices[i] for i in idx)
+        idx.append(_pick(prob_choices(space, idx[-1] if idx else None), trial.suggest_float(f"p{n}", 0.0, 1.0)))
+    return tuple(space.probs.choices[i] for i in idx)
 
 
 def sample_boundaries(trial: TrialLike, space: SearchSpace, n_experts: int) -> tuple[int, ...]:
@@ -250,6 +279,51 @@ def build_config(trial: TrialLike, space: SearchSpace, name: Optional[str] = Non
     return cfg.validate()
 
 
+def encode(cfg: MemeConfig, space: SearchSpace) -> dict[str, Any]:
+    """The study parameters that draw ``cfg`` (inverse of build_config), e.g. to enqueue it.
+
+    Raises ConfigError if cfg is not in the space (wrong macro shape, a rule broken).
+    """
+    e0 = cfg.experts[0]
+    params: dict[str, Any] = {"num_experts": cfg.num_experts}
+    where = f"{cfg.name}: not in space {space.name}"
+    _need(cfg.num_experts in space.num_experts, f"{where} (N={cfg.num_experts})")
+    _need(all(dataclasses.replace(e, high_ratios=e0.high_ratios) == e0 for e in cfg.experts),
+          f"{where} (experts differ in macro shape)")
+    for key, choices in (("base_channels", space.macro.base_channels), ("num_res_blocks", space.macro.num_res_blocks),
+                         ("pool_strides", tuple(_strides_str(p) for p in space.macro.pool_strides))):
+        value = _strides_str(e0.pool_strides) if key == "pool_strides" else getattr(e0, key)
+        _need(value in choices, f"{where} ({key}={value})")
+        if len(choices) > 1:
+            params[key] = value
+    rows = [[Fraction(r) for r in e.high_ratios] for e in cfg.experts]
+    for n, row in enumerate(rows):
+        for s, r in enumerate(row):
+            legal = ratio_choices(space, e0.base_channels, s, row[s - 1] if s else None, rows[n - 1][s] if n else None)
+            _need(r in legal, f"{where} (expert {n + 1} stage {s + 1}: {r} not in {[str(x) for x in legal]})")
+            params[f"e{n}_s{s}"] = _position(legal, r)
+    idx: list[int] = []
+    for n, p in enumerate(cfg.resolved_probs()):
+        _need(p in space.probs.choices, f"{where} (p_{n + 1}={p})")
+        legal = prob_choices(space, idx[-1] if idx else None)
+        i = space.probs.choices.index(p)
+        _need(i in legal, f"{where} (p_{n + 1}={p} breaks the p_n rule)")
+        params[f"p{n}"] = _position(legal, i)
+        idx.append(i)
+    if space.boundaries.mode == "searchable":
+        levels = range(1, space.boundaries.weight_levels + 1)
+        for w in itertools.product(levels, repeat=cfg.num_experts):
+            trial = FixedTrial({**params, **{f"w{n}": x for n, x in enumerate(w)}})
+            if list(sample_boundaries(trial, space, cfg.num_experts)) == cfg.resolved_boundaries():
+                params.update({f"w{n}": x for n, x in enumerate(w)})
+                break
+        else:
+            raise ConfigError(f"{where} (boundaries {cfg.resolved_boundaries()})")
+    else:
+        _need(not cfg.boundaries, f"{where} (the space's boundaries are uniform)")
+    return params
+
+
 def _maybe(trial: TrialLike, name: str, choices: tuple) -> Any:
     """A categorical only when there is a choice (fixed knobs stay out of the study)."""
     return choices[0] if len(choices) == 1 else trial.suggest_categorical(name, list(choices))
@@ -260,13 +334,16 @@ def _strides_str(p: tuple[int, ...]) -> str:
 
 
 class FixedTrial:
-    """Replays a dict of parameters (defaults for missing ones: 0 / first choice)."""
+    """Replays a dict of parameters (missing ones: int low, position 1 = largest legal value, first choice)."""
 
     def __init__(self, params: dict[str, Any], number: int = 0):
         self.params, self.number = dict(params), number
 
     def suggest_int(self, name: str, low: int, high: int) -> int:
         return int(min(max(self.params.get(name, low), low), high))
+
+    def suggest_float(self, name: str, low: float, high: float) -> float:
+        return float(min(max(self.params.get(name, high), low), high))
 
     def suggest_categorical(self, name: str, choices: list) -> Any:
         return self.params.get(name, choices[0])
@@ -402,6 +479,11 @@ def parse_proxy(d: Any, src: str) -> ProxySpec:
     _need(isinstance(proxy.steps_per_expert, bool), f"{src}: proxy.steps_per_expert must be true or false")
     for key in ("resolution", "channels", "steps", "batch_size", "eval_every", "eval_batch", "eval_timesteps"):
         _need(int(getattr(proxy, key)) >= 1, f"{src}: proxy.{key} must be >= 1, got {getattr(proxy, key)}")
+    _need(proxy.reduction_factor >= 2, f"{src}: proxy.reduction_factor must be >= 2, got {proxy.reduction_factor}")
+    if proxy.prune_from is not None:
+        _need(proxy.warmup <= int(proxy.prune_from) <= proxy.steps,
+              f"{src}: proxy.prune_from must lie between warmup ({proxy.warmup}) and steps ({proxy.steps}), "
+              f"got {proxy.prune_from}: an earlier rung ranks warm-up, not the design")
     _need(0 < proxy.width_mult <= 1, f"{src}: proxy.width_mult must lie in (0, 1], got {proxy.width_mult}")
     from meme.fastpath import PRECISIONS
     _need(proxy.precision in PRECISIONS, f"{src}: proxy.precision must be one of {list(PRECISIONS)}, "

@@ -12,6 +12,9 @@ URL), the same user attributes whichever engine ran the trial, so optuna-dashboa
 ``constraint``            gflops - B (> 0: infeasible, never trained)
 ``config_yaml``           the candidate as MemeConfig YAML (target scale)
 ``trained_steps``         proxy optimizer steps actually run (0 for infeasible)
+``train_steps_total``     the same (all experts together): equal for every fully trained trial
+``train_gflops_total``    training compute spent: 3 x forward GFLOPs x images, at the proxy
+``seed``                  training seed (the same for every trial of a study)
 ``stopped_early``         the scheduler/pruner stopped it before proxy.steps
 ``wall_s/peak_mem_mb/device``  measured while training
 ``fail_reason``           one line, for FAIL trials
@@ -196,7 +199,8 @@ def prepare(trial: Any, s: Settings) -> Candidate:
 
 
 def result_attrs(res: TrialResult) -> dict[str, Any]:
-    return {"trained_steps": res.steps, "stopped_early": res.stopped_early, "wall_s": round(res.wall_s, 2),
+    return {"trained_steps": res.steps, "train_steps_total": res.steps, "train_gflops_total": round(res.train_gflops, 1),
+            "seed": res.seed, "stopped_early": res.stopped_early, "wall_s": round(res.wall_s, 2),
             "peak_mem_mb": round(res.peak_mem_mb, 1), "device": res.device, "params_proxy": res.params_proxy}
 
 

@@ -3,14 +3,16 @@
 A plain function of (config, proxy, report) that knows nothing of Ray or Optuna, so the
 Ray trainable, the plain Optuna loop and the tests all run the same code.
 
-* Every trial uses the same seed: same init stream, data order, timesteps and noise,
-  so two trials differ by their architecture, not their luck.
+* Every trial of a search uses the same seed (init stream, data order, timesteps and
+  noise), so two trials differ by their architecture, not their luck; ``nas.rerank``
+  trains the finalists again on other seeds to measure how much luck there is.
 * Experts are trained interleaved (step k trains expert k mod N, as ``meme.train``),
   each on soft-expert timesteps, with one AdamW over all experts. The budget is
-  ``proxy.steps`` per expert by default (N x steps optimizer steps): with a fixed
-  total, a 6-expert candidate would get a third of a 2-expert one's training per
-  expert and the search would learn "small N" from the proxy, not from the design.
-  ``report`` and ``eval_every`` count these budget steps, so rungs line up across N.
+  ``proxy.steps`` optimizer steps *in all*, whatever N: every candidate gets the same
+  training compute, the way the paper compares designs and the way a promoted winner
+  is trained. (``steps_per_expert`` gives N x steps instead; it ranks budgets, not
+  designs: with it every top trial of the default search had the largest N.)
+  ``report`` and ``eval_every`` count budget steps, so rungs line up across N.
 * Objective ``loss``: held-out eps-MSE averaged over a fixed, uniformly spaced t grid
   with fixed noise, each t denoised by the expert that owns it -- what a sampler sees,
   comparable across trials and cheap. ``fid``: clean-fid of DDIM samples vs held-out data.
@@ -51,7 +53,10 @@ class TrialResult:
     peak_mem_mb: float                   # CUDA max allocated, else process max RSS
     device: str
     params_proxy: int                    # parameters of the proxy-scale model
+    train_gflops: float = 0.0            # training compute spent: 3 x forward GFLOPs x images, summed
+    seed: int = 0
     history: list[tuple[int, float]] = field(default_factory=list)  # (budget step, objective)
+    elapsed: list[float] = field(default_factory=list)  # wall seconds at each history point
 
 
 @lru_cache(maxsize=4)
@@ -115,13 +120,33 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def train_gflops_per_step(cfg: MemeConfig, batch_size: int) -> list[float]:
+    """Training GFLOPs of one optimizer step of each expert (proxy-scale cfg).
+
+    Forward + backward = 3 x the forward pass (the usual 1 + 2 rule), attention included.
+    """
+    from meme.macs import cost_of_network
+
+    return [3.0 * batch_size * cost_of_network(a, cfg.data).gflops for a in cfg.experts]
+
+
+def training_gflops(step_gflops: list[float], steps: int) -> float:
+    """Training GFLOPs after ``steps`` interleaved optimizer steps (step k trains expert k mod N)."""
+    n = len(step_gflops)
+    full, part = divmod(steps, n)
+    return full * sum(step_gflops) + sum(step_gflops[:part])
+
+
 def run_trial(config: MemeConfig, proxy: ProxySpec, report: Report, *, objective: str = "loss",
-              device: Optional[str] = None, threads: Optional[int] = None) -> TrialResult:
+              device: Optional[str] = None, threads: Optional[int] = None, seed: Optional[int] = None) -> TrialResult:
     """Train ``config`` (TARGET shape; scaled here) on the proxy; report every eval_every budget steps.
 
     ``threads``: CPU threads for this trial (restored afterwards). Proxy models are small,
     and OpenMP threads that wait on a busy core slow them down by 100x, so engines pass
     the cores they reserved for the trial (Ray already sets OMP_NUM_THREADS).
+    ``seed``: overrides ``proxy.seed`` (init, data order, timesteps, noise); the held-out
+    images, their noise and the t grid stay those of ``proxy.seed``, so every seed is
+    scored on the same test.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -130,12 +155,13 @@ def run_trial(config: MemeConfig, proxy: ProxySpec, report: Report, *, objective
     if threads and dev.type == "cpu":
         torch.set_num_threads(max(1, int(threads)))
     try:
-        return _train(config, proxy, report, objective, dev)
+        return _train(config, proxy, report, objective, dev, proxy.seed if seed is None else int(seed))
     finally:
         torch.set_num_threads(old_threads)
 
 
-def _train(config: MemeConfig, proxy: ProxySpec, report: Report, objective: str, dev: torch.device) -> TrialResult:
+def _train(config: MemeConfig, proxy: ProxySpec, report: Report, objective: str, dev: torch.device,
+           seed: int) -> TrialResult:
     t0 = time.perf_counter()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -146,7 +172,7 @@ def _train(config: MemeConfig, proxy: ProxySpec, report: Report, objective: str,
     g_val = torch.Generator().manual_seed(proxy.seed + 99)
     val = val[torch.randperm(len(val), generator=g_val)[: proxy.eval_batch]]
 
-    torch.manual_seed(proxy.seed)
+    torch.manual_seed(seed)
     model = build_denoiser(cfg)
     fp = fast_path(dev, proxy.precision, model)
     fp.prepare(model, dev)
@@ -154,7 +180,8 @@ def _train(config: MemeConfig, proxy: ProxySpec, report: Report, objective: str,
     diffusion = Diffusion(cfg.diffusion)
     sampler = SoftExpertSampler(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=proxy.lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(proxy.seed + 1)
+    gen = torch.Generator().manual_seed(seed + 1)
+    step_gflops = train_gflops_per_step(cfg, proxy.batch_size)
     grid = eval_timesteps(diffusion.T, proxy.eval_timesteps)
     n_exp = cfg.num_experts
 
@@ -164,8 +191,9 @@ def _train(config: MemeConfig, proxy: ProxySpec, report: Report, objective: str,
         return heldout_loss(model, diffusion, val, grid, proxy.seed, dev, fp)
 
     history: list[tuple[int, float]] = []
+    elapsed: list[float] = []
     stopped, step, value = False, 0, math.nan
-    per = n_exp if proxy.steps_per_expert else 1
+    per = proxy.steps_per_budget_step(n_exp)
     total = proxy.total_steps(n_exp)
     model.train()
     while step < total:
@@ -191,10 +219,12 @@ def _train(config: MemeConfig, proxy: ProxySpec, report: Report, objective: str,
             if not math.isfinite(value):
                 raise TrialDiverged(f"held-out objective is {value} at step {step}")
             history.append((step // per, value))
+            elapsed.append(round(time.perf_counter() - t0, 3))
             if report(step // per, value) and step < total:
                 stopped = True
                 break
     return TrialResult(objective=value, steps=step, stopped_early=stopped,
                        wall_s=time.perf_counter() - t0, peak_mem_mb=peak_memory_mb(dev),
                        device=str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
-                       params_proxy=params, history=history)
+                       params_proxy=params, train_gflops=training_gflops(step_gflops, step), seed=seed, history=history,
+                       elapsed=elapsed)

@@ -30,6 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 TINY = str(REPO / "search_spaces" / "tiny.yaml")
 ATTRS = ("gflops", "gflops_per_expert", "params", "config_yaml", "stopped_early", "trained_steps", "constraint")
+TOTAL_STEPS = 24   # tiny.yaml proxy.steps: optimizer steps in all, whatever N
+FIRST_RUNG = 8     # max(steps / 3, warmup) rounded up to a report (eval_every 4)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
@@ -59,10 +61,16 @@ def _check_budget_respected(study: optuna.Study, budget: float) -> None:
             twin = study.trials[t.user_attrs["duplicate_of"]]  # reused, not retrained
             assert t.user_attrs["trained_steps"] == 0 and t.values == twin.values
             assert t.user_attrs["config_hash"] == twin.user_attrs["config_hash"]
-        elif t.state == TrialState.COMPLETE:
-            assert t.user_attrs["trained_steps"] > 0
+        elif t.state == TrialState.COMPLETE:  # fully trained: the same training compute whatever N
+            assert t.user_attrs["train_steps_total"] == t.user_attrs["trained_steps"] == TOTAL_STEPS
+            assert t.user_attrs["train_gflops_total"] > 0 and not t.user_attrs["stopped_early"]
+            assert max(t.intermediate_values) == TOTAL_STEPS
             for k in ("wall_s", "peak_mem_mb", "device"):
                 assert k in t.user_attrs
+        elif t.state == TrialState.PRUNED:  # stopped by the scheduler, never before the first rung
+            assert t.user_attrs["stopped_early"]
+            last = max(t.intermediate_values)
+            assert FIRST_RUNG <= last < TOTAL_STEPS and t.user_attrs["trained_steps"] == last
 
 
 def _run(argv: list[str]) -> int:
@@ -73,8 +81,8 @@ def _run(argv: list[str]) -> int:
 def optuna_study(tmp_path_factory):
     out = tmp_path_factory.mktemp("optuna")
     budget = _budget()
-    rc = _run(["--space", TINY, "--budget-gflops", str(budget), "--executor", "optuna", "--trials", "6",
-               "--out", str(out), "--study", "s", "--quiet"])
+    rc = _run(["--space", TINY, "--budget-gflops", str(budget), "--executor", "optuna", "--trials", "8",
+               "--out", str(out), "--study", "s", "--quiet", "--rerank-top", "2", "--rerank-seeds", "2"])
     assert rc == 0
     return out, budget
 
@@ -84,24 +92,45 @@ def test_optuna_executor_outputs(optuna_study):
     study = _study(out, "s")
     trials = study.get_trials()
     counted = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert len(counted) == 6
+    assert len(counted) == 8
     assert any(t.user_attrs["constraint"] > 0 for t in trials)    # the budget did reject some
     assert any(t.state == TrialState.COMPLETE for t in trials)
+    # the pruner did stop some (PRUNED, with their values), and they are not mistaken for rejections
+    stopped = [t for t in trials if t.state == TrialState.PRUNED and t.user_attrs["constraint"] <= 0]
+    assert stopped and all(t.intermediate_values for t in stopped)
     _check_budget_respected(study, budget)
     d = out / "s"
     df = pd.read_csv(d / "trials.csv")
-    assert len(df) == len(trials) and {"gflops", "status", "ratios"} <= set(df.columns)
+    assert len(df) == len(trials) and {"gflops", "status", "ratios", "train_steps_total",
+                                       "train_gflops_total"} <= set(df.columns)
+    assert set(df.loc[df.status == "complete", "train_steps_total"]) == {TOTAL_STEPS}
+    assert (df.loc[df.status == "stopped", "train_steps_total"] < TOTAL_STEPS).all()
     assert (d / "pareto.png").stat().st_size > 1000
     best = MemeConfig.load(d / "best.yaml")
     best_trial = min((t for t in trials if t.state == TrialState.COMPLETE and not t.user_attrs["stopped_early"]),
                      key=lambda t: t.value)
     assert best.hash() == MemeConfig.from_yaml(best_trial.user_attrs["config_yaml"]).hash()
     ref = json.loads((d / "reference.json").read_text())
-    assert ref["name"] == "tiny-hand" and ref["objective"] > 0 and ref["trained_steps"] == 24
-    # intermediate values sit at budget steps (per expert): rungs 4, 8, 12
+    assert ref["name"] == "tiny-hand" and ref["objective"] > 0 and ref["trained_steps"] == TOTAL_STEPS
+    # intermediate values sit at optimizer steps, every eval_every = 4
     for t in trials:
         if t.state == TrialState.COMPLETE:
-            assert set(t.intermediate_values) <= {4, 8, 12}
+            assert set(t.intermediate_values) <= set(range(4, TOTAL_STEPS + 1, 4))
+
+
+def test_search_ends_with_a_rerank_on_fresh_seeds(optuna_study):
+    out, _ = optuna_study
+    rr = json.loads((out / "s" / "rerank.json").read_text())
+    assert rr["seeds"] == [1, 2]                    # not the search's seed 0
+    names = [r["name"] for r in rr["designs"]]
+    assert names[0] == "tiny-hand" and len(names) == 3 and all(n.startswith("trial ") for n in names[1:])
+    for row in rr["designs"]:
+        assert row["n"] == 2 and row["train_steps_total"] == [TOTAL_STEPS]
+        assert row["mean"] == pytest.approx(np.mean(row["values"]))
+        assert row["std"] == pytest.approx(np.std(row["values"], ddof=1))
+    for row in rr["designs"][1:]:
+        assert row["vs_first"]["diff"] == pytest.approx(row["mean"] - rr["designs"][0]["mean"])
+        assert row["vs_first"]["verdict"] in ("better", "worse", "cannot tell apart")
 
 
 def test_export_writes_the_ranked_config(optuna_study, tmp_path):
@@ -143,7 +172,7 @@ def test_dashboard_serves_the_study(optuna_study):
 def test_multi_objective_pareto(tmp_path):
     budget = _budget()
     rc = _run(["--space", TINY, "--budget-gflops", str(budget), "--executor", "optuna", "--trials", "4",
-               "--objectives", "loss,gflops", "--out", str(tmp_path), "--study", "mo", "--no-reference", "--quiet"])
+               "--objectives", "loss,gflops", "--out", str(tmp_path), "--study", "mo", "--no-reference", "--quiet", "--rerank-top", "0"])
     assert rc == 0
     study = _study(tmp_path, "mo")
     assert len(study.directions) == 2
@@ -163,7 +192,7 @@ def _nan_space(tmp_path: Path) -> str:
 
 def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path):
     rc = _run(["--space", _nan_space(tmp_path), "--budget-gflops", "100", "--executor", "optuna", "--trials", "2",
-               "--out", str(tmp_path), "--study", "nan", "--no-reference", "--quiet"])
+               "--out", str(tmp_path), "--study", "nan", "--no-reference", "--quiet", "--rerank-top", "0"])
     assert rc == 0
     trials = _study(tmp_path, "nan").get_trials()
     fails = [t for t in trials if t.state == TrialState.FAIL]
@@ -189,7 +218,7 @@ def _states_readonly(db: Path) -> list[str]:
 def test_kill_9_then_resume_keeps_finished_trials(tmp_path):
     budget = _budget()
     cmd = [PY, "-m", "nas.search", "--space", TINY, "--budget-gflops", str(budget), "--executor", "optuna",
-           "--trials", "6", "--out", str(tmp_path), "--study", "k", "--no-reference", "--quiet"]
+           "--trials", "6", "--out", str(tmp_path), "--study", "k", "--no-reference", "--quiet", "--rerank-top", "0"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     db = tmp_path / "k" / "optuna.db"
     finished = []
@@ -259,7 +288,7 @@ def local_ray():
 def test_ray_executor(local_ray, tmp_path):
     budget = _budget()
     rc = _run(["--space", TINY, "--budget-gflops", str(budget), "--executor", "ray", "--trials", "6",
-               "--out", str(tmp_path), "--study", "r", "--quiet"])
+               "--out", str(tmp_path), "--study", "r", "--quiet", "--rerank-top", "0"])
     assert rc == 0
     assert local_ray.is_initialized()  # the search did not shut down a Ray it did not start
     study = _study(tmp_path, "r")
@@ -270,14 +299,15 @@ def test_ray_executor(local_ray, tmp_path):
         if t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs:
             last = max(t.intermediate_values)  # the final value is stored at its real step
             assert t.intermediate_values[last] == pytest.approx(t.value)
-            assert t.user_attrs["stopped_early"] == (last < 12)
-            assert t.user_attrs["trained_steps"] == last * t.user_attrs["num_experts"]
+            assert last == TOTAL_STEPS and t.user_attrs["trained_steps"] == TOTAL_STEPS
+    # ASHA-stopped trials are PRUNED (checked in _check_budget_respected), never COMPLETE
+    assert not [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs["stopped_early"]]
     assert (tmp_path / "r" / "best.yaml").exists() and (tmp_path / "r" / "reference.json").exists()
 
 
 def test_ray_failures_are_recorded(local_ray, tmp_path):
     rc = _run(["--space", _nan_space(tmp_path), "--budget-gflops", "100", "--executor", "ray", "--trials", "2",
-               "--out", str(tmp_path), "--study", "rn", "--no-reference", "--quiet"])
+               "--out", str(tmp_path), "--study", "rn", "--no-reference", "--quiet", "--rerank-top", "0"])
     assert rc == 0
     fails = [t for t in _study(tmp_path, "rn").get_trials() if t.state == TrialState.FAIL]
     assert len(fails) == 2
@@ -293,7 +323,7 @@ def test_reproposed_design_is_not_retrained(tmp_path):
         text = text.replace(old, new)
     (tmp_path / "two.yaml").write_text(text)
     rc = _run(["--space", str(tmp_path / "two.yaml"), "--budget-gflops", "100", "--executor", "optuna",
-               "--trials", "5", "--out", str(tmp_path), "--study", "two", "--no-reference", "--quiet"])
+               "--trials", "5", "--out", str(tmp_path), "--study", "two", "--no-reference", "--quiet", "--rerank-top", "0"])
     assert rc == 0
     study = _study(tmp_path, "two")
     dups = [t for t in study.trials if "duplicate_of" in t.user_attrs]

@@ -10,7 +10,8 @@ import pytest
 from meme.config import ConfigError, MemeConfig, head_step_grid
 from meme.references import TABLE4_HIGH_RATIOS
 from nas.proxy import proxy_config
-from nas.space import FixedTrial, build_config, load_space
+from meme.references import resolve
+from nas.space import FixedTrial, build_config, encode, load_space
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -77,21 +78,56 @@ def test_rules_off_do_produce_violations():
 
 
 def test_paper_table4_design_is_in_the_space():
-    """Hand-computed decrements reproduce Table 4 (N=4, p = .8 .4 .2 .1)."""
+    """Table 4 (N=4, p = .8 .4 .2 .1) is drawn by the positions encode() gives, by hand too."""
     space = load_space("meme_ffhq256")
-    # grids: stage widths 128/256/384/512 with 16-channel heads -> steps 1/8, 1/16, 1/24, 1/32
-    # expert 1: 3/4 is 1 step below 7/8; 5/8 is 2 below 3/4 (in 1/16); 1/2 is 3 below 5/8
-    # (in 1/24); 1/4 is 8 below 1/2 (in 1/32). Later experts: decrement below
-    # min(previous stage, previous expert).
-    params = {"num_experts": 4, "base_channels": 128, "num_res_blocks": 2, "pool_strides": "2,2,2,2",
-              "e0_s0": 1, "e0_s1": 2, "e0_s2": 3, "e0_s3": 8,
-              "e1_s0": 0, "e1_s1": 2, "e1_s2": 3, "e1_s3": 4,
-              "e2_s0": 0, "e2_s1": 2, "e2_s2": 3, "e2_s3": 2,
-              "e3_s0": 0, "e3_s1": 2, "e3_s2": 3, "e3_s3": 0,
-              "p0": 1, "p1": 2, "p2": 1, "p3": 1}
+    table4 = resolve("meme-table4")
+    params = encode(table4, space)
     cfg = build_config(FixedTrial(params), space)
     assert tuple(e.high_ratios for e in cfg.experts) == TABLE4_HIGH_RATIOS
     assert cfg.resolved_probs() == [0.8, 0.4, 0.2, 0.1]
+    # by hand: stage 1 of expert 1 ranges over 1/8..7/8 (7 values); 3/4 is the 6th -> centre 5.5/7.
+    # stage 2 (step 1/16) lies within 1/2 below 3/4: 1/4..3/4 = 9 values; 5/8 is the 7th -> 6.5/9.
+    assert params["e0_s0"] == pytest.approx(5.5 / 7) and params["e0_s1"] == pytest.approx(6.5 / 9)
+    # p_1 = 0.8 is choice 5 of 6 -> 4.5/6; p_2 = 0.4 lies in {0.2, 0.4, 0.6, 0.8} (3 steps down) -> 1.5/4
+    assert params["p0"] == pytest.approx(4.5 / 6) and params["p1"] == pytest.approx(1.5 / 4)
+
+
+def test_encode_inverts_build_config_on_random_draws():
+    for name in ("meme_ffhq256", "tiny"):
+        space = load_space(name)
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=5))
+        for _ in range(100):
+            cfg = build_config(study.ask(), space)
+            assert build_config(FixedTrial(encode(cfg, space)), space, name=cfg.name) == cfg
+
+
+def test_uniform_draws_spread_over_the_space():
+    """Random draws (TPE's start-up trials) must cover the space, not pile onto its floor.
+
+    Under the old decrement parametrisation 20% of draws were the all-minimum design
+    (now about 6%) and most of expert 1's deep-stage ratios sat on the grid floor.
+    """
+    space = load_space("meme_ffhq256")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    draws = [build_config(study.ask(), space) for _ in range(300)]
+    floors = [[space.stage_grid(c.experts[0].base_channels, s)[0] for s in range(space.num_stages)] for c in draws]
+    all_min = sum(all(Fraction(r) == f for e in c.experts for r, f in zip(e.high_ratios, fl))
+                  for c, fl in zip(draws, floors))
+    assert all_min / len(draws) < 0.08  # 1/7 of draws start at the floor; few of those stay there
+    # expert 1, share of draws on the grid floor per stage (old: .22 .43 .72 .88; now about .14 .13 .29 .48;
+    # later experts sit lower by the rules: each may drop below the one before)
+    for s in range(space.num_stages):
+        on_floor = [Fraction(c.experts[0].high_ratios[s]) == fl[s] for c, fl in zip(draws, floors)]
+        assert sum(on_floor) / len(on_floor) < 0.55, f"stage {s + 1}: {sum(on_floor) / len(on_floor):.2f} on the floor"
+    assert sum(Fraction(c.experts[0].high_ratios[2]) == fl[2] for c, fl in zip(draws, floors)) < 0.4 * len(draws)
+    # expert 1, stage 1: every legal value drawn, none more than twice its fair share
+    grid = space.stage_grid(128, 0)
+    top = [Fraction(c.experts[0].high_ratios[0]) for c in draws if c.experts[0].base_channels == 128]
+    counts = [top.count(g) for g in grid]
+    assert min(counts) > 0 and max(counts) < 2 * len(top) / len(grid), counts
+    # p_1 spread over its choices too
+    p1 = [c.resolved_probs()[0] for c in draws]
+    assert min(p1.count(p) for p in space.probs.choices) > 0.5 * len(draws) / len(space.probs.choices)
 
 
 def test_proxy_keeps_every_head_step_exact():
@@ -135,5 +171,6 @@ def test_bad_space_files_give_one_line_errors(tmp_path):
         load_space(_write(tmp_path, text.replace("width_mult: 1/2", "width_mult: 1/3")))
     with pytest.raises(ConfigError, match="boundaries.mode"):
         load_space(_write(tmp_path, text.replace("mode: searchable", "mode: random")))
-    for exc_text in (str(e) for e in []):
-        assert "\n" not in exc_text
+    with pytest.raises(ConfigError) as info:
+        load_space(_write(tmp_path, text.replace("max_decrement: 2", "max_decrement: [2")))
+    assert "\n" not in str(info.value)
