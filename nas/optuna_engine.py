@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 from tqdm import tqdm
 
 from nas.study import (Deadline, Settings, counted, log_trial, make_sampler, one_line, prepare,
-                       result_attrs, values_for)
+                       result_attrs, status_text, values_for)
 from nas.trial import run_trial
 
 log = logging.getLogger("nas.search")
@@ -43,12 +43,14 @@ def run(s: Settings, storage: optuna.storages.BaseStorage) -> optuna.Study:
         try:
             cand = prepare(trial, s)
             if not cand.feasible:
+                trial.set_user_attr("status", status_text("rejected", over=cand.gflops - s.budget.gflops))
                 study.tell(trial, state=TrialState.PRUNED)
                 log_trial(trial.number, cand.config.num_experts, cand.gflops, None,
                           "REJECTED (over budget, not trained)", write=bar.write)
                 bar.update(1)
                 continue
             if cand.duplicate_of is not None:
+                trial.set_user_attr("status", status_text("duplicate", twin=cand.duplicate_of))
                 study.tell(trial, cand.duplicate_values)
                 log_trial(trial.number, cand.config.num_experts, cand.gflops, cand.duplicate_values[0],
                           f"COMPLETE  (duplicate of trial {cand.duplicate_of}: result reused)", write=bar.write)
@@ -68,6 +70,7 @@ def run(s: Settings, storage: optuna.storages.BaseStorage) -> optuna.Study:
                             threads=max(1, int(s.cpus_per_trial)))
         except Exception as exc:  # recorded, and the search goes on
             trial.set_user_attr("fail_reason", one_line(exc))
+            trial.set_user_attr("status", status_text("failed", reason=one_line(exc)))
             study.tell(trial, state=TrialState.FAIL)
             log_trial(trial.number, cand.config.num_experts if cand else None, cand.gflops if cand else None,
                       None, f"FAIL  {one_line(exc)}", write=bar.write)
@@ -75,9 +78,11 @@ def run(s: Settings, storage: optuna.storages.BaseStorage) -> optuna.Study:
         for k, v in result_attrs(res).items():
             trial.set_user_attr(k, v)
         if res.stopped_early:
+            trial.set_user_attr("status", status_text("stopped", step=res.history[-1][0]))
             study.tell(trial, state=TrialState.PRUNED)
             state = f"PRUNED at step {res.steps}"
         else:
+            trial.set_user_attr("status", status_text("trained"))
             study.tell(trial, values_for(res.objective, cand.gflops, s))
             state = "COMPLETE"
         log_trial(trial.number, cand.config.num_experts, cand.gflops, res.objective,

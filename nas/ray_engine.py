@@ -25,7 +25,7 @@ import optuna
 from optuna.trial import TrialState
 
 from meme.cli import UserError
-from nas.study import Deadline, Settings, log_trial, make_sampler, prepare, values_for
+from nas.study import Deadline, Settings, log_trial, make_sampler, prepare, status_text, values_for
 
 log = logging.getLogger("nas.search")
 METRIC = "objective"
@@ -172,14 +172,16 @@ def _make_searcher_class():
             values, state, value, extra = None, TrialState.FAIL, None, ""
             if not meta.get("feasible", True):
                 state, extra = TrialState.PRUNED, "REJECTED (over budget, not trained)"
+                status = status_text("rejected", over=g - self.settings.budget.gflops)
             elif meta.get("duplicate_of") is not None:
                 state, values, value = TrialState.COMPLETE, meta["duplicate_values"], meta["duplicate_values"][0]
                 extra = f"COMPLETE  (duplicate of trial {meta['duplicate_of']}: result reused)"
+                status = status_text("duplicate", twin=meta["duplicate_of"])
             elif error or "fail_reason" in result or METRIC not in result:
                 reason = result.get("fail_reason") or ("trial errored in Ray" if error else "no result reported")
                 ot.set_user_attr("fail_reason", reason)
                 record_progress(ot, result)
-                extra = f"FAIL  {reason}"
+                extra, status = f"FAIL  {reason}", status_text("failed", reason=reason)
             else:
                 value = float(result[METRIC])
                 step = int(result.get("step", 0))
@@ -190,14 +192,16 @@ def _make_searcher_class():
                     ot.report(value, step)  # the result ASHA stopped on never reached on_trial_result
                 if not math.isfinite(value):
                     ot.set_user_attr("fail_reason", f"objective is {value}")
-                    extra = f"FAIL  objective is {value}"
+                    extra, status = f"FAIL  objective is {value}", status_text("failed", reason=f"objective is {value}")
                 elif early:
                     state, extra = TrialState.PRUNED, f"PRUNED at step {step}  ({float(result.get('wall_s', 0)):.0f} s)"
+                    status = status_text("stopped", step=step)
                 else:
                     state, values = TrialState.COMPLETE, values_for(value, g, self.settings)
-                    extra = f"COMPLETE  ({float(result.get('wall_s', 0)):.0f} s)"
+                    extra, status = f"COMPLETE  ({float(result.get('wall_s', 0)):.0f} s)", status_text("trained")
             self.reported.pop(trial_id, None)
             try:
+                ot.set_user_attr("status", status)
                 self.study.tell(ot, values, state=state)
             except Exception as exc:  # never lose the run over one bookkeeping error
                 log.warning("could not record trial %s: %s", ot.number, exc)

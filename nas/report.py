@@ -54,7 +54,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     df = study.trials_dataframe(attrs=("number", "value", "values", "state", "params", "duration"), multi_index=False)
     rows = []
     for t in study.get_trials(deepcopy=False):
-        row: dict[str, Any] = {"number": t.number, "status": status(t)}
+        row: dict[str, Any] = {"number": t.number, "status": status(t), "detail": t.user_attrs.get("status")}
         for k in CSV_ATTRS:
             v = t.user_attrs.get(k)
             row[k] = ",".join(f"{x:.3f}" for x in v) if isinstance(v, list) else v
@@ -104,14 +104,15 @@ def plot_pareto(study: optuna.Study, path: Path, budget: float, reference: Optio
     fig, ax = plt.subplots(figsize=(7.5, 5))
     trials = study.get_trials(deepcopy=False)
     full = [(t.user_attrs["gflops"], quality(t)) for t in trials if is_full(t)]
-    stopped = [(t.user_attrs["gflops"], quality(t)) for t in trials if quality(t) is not None and not is_full(t)]
+    stopped = [(t.user_attrs["gflops"], t.intermediate_values[max(t.intermediate_values)]) for t in trials
+               if status(t) == "stopped" and t.intermediate_values]
     rejected = [t.user_attrs["gflops"] for t in trials if status(t) == "rejected"]
     if full:
         ax.scatter(*zip(*full), c="tab:blue", label="feasible, fully trained", zorder=3)
         front = pareto_front(full)
         ax.step(*zip(*front), where="post", c="tab:blue", alpha=0.5, label="Pareto front")
     if stopped:
-        ax.scatter(*zip(*stopped), c="tab:blue", alpha=0.3, marker="o", label="stopped early (ASHA/pruner)")
+        ax.scatter(*zip(*stopped), c="tab:blue", alpha=0.3, marker="o", label="stopped early (last value before the pruner stopped it)")
     qs = [q for _, q in full + stopped] + ([reference["objective"]] if reference and reference.get("objective") else [])
     y_top = max(qs) if qs else 1.0
     if rejected:

@@ -22,8 +22,8 @@ from meme.cli import UserError, main_guard
 from nas import reference as ref_mod
 from nas.budget import check_feasible, reference_costs, resolve_budget
 from nas.space import DEFAULT_SPACE, load_space
-from nas.study import (Settings, check_compatible, counted, fail_stale_running, open_storage, storage_url_for,
-                       study_attrs)
+from nas.study import (Settings, check_compatible, counted, fail_stale_running, name_metrics, open_storage,
+                       storage_url_for, study_attrs)
 
 log = logging.getLogger("nas.search")
 EXECUTORS = ("ray", "optuna")
@@ -146,6 +146,7 @@ def main_impl(argv=None) -> int:
             print(f"resume: {n} trial(s) left RUNNING by the interrupted run marked FAIL")
     study = optuna.create_study(storage=storage, study_name=study_name, directions=s.directions, load_if_exists=True)
     check_compatible(study, s)
+    name_metrics(study, objectives)
     for k, v in study_attrs(s).items():
         study.set_user_attr(k, v)
     done = counted(study)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -89,29 +90,41 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
 
 
-# Optuna >= 5 stores constraints on the trial (Trial.set_constraint); older versions
-# take a constraints_func that the sampler calls after each trial.
-_NATIVE_CONSTRAINTS = hasattr(optuna.trial.Trial, "set_constraint")
-
-
 def constraint_of(trial: optuna.trial.FrozenTrial) -> list[float]:
-    """constraints_func (Optuna < 5): <= 0 feasible. Trials without the attr count as feasible."""
+    """GFLOPs over budget (<= 0: feasible); trials without the attr count as feasible."""
     return [float(trial.user_attrs.get("constraint", 0.0))]
 
 
 def set_constraint(trial: Any, value: float) -> None:
-    """Tell the sampler how far over budget a candidate is (<= 0: feasible)."""
+    """Record how far over budget a candidate is; the sampler reads it through constraint_of."""
     trial.set_user_attr("constraint", value)
-    if _NATIVE_CONSTRAINTS:
-        trial.set_constraint("gflops_over_budget", value)
 
 
 def make_sampler(s: Settings) -> optuna.samplers.BaseSampler:
-    kw = {} if _NATIVE_CONSTRAINTS else {"constraints_func": constraint_of}
-    if s.multi:
-        return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=max(4, min(20, s.trials // 3)), **kw)
-    return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=max(3, min(10, s.trials // 3)),
-                                      multivariate=True, group=True, **kw)
+    """TPE (or NSGA-II for a Pareto search), told about the budget as a constraint.
+
+    The constraint goes through ``constraints_func``: Optuna stores its values as the
+    ``constraints`` list that both its constraint-aware samplers and optuna-dashboard
+    (0.15-0.21) read. ``Trial.set_constraint`` (Optuna 5) stores them under keys the
+    dashboard does not read, so every trial would show no constraint there.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*constraints_func.*", category=FutureWarning)
+        if s.multi:
+            return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=max(4, min(20, s.trials // 3)),
+                                                 constraints_func=constraint_of)
+        return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=max(3, min(10, s.trials // 3)),
+                                          multivariate=True, group=True, constraints_func=constraint_of)
+
+
+METRIC_NAMES = {"loss": "held-out loss", "fid": "FID", "gflops": "GFLOPs per step"}
+
+
+def name_metrics(study: optuna.Study, objectives: tuple[str, ...]) -> None:
+    """The dashboard's axes and best-trial card say what is measured, not 'Objective 0'."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([METRIC_NAMES[o] for o in objectives])
 
 
 def counted(study: optuna.Study) -> int:
@@ -127,6 +140,7 @@ def fail_stale_running(storage: optuna.storages.BaseStorage, study_name: str) ->
     n = 0
     for t in storage.get_all_trials(sid, deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
         storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted: the search process was killed")
+        storage.set_trial_user_attr(t._trial_id, "status", status_text("failed", reason="interrupted"))
         storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         n += 1
     return n
@@ -180,7 +194,8 @@ def prepare(trial: Any, s: Settings) -> Candidate:
     attrs = {"gflops": c.gflops, "gflops_mean": c.gflops_mean, "gflops_max": c.gflops_max,
              "gflops_per_expert": c.gflops_per_expert, "params": c.params, "paper_units": c.paper_units,
              "num_experts": cfg.num_experts, "config_yaml": cfg.to_yaml(), "config_hash": cfg.hash(),
-             "trained_steps": 0, "stopped_early": False}
+             "trained_steps": 0, "stopped_early": False, **readable_attrs(cfg, c.params),
+             "status": "running"}
     for k, v in attrs.items():
         trial.set_user_attr(k, v)
     set_constraint(trial, c.gflops - s.budget.gflops)
@@ -196,6 +211,26 @@ def prepare(trial: Any, s: Settings) -> Candidate:
             if not s.multi:
                 trial.report(v, step)
     return cand
+
+
+def readable_attrs(cfg: MemeConfig, params: int) -> dict[str, Any]:
+    """The architecture as a person reads it in the dashboard (one sortable column each)."""
+    out: dict[str, Any] = {"N": cfg.num_experts, "params_M": round(params / 1e6, 2),
+                           "p_n": " ".join(f"{p:g}" for p in cfg.resolved_probs()),
+                           "boundaries": " ".join(str(b) for b in cfg.resolved_boundaries())}
+    for n, e in enumerate(cfg.experts, 1):
+        out[f"expert_{n}"] = " ".join(e.high_ratios)
+    return out
+
+
+def status_text(kind: str, *, over: float = 0.0, twin: Optional[int] = None, step: Optional[int] = None,
+                reason: str = "") -> str:
+    """The ``status`` attr: what happened to a trial, in words (same under both engines)."""
+    return {"trained": "trained",
+            "rejected": f"rejected: over budget by {over:.2f} GFLOPs",
+            "duplicate": f"duplicate of #{twin}",
+            "stopped": f"stopped early at step {step}",
+            "failed": f"failed: {reason}"}[kind]
 
 
 def result_attrs(res: TrialResult) -> dict[str, Any]:

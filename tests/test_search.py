@@ -45,32 +45,55 @@ def _study(out: Path, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{out / name / 'optuna.db'}")
 
 
+def _check_readable(t) -> None:
+    """What a person sees in the dashboard: the decoded design, and what happened to it."""
+    cfg = MemeConfig.from_yaml(t.user_attrs["config_yaml"])
+    assert t.user_attrs["N"] == cfg.num_experts
+    assert t.user_attrs["params_M"] == pytest.approx(t.user_attrs["params"] / 1e6, abs=0.01)
+    for n, e in enumerate(cfg.experts, 1):
+        assert t.user_attrs[f"expert_{n}"] == " ".join(e.high_ratios)
+    assert t.user_attrs["p_n"] == " ".join(f"{p:g}" for p in cfg.resolved_probs())
+    assert t.user_attrs["boundaries"].split() == [str(b) for b in cfg.resolved_boundaries()]
+    # the constraint in the list form optuna-dashboard reads, and Optuna's samplers too
+    assert t.system_attrs["constraints"] == [t.user_attrs["constraint"]]
+    assert list(t.constraints.values()) == [t.user_attrs["constraint"]]
+
+
 def _check_budget_respected(study: optuna.Study, budget: float) -> None:
+    assert study.metric_names[0] == "held-out loss"
     for t in study.get_trials(deepcopy=False):
         if t.state == TrialState.FAIL and "interrupted" in t.user_attrs.get("fail_reason", ""):
+            assert t.user_attrs["status"] == "failed: interrupted"
             continue
         for k in ATTRS:
             assert k in t.user_attrs, f"trial {t.number} lacks {k}"
-        MemeConfig.from_yaml(t.user_attrs["config_yaml"])
+        if t.state != TrialState.FAIL:
+            _check_readable(t)
+        status = t.user_attrs["status"]
         over = t.user_attrs["gflops"] > budget
         assert over == (t.user_attrs["constraint"] > 0)
         if over:  # never trained
             assert t.state == TrialState.PRUNED and t.user_attrs["trained_steps"] == 0
             assert not t.intermediate_values
+            assert status == f"rejected: over budget by {t.user_attrs['gflops'] - budget:.2f} GFLOPs"
         elif t.state == TrialState.COMPLETE and "duplicate_of" in t.user_attrs:
             twin = study.trials[t.user_attrs["duplicate_of"]]  # reused, not retrained
+            assert status == f"duplicate of #{twin.number}"
             assert t.user_attrs["trained_steps"] == 0 and t.values == twin.values
             assert t.user_attrs["config_hash"] == twin.user_attrs["config_hash"]
         elif t.state == TrialState.COMPLETE:  # fully trained: the same training compute whatever N
             assert t.user_attrs["train_steps_total"] == t.user_attrs["trained_steps"] == TOTAL_STEPS
             assert t.user_attrs["train_gflops_total"] > 0 and not t.user_attrs["stopped_early"]
-            assert max(t.intermediate_values) == TOTAL_STEPS
+            assert status == "trained" and max(t.intermediate_values, default=TOTAL_STEPS) == TOTAL_STEPS
             for k in ("wall_s", "peak_mem_mb", "device"):
                 assert k in t.user_attrs
         elif t.state == TrialState.PRUNED:  # stopped by the scheduler, never before the first rung
             assert t.user_attrs["stopped_early"]
             last = max(t.intermediate_values)
             assert FIRST_RUNG <= last < TOTAL_STEPS and t.user_attrs["trained_steps"] == last
+            assert status == f"stopped early at step {last}"
+        elif t.state == TrialState.FAIL:
+            assert status == f"failed: {t.user_attrs['fail_reason']}"
 
 
 def _run(argv: list[str]) -> int:
@@ -199,6 +222,7 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path):
     assert len(fails) >= 2  # it kept going after the first failure
     for t in fails:
         assert "TrialDiverged" in t.user_attrs["fail_reason"] and "nan" in t.user_attrs["fail_reason"]
+        assert t.user_attrs["status"] == f"failed: {t.user_attrs['fail_reason']}"
 
 
 def _states_readonly(db: Path) -> list[str]:
@@ -247,6 +271,7 @@ def test_kill_9_then_resume_keeps_finished_trials(tmp_path):
     assert len(counted) == 6
     interrupted = [t for t in after.values() if t.state == TrialState.FAIL]
     assert all("interrupted" in t.user_attrs["fail_reason"] for t in interrupted)
+    assert all(t.user_attrs["status"] == "failed: interrupted" for t in interrupted)
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -312,6 +337,7 @@ def test_ray_failures_are_recorded(local_ray, tmp_path):
     fails = [t for t in _study(tmp_path, "rn").get_trials() if t.state == TrialState.FAIL]
     assert len(fails) == 2
     assert all("TrialDiverged" in t.user_attrs["fail_reason"] for t in fails)
+    assert all(t.user_attrs["status"].startswith("failed: TrialDiverged") for t in fails)
 
 
 def test_reproposed_design_is_not_retrained(tmp_path):
