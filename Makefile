@@ -42,7 +42,7 @@ bench: $(STAMP)
 	$(PY) -m nas.bench --quick $(ARGS)
 
 dashboard: $(STAMP)
-	$(VENV)/bin/optuna-dashboard sqlite:///results/$(or $(STUDY),meme-ffhq256-b95)/optuna.db
+	$(PY) -m nas.dashboard $(or $(STUDY),meme-ffhq256-b95) $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
