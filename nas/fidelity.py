@@ -37,6 +37,7 @@ from nas.space import ProxySpec, SearchSpace, build_config, load_space, parse_pr
 from nas.stats import rank_correlation, summarize
 
 TARGET_SPEARMAN = 0.6
+SEPARATED_Z = 2.0   # a difference counts as real when it exceeds this many standard errors over seeds
 
 
 # ---- which architectures ----------------------------------------------------------------
@@ -121,6 +122,32 @@ def correlate(names: list[str], seeds: list[int], low: dict[tuple[str, int], flo
     return out
 
 
+def within_n_pairs(archs: list[tuple[str, MemeConfig, float]], seeds: list[int], low: dict, high: dict) -> dict:
+    """Pairs of the same N that the high fidelity separates beyond seed noise, and whether
+    the proxy orders each the same way, also beyond its own noise.
+
+    Across N the ranking is easy (at equal training steps fewer experts win at both
+    fidelities), so a high Spearman over all architectures can hide a proxy that cannot
+    rank the designs within one N -- which is most of what the search compares.
+    """
+    def z(values: dict, a: str, b: str) -> float:
+        sa, sb = summarize([values[(a, s)] for s in seeds]), summarize([values[(b, s)] for s in seeds])
+        se = (sa.std ** 2 + sb.std ** 2) ** 0.5
+        return (sa.mean - sb.mean) / se if se > 0 else float(np.sign(sa.mean - sb.mean)) * np.inf
+
+    pairs = []
+    for i, (a, ca, _) in enumerate(archs):
+        for b, cb, _ in archs[i + 1:]:
+            if ca.num_experts == cb.num_experts:
+                zh, zl = z(high, a, b), z(low, a, b)
+                pairs.append({"a": a, "b": b, "z_high": float(zh), "z_proxy": float(zl),
+                              "separated": bool(abs(zh) > SEPARATED_Z),
+                              "right": bool(abs(zh) > SEPARATED_Z and np.sign(zh) == np.sign(zl)
+                                            and abs(zl) > SEPARATED_Z)})
+    sep = [p for p in pairs if p["separated"]]
+    return {"pairs": pairs, "separated": len(sep), "right": sum(p["right"] for p in sep)}
+
+
 def run_study(space: SearchSpace, archs: list[tuple[str, MemeConfig, float]], seeds: list[int], high: ProxySpec,
               proxy_max: ProxySpec, variants: dict[str, ProxySpec], *, jobs: int, device: Optional[str],
               out: Path, progress: bool = True) -> dict[str, Any]:
@@ -148,6 +175,7 @@ def run_study(space: SearchSpace, archs: list[tuple[str, MemeConfig, float]], se
         gfl = np.mean([training_gflops(train_gflops_per_step(proxy_config(c, p), p.batch_size),
                                        steps * p.steps_per_budget_step(c.num_experts)) for _, c, _ in archs])
         corr = correlate(names, seeds, values, high_val)
+        corr["within_n"] = within_n_pairs(archs, seeds, values, high_val)
         rows.append({"proxy": label, "steps": steps, "resolution": p.resolution, "width_mult": str(p.width_mult),
                      "wall_s_per_run": float(np.mean(walls)), "train_gflops_per_run": float(gfl),
                      "cost_vs_high": float(gfl / high_gflops), **corr,
@@ -170,10 +198,11 @@ def run_study(space: SearchSpace, archs: list[tuple[str, MemeConfig, float]], se
             if len(vals) == len(names) * len(seeds):
                 add_row(label if label != "proxy" else "space proxy", p, st, vals, walls)
 
-    meeting = [r for r in rows if r["spearman"]["value"] >= TARGET_SPEARMAN]
+    meeting = [r for r in rows if r["spearman"]["value"] >= TARGET_SPEARMAN
+               and r["within_n"]["right"] == r["within_n"]["separated"]]
     cheapest = min(meeting, key=lambda r: r["train_gflops_per_run"]) if meeting else None
     return {
-        "space": space.name, "seeds": seeds, "target_spearman": TARGET_SPEARMAN,
+        "space": space.name, "seeds": seeds, "target_spearman": TARGET_SPEARMAN, "separated_z": SEPARATED_Z,
         "high": {**high.digest(), "train_gflops_per_run": float(high_gflops), "wall_s_per_run": float(high_wall)},
         "proxy": proxy_max.digest(), "variants": {k: v.digest() for k, v in variants.items()},
         "architectures": [{"name": n, "num_experts": c.num_experts, "gflops": g, "config_yaml": c.to_yaml(),
@@ -194,8 +223,8 @@ def table(result: dict[str, Any]) -> str:
              f"{len(result['architectures'])} architectures x seeds {result['seeds']}.",
              "",
              "| proxy | steps | res | width | train GFLOPs/run | vs high | wall s/run | Spearman [95% CI] "
-             "| Kendall [95% CI] | proxy seed-to-seed | high seed-to-seed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| Kendall [95% CI] | proxy seed-to-seed | high seed-to-seed | same-N pairs right |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         sp, kd = r["spearman"], r["kendall"]
         s2s = r.get("seed_to_seed_spearman", {})
@@ -203,9 +232,13 @@ def table(result: dict[str, Any]) -> str:
                      f"{r['train_gflops_per_run']:.0f} | {r['cost_vs_high']:.3f} | {r['wall_s_per_run']:.1f} | "
                      f"{sp['value']:+.2f} [{sp['ci_low']:+.2f}, {sp['ci_high']:+.2f}] | "
                      f"{kd['value']:+.2f} [{kd['ci_low']:+.2f}, {kd['ci_high']:+.2f}] | "
-                     f"{s2s.get('proxy', float('nan')):+.2f} | {s2s.get('high', float('nan')):+.2f} |")
+                     f"{s2s.get('proxy', float('nan')):+.2f} | {s2s.get('high', float('nan')):+.2f} | "
+                     f"{r['within_n']['right']}/{r['within_n']['separated']} |")
     c = result["cheapest_meeting_target"]
-    lines += ["", f"Cheapest proxy with Spearman >= {result['target_spearman']}: "
+    lines += ["", f"Same-N pairs right: of the pairs of equal N that the high fidelity separates (difference > "
+              f"{result['separated_z']:g} standard errors over seeds), how many the proxy orders the same way, "
+              f"also beyond {result['separated_z']:g} standard errors.",
+              "", f"Cheapest proxy with Spearman >= {result['target_spearman']} and every separated same-N pair right: "
               + (f"{c['proxy']} at {c['steps']} steps ({c['train_gflops_per_run']:.0f} training GFLOPs per run)."
                  if c else "none of those measured.")]
     return "\n".join(lines) + "\n"

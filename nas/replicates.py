@@ -34,7 +34,7 @@ class Run:
     objective: str = "loss"
 
     def key(self) -> str:
-        digest = json.dumps([self.config.hash(), self.proxy.digest(), self.seed, self.objective], sort_keys=True,
+        digest = json.dumps([self.config.hash(), self.proxy.training_digest(), self.seed, self.objective], sort_keys=True,
                             default=str)
         return hashlib.sha1(digest.encode()).hexdigest()[:16]
 

@@ -78,8 +78,9 @@ def parse_objectives(args) -> tuple[str, ...]:
     return objs
 
 
-def dashboard_command(url: str) -> str:
-    return f"optuna-dashboard {url}"
+def dashboard_command(url: str, out: Path) -> str:
+    """How to open this study in optuna-dashboard (our wrapper refuses a missing database)."""
+    return f"python -m nas.dashboard {out if url.startswith('sqlite') else url}"
 
 
 def main_impl(argv=None) -> int:
@@ -156,7 +157,7 @@ def main_impl(argv=None) -> int:
           f"width x{space.proxy.width_mult}, {space.proxy.steps} steps"
           f"{' per expert' if space.proxy.steps_per_expert else ' in all (equal for every N)'}"
           f"{f'; time budget {time_budget:g} s' if time_budget else ''}")
-    print(f"watch it:  {dashboard_command(url)}")
+    print(f"watch it:  {dashboard_command(url, out)}")
 
     ref_path = out / "reference.json"
     ref_cfg = None if args.no_reference else space.reference_config()
@@ -202,7 +203,7 @@ def main_impl(argv=None) -> int:
     if args.rerank_top > 0 and args.rerank_seeds > 0:
         _rerank(study, s, ref_cfg, args.rerank_top, args.rerank_seeds)
     print(f"wall time {time.perf_counter() - t_start:.0f} s")
-    print(f"open the study:  {dashboard_command(url)}")
+    print(f"open the study:  {dashboard_command(url, out)}")
     return 0
 
 

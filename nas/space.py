@@ -154,6 +154,13 @@ class ProxySpec:
         d["diffusion"] = dataclasses.asdict(self.diffusion) if self.diffusion else None
         return d
 
+    def training_digest(self) -> dict[str, Any]:
+        """What determines a full training run (the pruning schedule does not)."""
+        d = self.digest()
+        for key in ("prune_from", "reduction_factor"):
+            d.pop(key)
+        return d
+
 
 @dataclass(frozen=True)
 class SearchSpace:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 
 from nas import dashboard, search
@@ -31,9 +32,14 @@ def test_finds_a_study_by_name_dir_or_file(tiny_study):
     assert dashboard.resolve_storage("postgresql+psycopg://u@127.0.0.1/db") == "postgresql+psycopg://u@127.0.0.1/db"
 
 
-def test_the_curated_default_study_ships_its_database():
-    url = dashboard.resolve_storage(dashboard.DEFAULT_STUDY, results=REPO / "results")
+def test_the_curated_default_study_ships_its_database(tmp_path):
+    """A fresh clone has no results/<study>/ of its own: the curated copy is found and opens."""
+    (tmp_path / "curated").symlink_to(REPO / "results" / "curated")
+    url = dashboard.resolve_storage(dashboard.DEFAULT_STUDY, results=tmp_path)
     assert url.endswith("results/curated/meme-ffhq256-b95/optuna.db")
+    study = optuna.load_study(study_name=dashboard.DEFAULT_STUDY, storage=url)
+    assert study.metric_names == ["held-out loss"] and len(study.trials) >= 20
+    assert all("status" in t.user_attrs and "expert_1" in t.user_attrs for t in study.trials)
 
 
 def test_missing_study_is_one_line_and_creates_nothing(tmp_path, capsys):

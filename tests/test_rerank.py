@@ -90,6 +90,16 @@ def test_fidelity_study_end_to_end(tmp_path):
     assert full["spearman"]["value"] == pytest.approx(sps.spearmanr(lo, hi).statistic)
     assert full["kendall"]["value"] == pytest.approx(sps.kendalltau(lo, hi).statistic)
     assert full["spearman"]["ci_low"] <= full["spearman"]["value"] <= full["spearman"]["ci_high"]
+    # same-N pairs: every pair of equal N is listed, with z-scores recomputed here by hand
+    within = full["within_n"]
+    same_n = [(a["name"], b["name"]) for i, a in enumerate(archs) for b in archs[i + 1:]
+              if a["num_experts"] == b["num_experts"]]
+    assert [(p["a"], p["b"]) for p in within["pairs"]] == same_n
+    for p in within["pairs"]:
+        a, b = (next(x for x in archs if x["name"] == n) for n in (p["a"], p["b"]))
+        z = (a["high_mean"] - b["high_mean"]) / np.hypot(a["high_std"], b["high_std"])
+        assert p["z_high"] == pytest.approx(z) and p["separated"] == (abs(z) > 2)
+    assert within["separated"] == sum(p["separated"] for p in within["pairs"])
     # costs are measured, and the high fidelity costs more than any proxy row
     assert all(0 < r["cost_vs_high"] < 1 for r in rows)
     assert rows[0]["train_gflops_per_run"] * 12 == pytest.approx(full["train_gflops_per_run"], rel=1e-6)
