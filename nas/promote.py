@@ -59,7 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m nas.promote", description=__doc__.splitlines()[0])
     p.add_argument("--study", required=True, type=Path, help="study directory (results/<study>)")
     p.add_argument("--top", type=int, default=3, help="how many of the best trials (default %(default)s)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: meme.train's)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps in all, over every expert: the same for every promoted config, whatever "
+                        "its N, as in the search (default: meme.train's)")
     p.add_argument("--n", type=int, default=10000, help="samples for FID (default %(default)s)")
     p.add_argument("--no-reference", action="store_true", help="do not promote the study's reference design")
     p.add_argument("--out", type=Path, default=None, help="default STUDY/promoted")
