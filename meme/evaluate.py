@@ -297,8 +297,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--split", default="train", choices=("train", "val"), help="split of the real data")
     p.add_argument("--cache-dir", type=Path, default=None, help=f"folder of cached reference statistics (default: ${CACHE_ENV}/fid-stats or ~/.cache/meme/fid-stats)")
     p.add_argument("--k", type=int, default=3, help="k of k-NN precision/recall")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=32, help="images per Inception forward (default %(default)s)")
+    p.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1 ... (default %(default)s)")
     p.add_argument("--out", type=Path, default=None, help="result JSON (default RUN/eval.json)")
     return p.parse_args(argv)
 

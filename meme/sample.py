@@ -205,13 +205,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=64, help="number of images")
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="reverse process (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per forward (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed: same seed, same samples (default %(default)s)")
     p.add_argument("--low-memory", action="store_true", help="one expert on the device at a time")
     p.add_argument("--offload-dir", type=Path, default=None, help="with --low-memory: keep states on disk here")
     p.add_argument("--no-ema", action="store_true", help="sample the raw weights instead of the EMA")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1 ... (default %(default)s)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 where the device runs it natively (GPU, AMX CPUs), else fp32")
     p.add_argument("--compile", action="store_true",

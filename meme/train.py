@@ -23,9 +23,9 @@ import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch.optim.swa_utils import AveragedModel
@@ -50,29 +50,35 @@ class TrainingDiverged(UserError):
     """The loss became NaN/inf; the last good checkpoint is kept untouched."""
 
 
+def _opt(default: Any, help: str, choices: Optional[tuple] = None) -> Any:
+    """A TrainOptions field whose help (and choices) the CLI flag reuses."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass
 class TrainOptions:
     """Everything about a run that is not the model itself (saved beside the checkpoints)."""
 
-    data: Optional[str] = None      # dataset spec for meme.data.load_data (None = Fashion-MNIST)
-    steps: int = 20_000             # total optimizer steps over all experts
-    batch_size: int = 64            # images per step
-    lr: float = 2e-4                # AdamW peak learning rate
-    warmup: int = 500               # linear warm-up steps
-    weight_decay: float = 0.0       # AdamW decoupled weight decay
-    ema_decay: float = 0.999        # EMA decay (warmed up as min(decay, (1+n)/(10+n)))
-    grad_clip: float = 1.0          # max global grad norm (0 = off)
-    schedule: str = "interleaved"   # 'interleaved' or 'sequential' expert training
-    seed: int = 0                   # model init, data order, timesteps and noise
-    ckpt_every: int = 1000          # steps between checkpoints
-    sample_every: int = 2000        # steps between sample grids (0 = off)
-    sample_steps: int = 50          # DDIM steps for the grids
-    log_every: int = 50             # steps between CSV rows / bar updates
-    limit_data: Optional[int] = None  # use only the first N training images
-    device: str = "auto"            # 'auto', 'cpu', 'cuda', 'cuda:1'...
-    precision: str = "auto"         # 'auto' (meme.fastpath decides), 'bf16' or 'fp32'
-    threads: Optional[int] = None   # CPU threads (default: torch's); set it when sharing the cores
-    compile: bool = False           # torch.compile each expert's training forward (pays on long runs)
+    data: Optional[str] = _opt(None, "dataset spec for meme.data.load_data (None = Fashion-MNIST)")
+    steps: int = _opt(20_000, "total optimizer steps over all experts")
+    batch_size: int = _opt(64, "images per step")
+    lr: float = _opt(2e-4, "AdamW peak learning rate")
+    warmup: int = _opt(500, "linear warm-up steps")
+    weight_decay: float = _opt(0.0, "AdamW decoupled weight decay")
+    ema_decay: float = _opt(0.999, "EMA decay (warmed up as min(decay, (1+n)/(10+n)))")
+    grad_clip: float = _opt(1.0, "max global grad norm (0 = off)")
+    schedule: str = _opt("interleaved", "expert training order: interleaved or sequential (the paper's)",
+                         ("interleaved", "sequential"))
+    seed: int = _opt(0, "model init, data order, timesteps and noise")
+    ckpt_every: int = _opt(1000, "steps between checkpoints")
+    sample_every: int = _opt(2000, "steps between sample grids (0 = off)")
+    sample_steps: int = _opt(50, "DDIM steps for the grids")
+    log_every: int = _opt(50, "steps between CSV rows / bar updates")
+    limit_data: Optional[int] = _opt(None, "use only the first N training images")
+    device: str = _opt("auto", "'auto', 'cpu', 'cuda', 'cuda:1'...")
+    precision: str = _opt("auto", "auto (meme.fastpath decides), bf16 or fp32", ("auto", "bf16", "fp32"))
+    threads: Optional[int] = _opt(None, "CPU threads (default: torch's); set it when sharing the cores")
+    compile: bool = _opt(False, "torch.compile each expert's training forward (pays on long runs)")
 
 
 def expert_for_step(step: int, num_experts: int, total_steps: int, schedule: str) -> int:
@@ -274,10 +280,12 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainOptions]:
                 "sample_every": int, "sample_steps": int, "log_every": int, "limit_data": int, "threads": int,
                 "lr": float, "weight_decay": float, "ema_decay": float, "grad_clip": float,
                 "compile": bool}.get(f.name, str)
+        help_text, choices = f.metadata["help"], f.metadata["choices"]
         if kind is bool:
-            p.add_argument(flag, action="store_true", help="off by default")
+            p.add_argument(flag, action="store_true", help=f"{help_text} (off by default)")
             continue
-        p.add_argument(flag, type=kind, default=getattr(defaults, f.name))
+        p.add_argument(flag, type=kind, default=getattr(defaults, f.name), choices=choices,
+                       help=f"{help_text} (default %(default)s)")
     args = p.parse_args(argv)
     opts = TrainOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions)})
     return args, opts

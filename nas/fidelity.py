@@ -292,7 +292,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=None, help="runs side by side (default: one per CPU core)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available)")
     p.add_argument("--out", type=Path, default=None, help="default results/fidelity-<space>")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 

@@ -15,10 +15,10 @@ import logging
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 from meme.cli import UserError, main_guard
+from nas.cli import package_version
 from nas import reference as ref_mod
 from nas.budget import check_feasible, reference_costs, resolve_budget
 from nas.space import DEFAULT_SPACE, load_space
@@ -42,17 +42,20 @@ def ray_available() -> bool:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = _Parser(prog="python -m nas.search", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"meme-nas {package_version()}")
     p.add_argument("--space", default=DEFAULT_SPACE, help="search space YAML or name in search_spaces/ (default %(default)s)")
     b = p.add_argument_group("budget")
     b.add_argument("--budget-gflops", type=float, default=None, help="GFLOPs per denoising step at the target shape")
     b.add_argument("--budget-like", default=None, help="take the budget from a reference config (ldm-s, meme-table4, ...)")
-    b.add_argument("--budget-mode", default="mean", help="'mean' (interval-weighted, default) or 'max' (every expert)")
+    b.add_argument("--budget-mode", default="mean", choices=("mean", "max"),
+                   help="'mean' (interval-weighted, default) or 'max' (every expert)")
     r = p.add_argument_group("run")
     r.add_argument("--trials", type=int, default=None, help="trials in the study, rejected ones included (default: space's)")
     r.add_argument("--time-budget", type=float, default=None, help="seconds after which no new trial starts")
-    r.add_argument("--objective", default="loss", help="'loss' (held-out denoising loss, default) or 'fid'")
+    r.add_argument("--objective", default="loss", choices=("loss", "fid"),
+                   help="'loss' (held-out denoising loss, default) or 'fid'")
     r.add_argument("--objectives", default=None, help="multi-objective, e.g. 'loss,gflops' (NSGA-II, Pareto front)")
-    r.add_argument("--executor", default=None, help="'ray' (default when installed) or 'optuna'")
+    r.add_argument("--executor", default=None, choices=EXECUTORS, help="'ray' (default when installed) or 'optuna'")
     r.add_argument("--study", default=None, help="study name (default <space>-b<budget>)")
     r.add_argument("--out", default="results", help="results root; the study lives in OUT/<study> (default %(default)s)")
     r.add_argument("--resume", action="store_true", help="continue an interrupted study (finished trials are kept)")
@@ -64,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--rerank-seeds", type=int, default=3, help="seeds per re-ranked design (default %(default)s)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     c = p.add_argument_group("cluster")
-    c.add_argument("--cpus-per-trial", type=float, default=1.0)
+    c.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPU cores reserved per trial (default %(default)s)")
     c.add_argument("--gpus-per-trial", type=float, default=None, help="fractions allowed (default 0.5 if a GPU is visible)")
     c.add_argument("--address", default=None, help="Ray cluster to join (default $RAY_ADDRESS, else local)")
     c.add_argument("--storage", default=None, help="Optuna RDB URL (postgresql://..., mysql://...); default sqlite in OUT/<study>")
@@ -87,11 +90,8 @@ def main_impl(argv=None) -> int:
     t_start = time.perf_counter()
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", message=".*ExperimentalWarning.*")
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
     executor = args.executor or ("ray" if ray_available() else "optuna")
     if executor not in EXECUTORS:

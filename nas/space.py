@@ -34,7 +34,17 @@ import yaml
 from meme.config import (ArchConfig, ConfigError, DataShape, DiffusionConfig, MemeConfig,
                          head_step_grid, parse_fraction)
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+def _spaces_dir() -> Path:
+    """The shipped spaces: search_spaces/ in a checkout, the package data nas.spaces when installed."""
+    checkout = Path(__file__).resolve().parent.parent / "search_spaces"
+    if checkout.is_dir():
+        return checkout
+    from importlib.resources import files
+
+    return Path(str(files("nas.spaces")))
+
+
+SPACES_DIR = _spaces_dir()
 DEFAULT_SPACE = "meme_ffhq256"
 
 

@@ -110,6 +110,8 @@ def make_sampler(s: Settings) -> optuna.samplers.BaseSampler:
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*constraints_func.*", category=FutureWarning)
+        # TPE's multivariate `group` mode is marked experimental; it is what a conditional space needs
+        warnings.filterwarnings("ignore", message=".*``group``.*", category=optuna.exceptions.ExperimentalWarning)
         if s.multi:
             return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=max(4, min(20, s.trials // 3)),
                                                  constraints_func=constraint_of)

@@ -1,0 +1,61 @@
+"""One entry point for every user-facing command: ``meme-nas COMMAND [ARGS...]``.
+
+``meme-nas search --budget-gflops 95`` is ``python -m nas.search --budget-gflops 95``;
+each command keeps its own ``--help``. Installed as a console script (setup.cfg).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from importlib.metadata import PackageNotFoundError, version
+
+COMMANDS = {  # name -> (module, one line)
+    "search": ("nas.search", "architecture search under a per-step GFLOPs budget"),
+    "rerank": ("nas.rerank", "re-train designs on fresh seeds; mean +- std and Welch t-tests"),
+    "fidelity": ("nas.fidelity", "rank correlation of the proxy against higher-fidelity training"),
+    "dashboard": ("nas.dashboard", "open a study in optuna-dashboard"),
+    "export": ("nas.export", "a study's K-th best config as YAML"),
+    "promote": ("nas.promote", "train, sample and evaluate a study's top K at full scale"),
+    "train": ("meme.train", "train a MEME (all experts, soft-expert sampling)"),
+    "sample": ("meme.sample", "sample a trained run"),
+    "evaluate": ("meme.evaluate", "FID / precision / recall of a run's samples"),
+    "frequency": ("meme.frequency", "Fourier analysis of feature maps per expert"),
+    "macs": ("meme.macs", "parameters, MACs and GFLOPs of a config"),
+    "bench": ("nas.bench", "speed, memory and engine-overhead benchmark"),
+}
+
+
+def package_version() -> str:
+    try:
+        return version("meme-nas")
+    except PackageNotFoundError:  # running from a checkout that was never installed
+        return "unknown (not installed)"
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: meme-nas COMMAND [ARGS...]   (meme-nas COMMAND --help for its options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "  --version   print the version", "  --help      this message"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] == "--version":
+        print(f"meme-nas {package_version()}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}; one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    sys.argv = [f"meme-nas {name}", *rest]  # argparse names the command in its usage line
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

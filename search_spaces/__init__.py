@@ -1,0 +1,1 @@
+"""Search spaces shipped with MEME-NAS (installed as the package data ``nas.spaces``)."""
