@@ -36,6 +36,7 @@ from cleanfid.fid import frechet_distance
 from cleanfid.resize import build_resizer
 from tqdm import tqdm
 
+from meme.checkpoint import atomic_write
 from meme.cli import UserError, main_guard, pick_device, setup_logging
 from meme.config import DataShape
 from meme.data import load_data
@@ -217,10 +218,8 @@ def reference_stats(data_spec: Optional[str],             # meme.data spec; None
     log.info("reference: %d %s images (%s split) at %dx%d", len(images), name, split, *images.shape[1:3])
     feats = inception_features(images, batch_size, device, progress=progress)
     mu, sigma = feature_stats(feats)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, mu=mu, sigma=sigma, feats=feats, n=len(images))
-    os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    # atomic: a concurrent reader never sees half a file
+    atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, feats=feats, n=len(images)))
     return ReferenceStats(mu, sigma, feats, len(images), name, path)
 
 

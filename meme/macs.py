@@ -39,6 +39,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from meme.checkpoint import atomic_write_json
 from meme.config import ArchConfig, DataShape, MemeConfig
 
 log = logging.getLogger(__name__)
@@ -360,10 +361,7 @@ def _disk_put(key: str, cost: NetCost) -> None:
     if d is None:
         return
     try:
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f".{key}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(dataclasses.asdict(cost)))
-        os.replace(tmp, d / f"{key}.json")  # atomic: parallel trials may race
+        atomic_write_json(dataclasses.asdict(cost), d / f"{key}.json")  # parallel trials may race
     except OSError as exc:
         log.debug("MACs cache not written (%s)", exc)
 

@@ -179,7 +179,6 @@ def test_bad_inputs_are_rejected(tmp_path):
 
 def test_cli_writes_eval_json_and_caches_reference(tmp_path, capsys, caplog):
     """End to end on Fashion-MNIST (the default data): run dir in, eval.json out, cache reused."""
-    pytest.importorskip("meme.data")
     run, cache = tmp_path / "run", tmp_path / "cache"
     (run / "samples").mkdir(parents=True)
     np.savez(run / "samples" / "samples.npz", samples=smooth_images(8, size=28, channels=1))

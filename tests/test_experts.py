@@ -96,7 +96,6 @@ def test_state_dict_and_buffers_hold_only_expert_tensors():
 
 def test_build_denoiser_from_config():
     """Real networks of two kinds behind one denoiser; routing matches direct calls."""
-    pytest.importorskip("meme.networks")
     unet = ArchConfig(kind="unet", base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
                       attention_ds=(2,), head_channels=16)
     iunet = ArchConfig(kind="iunet", base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
