@@ -70,12 +70,24 @@ def test_quick_run_writes_every_row_and_column(quick_run):
     assert by[("memory", "meme-table4", "peak_device_mem_normal")]["value"] == "n/a (cpu)"
     assert by[("target", "iU-Net expert training", "mfu (H100/H200 bf16)")]["value"] == bench.NOT_MEASURED
     assert by[("search", "engine_ray", "overhead")]["value"] == "skipped (--engines)"
-    # Fast paths are timed against fp32 eager of the same model: fp32 is 1.0x itself.
+    # Ratios are recomputed from the rows' own values: a speed-up is ref time / this time,
+    # an img/s ratio is this / ref, and the MACs ratio is the reference's MACs over this model's.
     for m in bench.FAST_PATH_MODELS:
-        assert float(by[("fastpath", m, "ms_fp32")]["vs_ref"]) == 1.0
-    # The reference is 1.0x itself, and its MACs ratio is exactly 1.
+        fp32 = float(by[("fastpath", m, "ms_fp32")]["value"])
+        for (sec, item, metric), r in by.items():
+            if sec == "fastpath" and item == m and metric.startswith("ms_"):
+                assert float(r["vs_ref"]) == pytest.approx(fp32 / float(r["value"]), rel=0.01, abs=0.006)  # the CSV rounds ratios to 2 decimals
     ref = by[("sampling", "ldm-l", "img_per_s")]
-    assert float(ref["vs_ref"]) == 1.0 and float(ref["macs_ratio"]) == 1.0
+    mine = by[("sampling", "meme-table4", "img_per_s")]
+    assert float(mine["vs_ref"]) == pytest.approx(float(mine["value"]) / float(ref["value"]), rel=0.01, abs=0.006)  # the CSV rounds ratios to 2 decimals
+    steps = by[("sampling", "meme-table4", "ms_per_step")]
+    assert float(steps["vs_ref"]) == pytest.approx(float(by[("sampling", "ldm-l", "ms_per_step")]["value"])
+                                                   / float(steps["value"]), rel=0.01, abs=0.006)  # the CSV rounds ratios to 2 decimals
+    from meme.macs import cost_of_meme
+    from meme.references import resolve
+    macs = {n: sum(e.macs for e in cost_of_meme(resolve(n)).experts) / resolve(n).num_experts
+            for n in ("ldm-l", "meme-table4")}
+    assert float(mine["macs_ratio"]) == pytest.approx(macs["ldm-l"] / macs["meme-table4"], rel=0.05)
     assert "3x16x16 b4 4 steps" == by[("sampling", "meme-table4", "img_per_s")]["shape"]
     # The stdout table carries the same rows.
     for m in bench.SAMPLING_MODELS:
