@@ -35,9 +35,20 @@ class ConfigError(ValueError):
     """A config value is invalid; the message is one line naming the field."""
 
 
-def _require(cond: bool, msg: str) -> None:
+def require(cond: bool, msg: str) -> None:
+    """Raise a one-line ConfigError unless cond holds."""
     if not cond:
         raise ConfigError(msg)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """yaml.safe_load with a one-line error naming the source and line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise ConfigError(f"{source}: malformed YAML{where}: {getattr(exc, 'problem', exc)}") from None
 
 
 def parse_fraction(value: Any, where: str) -> Fraction:
@@ -61,8 +72,8 @@ class DataShape:
     latent: bool = True        # True: LDM latents (3x64x64 = a 256x256 image)
 
     def validate(self) -> None:
-        _require(self.channels >= 1, f"data.channels must be >= 1, got {self.channels}")
-        _require(self.resolution >= 4, f"data.resolution must be >= 4, got {self.resolution}")
+        require(self.channels >= 1, f"data.channels must be >= 1, got {self.channels}")
+        require(self.resolution >= 4, f"data.resolution must be >= 4, got {self.resolution}")
 
 
 @dataclass(frozen=True)
@@ -75,10 +86,10 @@ class DiffusionConfig:
     beta_end: float = 0.0195                # DDPM: 2e-2, LDM: 0.0195
 
     def validate(self) -> None:
-        _require(self.timesteps >= 2, f"diffusion.timesteps must be >= 2, got {self.timesteps}")
-        _require(self.schedule in BETA_SCHEDULES,
+        require(self.timesteps >= 2, f"diffusion.timesteps must be >= 2, got {self.timesteps}")
+        require(self.schedule in BETA_SCHEDULES,
                  f"diffusion.schedule must be one of {list(BETA_SCHEDULES)}, got {self.schedule!r}")
-        _require(0 < self.beta_start < self.beta_end < 1,
+        require(0 < self.beta_start < self.beta_end < 1,
                  f"diffusion betas need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
 
     @classmethod
@@ -120,35 +131,35 @@ class ArchConfig:
         return [int(f * d) for f, d in zip(self.high_fractions(), self.stage_channels())]
 
     def validate(self, where: str = "arch") -> None:
-        _require(self.kind in NETWORK_KINDS, f"{where}.kind must be one of {list(NETWORK_KINDS)}, got {self.kind!r}")
-        _require(self.base_channels >= 8 and self.base_channels % 8 == 0,
+        require(self.kind in NETWORK_KINDS, f"{where}.kind must be one of {list(NETWORK_KINDS)}, got {self.kind!r}")
+        require(self.base_channels >= 8 and self.base_channels % 8 == 0,
                  f"{where}.base_channels must be a positive multiple of 8, got {self.base_channels}")
-        _require(len(self.channel_mult) >= 1 and all(m >= 1 for m in self.channel_mult),
+        require(len(self.channel_mult) >= 1 and all(m >= 1 for m in self.channel_mult),
                  f"{where}.channel_mult must be a non-empty list of positive ints, got {list(self.channel_mult)}")
-        _require(self.num_res_blocks >= 1, f"{where}.num_res_blocks must be >= 1, got {self.num_res_blocks}")
-        _require(self.head_channels >= 1, f"{where}.head_channels must be >= 1, got {self.head_channels}")
-        _require(0.0 <= self.dropout < 1.0, f"{where}.dropout must be in [0, 1), got {self.dropout}")
+        require(self.num_res_blocks >= 1, f"{where}.num_res_blocks must be >= 1, got {self.num_res_blocks}")
+        require(self.head_channels >= 1, f"{where}.head_channels must be >= 1, got {self.head_channels}")
+        require(0.0 <= self.dropout < 1.0, f"{where}.dropout must be in [0, 1), got {self.dropout}")
         for c in self.stage_channels():
-            _require(c % self.head_channels == 0,
+            require(c % self.head_channels == 0,
                      f"{where}: stage width {c} is not a multiple of head_channels={self.head_channels}")
         if self.kind == "unet":
             allowed = [2 ** i for i in range(self.num_stages)]
             for ds in self.attention_ds:
-                _require(ds in allowed, f"{where}.attention_ds: {ds} is not a stage downsample factor {allowed}")
+                require(ds in allowed, f"{where}.attention_ds: {ds} is not a stage downsample factor {allowed}")
             return
         n = self.num_stages
-        _require(len(self.high_ratios) == n,
+        require(len(self.high_ratios) == n,
                  f"{where}.high_ratios needs one d_h/d per stage ({n}), got {len(self.high_ratios)}")
-        _require(len(self.pool_strides) == n,
+        require(len(self.pool_strides) == n,
                  f"{where}.pool_strides needs one stride per stage ({n}), got {len(self.pool_strides)}")
         for s, (r, d) in enumerate(zip(self.high_fractions(), self.stage_channels())):
             step = Fraction(self.head_channels, d)
             allowed = head_step_grid(d, self.head_channels)
-            _require(r in allowed,
+            require(r in allowed,
                      f"{where}.high_ratios[{s}]={r} is not a head step for width {d} "
                      f"(multiples of {step} in [0, {allowed[-1]}] with even d_h)")
         for s, p in enumerate(self.pool_strides):
-            _require(p in (1, 2, 4), f"{where}.pool_strides[{s}] must be 1, 2 or 4, got {p}")
+            require(p in (1, 2, 4), f"{where}.pool_strides[{s}] must be 1, 2 or 4, got {p}")
 
 
 def head_step_grid(width: int, head_channels: int) -> list[Fraction]:
@@ -200,26 +211,26 @@ class MemeConfig:
 
     # ---- validation ----------------------------------------------------------
     def validate(self) -> "MemeConfig":
-        _require(bool(self.name) and isinstance(self.name, str), "name must be a non-empty string")
-        _require(self.num_experts >= 1, "experts must list at least one expert")
+        require(bool(self.name) and isinstance(self.name, str), "name must be a non-empty string")
+        require(self.num_experts >= 1, "experts must list at least one expert")
         self.data.validate()
         self.diffusion.validate()
         for i, e in enumerate(self.experts):
             e.validate(f"experts[{i}]")
-            _require(self.data.resolution % (2 ** (e.num_stages - 1)) == 0,
+            require(self.data.resolution % (2 ** (e.num_stages - 1)) == 0,
                      f"experts[{i}]: data.resolution {self.data.resolution} is not divisible by "
                      f"2^{e.num_stages - 1} (one halving per stage)")
         T = self.diffusion.timesteps
         if self.boundaries:
             b = list(self.boundaries)
-            _require(len(b) == self.num_experts + 1,
+            require(len(b) == self.num_experts + 1,
                      f"boundaries needs N+1 = {self.num_experts + 1} values (0 .. {T}), got {len(b)}")
-            _require(b[0] == 0 and b[-1] == T, f"boundaries must start at 0 and end at T={T}, got {b}")
-            _require(all(x < y for x, y in zip(b, b[1:])), f"boundaries must be strictly increasing, got {b}")
+            require(b[0] == 0 and b[-1] == T, f"boundaries must start at 0 and end at T={T}, got {b}")
+            require(all(x < y for x, y in zip(b, b[1:])), f"boundaries must be strictly increasing, got {b}")
         if self.expert_probs:
-            _require(len(self.expert_probs) == self.num_experts,
+            require(len(self.expert_probs) == self.num_experts,
                      f"expert_probs needs one p_n per expert ({self.num_experts}), got {len(self.expert_probs)}")
-            _require(all(0.0 <= p <= 1.0 for p in self.expert_probs),
+            require(all(0.0 <= p <= 1.0 for p in self.expert_probs),
                      f"expert_probs must lie in [0, 1], got {list(self.expert_probs)}")
         return self
 
@@ -244,13 +255,13 @@ class MemeConfig:
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "config") -> "MemeConfig":
-        _require(isinstance(d, dict), f"{source}: top level must be a mapping, got {type(d).__name__}")
-        _check_keys(d, {f.name for f in dataclasses.fields(cls)}, source)
-        _require("experts" in d and isinstance(d["experts"], list) and d["experts"],
+        require(isinstance(d, dict), f"{source}: top level must be a mapping, got {type(d).__name__}")
+        check_keys(d, {f.name for f in dataclasses.fields(cls)}, source)
+        require("experts" in d and isinstance(d["experts"], list) and d["experts"],
                  f"{source}: 'experts' must be a non-empty list")
         experts = tuple(_arch_from_dict(e, f"{source}: experts[{i}]") for i, e in enumerate(d["experts"]))
-        data = _sub(DataShape, d.get("data", {}), f"{source}: data")
-        diffusion = _sub(DiffusionConfig, d.get("diffusion", {}), f"{source}: diffusion")
+        data = from_mapping(DataShape, d.get("data", {}), f"{source}: data")
+        diffusion = from_mapping(DiffusionConfig, d.get("diffusion", {}), f"{source}: diffusion")
         try:
             cfg = cls(
                 name=str(d.get("name", Path(source).stem)),
@@ -266,13 +277,7 @@ class MemeConfig:
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "config") -> "MemeConfig":
-        try:
-            d = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            line = getattr(getattr(exc, "problem_mark", None), "line", None)
-            where = f" (line {line + 1})" if line is not None else ""
-            raise ConfigError(f"{source}: malformed YAML{where}: {getattr(exc, 'problem', exc)}") from None
-        return cls.from_dict(d, source)
+        return cls.from_dict(parse_yaml(text, source), source)
 
     @classmethod
     def load(cls, path: str | Path) -> "MemeConfig":
@@ -291,14 +296,16 @@ def _plain(x: Any) -> Any:
     return x
 
 
-def _check_keys(d: dict, allowed: set[str], where: str) -> None:
+def check_keys(d: dict, allowed: set[str], where: str) -> None:
+    """Unknown fields are an error that lists the allowed ones (typos never pass silently)."""
     unknown = sorted(set(d) - allowed)
-    _require(not unknown, f"{where}: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+    require(not unknown, f"{where}: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
 
 
-def _sub(cls: type, d: Any, where: str):
-    _require(isinstance(d, dict), f"{where} must be a mapping")
-    _check_keys(d, {f.name for f in dataclasses.fields(cls)}, where)
+def from_mapping(cls: type, d: Any, where: str):
+    """A dataclass from a YAML mapping; wrong type, unknown field or bad value: one line."""
+    require(isinstance(d, dict), f"{where} must be a mapping")
+    check_keys(d, {f.name for f in dataclasses.fields(cls)}, where)
     try:
         return cls(**d)
     except TypeError as exc:
@@ -306,14 +313,14 @@ def _sub(cls: type, d: Any, where: str):
 
 
 def _arch_from_dict(d: Any, where: str) -> ArchConfig:
-    _require(isinstance(d, dict), f"{where} must be a mapping")
-    _check_keys(d, {f.name for f in dataclasses.fields(ArchConfig)}, where)
+    require(isinstance(d, dict), f"{where} must be a mapping")
+    check_keys(d, {f.name for f in dataclasses.fields(ArchConfig)}, where)
     d = dict(d)
     for key in ("channel_mult", "attention_ds", "pool_strides"):
         if key in d:
-            _require(isinstance(d[key], (list, tuple)), f"{where}.{key} must be a list")
+            require(isinstance(d[key], (list, tuple)), f"{where}.{key} must be a list")
             d[key] = tuple(int(v) for v in d[key])
     if "high_ratios" in d:
-        _require(isinstance(d["high_ratios"], (list, tuple)), f"{where}.high_ratios must be a list")
+        require(isinstance(d["high_ratios"], (list, tuple)), f"{where}.high_ratios must be a list")
         d["high_ratios"] = tuple(str(parse_fraction(v, f"{where}.high_ratios")) for v in d["high_ratios"])
     return ArchConfig(**d)

@@ -29,10 +29,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
-import yaml
 
-from meme.config import (ArchConfig, ConfigError, DataShape, DiffusionConfig, MemeConfig,
-                         head_step_grid, parse_fraction)
+from meme.config import (ArchConfig, ConfigError, DataShape, DiffusionConfig, MemeConfig, check_keys,
+                         from_mapping, head_step_grid, parse_fraction, parse_yaml, require)
 
 def _spaces_dir() -> Path:
     """The shipped spaces: search_spaces/ in a checkout, the package data nas.spaces when installed."""
@@ -304,27 +303,27 @@ def encode(cfg: MemeConfig, space: SearchSpace) -> dict[str, Any]:
     e0 = cfg.experts[0]
     params: dict[str, Any] = {"num_experts": cfg.num_experts}
     where = f"{cfg.name}: not in space {space.name}"
-    _need(cfg.num_experts in space.num_experts, f"{where} (N={cfg.num_experts})")
-    _need(all(dataclasses.replace(e, high_ratios=e0.high_ratios) == e0 for e in cfg.experts),
+    require(cfg.num_experts in space.num_experts, f"{where} (N={cfg.num_experts})")
+    require(all(dataclasses.replace(e, high_ratios=e0.high_ratios) == e0 for e in cfg.experts),
           f"{where} (experts differ in macro shape)")
     for key, choices in (("base_channels", space.macro.base_channels), ("num_res_blocks", space.macro.num_res_blocks),
                          ("pool_strides", tuple(_strides_str(p) for p in space.macro.pool_strides))):
         value = _strides_str(e0.pool_strides) if key == "pool_strides" else getattr(e0, key)
-        _need(value in choices, f"{where} ({key}={value})")
+        require(value in choices, f"{where} ({key}={value})")
         if len(choices) > 1:
             params[key] = value
     rows = [[Fraction(r) for r in e.high_ratios] for e in cfg.experts]
     for n, row in enumerate(rows):
         for s, r in enumerate(row):
             legal = ratio_choices(space, e0.base_channels, s, row[s - 1] if s else None, rows[n - 1][s] if n else None)
-            _need(r in legal, f"{where} (expert {n + 1} stage {s + 1}: {r} not in {[str(x) for x in legal]})")
+            require(r in legal, f"{where} (expert {n + 1} stage {s + 1}: {r} not in {[str(x) for x in legal]})")
             params[f"e{n}_s{s}"] = _position(legal, r)
     idx: list[int] = []
     for n, p in enumerate(cfg.resolved_probs()):
-        _need(p in space.probs.choices, f"{where} (p_{n + 1}={p})")
+        require(p in space.probs.choices, f"{where} (p_{n + 1}={p})")
         legal = prob_choices(space, idx[-1] if idx else None)
         i = space.probs.choices.index(p)
-        _need(i in legal, f"{where} (p_{n + 1}={p} breaks the p_n rule)")
+        require(i in legal, f"{where} (p_{n + 1}={p} breaks the p_n rule)")
         params[f"p{n}"] = _position(legal, i)
         idx.append(i)
     if space.boundaries.mode == "searchable":
@@ -337,7 +336,7 @@ def encode(cfg: MemeConfig, space: SearchSpace) -> dict[str, Any]:
         else:
             raise ConfigError(f"{where} (boundaries {cfg.resolved_boundaries()})")
     else:
-        _need(not cfg.boundaries, f"{where} (the space's boundaries are uniform)")
+        require(not cfg.boundaries, f"{where} (the space's boundaries are uniform)")
     return params
 
 
@@ -388,20 +387,15 @@ def load_space(spec: str | Path | None = None) -> SearchSpace:
     """Parse and check a space file; every error is one line naming the field."""
     path = resolve_space_path(spec)
     src = str(path)
-    try:
-        d = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"{src}: malformed YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    _need(isinstance(d, dict), f"{src}: top level must be a mapping")
-    _keys(d, _TOP_KEYS, src)
+    d = parse_yaml(path.read_text(), src)
+    require(isinstance(d, dict), f"{src}: top level must be a mapping")
+    check_keys(d, _TOP_KEYS, src)
     target = _map(d.get("target"), f"{src}: target")
-    _keys(target, {"data", "diffusion", "expert"}, f"{src}: target")
+    check_keys(target, {"data", "diffusion", "expert"}, f"{src}: target")
     data = _dc(DataShape, target.get("data", {}), f"{src}: target.data")
     diffusion = _dc(DiffusionConfig, target.get("diffusion", {}), f"{src}: target.diffusion")
     expert = dict(_map(target.get("expert"), f"{src}: target.expert"))
-    _need(expert.get("kind", "iunet") == "iunet", f"{src}: target.expert.kind must be 'iunet' (ratios are searched)")
+    require(expert.get("kind", "iunet") == "iunet", f"{src}: target.expert.kind must be 'iunet' (ratios are searched)")
     expert.setdefault("kind", "iunet")
     expert.setdefault("attention_ds", [])
     n_stages = len(expert.get("channel_mult", ArchConfig().channel_mult))
@@ -414,11 +408,11 @@ def load_space(spec: str | Path | None = None) -> SearchSpace:
         raise ConfigError(str(exc)) from None
 
     s = _map(d.get("search"), f"{src}: search")
-    _keys(s, {"num_experts", "ratios", "probs", "boundaries", "macro"}, f"{src}: search")
+    check_keys(s, {"num_experts", "ratios", "probs", "boundaries", "macro"}, f"{src}: search")
     n_exp = tuple(int(x) for x in _list(s.get("num_experts", [4]), f"{src}: search.num_experts"))
-    _need(all(n >= 1 for n in n_exp), f"{src}: search.num_experts must be positive ints, got {list(n_exp)}")
+    require(all(n >= 1 for n in n_exp), f"{src}: search.num_experts must be positive ints, got {list(n_exp)}")
     r = _map(s.get("ratios", {}), f"{src}: search.ratios")
-    _keys(r, {f.name for f in dataclasses.fields(RatioRules)}, f"{src}: search.ratios")
+    check_keys(r, {f.name for f in dataclasses.fields(RatioRules)}, f"{src}: search.ratios")
     ratios = RatioRules(
         min=str(r.get("min", "step")), max=str(r.get("max", "grid")),
         max_drop_depth=parse_fraction(r.get("max_drop_depth", "1/2"), f"{src}: search.ratios.max_drop_depth"),
@@ -428,23 +422,23 @@ def load_space(spec: str | Path | None = None) -> SearchSpace:
         v = getattr(ratios, key)
         if v not in ("step", "grid"):
             f = parse_fraction(v, f"{src}: search.ratios.{key}")
-            _need(0 <= f < 1, f"{src}: search.ratios.{key} must lie in [0, 1), got {v}")
+            require(0 <= f < 1, f"{src}: search.ratios.{key} must lie in [0, 1), got {v}")
     p = _map(s.get("probs", {}), f"{src}: search.probs")
-    _keys(p, {f.name for f in dataclasses.fields(ProbRules)}, f"{src}: search.probs")
+    check_keys(p, {f.name for f in dataclasses.fields(ProbRules)}, f"{src}: search.probs")
     choices = tuple(sorted(float(x) for x in _list(p.get("choices", list(ProbRules.choices)), f"{src}: search.probs.choices")))
-    _need(choices and all(0 <= c <= 1 for c in choices), f"{src}: search.probs.choices must be values in [0, 1]")
+    require(choices and all(0 <= c <= 1 for c in choices), f"{src}: search.probs.choices must be values in [0, 1]")
     probs = ProbRules(choices=choices, monotone=bool(p.get("monotone", True)),
                       max_decrement=int(p.get("max_decrement", 3)))
     b = _map(s.get("boundaries", {}), f"{src}: search.boundaries")
-    _keys(b, {"mode", "weight_levels"}, f"{src}: search.boundaries")
+    check_keys(b, {"mode", "weight_levels"}, f"{src}: search.boundaries")
     bounds = BoundaryRules(mode=str(b.get("mode", "uniform")), weight_levels=int(b.get("weight_levels", 3)))
-    _need(bounds.mode in ("uniform", "searchable"),
+    require(bounds.mode in ("uniform", "searchable"),
           f"{src}: search.boundaries.mode must be 'uniform' or 'searchable', got {bounds.mode!r}")
-    _need(bounds.weight_levels >= 1, f"{src}: search.boundaries.weight_levels must be >= 1")
+    require(bounds.weight_levels >= 1, f"{src}: search.boundaries.weight_levels must be >= 1")
     m = _map(s.get("macro", {}), f"{src}: search.macro")
-    _keys(m, {"base_channels", "num_res_blocks", "pool_strides"}, f"{src}: search.macro")
+    check_keys(m, {"base_channels", "num_res_blocks", "pool_strides"}, f"{src}: search.macro")
     pools = m.get("pool_strides", [list(template.pool_strides)])
-    _need(isinstance(pools, list) and all(isinstance(x, list) and len(x) == n_stages for x in pools),
+    require(isinstance(pools, list) and all(isinstance(x, list) and len(x) == n_stages for x in pools),
           f"{src}: search.macro.pool_strides must be a list of per-stage lists ({n_stages} values each)")
     macro = Macro(
         base_channels=tuple(int(x) for x in _list(m.get("base_channels", [template.base_channels]), "base_channels")),
@@ -473,7 +467,7 @@ def parse_reference(x: Any, path: Path, data: DataShape) -> Optional[MemeConfig]
         return table4 if table4.data == data else None
     if isinstance(x, dict):
         return MemeConfig.from_dict({"name": "reference", **x}, src)
-    _need(isinstance(x, str), f"{src} must be a reference name, a YAML path or a config mapping")
+    require(isinstance(x, str), f"{src} must be a reference name, a YAML path or a config mapping")
     from meme.references import REFERENCES, resolve
     if x in REFERENCES:
         return resolve(x)
@@ -482,7 +476,7 @@ def parse_reference(x: Any, path: Path, data: DataShape) -> Optional[MemeConfig]
 
 def parse_proxy(d: Any, src: str) -> ProxySpec:
     d = dict(_map(d, f"{src}: proxy"))
-    _keys(d, {f.name for f in dataclasses.fields(ProxySpec)}, f"{src}: proxy")
+    check_keys(d, {f.name for f in dataclasses.fields(ProxySpec)}, f"{src}: proxy")
     if "width_mult" in d:
         d["width_mult"] = parse_fraction(d["width_mult"], f"{src}: proxy.width_mult")
     if d.get("diffusion") is not None:
@@ -493,17 +487,17 @@ def parse_proxy(d: Any, src: str) -> ProxySpec:
         proxy = ProxySpec(**d)
     except TypeError as exc:
         raise ConfigError(f"{src}: proxy: {exc}") from None
-    _need(isinstance(proxy.steps_per_expert, bool), f"{src}: proxy.steps_per_expert must be true or false")
+    require(isinstance(proxy.steps_per_expert, bool), f"{src}: proxy.steps_per_expert must be true or false")
     for key in ("resolution", "channels", "steps", "batch_size", "eval_every", "eval_batch", "eval_timesteps"):
-        _need(int(getattr(proxy, key)) >= 1, f"{src}: proxy.{key} must be >= 1, got {getattr(proxy, key)}")
-    _need(proxy.reduction_factor >= 2, f"{src}: proxy.reduction_factor must be >= 2, got {proxy.reduction_factor}")
+        require(int(getattr(proxy, key)) >= 1, f"{src}: proxy.{key} must be >= 1, got {getattr(proxy, key)}")
+    require(proxy.reduction_factor >= 2, f"{src}: proxy.reduction_factor must be >= 2, got {proxy.reduction_factor}")
     if proxy.prune_from is not None:
-        _need(proxy.warmup <= int(proxy.prune_from) <= proxy.steps,
+        require(proxy.warmup <= int(proxy.prune_from) <= proxy.steps,
               f"{src}: proxy.prune_from must lie between warmup ({proxy.warmup}) and steps ({proxy.steps}), "
               f"got {proxy.prune_from}: an earlier rung ranks warm-up, not the design")
-    _need(0 < proxy.width_mult <= 1, f"{src}: proxy.width_mult must lie in (0, 1], got {proxy.width_mult}")
+    require(0 < proxy.width_mult <= 1, f"{src}: proxy.width_mult must lie in (0, 1], got {proxy.width_mult}")
     from meme.fastpath import PRECISIONS
-    _need(proxy.precision in PRECISIONS, f"{src}: proxy.precision must be one of {list(PRECISIONS)}, "
+    require(proxy.precision in PRECISIONS, f"{src}: proxy.precision must be one of {list(PRECISIONS)}, "
                                          f"got {proxy.precision!r}")
     return proxy
 
@@ -511,19 +505,19 @@ def parse_proxy(d: Any, src: str) -> ProxySpec:
 def check_space(space: SearchSpace) -> None:
     """Every draw must be legal: non-empty grids, rule bounds reachable, proxy exact."""
     src = space.source
-    _need(space.diffusion.timesteps >= max(space.num_experts) * space.boundaries.weight_levels,
+    require(space.diffusion.timesteps >= max(space.num_experts) * space.boundaries.weight_levels,
           f"{src}: T={space.diffusion.timesteps} too small for {max(space.num_experts)} searchable intervals")
     for base, blocks, pools in space.macro.combos():
         arch = space.arch(base, blocks, pools, ("0",) * space.num_stages)
         arch.validate(f"{src}: target.expert (base {base})")
-        _need(space.data.resolution % 2 ** (space.num_stages - 1) == 0,
+        require(space.data.resolution % 2 ** (space.num_stages - 1) == 0,
               f"{src}: target.data.resolution {space.data.resolution} is not divisible by 2^{space.num_stages - 1}")
         grids = [space.stage_grid(base, st) for st in range(space.num_stages)]
         for st, g in enumerate(grids):
-            _need(bool(g), f"{src}: search.ratios: no legal d_h/d in [min, max] at stage {st + 1} (base {base})")
+            require(bool(g), f"{src}: search.ratios: no legal d_h/d in [min, max] at stage {st + 1} (base {base})")
         if space.ratios.monotone_depth:
             for st in range(1, space.num_stages):
-                _need(all(any(x <= v for x in grids[st]) for v in grids[st - 1]),
+                require(all(any(x <= v for x in grids[st]) for v in grids[st - 1]),
                       f"{src}: search.ratios.min: a stage-{st} ratio leaves no legal stage-{st + 1} ratio "
                       f"below it at base {base}; use min: step")
         # the proxy keeps every target head step exact
@@ -531,38 +525,23 @@ def check_space(space: SearchSpace) -> None:
         proxy_arch(arch, space.proxy, where=f"{src}: proxy (base {base})")
     ref = space.reference_config()
     if ref is not None:
-        _need(ref.data == space.data, f"{src}: reference {ref.name} has data {ref.data}, the target is {space.data}")
+        require(ref.data == space.data, f"{src}: reference {ref.name} has data {ref.data}, the target is {space.data}")
         proxy_config(ref, space.proxy)
-
-
-def _need(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
 
 
 def _map(x: Any, where: str) -> dict:
     if x is None:
         return {}
-    _need(isinstance(x, dict), f"{where} must be a mapping")
+    require(isinstance(x, dict), f"{where} must be a mapping")
     return x
 
 
 def _list(x: Any, where: str) -> list:
-    _need(isinstance(x, list) and len(x) > 0, f"{where} must be a non-empty list")
+    require(isinstance(x, list) and len(x) > 0, f"{where} must be a non-empty list")
     return x
 
 
-def _keys(d: dict, allowed: set[str], where: str) -> None:
-    unknown = sorted(set(d) - allowed)
-    _need(not unknown, f"{where}: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
-
-
 def _dc(cls: type, d: Any, where: str):
-    d = _map(d, where)
-    _keys(d, {f.name for f in dataclasses.fields(cls)}, where)
-    try:
-        obj = cls(**d)
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+    obj = from_mapping(cls, _map(d, where), where)
     obj.validate()
     return obj
