@@ -87,20 +87,45 @@ def dashboard_command(url: str, out: Path) -> str:
 
 
 def main_impl(argv=None) -> int:
+    """Check the request, open the study, run the trials, then write outputs and re-rank."""
     t_start = time.perf_counter()
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
+    executor = choose_executor(args)
+    s, refs = make_settings(args)
+    storage, study = open_study(s, args.resume)
+    done = counted(study)
+    print(f"study {s.study_name}: {done}/{s.trials} trials done; executor {executor}; "
+          f"objective{'s' if s.multi else ''} {','.join(s.objectives)}; {describe_proxy(s)}")
+    print(f"watch it:  {dashboard_command(s.storage_url, s.out)}")
+
+    ref_cfg = None if args.no_reference else s.space.reference_config()
+    reference = run_trials(s, storage, executor, ref_cfg, remaining=max(0, s.trials - done))
+    study = optuna.load_study(study_name=s.study_name, storage=storage)
+    _outputs(study, s, reference, refs)
+    if args.rerank_top > 0 and args.rerank_seeds > 0:
+        _rerank(study, s, ref_cfg, args.rerank_top, args.rerank_seeds)
+    print(f"wall time {time.perf_counter() - t_start:.0f} s")
+    print(f"open the study:  {dashboard_command(s.storage_url, s.out)}")
+    return 0
+
+
+def choose_executor(args) -> str:
+    """Ray Tune when installed (and the cluster answers), else the plain Optuna loop."""
     executor = args.executor or ("ray" if ray_available() else "optuna")
-    if executor not in EXECUTORS:
-        raise UserError(f"--executor must be one of {list(EXECUTORS)}, got {executor!r}")
     if executor == "ray" and not ray_available():
         raise UserError("--executor ray: Ray Tune is not installed here; use --executor optuna")
     if executor == "ray" and (args.address or os.environ.get("RAY_ADDRESS")):
         from nas.ray_engine import check_reachable
         check_reachable(args.address or os.environ["RAY_ADDRESS"])
+    return executor
+
+
+def make_settings(args) -> tuple[Settings, dict]:
+    """Flags + space -> Settings; prints the budget and the reference costs; refuses the impossible."""
     if args.trials is not None and args.trials < 1:
         raise UserError(f"--trials must be >= 1, got {args.trials}")
     if args.cpus_per_trial <= 0 or (args.gpus_per_trial is not None and args.gpus_per_trial < 0):
@@ -119,92 +144,93 @@ def main_impl(argv=None) -> int:
     cmin = check_feasible(space, budget)
     print(f"space {space.name} ({space.source}): cheapest candidate {cmin:.2f} GFLOPs -- budget is feasible")
 
-    trials = args.trials or int(space.defaults.get("trials", 16))
     time_budget = args.time_budget if args.time_budget is not None else space.defaults.get("time_budget")
     if time_budget is not None and float(time_budget) <= 0:
         raise UserError(f"--time-budget must be > 0 seconds, got {time_budget}")
     study_name = args.study or f"{space.name}-b{budget.gflops:g}" + ("" if budget.mode == "mean" else "-max")
     out = Path(args.out) / study_name
     out.mkdir(parents=True, exist_ok=True)
-    url = storage_url_for(out, args.storage)
     gpus = args.gpus_per_trial
     if gpus is None:
         import torch
         gpus = 0.5 if torch.cuda.is_available() else 0.0
-    s = Settings(space=space, budget=budget, objectives=objectives, trials=trials, study_name=study_name, out=out,
-                 storage_url=url, seed=args.seed if args.seed is not None else space.proxy.seed,
-                 time_budget=float(time_budget) if time_budget else None, device=args.device, cpus_per_trial=args.cpus_per_trial,
-                 gpus_per_trial=gpus, address=args.address, progress=not args.quiet)
+    s = Settings(space=space, budget=budget, objectives=objectives,
+                 trials=args.trials or int(space.defaults.get("trials", 16)), study_name=study_name, out=out,
+                 storage_url=storage_url_for(out, args.storage),
+                 seed=args.seed if args.seed is not None else space.proxy.seed,
+                 time_budget=float(time_budget) if time_budget else None, device=args.device,
+                 cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus, address=args.address,
+                 progress=not args.quiet)
+    return s, refs
 
-    storage = open_storage(url)
-    existing = _existing_trials(storage, study_name)
-    if existing and not args.resume:
-        raise UserError(f"study {study_name!r} already has {existing} trials in {url}: pass --resume to continue it, "
-                        f"or --study NAME for a new one")
-    if args.resume:
-        n = fail_stale_running(storage, study_name)
+
+def open_study(s: Settings, resume: bool):
+    """The study in its RDB storage; an existing one only with --resume, and only if compatible."""
+    import optuna
+
+    storage = open_storage(s.storage_url)
+    existing = _existing_trials(storage, s.study_name)
+    if existing and not resume:
+        raise UserError(f"study {s.study_name!r} already has {existing} trials in {s.storage_url}: pass --resume "
+                        f"to continue it, or --study NAME for a new one")
+    if resume:
+        n = fail_stale_running(storage, s.study_name)
         if n:
             print(f"resume: {n} trial(s) left RUNNING by the interrupted run marked FAIL")
-    study = optuna.create_study(storage=storage, study_name=study_name, directions=s.directions, load_if_exists=True)
+    study = optuna.create_study(storage=storage, study_name=s.study_name, directions=s.directions,
+                                load_if_exists=True)
     check_compatible(study, s)
-    name_metrics(study, objectives)
+    name_metrics(study, s.objectives)
     for k, v in study_attrs(s).items():
         study.set_user_attr(k, v)
-    done = counted(study)
-    print(f"study {study_name}: {done}/{trials} trials done; executor {executor}; "
-          f"objective{'s' if s.multi else ''} {','.join(objectives)}; proxy {space.proxy.channels}x"
-          f"{space.proxy.resolution}x{space.proxy.resolution} {space.proxy.data or 'fashion-mnist'}, "
-          f"width x{space.proxy.width_mult}, {space.proxy.steps} steps"
-          f"{' per expert' if space.proxy.steps_per_expert else ' in all (equal for every N)'}"
-          f"{f'; time budget {time_budget:g} s' if time_budget else ''}")
-    print(f"watch it:  {dashboard_command(url, out)}")
+    return storage, study
 
-    ref_path = out / "reference.json"
-    ref_cfg = None if args.no_reference else space.reference_config()
-    reference = None if ref_cfg is None else ref_mod.load(ref_path, ref_cfg, space.proxy, s.quality)
+
+def describe_proxy(s: Settings) -> str:
+    p = s.space.proxy
+    return (f"proxy {p.channels}x{p.resolution}x{p.resolution} {p.data or 'fashion-mnist'}, width x{p.width_mult}, "
+            f"{p.steps} steps{' per expert' if p.steps_per_expert else ' in all (equal for every N)'}"
+            f"{f'; time budget {s.time_budget:g} s' if s.time_budget else ''}")
+
+
+def run_trials(s: Settings, storage, executor: str, ref_cfg, remaining: int):
+    """The trials (Ray Tune or the plain Optuna loop) and the reference beside them; its record."""
+    ref_path = s.out / "reference.json"
+    reference = None if ref_cfg is None else ref_mod.load(ref_path, ref_cfg, s.space.proxy, s.quality)
     need_ref = ref_cfg is not None and reference is None
-    remaining = max(0, trials - done)
-    started_ray = False
+    threads = max(1, int(s.cpus_per_trial))
     if executor == "ray":
+        import ray
+
         from nas import ray_engine
-        started_ray = ray_engine.init_ray(args.address)
+        started_ray = ray_engine.init_ray(s.address)
         job = None
         if need_ref:
-            import ray
             job = ray.remote(ref_mod.run_reference).options(num_cpus=s.cpus_per_trial, num_gpus=s.gpus_per_trial) \
-                .remote(ref_cfg, space.proxy, s.quality, budget.mode, args.device, max(1, int(s.cpus_per_trial)))
+                .remote(ref_cfg, s.space.proxy, s.quality, s.budget.mode, s.device, threads)
             print(f"training the reference {ref_cfg.name} on the proxy (in parallel with the trials)")
-        bar = _bar(s, done)
+        bar = _bar(s, s.trials - remaining)
         got = ray_engine.run(s, storage, remaining, bar=bar, reference_job=job) if remaining else None
         if job is not None and got is None:
-            import ray
             got = ray.get(job)
         if bar is not None:
             bar.close()
         reference = got or reference
+        if started_ray:
+            ray.shutdown()  # frees the cores for the re-rank
     else:
         from nas import optuna_engine
         if need_ref:
             print(f"training the reference {ref_cfg.name} on the proxy first")
-            reference = ref_mod.run_reference(ref_cfg, space.proxy, s.quality, budget.mode, args.device,
-                                              threads=max(1, int(s.cpus_per_trial)))
+            reference = ref_mod.run_reference(ref_cfg, s.space.proxy, s.quality, s.budget.mode, s.device,
+                                              threads=threads)
         if remaining:
             optuna_engine.run(s, storage)
     if need_ref and reference is not None:
         ref_mod.save(ref_path, reference)
         if reference.get("objective") is None:
             print(f"reference {ref_cfg.name} failed: {reference.get('fail_reason')}")
-
-    if executor == "ray" and started_ray:
-        import ray
-        ray.shutdown()  # frees the cores for the re-rank
-    study = optuna.load_study(study_name=study_name, storage=storage)
-    _outputs(study, s, reference, refs)
-    if args.rerank_top > 0 and args.rerank_seeds > 0:
-        _rerank(study, s, ref_cfg, args.rerank_top, args.rerank_seeds)
-    print(f"wall time {time.perf_counter() - t_start:.0f} s")
-    print(f"open the study:  {dashboard_command(url, out)}")
-    return 0
+    return reference
 
 
 def _rerank(study, s: Settings, ref_cfg, top: int, n_seeds: int) -> None:
