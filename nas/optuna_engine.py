@@ -11,8 +11,8 @@ import optuna
 from optuna.trial import TrialState
 from tqdm import tqdm
 
-from nas.study import (Deadline, Settings, counted, log_trial, make_sampler, one_line, prepare,
-                       result_attrs, status_text, values_for)
+from nas.record import log_trial, one_line, prepare, result_attrs, status_text, values_for
+from nas.study import Deadline, Settings, counted, make_sampler
 from nas.trial import run_trial
 
 log = logging.getLogger("nas.search")

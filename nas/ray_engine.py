@@ -25,7 +25,8 @@ import optuna
 from optuna.trial import TrialState
 
 from meme.cli import UserError
-from nas.study import Deadline, Settings, log_trial, make_sampler, prepare, status_text, values_for
+from nas.record import log_trial, prepare, status_text, values_for
+from nas.study import Deadline, Settings, make_sampler
 
 log = logging.getLogger("nas.search")
 METRIC = "objective"
@@ -80,7 +81,7 @@ def trainable(config: dict, proxy=None, objective: str = "loss", device: Optiona
 
     from meme.cli import pick_device
     from meme.config import MemeConfig
-    from nas.study import one_line
+    from nas.record import one_line
     from nas.proxy import proxy_config
     from nas.trial import peak_memory_mb, run_trial, train_gflops_per_step, training_gflops
 

@@ -16,7 +16,7 @@ def run_reference(cfg, proxy, objective: str, budget_mode: str, device: Optional
                   threads: Optional[int] = None) -> dict[str, Any]:
     """Train the reference on the proxy; a JSON-ready record (never raises)."""
     from nas.budget import cost_of
-    from nas.study import one_line
+    from nas.record import one_line
     from nas.trial import run_trial
 
     c = cost_of(cfg, budget_mode)

@@ -41,7 +41,7 @@ class Run:
 
 def train_one(run: Run, device: Optional[str] = None, threads: int = 1) -> dict[str, Any]:
     """Train one run; a JSON-ready record (failures recorded, never raised)."""
-    from nas.study import one_line
+    from nas.record import one_line
     from nas.trial import run_trial
 
     rec: dict[str, Any] = {"key": run.key(), "label": run.label, "config_hash": run.config.hash(),
