@@ -38,7 +38,7 @@ import gzip
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -224,47 +224,3 @@ def _split_indices(n: int, split: str, limit: Optional[int], path: Path) -> np.n
 
 
 # ---- batches -------------------------------------------------------------------------
-class BatchIterator:
-    """Endless random batches from an in-memory tensor: epochs of a fixed-seed permutation.
-
-    Every item is seen once per epoch; batches may straddle epochs, so a dataset smaller
-    than the batch still works. ``state_dict()`` / ``load_state_dict()`` resume exactly.
-    """
-
-    def __init__(self,
-                 data: torch.Tensor,                          # [N, ...] on the CPU
-                 batch_size: int,                             # items per batch
-                 generator: Optional[torch.Generator] = None, # CPU generator (default seed 0)
-                 device: Optional[torch.device | str] = None, # where batches are moved
-                 ) -> None:
-        if len(data) == 0 or batch_size < 1:
-            raise ValueError(f"need data and batch_size >= 1, got {len(data)} items, batch {batch_size}")
-        self.data = data
-        self.batch_size = batch_size
-        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        self.device = device
-        self._pending = torch.empty(0, dtype=torch.long)
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        while len(self._pending) < self.batch_size:
-            perm = torch.randperm(len(self.data), generator=self.generator)
-            self._pending = torch.cat([self._pending, perm])
-        idx, self._pending = self._pending[: self.batch_size], self._pending[self.batch_size:]
-        batch = self.data[idx]
-        return batch.to(self.device, non_blocking=True) if self.device is not None else batch
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "pending": self._pending.clone()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-        self._pending = state["pending"].clone()
-
-
-def infinite_batches(data: torch.Tensor, batch_size: int, generator: Optional[torch.Generator] = None,
-                     device: Optional[torch.device | str] = None) -> Iterator[torch.Tensor]:
-    """Shorthand for :class:`BatchIterator` (see there)."""
-    return BatchIterator(data, batch_size, generator, device)

@@ -38,10 +38,6 @@ class MultiExpertDenoiser(nn.Module):
         # also averages buffers (EMA with use_buffers=True) never meets an integer tensor.
         self._inner: dict[torch.device, torch.Tensor] = {}
 
-    @classmethod
-    def from_config(cls, cfg: MemeConfig) -> "MultiExpertDenoiser":
-        return build_denoiser(cfg)
-
     @property
     def num_experts(self) -> int:
         return len(self.experts)
@@ -56,12 +52,6 @@ class MultiExpertDenoiser(nn.Module):
         if t.is_floating_point():
             inner = inner.to(t.dtype)
         return torch.bucketize(t, inner, right=True)
-
-    def expert_for(self, t: int) -> nn.Module:
-        """The expert that denoises scalar timestep t."""
-        if not 0 <= int(t) < self.T:
-            raise ValueError(f"timestep {t} outside [0, {self.T})")
-        return self.experts[int(self.expert_index(torch.tensor([int(t)]))[0])]
 
     def forward(self,
                 x: torch.Tensor,                                   # x_t [B, C, H, W]
@@ -137,25 +127,6 @@ class SoftExpertSampler:
         if not 0 <= expert < self.num_experts:
             raise ValueError(f"expert {expert} outside [0, {self.num_experts})")
         return self._draw(torch.full((batch,), expert, dtype=torch.long), generator)
-
-    def sample_mixed(self,
-                     batch: int,                                    # number of (expert, t) pairs
-                     generator: Optional[torch.Generator] = None,   # CPU generator keying the draw
-                     weighting: str = "uniform",                    # 'uniform' or 'interval' (by |I_n| / T)
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Interleaved training: per sample an expert, then t from its soft distribution.
-
-        Returns (expert_idx, t), both LongTensor [batch]; train with
-        ``denoiser(x_t, t, expert=expert_idx)``.
-        """
-        if weighting == "uniform":
-            w = torch.ones(self.num_experts, dtype=torch.float64)
-        elif weighting == "interval":
-            w = torch.tensor(self.weights, dtype=torch.float64)
-        else:
-            raise ValueError(f"weighting must be 'uniform' or 'interval', got {weighting!r}")
-        experts = torch.multinomial(w, batch, replacement=True, generator=generator)
-        return experts, self._draw(experts, generator)
 
     def _draw(self, experts: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
         n = experts.shape[0]

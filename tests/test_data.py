@@ -11,7 +11,7 @@ from PIL import Image
 from meme import data
 from meme.cli import UserError
 from meme.config import DataShape
-from meme.data import BatchIterator, fashion_mnist_files, load_data
+from meme.data import fashion_mnist_files, load_data
 
 HAVE_FMNIST = all(data._find_idx(data.FASHION_MNIST_DIR, n) for n in data.FASHION_MNIST_FILES)
 needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="apt-get install dataset-fashion-mnist")
@@ -127,19 +127,3 @@ def test_idx_folder_via_data_dir(tmp_path):
     v = load_data(str(tmp_path), DataShape(channels=1, resolution=28, latent=False), "val")
     assert len(x) + len(v) == 40 and len(v) == 2
     assert set(torch.cat([x, v]).amax((1, 2, 3)).tolist()) == {-1.0, 1.0}
-
-
-def test_batch_iterator_epochs_and_resume():
-    d = torch.arange(10).float()[:, None]
-    it = BatchIterator(d, 4, generator=torch.Generator().manual_seed(0))
-    first = torch.cat([next(it) for _ in range(5)]).flatten()   # 20 items = 2 epochs
-    assert sorted(first[:10].tolist()) == list(range(10))
-    assert sorted(first[10:].tolist()) == list(range(10))
-    state = it.state_dict()
-    a = [next(it) for _ in range(3)]
-    it.load_state_dict(state)
-    b = [next(it) for _ in range(3)]
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-    # dataset smaller than a batch still yields full batches
-    small = BatchIterator(d[:3], 8)
-    assert next(small).shape == (8, 1)
