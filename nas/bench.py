@@ -696,13 +696,6 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join([line(cols), line(["-" * w for w in width])] + [line(x) for x in cells])
 
 
-def markdown_table(rows: list[Row]) -> str:
-    head = "| " + " | ".join(COLUMNS) + " |"
-    sep = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    body = ["| " + " | ".join(r.as_dict()[c].replace("|", "/") for c in COLUMNS) + " |" for r in rows]
-    return "\n".join([head, sep] + body)
-
-
 def write_csv(rows: list[Row], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
@@ -823,11 +816,14 @@ def run_bench(o: BenchOptions, log: Callable[[str], None] = print) -> tuple[list
 
 
 def markdown_section(rows: list[Row], meta: dict[str, str], command: str) -> tuple[str, str]:
+    from nas.report import markdown_table
+
     key = f"{meta['device_type']}: {meta['device']}" + (" (quick)" if meta["mode"] == "quick" else "")
+    table = markdown_table(COLUMNS, ([r.as_dict()[c] for c in COLUMNS] for r in rows)).rstrip()
     body = (f"<!-- bench:{key} -->\n## {meta['device']}" + (" -- quick mode" if meta["mode"] == "quick" else "")
             + f"\n\n- date: {meta['date']}\n- torch {meta['torch']}, {meta['threads']} threads\n"
             f"- load average at start (1/5/15 min): {meta['load']} -- a shared machine makes CPU timings noisy\n"
-            f"- command: `{command}`\n\n{markdown_table(rows)}\n<!-- /bench -->\n")
+            f"- command: `{command}`\n\n{table}\n<!-- /bench -->\n")
     return key, body
 
 

@@ -90,7 +90,7 @@ def _reference(study_dir: Path, study) -> Optional[tuple[MemeConfig, dict]]:
 
 @main_guard
 def main(argv=None) -> int:
-    from nas.report import quality, ranked
+    from nas.report import markdown_table, quality, ranked
 
     args = parse_args(argv)
     if args.top < 1:
@@ -120,19 +120,10 @@ def main(argv=None) -> int:
     df = pd.DataFrame(rows)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "comparison.csv", index=False)
-    (out / "comparison.md").write_text(markdown_table(df))
+    (out / "comparison.md").write_text(markdown_table(list(df.columns), df.itertuples(index=False)))
     print(df.to_string(index=False))
     print(f"comparison: {out / 'comparison.csv'}, {out / 'comparison.md'}")
     return 0
-
-
-def markdown_table(df: pd.DataFrame) -> str:
-    """A GitHub-style table (no optional 'tabulate' dependency)."""
-    def cell(v) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
-    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
