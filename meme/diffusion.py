@@ -4,11 +4,11 @@ Notation follows DDPM (Ho et al. 2020) and DDIM (Song et al. 2021): ``alpha_bar_
 ``alphas_cumprod[t]`` for integer ``t in [0, T)``; ``t_prev = -1`` stands for the clean
 end of the chain (``alpha_bar = 1``).
 
-Samplers are exposed as single steps (``ddim_step``, ``ddpm_step``) so that a caller
-can run the chain one expert at a time (low-memory sampling keeps only one expert on
-the accelerator); :meth:`Diffusion.sample` is the plain all-in-one loop.
+Samplers are exposed as single steps (``ddim_step``, ``ddpm_step``); the one chain that
+runs them is ``meme.sample.generate`` (keyed noise, low-memory expert-major order, fast
+paths), used by ``meme.sample``, the trainer's grids and FID trials alike.
 
-Respacing. ``sample(..., sampler='ddpm', steps < T)`` runs *respaced ancestral* steps
+Respacing. ``ddpm_step(..., t_prev)`` with ``steps < T`` runs *respaced ancestral* steps
 (improved DDPM, Nichol & Dhariwal 2021, Sec. 4): on the sub-sequence from
 :meth:`ddim_timesteps` the betas are recomputed as ``1 - alpha_bar_t / alpha_bar_prev``
 and the usual posterior is used. This is exactly DDIM with ``eta = 1``; with
@@ -26,7 +26,6 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from meme.config import DiffusionConfig
 
@@ -164,40 +163,3 @@ class Diffusion:
     def _predict_x0(x: torch.Tensor, a_t: float, eps: torch.Tensor, clip: bool) -> torch.Tensor:
         x0 = (x - math.sqrt(1.0 - a_t) * eps) / math.sqrt(a_t)
         return x0.clamp(-1.0, 1.0) if clip else x0
-
-    @torch.no_grad()
-    def sample(self,
-               denoise: Denoiser,                                # (x_t, t[B]) -> eps
-               shape: tuple[int, ...],                           # [B, C, H, W]
-               steps: int = 50,                                  # number of reverse steps
-               eta: float = 0.0,                                 # DDIM stochasticity
-               sampler: str = "ddim",                            # 'ddim' or 'ddpm' (ancestral, respaced if steps < T)
-               generator: Optional[torch.Generator] = None,      # keys x_T and every z
-               device: Optional[torch.device | str] = None,      # where x lives
-               progress: bool = False,                           # tqdm bar over steps
-               x_T: Optional[torch.Tensor] = None,               # start noise; drawn if None
-               clip_x0: bool = False,                            # clamp x_0 estimates (pixel models)
-               ) -> torch.Tensor:
-        """Run the whole reverse chain; returns x_0 (float32, on ``device``)."""
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
-        device = torch.device(device) if device is not None else torch.device("cpu")
-        x = (x_T.to(device, torch.float32) if x_T is not None
-             else _randn(shape, generator, device))
-        ts = self.ddim_timesteps(steps)
-        pairs = list(zip(ts, ts[1:] + [-1]))
-        for t, t_prev in tqdm(pairs, disable=not progress, desc=f"{sampler} sampling", unit="step"):
-            eps = denoise(x, torch.full((x.shape[0],), t, device=device, dtype=torch.long)).float()
-            if sampler == "ddpm":
-                noise = _randn(x.shape, generator, device) if t_prev >= 0 else None
-                x = self.ddpm_step(x, t, eps, noise, t_prev=t_prev, clip_x0=clip_x0)
-            else:
-                noise = _randn(x.shape, generator, device) if eta > 0 and t_prev >= 0 else None
-                x = self.ddim_step(x, t, t_prev, eps, eta, noise, clip_x0=clip_x0)
-        return x
-
-
-def _randn(shape: tuple[int, ...], generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
-    """Gaussian noise drawn on the generator's own device, then moved (same numbers anywhere)."""
-    where = generator.device if generator is not None else device
-    return torch.randn(tuple(shape), generator=generator, device=where).to(device)

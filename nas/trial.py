@@ -93,22 +93,15 @@ def heldout_loss(model: MultiExpertDenoiser, diffusion: Diffusion, val: torch.Te
 
 def sample_fid(model: MultiExpertDenoiser, diffusion: Diffusion, proxy: ProxySpec, device: torch.device,
                fp: FastPath) -> float:
-    """FID of proxy.fid_samples DDIM samples against the held-out split."""
+    """FID of proxy.fid_samples DDIM samples (meme.sample.generate) against the held-out split."""
     from meme.evaluate import evaluate_samples
     from meme.images import to_uint8
+    from meme.sample import SamplingPlan, generate
 
-    model.eval()
     shape = (proxy.channels, proxy.resolution, proxy.resolution)
-    g = torch.Generator().manual_seed(proxy.seed + 777)
-    out = []
-    with torch.no_grad(), fp.autocast():
-        for start in range(0, proxy.fid_samples, 64):
-            n = min(64, proxy.fid_samples - start)
-            x = diffusion.sample(lambda x, t: model(x, t).float(), (n, *shape), steps=proxy.fid_steps,
-                                 generator=g, device=device)
-            out.append(x.float().cpu())
+    plan = SamplingPlan(n=proxy.fid_samples, steps=proxy.fid_steps, seed=proxy.seed + 777, batch_size=64)
+    samples = to_uint8(generate(model, diffusion, shape, plan, device, precision="bf16" if fp.bf16 else "fp32"))
     model.train()
-    samples = to_uint8(torch.cat(out))
     spec = None if proxy.data in (None, "fashion-mnist") else proxy.data
     return float(evaluate_samples(samples, ref=spec, n_ref=max(proxy.fid_samples, 1000), split="val",
                                   device=device)["fid"])

@@ -11,6 +11,7 @@ import torch
 from meme.config import DiffusionConfig
 from meme.diffusion import Diffusion
 from meme.experts import MultiExpertDenoiser
+from meme.sample import SamplingPlan, generate, keyed_noise
 from tests.tiny_models import TinyEps
 
 LDM = DiffusionConfig(timesteps=1000, schedule="sqrt_linear", beta_start=0.0015, beta_end=0.0195)
@@ -136,21 +137,29 @@ def test_ddpm_step_equals_ddim_eta1_and_hand_formula():
     torch.testing.assert_close(d.ddpm_step(x, 0, eps, None), d.ddim_step(x, 0, -1, eps, 0.0))
 
 
-def test_ddim_eta0_sampling_is_deterministic():
+def _plan(**kw) -> SamplingPlan:
+    return SamplingPlan(**{"n": 2, "steps": 10, "batch_size": 2, **kw})
+
+
+def test_ddim_eta0_sampling_is_the_hand_chain_and_deterministic():
+    """generate() = x_T from the plan's keyed noise, then ddim_step down the DDIM timesteps."""
     d = Diffusion(LDM)
     torch.manual_seed(0)
     model = TinyEps().eval()
-    shape = (2, 2, 8, 8)
-    a = d.sample(model, shape, steps=10, generator=torch.Generator().manual_seed(5))
-    b = d.sample(model, shape, steps=10, generator=torch.Generator().manual_seed(5))
+    den = MultiExpertDenoiser([model], [0, 1000]).eval()
+    shape = (2, 8, 8)
+    a = generate(den, d, shape, _plan(seed=5), precision="fp32")
+    b = generate(den, d, shape, _plan(seed=5), precision="fp32")
     torch.testing.assert_close(a, b, rtol=0, atol=0)
-    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(9))
-    c = d.sample(model, shape, steps=10, x_T=x_T, generator=torch.Generator().manual_seed(1))
-    e = d.sample(model, shape, steps=10, x_T=x_T, generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(c, e, rtol=0, atol=0)
-    # ancestral sampling does use the generator
-    f = d.sample(model, shape, steps=10, x_T=x_T, sampler="ddpm", generator=torch.Generator().manual_seed(1))
-    h = d.sample(model, shape, steps=10, x_T=x_T, sampler="ddpm", generator=torch.Generator().manual_seed(2))
+    x = keyed_noise(5, 0, -1, (2, *shape))
+    ts = d.ddim_timesteps(10)
+    with torch.no_grad():
+        for t, t_prev in zip(ts, ts[1:] + [-1]):
+            x = d.ddim_step(x, t, t_prev, model(x, torch.full((2,), t)), 0.0)
+    torch.testing.assert_close(a, x, rtol=1e-5, atol=1e-5)
+    # ancestral sampling draws fresh noise at every step: another seed, other samples
+    f = generate(den, d, shape, _plan(seed=5, sampler="ddpm"), precision="fp32")
+    h = generate(den, d, shape, _plan(seed=6, sampler="ddpm"), precision="fp32")
     assert not torch.equal(f, h) and torch.isfinite(f).all()
 
 
@@ -159,7 +168,7 @@ def test_sampler_switches_experts_at_boundaries():
     torch.manual_seed(0)
     experts = [CountingExpert() for _ in range(4)]
     den = MultiExpertDenoiser(experts, [0, 250, 500, 750, 1000]).eval()
-    d.sample(den, (3, 2, 8, 8), steps=50, generator=torch.Generator().manual_seed(0))
+    generate(den, d, (2, 8, 8), SamplingPlan(n=3, steps=50, batch_size=3), precision="fp32")
     # DDIM steps are 980, 960, ..., 0: 13 in [0,250), 12 in [250,500), 13 in [500,750), 12 in [750,1000)
     assert [sum(e.seen.values()) // 3 for e in experts] == [13, 12, 13, 12]
     ts = d.ddim_timesteps(50)
