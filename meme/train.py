@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import math
 import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from torch.optim.swa_utils import AveragedModel
@@ -37,7 +38,7 @@ from meme.config import MemeConfig
 from meme.data import load_data
 from meme.diffusion import Diffusion
 from meme.experts import SoftExpertSampler, build_denoiser
-from meme.fastpath import PRECISIONS, fast_path
+from meme.fastpath import PRECISIONS, FastPath, fast_path
 from meme.images import save_grid
 from meme.references import resolve
 from meme.sample import SamplingPlan, generate
@@ -48,6 +49,54 @@ SCHEDULES = ("interleaved", "sequential")
 
 class TrainingDiverged(UserError):
     """The loss became NaN/inf; the last good checkpoint is kept untouched."""
+
+
+class NonFiniteLoss(ArithmeticError):
+    """The loss of a step was NaN or infinite; raised before any parameter changed."""
+
+    def __init__(self, value: float):
+        super().__init__(f"loss is {value}")
+        self.value = value
+
+
+# ---- the training step (shared by meme.train and every search trial) ----------------------
+
+def draw_batch(data: torch.Tensor, timesteps: SoftExpertSampler, expert: int, batch_size: int,
+               gen: torch.Generator, fast: FastPath, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Images, soft-expert timesteps and noise for one step of one expert, in that RNG order."""
+    idx = torch.randint(len(data), (batch_size,), generator=gen)
+    x0 = fast.input(data[idx], device)
+    t = timesteps.sample(expert, batch_size, generator=gen).to(device)
+    noise = fast.input(torch.randn(x0.shape, generator=gen), device)
+    return x0, t, noise
+
+
+def train_step(net: torch.nn.Module,                    # the expert's training forward (maybe compiled)
+               params: Iterable[torch.nn.Parameter],    # its parameters (gradient clipping)
+               batch: tuple[torch.Tensor, ...],         # (x0, t, noise) from draw_batch
+               diffusion: Diffusion, opt: torch.optim.Optimizer, fast: FastPath,
+               lr: float,                               # this step's learning rate (warm-up applied)
+               grad_clip: float,                        # max global grad norm (0 = off)
+               ) -> float:
+    """One optimizer step on the eps-MSE loss; NonFiniteLoss before any update if it is NaN/inf."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    with fast.autocast():
+        loss = diffusion.training_loss(net, *batch)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise NonFiniteLoss(value)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    return value
+
+
+def warmup_lr(base: float, step: int, warmup: int) -> float:
+    """Linear warm-up to ``base`` over ``warmup`` steps, then constant."""
+    return base * min(1.0, (step + 1) / max(warmup, 1))
 
 
 def _opt(default: Any, help: str, choices: Optional[tuple] = None) -> Any:
@@ -134,30 +183,19 @@ class Trainer:
 
     # ---- one step ------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
-        return self.opts.lr * min(1.0, (step + 1) / max(self.opts.warmup, 1))
+        return warmup_lr(self.opts.lr, step, self.opts.warmup)
 
     def step(self) -> tuple[int, float]:
         s = self.step_count
         e = expert_for_step(s, self.cfg.num_experts, self.opts.steps, self.opts.schedule)
-        idx = torch.randint(len(self.data), (self.opts.batch_size,), generator=self.gen)
-        x0 = self.fast.input(self.data[idx], self.device)
-        t = self.timesteps.sample(e, self.opts.batch_size, generator=self.gen).to(self.device)
-        noise = self.fast.input(torch.randn(x0.shape, generator=self.gen), self.device)
-        for g in self.opt.param_groups:
-            g["lr"] = self.lr_at(s)
-        self.opt.zero_grad(set_to_none=True)
-        expert = self.model.experts[e]
-        with self.fast.autocast():
-            loss = self.diffusion.training_loss(self.train_nets[e], x0, t, noise)
-        loss_value = float(loss.detach())
-        if not torch.isfinite(loss):
+        batch = draw_batch(self.data, self.timesteps, e, self.opts.batch_size, self.gen, self.fast, self.device)
+        try:
+            loss_value = train_step(self.train_nets[e], self.model.experts[e].parameters(), batch, self.diffusion,
+                                    self.opt, self.fast, self.lr_at(s), self.opts.grad_clip)
+        except NonFiniteLoss as exc:
             where = self.ckpt_path if self.ckpt_path.exists() else "none written yet"
-            raise TrainingDiverged(f"loss is {loss_value} at step {s} (expert {e}); stopped. "
-                                   f"Last good checkpoint: {where}")
-        loss.backward()
-        if self.opts.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(expert.parameters(), self.opts.grad_clip)
-        self.opt.step()
+            raise TrainingDiverged(f"loss is {exc.value} at step {s} (expert {e}); stopped. "
+                                   f"Last good checkpoint: {where}") from None
         self.ema.update_parameters(self.model)
         self.step_count += 1
         return e, loss_value

@@ -33,6 +33,7 @@ from meme.config import DataShape, MemeConfig
 from meme.diffusion import Diffusion
 from meme.experts import MultiExpertDenoiser, SoftExpertSampler, build_denoiser
 from meme.fastpath import FastPath, fast_path
+from meme.train import NonFiniteLoss, draw_batch, train_step, warmup_lr
 from nas.proxy import proxy_config
 from nas.space import ProxySpec
 
@@ -191,21 +192,12 @@ def _train(config: MemeConfig, proxy: ProxySpec, report: Report, objective: str,
     model.train()
     while step < total:
         e = step % n_exp
-        idx = torch.randint(len(train), (proxy.batch_size,), generator=gen)
-        x0 = fp.input(train[idx], dev)
-        t = sampler.sample(e, proxy.batch_size, generator=gen).to(dev)
-        noise = fp.input(torch.randn(x0.shape, generator=gen), dev)
-        for grp in opt.param_groups:
-            grp["lr"] = proxy.lr * min(1.0, (step + 1) / max(proxy.warmup, 1))
-        opt.zero_grad(set_to_none=True)
-        with fp.autocast():
-            loss = diffusion.training_loss(model.experts[e], x0, t, noise)
-        if not torch.isfinite(loss):
-            raise TrialDiverged(f"training loss is {float(loss)} at step {step + 1} (expert {e + 1} of {n_exp})")
-        loss.backward()
-        if proxy.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), proxy.grad_clip)
-        opt.step()
+        batch = draw_batch(train, sampler, e, proxy.batch_size, gen, fp, dev)
+        try:
+            train_step(model.experts[e], model.experts[e].parameters(), batch, diffusion, opt, fp,
+                       warmup_lr(proxy.lr, step, proxy.warmup), proxy.grad_clip)
+        except NonFiniteLoss as exc:
+            raise TrialDiverged(f"training loss is {exc.value} at step {step + 1} (expert {e + 1} of {n_exp})") from None
         step += 1
         if step % (proxy.eval_every * per) == 0 or step == total:
             value = measure()
