@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-from typing import Callable
+from typing import Any, Callable, Iterable, Sequence
 
 from meme.config import ConfigError
 
@@ -50,3 +50,13 @@ def pick_device(name: "str | torch.device | None" = None) -> "torch.device":
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub-style table (no optional 'tabulate' dependency); floats to 4 significant digits."""
+    def cell(v: Any) -> str:
+        text = f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
+        return text.replace("|", "/")
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"

@@ -7,26 +7,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional
 
 import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
+from meme.cli import markdown_table  # noqa: F401  (re-exported: nas.promote)
 from meme.config import MemeConfig
 
 CSV_ATTRS = ("num_experts", "gflops", "gflops_mean", "gflops_max", "constraint", "params", "paper_units",
              "trained_steps", "train_steps_total", "train_gflops_total", "seed", "stopped_early", "wall_s", "peak_mem_mb", "device", "duplicate_of", "fail_reason")
-
-
-def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """A GitHub-style table (no optional 'tabulate' dependency); floats to 4 significant digits."""
-    def cell(v: Any) -> str:
-        text = f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
-        return text.replace("|", "/")
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def ratios_summary(cfg_yaml: Optional[str]) -> str:
