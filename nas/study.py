@@ -129,9 +129,17 @@ def fail_stale_running(storage: optuna.storages.BaseStorage, study_name: str) ->
     return n
 
 
+def portable_space_ref(source: str) -> str:
+    """A shipped space by its name (loads on any install), any other by its absolute path."""
+    from nas.space import SPACES_DIR
+
+    path = Path(source).resolve()
+    return path.stem if path.parent == SPACES_DIR.resolve() else str(path)
+
+
 def study_attrs(s: Settings) -> dict[str, Any]:
     """Study-level user attrs: what this study searched and under which budget."""
-    return {"space": s.space.source, "space_name": s.space.name, "budget_gflops": s.budget.gflops,
+    return {"space": portable_space_ref(s.space.source), "space_name": s.space.name, "budget_gflops": s.budget.gflops,
             "budget_mode": s.budget.mode, "budget_source": s.budget.source,
             "objectives": list(s.objectives), "proxy": s.space.proxy.digest(), "seed": s.seed}
 

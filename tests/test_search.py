@@ -116,6 +116,7 @@ def test_optuna_executor_outputs(optuna_study):
     trials = study.get_trials()
     counted = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(counted) == 8
+    assert study.user_attrs["space"] == "tiny"  # a shipped space by name: the DB opens on any install
     assert any(t.user_attrs["constraint"] > 0 for t in trials)    # the budget did reject some
     assert any(t.state == TrialState.COMPLETE for t in trials)
     # the pruner did stop some (PRUNED, with their values), and they are not mistaken for rejections
