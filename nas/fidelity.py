@@ -37,7 +37,7 @@ from nas.space import ProxySpec, SearchSpace, build_config, load_space, parse_pr
 from nas.stats import rank_correlation, summarize
 
 TARGET_SPEARMAN = 0.6
-SEPARATED_Z = 2.0   # a difference counts as real when it exceeds this many standard errors over seeds
+SEPARATED_Z = 2.0   # a difference counts as real when it exceeds this many sqrt(sd_a^2 + sd_b^2) over seeds
 
 
 # ---- which architectures ----------------------------------------------------------------
@@ -131,6 +131,8 @@ def within_n_pairs(archs: list[tuple[str, MemeConfig, float]], seeds: list[int],
     rank the designs within one N -- which is most of what the search compares.
     """
     def z(values: dict, a: str, b: str) -> float:
+        """Difference of seed means over sqrt(sd_a^2 + sd_b^2): per-seed spreads, not standard
+        errors of the means (those shrink with more seeds; this does not), so it is stricter."""
         sa, sb = summarize([values[(a, s)] for s in seeds]), summarize([values[(b, s)] for s in seeds])
         se = (sa.std ** 2 + sb.std ** 2) ** 0.5
         return (sa.mean - sb.mean) / se if se > 0 else float(np.sign(sa.mean - sb.mean)) * np.inf
@@ -235,9 +237,9 @@ def table(result: dict[str, Any]) -> str:
                      f"{s2s.get('proxy', float('nan')):+.2f} | {s2s.get('high', float('nan')):+.2f} | "
                      f"{r['within_n']['right']}/{r['within_n']['separated']} |")
     c = result["cheapest_meeting_target"]
-    lines += ["", f"Same-N pairs right: of the pairs of equal N that the high fidelity separates (difference > "
-              f"{result['separated_z']:g} standard errors over seeds), how many the proxy orders the same way, "
-              f"also beyond {result['separated_z']:g} standard errors.",
+    lines += ["", f"Same-N pairs right: of the pairs of equal N that the high fidelity separates (difference of "
+              f"seed means > {result['separated_z']:g} x sqrt(sd_a^2 + sd_b^2), the per-seed spreads), how many the "
+              f"proxy orders the same way, also beyond {result['separated_z']:g} x its own spreads.",
               "", f"Cheapest proxy with Spearman >= {result['target_spearman']} and every separated same-N pair right: "
               + (f"{c['proxy']} at {c['steps']} steps ({c['train_gflops_per_run']:.0f} training GFLOPs per run)."
                  if c else "none of those measured.")]

@@ -17,7 +17,7 @@ import os
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Iterable, Optional
 
 from meme.config import MemeConfig
 from nas.space import ProxySpec
@@ -97,7 +97,7 @@ def default_jobs(device: Optional[str]) -> int:
 
 
 def run_all(runs: Iterable[Run], *, jobs: int = 1, device: Optional[str] = None, cache: Optional[Path] = None,
-            progress: bool = True, on_done: Optional[Callable[[dict], None]] = None) -> dict[str, dict[str, Any]]:
+            progress: bool = True) -> dict[str, dict[str, Any]]:
     """Train every run not in ``cache``; returns records by run key (cached ones included)."""
     from tqdm import tqdm
 
@@ -116,12 +116,10 @@ def run_all(runs: Iterable[Run], *, jobs: int = 1, device: Optional[str] = None,
         state = f"{rec['objective']:.5f}" if rec.get("objective") is not None else f"FAIL {rec.get('fail_reason')}"
         bar.write(f"  {rec['label']:<28} seed {rec['seed']:>3}  {state}  ({rec.get('wall_s', 0):.0f} s)")
         bar.update(1)
-        if on_done:
-            on_done(rec)
 
     if jobs <= 1 or len(todo) <= 1:
         for r in todo:
-            finish(train_one(r, device, threads=1 if jobs >= 1 else 0))
+            finish(train_one(r, device, threads=1))
     else:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker) as pool:
