@@ -12,8 +12,10 @@ Inception Transformer (Si et al. 2022, ``sail-sg/iFormer``) token mixer: high ch
 first, each high branch doubling its channels, no output projection inside attention
 (the fusion 1x1 conv plays that role), qkv with bias, MLP ratio 4.
 
-All attention goes through ``F.scaled_dot_product_attention`` (fused kernels on GPU;
-``meme.macs`` counts its matmuls by formula). Nothing loops over the batch in Python.
+All attention goes through one leaf module, ``ScaledDotProductAttention`` (fused SDPA
+kernels on GPU and CPU): fused kernels hide QK^T and AV from every FLOP counter, so
+``meme.macs`` hooks this module and counts them by formula. Nothing loops over the
+batch in Python.
 """
 from __future__ import annotations
 
@@ -75,6 +77,14 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
+# softmax(Q K^T / sqrt(d)) V, fused; a module so that MAC counters can hook it.
+class ScaledDotProductAttention(nn.Module):
+    """``F.scaled_dot_product_attention`` as a leaf module (no parameters, no state)."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v)
+
+
 # ----------------------------------------------------------------------------------
 # U-Net blocks (latent-diffusion openaimodel).
 
@@ -116,12 +126,13 @@ class AttentionBlock(nn.Module):
         self.heads = channels // head_channels
         self.norm = GroupNorm32(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.attention = ScaledDotProductAttention()
         self.proj_out = zero_module(nn.Conv2d(channels, channels, 1))
 
     def forward(self, x: torch.Tensor, emb: Optional[torch.Tensor] = None) -> torch.Tensor:
         h, w = x.shape[-2:]
         qkv = rearrange(self.qkv(self.norm(x)), "b (k n c) h w -> k b n (h w) c", k=3, n=self.heads)
-        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        y = self.attention(qkv[0], qkv[1], qkv[2])
         y = rearrange(y, "b n (h w) c -> b (n c) h w", h=h, w=w)
         return x + self.proj_out(y)
 
@@ -230,13 +241,14 @@ class LowMixer(nn.Module):
         self.pool = (nn.AvgPool2d(pool_stride, stride=pool_stride, ceil_mode=True, count_include_pad=False)
                      if pool_stride > 1 else nn.Identity())
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.attention = ScaledDotProductAttention()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
         xa = self.pool(x)
         h, w = xa.shape[-2:]
         qkv = rearrange(self.qkv(xa), "b (k n c) h w -> k b n (h w) c", k=3, n=self.heads)
-        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        y = self.attention(qkv[0], qkv[1], qkv[2])
         y = rearrange(y, "b n (h w) c -> b (n c) h w", h=h, w=w)
         if self.stride > 1:
             y = F.interpolate(y, size=size, mode="nearest")

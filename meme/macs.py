@@ -2,24 +2,32 @@
 
 The search's budget unit is GFLOPs = 2 x MACs of one forward pass at batch 1 at the
 data shape, **attention matmuls included**. Module-hook counters (ptflops' default)
-only see ``nn.Module`` forwards, so the QK^T and AV products inside
-``F.scaled_dot_product_attention`` are invisible to them, and the fused CPU SDPA
-kernel is invisible to ``torch.utils.flop_counter`` too. We therefore count:
+only see ``nn.Module`` forwards, and a fused SDPA kernel hides QK^T and AV from
+``torch.utils.flop_counter`` as well. All attention in our networks therefore runs
+through one leaf module, ``meme.blocks.ScaledDotProductAttention``, and we count, in one
+forward pass and through public APIs only:
 
-* ``macs_hooks`` -- ptflops' default count (pytorch backend): module hooks plus the
-  functional ops ptflops patches. The paper's "MACs" column is exactly 3x this
-  (LDM-S 94.2G, LDM-L 288.2G), reported as ``paper_units``.
-* ``macs`` -- ``macs_hooks`` plus every matmul-like op ptflops cannot see: the two
-  attention matmuls of each SDPA call (by formula, from q/k/v shapes) and any conv,
-  linear, einsum or ``@`` executed outside a module ptflops hooks.
+* ``macs_hooks`` -- ptflops' default count (pytorch backend). The paper's "MACs" column
+  is exactly 3x this (LDM-S 94.2G, LDM-L 288.2G), reported as ``paper_units``.
+* ``macs`` -- ``macs_hooks`` plus the two attention matmuls of every
+  ``ScaledDotProductAttention`` call, by formula from q/k/v shapes (a ptflops custom
+  module hook).
 
-Counting runs on the meta device (shapes only, no weights, no arithmetic), so a
-full-size expert costs well under a second; results are cached in-process and on disk.
+A cross-check guards the count: torch's own ``FlopCounterMode``, run in the same pass
+with SDPA on its math path, sees every conv and matmul wherever it happens (bias,
+norm and activation aside). If it sees more than ``macs``, some matmul work escaped
+the count (an attention call outside the leaf module, a bare ``einsum``) and counting
+fails loudly instead of under-pricing a design.
+
+The network is built on the meta device (no weight initialisation) and given
+uninitialised CPU storage: the forward pass computes garbage at full speed, and only
+shapes matter. Results are cached in-process and on disk.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import io
@@ -34,9 +42,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from meme.checkpoint import atomic_write_json
@@ -45,10 +52,10 @@ from meme.config import ArchConfig, DataShape, MemeConfig
 log = logging.getLogger(__name__)
 
 # Bump when the counting rules change: invalidates the on-disk cache.
-COUNTER_VERSION = 1
+COUNTER_VERSION = 2
 # Source files whose edits change what a config builds (and so its cost).
 _NETWORK_SOURCES = ("networks.py", "blocks.py", "unet.py", "iunet.py", "macs.py")
-_LOCK = threading.Lock()  # ptflops patches torch.nn.functional globally
+_LOCK = threading.Lock()  # ptflops patches torch.nn.functional globally while it counts
 
 
 @dataclass(frozen=True)
@@ -117,8 +124,9 @@ class MemeCost:
 
 # ---- counting ---------------------------------------------------------------------
 
+# Attention cost: QK^T is Lq x Lk x Dqk MACs, AV is Lq x Lk x Dv, per batch x head.
 def sdpa_macs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
-    """MACs of QK^T (Lq x Lk x Dqk) plus AV (Lq x Lk x Dv), per batch x head."""
+    """MACs of QK^T plus AV for one SDPA call, broadcast over batch and heads."""
     *lead, lq, dqk = q.shape
     lk, dv = k.shape[-2], v.shape[-1]
     bh = 1
@@ -127,140 +135,17 @@ def sdpa_macs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
     return bh * lq * lk * (dqk + dv)
 
 
-_SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
-# Matmul-like ops that module hooks never see when called outside a hooked module.
-_MATMUL_LIKE = {
-    torch.conv1d, torch.conv2d, torch.conv3d,
-    torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d,
-    F.linear, torch.einsum, torch.tensordot,
-    torch.matmul, torch.mm, torch.bmm, torch.addmm, torch.baddbmm,
-    torch._C.TensorBase.matmul, torch._C.TensorBase.__matmul__, torch.Tensor.__rmatmul__,
-    torch._C.TensorBase.mm, torch._C.TensorBase.bmm, torch._C.TensorBase.addmm,
-}
+class AttentionTally:
+    """A ptflops custom module hook for ``ScaledDotProductAttention`` that also keeps
+    its own total, so the attention share can be told apart from ptflops' default."""
 
+    def __init__(self):
+        self.macs = 0
 
-def _ptflops_wrapper_code():
-    try:
-        from ptflops.pytorch_engine import torch_function_wrapper
-        return torch_function_wrapper.__call__.__code__
-    except (ImportError, AttributeError):
-        return None
-
-
-def _is_ptflops_patch(func) -> bool:
-    """ptflops replaces ops by callables with ``.op`` (a class instance or a closure)."""
-    mod = getattr(func, "__module__", None) or type(func).__module__
-    return hasattr(func, "op") and str(mod).startswith("ptflops")
-
-
-def _called_by_ptflops(code, depth: int = 4) -> bool:
-    """True when ptflops' own functional patch already counted this op (no double count)."""
-    if code is None:
-        return False
-    frame = sys._getframe(2)
-    for _ in range(depth):
-        if frame is None:
-            return False
-        if frame.f_code is code:
-            return True
-        frame = frame.f_back
-    return False
-
-
-class UnhookedOpCounter(TorchFunctionMode):
-    """Counts the MACs that ptflops' module hooks cannot see.
-
-    SDPA calls by formula (fused kernels hide them from every other counter); other
-    matmul-like ops by ``FlopCounterMode`` on the single call, but only outside modules
-    ptflops hooks (those are counted by the hook) and not when ptflops' functional
-    patch is the caller.
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.attention_macs = 0
-        self.other_macs = 0
-        self._depth = 0
-        self._wrapper_code = _ptflops_wrapper_code()
-        self._handles = []
-        from ptflops.pytorch_ops import MODULES_MAPPING
-        for m in model.modules():
-            if type(m) in MODULES_MAPPING:
-                self._handles.append(m.register_forward_pre_hook(self._enter))
-                self._handles.append(m.register_forward_hook(self._leave))
-
-    def _enter(self, module, args):
-        self._depth += 1
-
-    def _leave(self, module, args, output):
-        self._depth -= 1
-
-    def remove_hooks(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if _is_ptflops_patch(func):
-            # ptflops' patch of this op already counted the call that led here; calling
-            # the patch again would count it twice and change ptflops' default count.
-            func = func.op
-        if self._depth == 0:
-            if func in _SDPA:
-                q, k, v = (kwargs[n] if n in kwargs else args[i] for i, n in enumerate(("query", "key", "value")))
-                self.attention_macs += sdpa_macs(q, k, v)
-            elif func in _MATMUL_LIKE and not _called_by_ptflops(self._wrapper_code):
-                with FlopCounterMode(display=False) as fc:
-                    out = func(*args, **kwargs)
-                self.other_macs += fc.get_total_flops() // 2
-                return out
-        return func(*args, **kwargs)
-
-    @property
-    def macs(self) -> int:
-        return self.attention_macs + self.other_macs
-
-
-_DECOMP_MODULES = ("torch._decomp", "torch._refs", "torch._prims", "torch._meta_registrations")
-
-
-def _from_decomposition(depth: int = 3) -> bool:
-    """True when torch's own Python decomposition (meta kernels) made this call."""
-    frame = sys._getframe(2)
-    for _ in range(depth):
-        if frame is None:
-            return False
-        if str(frame.f_globals.get("__name__", "")).startswith(_DECOMP_MODULES):
-            return True
-        frame = frame.f_back
-    return False
-
-
-@contextlib.contextmanager
-def _ptflops_as_on_cpu() -> Iterator[None]:
-    """Make ptflops' default count on meta equal its count on CPU.
-
-    On meta, ``nn.Linear`` runs torch's Python ``addmm`` decomposition, which calls
-    ``torch.mm`` -- an op ptflops patches -- so the layer would be counted twice.
-    Calls made by a decomposition are therefore given zero cost while we count.
-    """
-    from ptflops import pytorch_ops
-
-    saved = {}
-    for table in (pytorch_ops.FUNCTIONAL_MAPPING, pytorch_ops.TENSOR_OPS_MAPPING):
-        for op, handler in list(table.items()):
-            saved[(id(table), op)] = (table, handler)
-
-            def gated(*args, _handler=handler, **kwargs):
-                return 0 if _from_decomposition() else _handler(*args, **kwargs)
-
-            table[op] = gated
-    try:
-        yield
-    finally:
-        for (_, op), (table, handler) in saved.items():
-            table[op] = handler
+    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        n = sdpa_macs(*inputs[:3])
+        self.macs += n
+        module.__flops__ += n  # ptflops' documented custom-hook contract
 
 
 class _WithTimestep(nn.Module):
@@ -275,44 +160,55 @@ class _WithTimestep(nn.Module):
         return self.net(x, t)
 
 
+def _on_cpu(net: nn.Module) -> nn.Module:
+    """``net`` itself when it holds real tensors; a copy with uninitialised CPU storage
+    when it was built on the meta device (counting needs shapes, not values)."""
+    tensors = list(net.parameters()) + list(net.buffers())
+    if not any(t.is_meta for t in tensors):
+        return net
+    return copy.deepcopy(net).to_empty(device="cpu")
+
+
 def count_module(net: nn.Module, input_shape: tuple[int, ...], *, takes_t: bool = True) -> NetCost:
     """Count params and MACs of ``net`` for one input of ``input_shape`` (no batch dim).
 
     ``net`` is called as ``net(x, t)`` (a denoiser) or ``net(x)`` when ``takes_t`` is
-    False. Works on meta or CPU modules; the input is made on the module's device.
+    False. Accepts CPU or meta modules. Raises ``RuntimeError`` when matmul work
+    escapes the count (see the module docstring).
     """
     from ptflops import get_model_complexity_info
 
-    model = _WithTimestep(net) if takes_t else net
-    counter = UnhookedOpCounter(model)
+    from meme.blocks import ScaledDotProductAttention
+
+    model = _on_cpu(_WithTimestep(net) if takes_t else net)
+    attention = AttentionTally()
     sink = io.StringIO()
-    try:
-        with _LOCK, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), \
-                _ptflops_as_on_cpu(), counter, torch.no_grad():
-            macs_hooks, _ = get_model_complexity_info(
-                model, tuple(input_shape), as_strings=False, print_per_layer_stat=False,
-                ost=sink, verbose=False, backend="pytorch")
-    finally:
-        counter.remove_hooks()
-    if macs_hooks is None:  # ptflops swallows the exception and prints it
+    with _LOCK, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), \
+            sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as torch_count, torch.no_grad():
+        total, _ = get_model_complexity_info(
+            model, tuple(input_shape), as_strings=False, print_per_layer_stat=False,
+            ost=sink, verbose=False, backend="pytorch",
+            custom_modules_hooks={ScaledDotProductAttention: attention})
+    if total is None:  # ptflops swallows the exception and prints it
         lines = [ln for ln in sink.getvalue().splitlines() if ln.strip()]
         raise RuntimeError(f"MAC counting failed: {lines[-1] if lines else 'unknown error'}")
+    total = int(total)
+    matmul_macs = torch_count.get_total_flops() // 2
+    if matmul_macs > total:
+        raise RuntimeError(
+            f"{type(net).__name__}: torch sees {matmul_macs:,} matmul/conv MACs but only {total:,} "
+            f"were counted; run attention through meme.blocks.ScaledDotProductAttention and "
+            f"matmuls through nn.Linear/nn.Conv modules so the budget can price them")
     params = sum(p.numel() for p in net.parameters())
-    macs_hooks = int(macs_hooks)
-    return NetCost(params=int(params), macs=macs_hooks + counter.macs, macs_hooks=macs_hooks)
+    return NetCost(params=int(params), macs=total, macs_hooks=total - attention.macs)
 
 
 def _count_arch(arch: ArchConfig, data: DataShape) -> NetCost:
     from meme.networks import build_network
 
-    shape = (data.channels, data.resolution, data.resolution)
-    try:  # meta: no weight init, no arithmetic -- shapes are all a count needs
-        with torch.device("meta"):
-            net = build_network(arch, data)
-        return count_module(net, shape)
-    except (NotImplementedError, RuntimeError) as exc:
-        log.debug("meta-device count failed (%s); counting on CPU", exc)
-    return count_module(build_network(arch, data), shape)
+    with torch.device("meta"):  # no weight initialisation: shapes are all a count needs
+        net = build_network(arch, data)
+    return count_module(net, (data.channels, data.resolution, data.resolution))
 
 
 # ---- caching ----------------------------------------------------------------------
