@@ -290,7 +290,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m meme.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--run", type=Path, default=None, help="run directory: reads RUN/samples/samples.npz, writes RUN/eval.json")
     p.add_argument("--samples", type=Path, default=None, help="samples .npz to evaluate (default RUN/samples/samples.npz)")
-    p.add_argument("--n", type=int, default=10000, help="samples used, and real images in the reference")
+    p.add_argument("--n", type=int, default=10000, help="samples used (default %(default)s)")
+    p.add_argument("--n-ref", type=int, default=None, help="real images in the reference statistics (default: --n)")
     p.add_argument("--ref", default=None, help="real data (meme.data spec) or a stats .npz with mu/sigma; "
                                                 "default: the run's training data, else Fashion-MNIST")
     p.add_argument("--split", default="train", choices=("train", "val"), help="split of the real data")
@@ -318,7 +319,7 @@ def main(argv=None) -> int:
     if len(samples) < args.n:
         log.warning("%s holds %d samples, fewer than --n %d", samples_path, len(samples), args.n)
     log.info("evaluating %d samples %s against %s", len(samples), samples.shape[1:], ref or "fashion-mnist")
-    result = evaluate_samples(samples, ref, args.n, args.split, args.cache_dir, args.k,
+    result = evaluate_samples(samples, ref, args.n_ref or args.n, args.split, args.cache_dir, args.k,
                               args.batch_size, args.device, progress=True)
     result["samples"] = str(samples_path)
     out.parent.mkdir(parents=True, exist_ok=True)

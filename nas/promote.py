@@ -1,128 +1,290 @@
-"""Promote the top-K trials of a study to full training: ``python -m nas.promote --study DIR --top K``.
+"""Promote the best designs of a study to full training: ``python -m nas.promote --study DIR``.
 
-For each of the K best feasible trials (and the study's hand-designed reference) it
-runs, as subprocesses, ``meme.train`` -> ``meme.sample`` -> ``meme.evaluate`` in
-``STUDY/promoted/<name>/``, then writes ``comparison.csv`` and ``comparison.md``.
-Resumable: a finished stage is skipped (marker files), an interrupted training run is
-continued with ``--resume`` from its last checkpoint.
+For each of the K best feasible trials (and the study's hand-designed reference),
+and each seed, it runs ``meme.train`` -> ``meme.sample`` -> ``meme.evaluate`` in
+``OUT/<design>/seed<S>/`` on the space's *target* data, then writes
+``promoted.csv`` (one row per run) and ``promoted.md`` (FID mean +- std per design).
+
+Every design gets the same recipe (the space's ``promote:`` section, flags override):
+the same total optimizer steps and batch whatever its N -- equal training compute,
+as in the search -- and the same sampler and FID protocol. ``--jobs J`` runs J
+pipelines side by side, one thread each on a CPU. Resumable: a finished stage is
+skipped, an interrupted training continues from its last checkpoint, and a run
+directory trained under other settings is refused rather than mixed in.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
+import os
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Sequence
 
+import optuna
 import pandas as pd
 
-from meme.cli import UserError, main_guard
+from meme.checkpoint import atomic_write_json
+from meme.cli import UserError, main_guard, markdown_table, setup_logging
 from meme.config import MemeConfig
-from nas.export import open_study
+from meme.data import LATENT_SUFFIXES
+from nas.space import PromoteRecipe, SearchSpace
+
+log = logging.getLogger("nas.promote")
 
 
-def _run(cmd: list[str], log: Path) -> None:
-    print("$ " + " ".join(cmd), flush=True)
-    with log.open("a") as f:
+@dataclass(frozen=True)
+class Design:
+    """One architecture to train at the target, with the columns it brings to the table."""
+
+    tag: str                 # folder and row name, e.g. 'rank1', 'reference-fmnist-meme-small'
+    cfg: MemeConfig
+    info: dict = field(default_factory=dict)  # trial number, proxy objective, role ...
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What every promoted run shares: data, recipe, devices (a run records its digest)."""
+
+    data: Optional[str]      # meme.data spec of the target's training data
+    recipe: PromoteRecipe
+    train_args: tuple[str, ...] = ()  # extra meme.train flags, verbatim
+    device: str = "auto"
+    threads: Optional[int] = None     # CPU threads per process (1 when pipelines share the cores)
+
+    def digest(self) -> dict[str, Any]:
+        return {"data": self.data, "recipe": dataclasses.asdict(self.recipe), "train_args": list(self.train_args)}
+
+
+def check_target_data(cfg: MemeConfig, data: Optional[str]) -> None:
+    """A latent target trains on encoded latents only; refuse before anything is written."""
+    if cfg.data.latent:
+        if data is None:
+            raise UserError(f"{cfg.name}: the target is latent ({cfg.data.channels}x{cfg.data.resolution}x"
+                            f"{cfg.data.resolution}) and no latent data was given: pass --data LATENTS.npy|.pt "
+                            f"(first-stage latents of that shape)")
+        if Path(data).suffix not in LATENT_SUFFIXES:
+            raise UserError(f"{cfg.name}: the target is latent but --data {data} is not a latent file "
+                            f"({', '.join(LATENT_SUFFIXES)}): encode the images first")
+    elif data is None:
+        raise UserError(f"{cfg.name}: no training data for the target: the space names no target.dataset, "
+                        f"pass --data (fashion-mnist, an image folder)")
+
+
+def run_dir(out: Path, design: Design, seed: int) -> Path:
+    return Path(out) / design.tag / f"seed{seed}"
+
+
+_PRINT = threading.Lock()
+
+
+def _stage(cmd: list[str], log_path: Path, env: dict[str, str]) -> None:
+    """One subprocess, output appended to the run's log; a failure is one line."""
+    with _PRINT:
+        print("$ " + " ".join(cmd), flush=True)
+    with log_path.open("a") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     if rc != 0:
-        tail = log.read_text().strip().splitlines()[-1:] or ["?"]
-        raise UserError(f"{cmd[2]} failed (exit {rc}): {tail[0]} -- full log {log}")
+        tail = log_path.read_text().strip().splitlines()[-1:] or ["?"]
+        raise UserError(f"{cmd[2]} failed (exit {rc}): {tail[0]} -- full log {log_path}")
 
 
-def promote_one(cfg: MemeConfig, run: Path, args) -> dict:
-    """Train, sample, evaluate one config in ``run`` (skipping stages already done)."""
+def run_pipeline(design: Design, seed: int, out: Path, protocol: Protocol) -> dict[str, Any]:
+    """Train, sample and score one (design, seed); stages already done are skipped."""
+    run = run_dir(out, design, seed)
     run.mkdir(parents=True, exist_ok=True)
-    yaml_path = cfg.save(run / "search_config.yaml")
-    log = run / "promote.log"
-    py = sys.executable
+    stamp = {"config_hash": design.cfg.hash(), "seed": seed, **protocol.digest()}
+    stamp_path = run / "promote.json"
+    if stamp_path.is_file() and json.loads(stamp_path.read_text()) != stamp:
+        raise UserError(f"{run} was trained with other settings (config, seed, data or recipe): "
+                        f"delete it or choose another --out")
+    atomic_write_json(stamp, stamp_path)
+    env = dict(os.environ)
+    if protocol.threads:
+        env.update(OMP_NUM_THREADS=str(protocol.threads), MKL_NUM_THREADS=str(protocol.threads))
+    py, rec, log_path = sys.executable, protocol.recipe, run / "promote.log"
+    yaml_path = design.cfg.save(run / "design.yaml")
     if not (run / "train.done").exists():
-        cmd = [py, "-m", "meme.train", "--config", str(yaml_path), "--out", str(run)]
-        if args.steps:
-            cmd += ["--steps", str(args.steps)]
+        cmd = [py, "-m", "meme.train", "--config", str(yaml_path), "--out", str(run), "--seed", str(seed),
+               "--data", str(protocol.data), "--device", protocol.device, *rec.train_flags(),
+               "--sample-every", "0", "--ckpt-every", str(max(rec.steps // 10, 1))]
+        if protocol.threads:
+            cmd += ["--threads", str(protocol.threads)]
         if (run / "checkpoints" / "last.pt").exists():
             cmd.append("--resume")
-        cmd += args.train_args
-        _run(cmd, log)
+        _stage(cmd + list(protocol.train_args), log_path, env)
         (run / "train.done").write_text("ok\n")
-    if not (run / "samples" / "samples.npz").exists():
-        _run([py, "-m", "meme.sample", "--run", str(run), "--n", str(args.n)], log)
+    if not (run / "samples" / "sampling.json").exists():
+        _stage([py, "-m", "meme.sample", "--run", str(run), "--n", str(rec.fid_samples), "--steps",
+                str(rec.sample_steps), "--seed", str(seed), "--device", protocol.device], log_path, env)
+    result = {"design": design.tag, "seed": seed, "run": str(run), **design.info}
+    sampling = json.loads((run / "samples" / "sampling.json").read_text())
+    result["sample_wall_s"] = sampling.get("wall_s")
+    if design.cfg.data.latent:
+        log.warning("%s: latent samples and no first-stage decoder: FID is not computed on latent channels", run)
+        return result
     if not (run / "eval.json").exists():
-        _run([py, "-m", "meme.evaluate", "--run", str(run), "--n", str(args.n)], log)
-    return json.loads((run / "eval.json").read_text())
+        _stage([py, "-m", "meme.evaluate", "--run", str(run), "--n", str(rec.fid_samples), "--n-ref",
+                str(rec.fid_reference), "--ref", str(protocol.data), "--device", protocol.device], log_path, env)
+    ev = json.loads((run / "eval.json").read_text())
+    result.update(fid=ev["fid"], precision=ev.get("precision"), recall=ev.get("recall"), n=ev.get("n"),
+                  n_ref=ev.get("n_ref"))
+    return result
+
+
+def run_all(designs: Sequence[Design], seeds: Sequence[int], out: Path, protocol: Protocol,
+            jobs: int = 1) -> list[dict[str, Any]]:
+    """Every (design, seed) pipeline, ``jobs`` at a time; results in input order."""
+    for d in designs:
+        check_target_data(d.cfg, protocol.data)
+    work = [(d, s) for d in designs for s in seeds]
+    if jobs <= 1:
+        return [run_pipeline(d, s, out, protocol) for d, s in work]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # threads only wait on subprocesses
+        futures = [pool.submit(run_pipeline, d, s, out, protocol) for d, s in work]
+        return [f.result() for f in futures]
+
+
+def summary_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Per design: FID mean and sample std over seeds (plus precision/recall means)."""
+    df = pd.DataFrame(rows)
+    if "fid" not in df:
+        return df.groupby("design", sort=False).size().rename("runs").reset_index()
+    agg = df.groupby("design", sort=False).agg(
+        fid_mean=("fid", "mean"), fid_std=("fid", "std"), seeds=("seed", "count"),
+        precision=("precision", "mean"), recall=("recall", "mean"))
+    return agg.reset_index()
+
+
+# ---- which designs --------------------------------------------------------------------
+
+def study_space(study: optuna.Study) -> Optional[SearchSpace]:
+    """The space the study searched (by shipped name or path), or None if it is gone."""
+    from nas.space import load_space
+
+    ref = study.user_attrs.get("space")
+    if not ref:
+        return None
+    try:
+        return load_space(ref)
+    except (OSError, UserError, ValueError) as exc:
+        log.warning("space %s of study %s cannot be loaded (%s): using defaults", ref, study.study_name, exc)
+        return None
+
+
+def top_designs(study: optuna.Study, k: int) -> list[Design]:
+    """The k best feasible, fully trained trials at the target shape, best first."""
+    from nas.report import quality, ranked
+
+    designs = []
+    for rank, t in enumerate(ranked(study)[:k], 1):
+        cfg = MemeConfig.from_yaml(t.user_attrs["config_yaml"], f"trial {t.number}")
+        cfg = MemeConfig.from_dict({**cfg.to_dict(), "name": f"{study.study_name}-rank{rank}"}, "promote")
+        designs.append(Design(f"rank{rank}", cfg, {"trial": t.number, "gflops": t.user_attrs["gflops"],
+                                                   "params": t.user_attrs["params"], "proxy_objective": quality(t)}))
+    if not designs:
+        raise UserError(f"study {study.study_name} has no feasible, fully trained trial to promote")
+    return designs
+
+
+def reference_design(study_dir: Path, space: Optional[SearchSpace]) -> Optional[Design]:
+    """The hand design trained beside the search, if the space still defines the same one."""
+    rec_path = Path(study_dir) / "reference.json"
+    cfg = space.reference_config() if space else None
+    if cfg is None or not rec_path.is_file():
+        return None
+    rec = json.loads(rec_path.read_text())
+    if cfg.hash() != rec.get("config_hash"):  # space edited since the search
+        log.warning("the space's reference changed since the search: not promoted")
+        return None
+    return Design(f"reference-{cfg.name}", cfg, {"trial": "reference", "gflops": rec["gflops"],
+                                                 "params": rec["params"], "proxy_objective": rec.get("objective")})
+
+
+def make_protocol(args: argparse.Namespace, space: Optional[SearchSpace]) -> Protocol:
+    """The space's recipe with command-line overrides; jobs > 1 on a CPU: one thread each."""
+    recipe = space.promote if space else PromoteRecipe()
+    overrides = {"steps": args.steps, "fid_samples": args.n, "fid_reference": args.n_ref,
+                 "sample_steps": args.sample_steps, "batch_size": args.batch_size}
+    recipe = dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+    data = args.data or (space.dataset if space else None)
+    threads = 1 if args.jobs > 1 and not str(args.device).startswith("cuda") else None
+    return Protocol(data=data, recipe=recipe, train_args=tuple(args.train_args), device=args.device, threads=threads)
+
+
+def add_protocol_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by nas.promote and nas.compare (defaults: the space's promote recipe)."""
+    g = p.add_argument_group("training and scoring (default: the space's promote: section)")
+    g.add_argument("--data", default=None, help="target training data (meme.data spec; default: the space's "
+                                                "target.dataset); a latent target needs a latent file")
+    g.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps in all, over every expert: the same for every design whatever its N")
+    g.add_argument("--batch-size", type=int, default=None, help="images per step")
+    g.add_argument("--n", type=int, default=None, help="samples scored by FID")
+    g.add_argument("--n-ref", type=int, default=None, help="real images in the FID reference statistics")
+    g.add_argument("--sample-steps", type=int, default=None, help="DDIM steps")
+    g.add_argument("--seeds", type=int, default=1, help="training seeds per design, 1..S (default %(default)s)")
+    g.add_argument("--jobs", type=int, default=1,
+                   help="pipelines side by side (one thread each on a CPU; default %(default)s)")
+    g.add_argument("--device", default="auto", help="torch device for every stage (default %(default)s)")
+    g.add_argument("train_args", nargs="*", help="extra meme.train flags after --, e.g. -- --grad-clip 0.5")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m nas.promote", description=__doc__.splitlines()[0])
     p.add_argument("--study", required=True, type=Path, help="study directory (results/<study>)")
     p.add_argument("--top", type=int, default=3, help="how many of the best trials (default %(default)s)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="optimizer steps in all, over every expert: the same for every promoted config, whatever "
-                        "its N, as in the search (default: meme.train's)")
-    p.add_argument("--n", type=int, default=10000, help="samples for FID (default %(default)s)")
     p.add_argument("--no-reference", action="store_true", help="do not promote the study's reference design")
     p.add_argument("--out", type=Path, default=None, help="default STUDY/promoted")
     p.add_argument("--storage", default=None, help="Optuna RDB URL if the study is not in STUDY/optuna.db")
     p.add_argument("--name", default=None, help="study name when the storage holds several")
-    p.add_argument("train_args", nargs="*", help="extra meme.train flags after --, e.g. -- --batch-size 32")
+    add_protocol_flags(p)
     return p.parse_args(argv)
 
 
-def _reference(study_dir: Path, study) -> Optional[tuple[MemeConfig, dict]]:
-    from nas.space import load_space
-
-    rec_path = study_dir / "reference.json"
-    if not rec_path.is_file():
-        return None
-    rec = json.loads(rec_path.read_text())
-    space = study.user_attrs.get("space")
-    try:
-        cfg = load_space(space).reference_config() if space else None
-    except Exception:
-        cfg = None
-    if cfg is None or cfg.hash() != rec.get("config_hash"):  # space edited since the search
-        return None
-    return cfg, rec
+def check_counts(args: argparse.Namespace) -> None:
+    for key in ("seeds", "jobs", "steps", "batch_size", "n", "n_ref", "sample_steps"):
+        v = getattr(args, key, None)
+        if v is not None and v < 1:
+            raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {v}")
 
 
 @main_guard
 def main(argv=None) -> int:
-    from nas.report import markdown_table, quality, ranked
+    from nas.export import open_study
 
+    setup_logging()
     args = parse_args(argv)
+    check_counts(args)
     if args.top < 1:
         raise UserError(f"--top must be >= 1, got {args.top}")
     study = open_study(args.study, args.storage, args.name)
+    space = study_space(study)
+    protocol = make_protocol(args, space)
+    designs = top_designs(study, args.top)
+    ref = None if args.no_reference else reference_design(args.study, space)
+    designs += [ref] if ref else []
+    for d in designs:  # every refusal before the first run starts
+        check_target_data(d.cfg, protocol.data)
     out = args.out or Path(args.study) / "promoted"
-    entries = []
-    for rank, t in enumerate(ranked(study)[: args.top], 1):
-        cfg = MemeConfig.from_yaml(t.user_attrs["config_yaml"], f"trial {t.number}")
-        cfg = MemeConfig.from_dict({**cfg.to_dict(), "name": f"{study.study_name}-rank{rank}"}, "promote")
-        entries.append((f"rank{rank}", cfg, {"trial": t.number, "gflops": t.user_attrs["gflops"],
-                                             "params": t.user_attrs["params"], "proxy_objective": quality(t)}))
-    if not entries:
-        raise UserError(f"study {study.study_name} has no feasible, fully trained trial to promote")
-    ref = None if args.no_reference else _reference(Path(args.study), study)
-    if ref:
-        cfg, rec = ref
-        entries.append((f"reference-{cfg.name}", cfg, {"trial": "reference", "gflops": rec["gflops"],
-                                                       "params": rec["params"], "proxy_objective": rec.get("objective")}))
-    rows = []
-    for tag, cfg, info in entries:
-        print(f"== {tag}: {cfg.name} ({cfg.num_experts} experts, {info['gflops']:.2f} GFLOPs)")
-        ev = promote_one(cfg, out / tag, args)
-        rows.append({"name": tag, **info, "num_experts": cfg.num_experts, "fid": ev.get("fid"),
-                     "precision": ev.get("precision"), "recall": ev.get("recall"), "n": ev.get("n"),
-                     "run": str(out / tag)})
-    df = pd.DataFrame(rows)
+    log.info("promoting %d designs x %d seeds on %s, %d steps each, %d at a time -> %s", len(designs), args.seeds,
+             protocol.data, protocol.recipe.steps, args.jobs, out)
+    rows = run_all(designs, range(1, args.seeds + 1), out, protocol, args.jobs)
+    runs = pd.DataFrame(rows)
+    summary = summary_frame(rows)
     out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "comparison.csv", index=False)
-    (out / "comparison.md").write_text(markdown_table(list(df.columns), df.itertuples(index=False)))
-    print(df.to_string(index=False))
-    print(f"comparison: {out / 'comparison.csv'}, {out / 'comparison.md'}")
+    runs.to_csv(out / "promoted.csv", index=False)
+    (out / "promoted.md").write_text(markdown_table(list(summary.columns), summary.itertuples(index=False)))
+    print(summary.to_string(index=False))
+    print(f"runs: {out / 'promoted.csv'}; summary: {out / 'promoted.md'}")
     return 0
 
 

@@ -172,6 +172,28 @@ class ProxySpec:
 
 
 @dataclass(frozen=True)
+class PromoteRecipe:
+    """How ``nas.promote`` / ``nas.compare`` train and score a design at the target.
+
+    One recipe for every promoted design: the same total optimizer steps and batch
+    (equal training compute, whatever N), the same sampler and the same FID protocol.
+    """
+
+    steps: int = 20_000          # optimizer steps in all, over every expert
+    batch_size: int = 64         # images per step
+    lr: float = 2e-4             # AdamW peak learning rate
+    warmup: int = 500            # linear warm-up steps
+    ema_decay: float = 0.999     # EMA of the weights that are sampled
+    fid_samples: int = 10_000    # generated images scored by FID
+    fid_reference: int = 10_000  # real images in the FID reference statistics
+    sample_steps: int = 50       # DDIM steps
+
+    def train_flags(self) -> list[str]:
+        return ["--steps", str(self.steps), "--batch-size", str(self.batch_size), "--lr", str(self.lr),
+                "--warmup", str(self.warmup), "--ema-decay", str(self.ema_decay)]
+
+
+@dataclass(frozen=True)
 class SearchSpace:
     name: str
     source: str
@@ -186,6 +208,9 @@ class SearchSpace:
     proxy: ProxySpec
     defaults: dict = field(default_factory=dict)  # CLI defaults for this space (trials, ...)
     reference: Optional[MemeConfig] = None        # hand design trained beside the search (None: none)
+    dataset: Optional[str] = None                 # meme.data spec of the target's training data (None: not
+                                                  # shipped, e.g. latents the user encodes; promote asks for it)
+    promote: PromoteRecipe = field(default_factory=PromoteRecipe)  # full-training recipe at the target
 
     def reference_config(self) -> Optional[MemeConfig]:
         return self.reference
@@ -380,7 +405,7 @@ def resolve_space_path(spec: str | Path | None) -> Path:
     raise ConfigError(f"search space not found: {spec} (a YAML path, or one of {known})")
 
 
-_TOP_KEYS = {"name", "description", "target", "search", "proxy", "defaults", "reference"}
+_TOP_KEYS = {"name", "description", "target", "search", "proxy", "defaults", "reference", "promote"}
 
 
 def load_space(spec: str | Path | None = None) -> SearchSpace:
@@ -391,7 +416,7 @@ def load_space(spec: str | Path | None = None) -> SearchSpace:
     require(isinstance(d, dict), f"{src}: top level must be a mapping")
     check_keys(d, _TOP_KEYS, src)
     target = _map(d.get("target"), f"{src}: target")
-    check_keys(target, {"data", "diffusion", "expert"}, f"{src}: target")
+    check_keys(target, {"data", "dataset", "diffusion", "expert"}, f"{src}: target")
     data = _dc(DataShape, target.get("data", {}), f"{src}: target.data")
     diffusion = _dc(DiffusionConfig, target.get("diffusion", {}), f"{src}: target.diffusion")
     expert = dict(_map(target.get("expert"), f"{src}: target.expert"))
@@ -450,7 +475,9 @@ def load_space(spec: str | Path | None = None) -> SearchSpace:
     space = SearchSpace(name=str(d.get("name", path.stem)), source=src, template=template, data=data,
                         diffusion=diffusion, num_experts=n_exp, ratios=ratios, probs=probs, boundaries=bounds,
                         macro=macro, proxy=proxy, defaults=dict(defaults),
-                        reference=parse_reference(d.get("reference"), path, data))
+                        reference=parse_reference(d.get("reference"), path, data),
+                        dataset=parse_dataset(target.get("dataset"), path, f"{src}: target.dataset"),
+                        promote=parse_promote(d.get("promote"), src))
     check_space(space)
     return space
 
@@ -468,10 +495,31 @@ def parse_reference(x: Any, path: Path, data: DataShape) -> Optional[MemeConfig]
     if isinstance(x, dict):
         return MemeConfig.from_dict({"name": "reference", **x}, src)
     require(isinstance(x, str), f"{src} must be a reference name, a YAML path or a config mapping")
-    from meme.references import REFERENCES, resolve
-    if x in REFERENCES:
+    from meme.references import reference_names, resolve
+    if x in reference_names():  # built-in references and the configs shipped in meme/configs
         return resolve(x)
     return MemeConfig.load(path.parent / x)
+
+
+def parse_dataset(x: Any, path: Path, where: str) -> Optional[str]:
+    """'fashion-mnist', or a path (relative to the space file) to images or latents."""
+    if x is None or x == "":
+        return None
+    require(isinstance(x, str), f"{where} must be 'fashion-mnist' or a path, got {x!r}")
+    if x == "fashion-mnist":
+        return x
+    p = Path(x).expanduser()
+    return str(p if p.is_absolute() else path.parent / p)
+
+
+def parse_promote(d: Any, src: str) -> PromoteRecipe:
+    d = _map(d, f"{src}: promote")
+    check_keys(d, {f.name for f in dataclasses.fields(PromoteRecipe)}, f"{src}: promote")
+    recipe = from_mapping(PromoteRecipe, d, f"{src}: promote")
+    for key in ("steps", "batch_size", "fid_samples", "fid_reference", "sample_steps"):
+        require(int(getattr(recipe, key)) >= 1, f"{src}: promote.{key} must be >= 1, got {getattr(recipe, key)}")
+    require(recipe.lr > 0 and 0 <= recipe.ema_decay < 1, f"{src}: promote.lr must be > 0 and ema_decay in [0, 1)")
+    return recipe
 
 
 def parse_proxy(d: Any, src: str) -> ProxySpec:

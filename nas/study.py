@@ -122,9 +122,10 @@ def fail_stale_running(storage: optuna.storages.BaseStorage, study_name: str) ->
 
     n = 0
     for t in storage.get_all_trials(sid, deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-        storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted: the search process was killed")
-        storage.set_trial_user_attr(t._trial_id, "status", status_text("failed", reason="interrupted"))
-        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        tid = storage.get_trial_id_from_study_id_trial_number(sid, t.number)
+        storage.set_trial_user_attr(tid, "fail_reason", "interrupted: the search process was killed")
+        storage.set_trial_user_attr(tid, "status", status_text("failed", reason="interrupted"))
+        storage.set_trial_state_values(tid, TrialState.FAIL)
         n += 1
     return n
 

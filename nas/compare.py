@@ -1,0 +1,237 @@
+"""The paper's Table 1 at our scale: ``python -m nas.compare --study DIR --seeds 2``.
+
+Four kinds of denoiser, trained and scored by one recipe (``nas.promote``'s):
+
+* ``single``: one iU-Net for every t (the hand design's middle expert, alone);
+* ``multi-expert``: N copies of that same architecture, one per interval, with the
+  hand design's p_n and boundaries (the paper's "Multi-Expert");
+* ``hand``: the space's hand design (MEME-style ratios falling with t);
+* ``search``: the study's winner (best re-ranked mean if ``rerank.json`` exists, else
+  the best trial), plus ``--top K`` more.
+
+Equal cost is checked, not assumed: every design's per-step GFLOPs must lie within
+``--tolerance`` (5%) of the hand design's, or the command refuses; every design trains
+the same total steps x batch. Each design is trained on ``--seeds`` seeds and scored by
+FID (clean-fid protocol, our Inception weights) on the same number of samples; each is
+compared with the hand design by Welch's t-test over seeds. Outputs in ``OUT``:
+``comparison.csv``/``.md``, ``comparison.png`` (FID bars, seed dots), ``grids/*.png``
+and ``runs.csv``. Resumable (the runs are ``nas.promote`` pipelines).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from meme.cli import UserError, main_guard, markdown_table, setup_logging
+from meme.config import MemeConfig
+from meme.macs import cost_of_meme
+from nas.promote import (Design, Protocol, add_protocol_flags, check_counts, check_target_data, make_protocol,
+                         run_all, run_dir, study_space, top_designs)
+from nas.stats import summarize, welch
+
+log = logging.getLogger("nas.compare")
+TOLERANCE = 0.05
+
+
+# ---- the four rows ---------------------------------------------------------------------
+
+def baseline_designs(hand: MemeConfig) -> list[Design]:
+    """single, multi-expert (same architecture N times) and the hand design itself."""
+    d = hand.to_dict()
+    middle = d["experts"][(hand.num_experts - 1) // 2]
+    base = {k: v for k, v in d.items() if k not in ("name", "experts", "expert_probs", "boundaries")}
+    single = MemeConfig.from_dict({**base, "name": "single", "experts": [middle]}, "compare").validate()
+    multi = MemeConfig.from_dict({**d, "name": "multi-expert", "experts": [middle] * hand.num_experts},
+                                 "compare").validate()
+    return [Design("single", single, {"role": "one iU-Net for all t (the hand design's middle expert)"}),
+            Design("multi-expert", multi, {"role": f"{hand.num_experts} copies of that iU-Net, one per interval"}),
+            Design("hand", hand, {"role": f"hand design {hand.name} (ratios fall with t)"})]
+
+
+def search_designs(study_dir: Path, study, top: int) -> list[Design]:
+    """The search's winner (re-ranked if it was), then the next best trials."""
+    designs = top_designs(study, top + 1)
+    rerank = Path(study_dir) / "rerank.json"
+    if rerank.is_file():  # designs there are named 'trial N'; the reference is not a trial
+        trials = [d for d in json.loads(rerank.read_text()).get("designs", [])
+                  if str(d.get("name", "")).startswith("trial ") and d.get("n")]
+        if trials:
+            best = int(min(trials, key=lambda d: d["mean"])["name"].split()[1])
+            designs.sort(key=lambda d: d.info["trial"] != best)  # stable: the re-ranked best first
+    out = []
+    for i, d in enumerate(designs[:top]):
+        tag = "search" if i == 0 else f"search-{i + 1}"
+        cfg = MemeConfig.from_dict({**d.cfg.to_dict(), "name": tag}, "compare")
+        out.append(Design(tag, cfg, {"role": f"search trial #{d.info['trial']}", "trial": d.info["trial"]}))
+    return out
+
+
+def check_equal_cost(designs: list[Design], tolerance: float) -> dict[str, float]:
+    """Per-step GFLOPs of each design; refuses any beyond ``tolerance`` of the hand design."""
+    gflops = {d.tag: cost_of_meme(d.cfg).gflops_mean for d in designs}
+    hand = gflops["hand"]
+    off = {tag: g / hand - 1 for tag, g in gflops.items() if abs(g / hand - 1) > tolerance}
+    if off:
+        listed = ", ".join(f"{t} {gflops[t]:.3f} ({100 * r:+.1f}%)" for t, r in off.items())
+        raise UserError(f"not at equal per-step cost: {listed} vs hand {hand:.3f} GFLOPs "
+                        f"(tolerance {100 * tolerance:g}%; --tolerance to change)")
+    return gflops
+
+
+# ---- measurements beside FID ------------------------------------------------------------
+
+def sampling_rate(cfg: MemeConfig, steps: int, n: int = 64, device: str = "cpu") -> float:
+    """Images per second for a whole ``steps``-step DDIM trajectory, one process, measured
+    after the runs so that no other work shares the cores."""
+    import torch
+
+    from meme.diffusion import Diffusion
+    from meme.experts import build_denoiser
+    from meme.sample import SamplingPlan, generate
+
+    den = build_denoiser(cfg)
+    plan = SamplingPlan(n=n, steps=steps, batch_size=n, clip_x0=not cfg.data.latent)
+    shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+    generate(den, Diffusion(cfg.diffusion), shape, SamplingPlan(n=8, steps=2, batch_size=8), device)  # warm-up
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        generate(den, Diffusion(cfg.diffusion), shape, plan, device)
+    return n / (time.perf_counter() - t0)
+
+
+def table(designs: list[Design], rows: list[dict[str, Any]], gflops: dict[str, float], protocol: Protocol,
+          rates: dict[str, float]) -> pd.DataFrame:
+    """One row per design: FID mean +- std over seeds, cost, compute, and the test against hand."""
+    runs = pd.DataFrame(rows)
+    hand_fids = runs.loc[runs.design == "hand", "fid"].tolist()
+    rec = protocol.recipe
+    out = []
+    for d in designs:
+        fids = runs.loc[runs.design == d.tag, "fid"].tolist()
+        s = summarize(fids)
+        cost = cost_of_meme(d.cfg)
+        row = {"design": d.tag, "N": d.cfg.num_experts, "fid_mean": s.mean, "fid_std": s.std, "seeds": s.n,
+               "precision": runs.loc[runs.design == d.tag, "precision"].mean(),
+               "recall": runs.loc[runs.design == d.tag, "recall"].mean(),
+               "gflops_per_step": gflops[d.tag], "vs_hand_cost_pct": 100 * (gflops[d.tag] / gflops["hand"] - 1),
+               "params_M": cost.params_total / 1e6, "train_steps": rec.steps, "train_images": rec.steps * rec.batch_size,
+               "train_tflops": 3 * gflops[d.tag] * rec.steps * rec.batch_size / 1e3,
+               "sample_img_per_s": rates.get(d.tag)}
+        if d.tag == "hand":
+            row.update(vs_hand_fid_pct=0.0, p_value=None, verdict="(reference)")
+        else:
+            c = welch(fids, hand_fids)
+            row.update(vs_hand_fid_pct=100 * c.rel_diff, p_value=c.p_value,
+                       verdict=c.verdict if c.verdict == "cannot tell apart" else f"{c.verdict} than hand")
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def plot(df: pd.DataFrame, runs: pd.DataFrame, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.6 * len(df) + 2, 3.6))
+    x = range(len(df))
+    ax.bar(x, df.fid_mean, yerr=df.fid_std.fillna(0), capsize=4, color="#8fb3d9", edgecolor="#2b5d8c")
+    for i, tag in enumerate(df.design):
+        seeds = runs.loc[runs.design == tag, "fid"]
+        ax.scatter([i] * len(seeds), seeds, color="#1b1b1b", s=14, zorder=3)
+    ax.set_xticks(list(x), [f"{t}\nN={n}, {g:.3f} GF" for t, n, g in zip(df.design, df.N, df.gflops_per_step)],
+                  fontsize=8)
+    ax.set_ylabel("FID (lower is better)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def write_report(out: Path, df: pd.DataFrame, runs: pd.DataFrame, designs: list[Design], protocol: Protocol,
+                 command: str) -> None:
+    rec = protocol.recipe
+    cols = ["design", "N", "fid_mean", "fid_std", "seeds", "vs_hand_fid_pct", "p_value", "verdict", "precision",
+            "recall", "gflops_per_step", "vs_hand_cost_pct", "params_M", "train_images", "train_tflops",
+            "sample_img_per_s"]
+    lines = [f"# Does the search pay off? ({len(designs)} designs x {int(df.seeds.max())} seeds)", "",
+             f"Command: `{command}`", "",
+             f"Every design: {rec.steps} optimizer steps in all at batch {rec.batch_size} on {protocol.data}, "
+             f"lr {rec.lr:g}, EMA {rec.ema_decay:g}; FID of {rec.fid_samples} samples ({rec.sample_steps} DDIM "
+             f"steps) against {rec.fid_reference} real training images. p: Welch's t-test vs hand over seeds. "
+             f"sample_img_per_s: whole trajectory, one process on the cores alone.", "",
+             markdown_table(cols, df[cols].itertuples(index=False)), ""]
+    lines += [f"- `{d.tag}`: {d.info.get('role', '')}; ratios "
+              f"{' | '.join(' '.join(e.high_ratios) for e in d.cfg.experts)}; p_n "
+              f"{' '.join(f'{p:g}' for p in d.cfg.resolved_probs())}" for d in designs]
+    lines += ["", "Sample grids: " + ", ".join(f"[{d.tag}](grids/{d.tag}.png)" for d in designs), ""]
+    (out / "comparison.md").write_text("\n".join(lines))
+
+
+# ---- CLI ----------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m nas.compare", description=__doc__.splitlines()[0])
+    p.add_argument("--study", required=True, type=Path, help="study directory of a search (results/<study>)")
+    p.add_argument("--top", type=int, default=1, help="search designs compared, best first (default %(default)s)")
+    p.add_argument("--tolerance", type=float, default=TOLERANCE,
+                   help="largest per-step GFLOPs difference from the hand design (default %(default)s)")
+    p.add_argument("--out", type=Path, default=None, help="default STUDY/compare")
+    p.add_argument("--storage", default=None, help="Optuna RDB URL if the study is not in STUDY/optuna.db")
+    p.add_argument("--name", default=None, help="study name when the storage holds several")
+    add_protocol_flags(p)
+    args = p.parse_args(argv)
+    return args
+
+
+@main_guard
+def main(argv=None) -> int:
+    from nas.export import open_study
+
+    setup_logging()
+    args = parse_args(argv)
+    check_counts(args)
+    if args.seeds < 2:
+        raise UserError("--seeds must be >= 2: a difference means nothing without the seed spread")
+    study = open_study(args.study, args.storage, args.name)
+    space = study_space(study)
+    if space is None or space.reference_config() is None:
+        raise UserError(f"study {study.study_name}: its space (or the space's hand-designed reference) cannot be "
+                        f"loaded, so there is no hand design to compare with")
+    protocol = make_protocol(args, space)
+    designs = baseline_designs(space.reference_config()) + search_designs(args.study, study, args.top)
+    for d in designs:
+        check_target_data(d.cfg, protocol.data)
+    gflops = check_equal_cost(designs, args.tolerance)
+    out = args.out or Path(args.study) / "compare"
+    log.info("comparing %s x %d seeds, %d steps each, %d at a time -> %s",
+             ", ".join(d.tag for d in designs), args.seeds, protocol.recipe.steps, args.jobs, out)
+    rows = run_all(designs, range(1, args.seeds + 1), out / "runs", protocol, args.jobs)
+    runs = pd.DataFrame(rows)
+    device = "cpu" if protocol.device == "auto" else protocol.device
+    rates = {d.tag: sampling_rate(d.cfg, protocol.recipe.sample_steps, device=device) for d in designs}
+    df = table(designs, rows, gflops, protocol, rates)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "grids").mkdir(exist_ok=True)
+    for d in designs:
+        shutil.copyfile(run_dir(out / "runs", d, 1) / "samples" / "grid.png", out / "grids" / f"{d.tag}.png")
+    runs.to_csv(out / "runs.csv", index=False)
+    df.to_csv(out / "comparison.csv", index=False)
+    command = "python -m nas.compare " + " ".join(sys.argv[1:] if argv is None else argv)
+    write_report(out, df, runs, designs, protocol, command)
+    plot(df, runs, out / "comparison.png",
+         f"{study.study_name}: FID, {args.seeds} seeds, equal per-step GFLOPs and training compute")
+    print(df.to_string(index=False))
+    print(f"table: {out / 'comparison.md'}; plot: {out / 'comparison.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
