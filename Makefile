@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 CONSTRAINTS := constraints.txt
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup search test bench dashboard clean-venv
+.PHONY: setup search test test-cluster bench dashboard clean-venv
 
 setup: $(STAMP)
 
@@ -38,6 +38,10 @@ search: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
+
+# multi-node Ray on loopback, a PostgreSQL 15 server, killed nodes/drivers/databases
+test-cluster: $(STAMP)
+	$(PY) -m pytest -q -m cluster $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m nas.bench --quick $(ARGS)

@@ -34,7 +34,7 @@ from meme.cli import UserError, main_guard, markdown_table, setup_logging
 from meme.config import MemeConfig
 from meme.macs import cost_of_meme
 from nas.promote import (Design, Protocol, add_protocol_flags, check_counts, check_target_data, make_protocol,
-                         run_all, run_dir, study_space, top_designs)
+                         ray_placement, run_all, run_dir, study_space, top_designs)
 from nas.stats import summarize, welch
 
 log = logging.getLogger("nas.compare")
@@ -213,7 +213,7 @@ def main(argv=None) -> int:
     out = args.out or Path(args.study) / "compare"
     log.info("comparing %s x %d seeds, %d steps each, %d at a time -> %s",
              ", ".join(d.tag for d in designs), args.seeds, protocol.recipe.steps, args.jobs, out)
-    rows = run_all(designs, range(1, args.seeds + 1), out / "runs", protocol, args.jobs)
+    rows = run_all(designs, range(1, args.seeds + 1), out / "runs", protocol, args.jobs, ray_placement(args))
     runs = pd.DataFrame(rows)
     device = "cpu" if protocol.device == "auto" else protocol.device
     rates = {d.tag: sampling_rate(d.cfg, protocol.recipe.sample_steps, device=device) for d in designs}

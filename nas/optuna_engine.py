@@ -6,13 +6,14 @@ body is the same ``run_trial`` the Ray engine runs, the study the same format.
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import optuna
 from optuna.trial import TrialState
 from tqdm import tqdm
 
 from nas.record import log_trial, one_line, prepare, result_attrs, status_text, values_for
-from nas.study import Deadline, Settings, counted, make_sampler
+from nas.study import Deadline, Heartbeat, Settings, counted, make_sampler
 from nas.trial import run_trial
 
 log = logging.getLogger("nas.search")
@@ -26,7 +27,7 @@ def make_pruner(s: Settings) -> optuna.pruners.BasePruner:
                                                   reduction_factor=proxy.reduction_factor)
 
 
-def run(s: Settings, storage: optuna.storages.BaseStorage) -> optuna.Study:
+def run(s: Settings, storage: optuna.storages.BaseStorage, beat: Optional[Heartbeat] = None) -> optuna.Study:
     study = optuna.create_study(storage=storage, study_name=s.study_name, sampler=make_sampler(s),
                                 pruner=make_pruner(s), directions=s.directions, load_if_exists=True)
     deadline = Deadline(s.time_budget)
@@ -39,6 +40,8 @@ def run(s: Settings, storage: optuna.storages.BaseStorage) -> optuna.Study:
             break
         attempts += 1
         trial = study.ask()
+        if beat is not None:
+            beat.add(trial.number)
         cand = None
         try:
             cand = prepare(trial, s)

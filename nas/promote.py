@@ -140,17 +140,58 @@ def run_pipeline(design: Design, seed: int, out: Path, protocol: Protocol) -> di
     return result
 
 
+@dataclass(frozen=True)
+class RayPlacement:
+    """``--executor ray``: each pipeline is a Ray task with these resources."""
+
+    address: Optional[str] = None  # cluster to join (default $RAY_ADDRESS, else a local instance)
+    cpus_per_run: float = 1.0
+    gpus_per_run: float = 0.0
+    retries: int = 2               # a task whose node dies runs again elsewhere, resuming its checkpoint
+
+
 def run_all(designs: Sequence[Design], seeds: Sequence[int], out: Path, protocol: Protocol,
-            jobs: int = 1) -> list[dict[str, Any]]:
-    """Every (design, seed) pipeline, ``jobs`` at a time; results in input order."""
+            jobs: int = 1, ray: Optional[RayPlacement] = None) -> list[dict[str, Any]]:
+    """Every (design, seed) pipeline, ``jobs`` at a time (or as Ray tasks); results in input order."""
     for d in designs:
         check_target_data(d.cfg, protocol.data)
     work = [(d, s) for d in designs for s in seeds]
+    if ray is not None:
+        return _run_on_ray(work, Path(out).resolve(), protocol, ray)
     if jobs <= 1:
         return [run_pipeline(d, s, out, protocol) for d, s in work]
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # threads only wait on subprocesses
         futures = [pool.submit(run_pipeline, d, s, out, protocol) for d, s in work]
         return [f.result() for f in futures]
+
+
+def _run_on_ray(work: list[tuple[Design, int]], out: Path, protocol: Protocol, place: RayPlacement) -> list[dict]:
+    """Pipelines as Ray tasks spread over the cluster's nodes. ``out`` must be a path every
+    node sees (a shared file system): a retried task resumes from the run's checkpoint."""
+    import ray
+
+    from nas.ray_engine import init_ray
+
+    started = init_ray(place.address)
+    try:
+        threads = max(1, int(place.cpus_per_run))
+        proto = dataclasses.replace(protocol, threads=None if place.gpus_per_run else threads,
+                                    device="cuda" if place.gpus_per_run else protocol.device)
+        task = ray.remote(_pipeline_on_node).options(num_cpus=place.cpus_per_run, num_gpus=place.gpus_per_run,
+                                                     max_retries=place.retries, retry_exceptions=False)
+        refs = [task.remote(d, s, out, proto) for d, s in work]
+        return ray.get(refs)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _pipeline_on_node(design: Design, seed: int, out: Path, protocol: Protocol) -> dict[str, Any]:
+    import ray
+
+    result = run_pipeline(design, seed, out, protocol)
+    result["node"] = ray.get_runtime_context().get_node_id()[:12]
+    return result
 
 
 def summary_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -235,6 +276,13 @@ def add_protocol_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--jobs", type=int, default=1,
                    help="pipelines side by side (one thread each on a CPU; default %(default)s)")
     g.add_argument("--device", default="auto", help="torch device for every stage (default %(default)s)")
+    r = p.add_argument_group("cluster")
+    r.add_argument("--executor", default="local", choices=("local", "ray"),
+                   help="local: --jobs pipelines on this machine; ray: one Ray task per pipeline, spread over "
+                        "the cluster (OUT must be on a file system every node sees)")
+    r.add_argument("--address", default=None, help="Ray cluster to join (default $RAY_ADDRESS, else local)")
+    r.add_argument("--cpus-per-run", type=float, default=1.0, help="CPU cores per Ray task (default %(default)s)")
+    r.add_argument("--gpus-per-run", type=float, default=0.0, help="GPUs per Ray task (default %(default)s)")
     g.add_argument("train_args", nargs="*", help="extra meme.train flags after --, e.g. -- --grad-clip 0.5")
 
 
@@ -248,6 +296,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--name", default=None, help="study name when the storage holds several")
     add_protocol_flags(p)
     return p.parse_args(argv)
+
+
+def ray_placement(args: argparse.Namespace) -> Optional[RayPlacement]:
+    if args.executor != "ray":
+        return None
+    if args.cpus_per_run <= 0 or args.gpus_per_run < 0:
+        raise UserError("--cpus-per-run must be > 0 and --gpus-per-run >= 0")
+    return RayPlacement(args.address, args.cpus_per_run, args.gpus_per_run)
 
 
 def check_counts(args: argparse.Namespace) -> None:
@@ -277,7 +333,7 @@ def main(argv=None) -> int:
     out = args.out or Path(args.study) / "promoted"
     log.info("promoting %d designs x %d seeds on %s, %d steps each, %d at a time -> %s", len(designs), args.seeds,
              protocol.data, protocol.recipe.steps, args.jobs, out)
-    rows = run_all(designs, range(1, args.seeds + 1), out, protocol, args.jobs)
+    rows = run_all(designs, range(1, args.seeds + 1), out, protocol, args.jobs, ray_placement(args))
     runs = pd.DataFrame(rows)
     summary = summary_frame(rows)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import optuna
@@ -31,7 +32,7 @@ from nas.study import Deadline, Settings, make_sampler
 log = logging.getLogger("nas.search")
 METRIC = "objective"
 PROGRESS_ATTRS = ("trained_steps", "train_steps_total", "train_gflops_total", "wall_s", "peak_mem_mb", "device",
-                  "params_proxy", "seed")
+                  "params_proxy", "seed", "node")
 
 
 def init_ray(address: Optional[str]) -> bool:
@@ -48,7 +49,8 @@ def init_ray(address: Optional[str]) -> bool:
     if address:
         check_reachable(address)
         try:
-            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING,
+                     runtime_env=code_runtime_env())
         except Exception as exc:  # ConnectionError, RuntimeError, TimeoutError...
             msg = str(exc).strip().splitlines()
             raise UserError(f"cannot join Ray cluster at {address}: {msg[0] if msg else type(exc).__name__}") from None
@@ -56,6 +58,29 @@ def init_ray(address: Optional[str]) -> bool:
     ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING, configure_logging=True)
     return True
+
+
+def code_runtime_env() -> dict[str, Any]:
+    """Ship this process's ``meme`` and ``nas`` packages to every worker of the cluster.
+
+    A worker node then needs only Python, the dependencies and the proxy's data; it
+    runs exactly the code the driver runs, whatever (if anything) is installed there.
+    """
+    import meme
+    import nas
+
+    dirs = [str(Path(m.__file__).resolve().parent) for m in (meme, nas)]
+    return {"py_modules": dirs, "excludes": ["__pycache__", "*.pyc"]}
+
+
+def default_gpus_per_trial(requested: Optional[float]) -> float:
+    """Half a GPU per trial when the *cluster* has GPUs (a CPU-only head must still use
+    its workers' GPUs), none otherwise; an explicit value wins."""
+    import ray
+
+    if requested is not None:
+        return requested
+    return 0.5 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -91,6 +116,9 @@ def trainable(config: dict, proxy=None, objective: str = "loss", device: Optiona
     if config.get("duplicate_of") is not None:  # result reused from an identical trial
         tune.report({"duplicate": 1, "trained_steps": 0})
         return
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()[:12]  # which cluster node trained it
     t0 = time.perf_counter()
     dev = pick_device(device)
     dev_name = str(dev)
@@ -103,7 +131,7 @@ def trainable(config: dict, proxy=None, objective: str = "loss", device: Optiona
         row = {METRIC: value, "step": step, "trained_steps": n, "train_steps_total": n,
                "train_gflops_total": training_gflops(step_gflops, n),
                "wall_s": time.perf_counter() - t0, "peak_mem_mb": peak_memory_mb(dev), "device": dev_name,
-               "seed": proxy.seed, "stopped_early": False}
+               "seed": proxy.seed, "stopped_early": False, "node": node}
         if multi:
             row["gflops"] = config["gflops"]
         tune.report(row)
@@ -114,7 +142,7 @@ def trainable(config: dict, proxy=None, objective: str = "loss", device: Optiona
         step_gflops += train_gflops_per_step(proxy_config(cfg, proxy), proxy.batch_size)
         run_trial(cfg, proxy, report, objective=objective, device=device, threads=threads)
     except Exception as exc:  # recorded FAIL with the reason; the search goes on
-        tune.report({"fail_reason": one_line(exc), "trained_steps": steps[0]})
+        tune.report({"fail_reason": one_line(exc), "trained_steps": steps[0], "node": node})
 
 
 def _make_searcher_class():
@@ -123,10 +151,11 @@ def _make_searcher_class():
     class StudySearcher(Searcher):
         """Tune searcher over one Optuna study (public APIs of both libraries only)."""
 
-        def __init__(self, settings: Settings, storage, bar=None, metric=None, mode=None):
+        def __init__(self, settings: Settings, storage, bar=None, metric=None, mode=None, beat=None):
             super().__init__(metric=metric, mode=mode)
             self.settings = settings
             self.bar = bar
+            self.beat = beat  # nas.study.Heartbeat: stamps the trials in flight
             self.study = optuna.create_study(storage=storage, study_name=settings.study_name,
                                              sampler=make_sampler(settings), directions=settings.directions,
                                              load_if_exists=True)
@@ -135,6 +164,13 @@ def _make_searcher_class():
             self.reported: dict[str, int] = {}
             self.deadline = Deadline(settings.time_budget)
             self.deadline_said = False
+
+        def __getstate__(self) -> dict:
+            """Tune pickles its searcher into the experiment state: the heartbeat thread
+            and the progress bar stay with the live driver."""
+            state = self.__dict__.copy()
+            state["beat"] = state["bar"] = None
+            return state
 
         def set_search_properties(self, metric, mode, config, **spec) -> bool:
             return True  # the space is the study's define-by-run function, not a Tune config
@@ -147,6 +183,8 @@ def _make_searcher_class():
                         f"time budget of {self.settings.time_budget:.0f} s used up: no new trial")
                 return Searcher.FINISHED
             trial = self.study.ask()
+            if self.beat is not None:
+                self.beat.add(trial.number)
             cand = prepare(trial, self.settings)
             params = {"config_yaml": cand.config.to_yaml(), "feasible": cand.feasible, "gflops": cand.gflops,
                       "optuna_number": trial.number, "num_experts_": cand.config.num_experts,
@@ -179,7 +217,8 @@ def _make_searcher_class():
                 extra = f"COMPLETE  (duplicate of trial {meta['duplicate_of']}: result reused)"
                 status = status_text("duplicate", twin=meta["duplicate_of"])
             elif error or "fail_reason" in result or METRIC not in result:
-                reason = result.get("fail_reason") or ("trial errored in Ray" if error else "no result reported")
+                reason = result.get("fail_reason") or ("trial errored in Ray (its worker or node died)" if error
+                                                      else "no result reported")
                 ot.set_user_attr("fail_reason", reason)
                 record_progress(ot, result)
                 extra, status = f"FAIL  {reason}", status_text("failed", reason=reason)
@@ -206,6 +245,8 @@ def _make_searcher_class():
                 self.study.tell(ot, values, state=state)
             except Exception as exc:  # never lose the run over one bookkeeping error
                 log.warning("could not record trial %s: %s", ot.number, exc)
+            if self.beat is not None:
+                self.beat.discard(ot.number)
             log_trial(ot.number, n, g, value, extra, write=self.bar.write if self.bar else print)
             if self.bar is not None and state != TrialState.FAIL:
                 self.bar.update(1)
@@ -230,7 +271,7 @@ def record_progress(ot, result: dict) -> None:
 
 
 def run(s: Settings, storage: optuna.storages.BaseStorage, remaining: int, bar=None,
-        reference_job=None) -> Any:
+        reference_job=None, beat=None) -> Any:
     """Run ``remaining`` more trials through Ray Tune; returns the reference job's result."""
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # infeasible/failed report no metric
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -242,7 +283,7 @@ def run(s: Settings, storage: optuna.storages.BaseStorage, remaining: int, bar=N
     proxy = s.space.proxy
     mode = ["min", "min"] if s.multi else "min"
     metric = [METRIC, "gflops"] if s.multi else METRIC
-    search = StudySearcher(s, storage, bar=bar, metric=metric, mode=mode)
+    search = StudySearcher(s, storage, bar=bar, metric=metric, mode=mode, beat=beat)
     scheduler = None
     if not s.multi:  # rungs from proxy.first_rung(): past warm-up and a third of the budget
         scheduler = ASHAScheduler(time_attr="step", metric=METRIC, mode="min", max_t=proxy.steps,
@@ -257,7 +298,9 @@ def run(s: Settings, storage: optuna.storages.BaseStorage, remaining: int, bar=N
         tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=remaining,
                                     max_concurrent_trials=concurrent, reuse_actors=True),
         run_config=tune.RunConfig(name=s.study_name, storage_path=str((s.out / "ray").resolve()), verbose=0,
-                                  log_to_file=True),
+                                  log_to_file=True,
+                                  # a trial whose node dies is started again once, elsewhere
+                                  failure_config=tune.FailureConfig(max_failures=1)),
     )
     tuner.fit()
     return ray.get(reference_job) if reference_job is not None else None

@@ -9,6 +9,7 @@ pareto.png, best.yaml (loadable by ``meme.train``), reference.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import logging
@@ -16,14 +17,15 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from meme.cli import UserError, main_guard
 from nas.cli import package_version
 from nas import reference as ref_mod
 from nas.budget import check_feasible, reference_costs, resolve_budget
 from nas.space import DEFAULT_SPACE, load_space
-from nas.study import (Settings, check_compatible, counted, fail_stale_running, name_metrics, open_storage,
-                       storage_url_for, study_attrs)
+from nas.study import (Heartbeat, Settings, check_compatible, counted, fail_stale_running, name_metrics,
+                       open_storage, storage_url_for, study_attrs)
 
 log = logging.getLogger("nas.search")
 EXECUTORS = ("ray", "optuna")
@@ -68,7 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     c = p.add_argument_group("cluster")
     c.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPU cores reserved per trial (default %(default)s)")
-    c.add_argument("--gpus-per-trial", type=float, default=None, help="fractions allowed (default 0.5 if a GPU is visible)")
+    c.add_argument("--gpus-per-trial", type=float, default=None,
+                   help="fractions allowed (default 0.5 when the Ray cluster has GPUs, on any node)")
     c.add_argument("--address", default=None, help="Ray cluster to join (default $RAY_ADDRESS, else local)")
     c.add_argument("--storage", default=None, help="Optuna RDB URL (postgresql://..., mysql://...); default sqlite in OUT/<study>")
     return p.parse_args(argv)
@@ -103,7 +106,11 @@ def main_impl(argv=None) -> int:
     print(f"watch it:  {dashboard_command(s.storage_url, s.out)}")
 
     ref_cfg = None if args.no_reference else s.space.reference_config()
-    reference = run_trials(s, storage, executor, ref_cfg, remaining=max(0, s.trials - done))
+    with storage_errors(s.storage_url), Heartbeat(storage, s.study_name) as beat:
+        reference = run_trials(s, storage, executor, ref_cfg, remaining=max(0, s.trials - done), beat=beat)
+        beat.wait_for_others(study)  # trials a killed driver left RUNNING: failed once stale
+        if beat.cleaned:
+            print(f"{len(beat.cleaned)} trial(s) left RUNNING by a stopped driver marked FAIL: {beat.cleaned}")
     study = optuna.load_study(study_name=s.study_name, storage=storage)
     _outputs(study, s, reference, refs)
     if args.rerank_top > 0 and args.rerank_seeds > 0:
@@ -150,10 +157,7 @@ def make_settings(args) -> tuple[Settings, dict]:
     study_name = args.study or f"{space.name}-b{budget.gflops:g}" + ("" if budget.mode == "mean" else "-max")
     out = Path(args.out) / study_name
     out.mkdir(parents=True, exist_ok=True)
-    gpus = args.gpus_per_trial
-    if gpus is None:
-        import torch
-        gpus = 0.5 if torch.cuda.is_available() else 0.0
+    gpus = args.gpus_per_trial  # None: decided from the cluster's resources once Ray is up
     s = Settings(space=space, budget=budget, objectives=objectives,
                  trials=args.trials or int(space.defaults.get("trials", 16)), study_name=study_name, out=out,
                  storage_url=storage_url_for(out, args.storage),
@@ -173,10 +177,10 @@ def open_study(s: Settings, resume: bool):
     if existing and not resume:
         raise UserError(f"study {s.study_name!r} already has {existing} trials in {s.storage_url}: pass --resume "
                         f"to continue it, or --study NAME for a new one")
-    if resume:
-        n = fail_stale_running(storage, s.study_name)
-        if n:
-            print(f"resume: {n} trial(s) left RUNNING by the interrupted run marked FAIL")
+    if resume:  # other live drivers' trials are stamped and left alone
+        failed = fail_stale_running(storage, s.study_name)
+        if failed:
+            print(f"resume: {len(failed)} trial(s) left RUNNING by an interrupted run marked FAIL: {failed}")
     study = optuna.create_study(storage=storage, study_name=s.study_name, directions=s.directions,
                                 load_if_exists=True)
     check_compatible(study, s)
@@ -193,7 +197,40 @@ def describe_proxy(s: Settings) -> str:
             f"{f'; time budget {s.time_budget:g} s' if s.time_budget else ''}")
 
 
-def run_trials(s: Settings, storage, executor: str, ref_cfg, remaining: int):
+@contextlib.contextmanager
+def storage_errors(url: str):
+    """A database that goes away mid-search is one line with the way back, not a traceback."""
+    try:
+        yield
+    except Exception as exc:
+        cause = exc
+        while cause is not None and not _is_storage_error(cause):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise UserError(f"lost the study storage {_redact(url)} ({first}); when it is back, continue with "
+                        f"--resume (finished trials are kept)") from None
+
+
+def _is_storage_error(exc: BaseException) -> bool:
+    import optuna
+    import sqlalchemy.exc
+
+    return isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
+                            optuna.exceptions.StorageInternalError))
+
+
+def _redact(url: str) -> str:
+    """postgresql://user:secret@host/db -> postgresql://user:***@host/db"""
+    head, sep, tail = url.partition("@")
+    if not sep or ":" not in head.split("//", 1)[-1]:
+        return url
+    scheme, _, cred = head.partition("//")
+    return f"{scheme}//{cred.split(':', 1)[0]}:***@{tail}"
+
+
+def run_trials(s: Settings, storage, executor: str, ref_cfg, remaining: int, beat: Optional[Heartbeat] = None):
     """The trials (Ray Tune or the plain Optuna loop) and the reference beside them; its record."""
     ref_path = s.out / "reference.json"
     reference = None if ref_cfg is None else ref_mod.load(ref_path, ref_cfg, s.space.proxy, s.quality)
@@ -204,13 +241,14 @@ def run_trials(s: Settings, storage, executor: str, ref_cfg, remaining: int):
 
         from nas import ray_engine
         started_ray = ray_engine.init_ray(s.address)
+        s = dataclasses.replace(s, gpus_per_trial=ray_engine.default_gpus_per_trial(s.gpus_per_trial))
         job = None
         if need_ref:
             job = ray.remote(ref_mod.run_reference).options(num_cpus=s.cpus_per_trial, num_gpus=s.gpus_per_trial) \
                 .remote(ref_cfg, s.space.proxy, s.quality, s.budget.mode, s.device, threads)
             print(f"training the reference {ref_cfg.name} on the proxy (in parallel with the trials)")
         bar = _bar(s, s.trials - remaining)
-        got = ray_engine.run(s, storage, remaining, bar=bar, reference_job=job) if remaining else None
+        got = ray_engine.run(s, storage, remaining, bar=bar, reference_job=job, beat=beat) if remaining else None
         if job is not None and got is None:
             got = ray.get(job)
         if bar is not None:
@@ -225,7 +263,7 @@ def run_trials(s: Settings, storage, executor: str, ref_cfg, remaining: int):
             reference = ref_mod.run_reference(ref_cfg, s.space.proxy, s.quality, s.budget.mode, s.device,
                                               threads=threads)
         if remaining:
-            optuna_engine.run(s, storage)
+            optuna_engine.run(s, storage, beat)
     if need_ref and reference is not None:
         ref_mod.save(ref_path, reference)
         if reference.get("objective") is None:

@@ -7,6 +7,8 @@ URL); how each trial is drawn and recorded lives in ``nas.record``, so optuna-da
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -39,7 +41,7 @@ class Settings:
     time_budget: Optional[float] = None  # seconds; no new trial starts after it
     device: Optional[str] = None       # torch device for trials ('auto' when None)
     cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
+    gpus_per_trial: Optional[float] = None  # None: 0.5 when the Ray cluster has GPUs
     address: Optional[str] = None      # Ray cluster address
     progress: bool = True
     extra: dict = field(default_factory=dict)
@@ -63,10 +65,25 @@ def storage_url_for(out: Path, url: Optional[str]) -> str:
     return url or f"sqlite:///{(Path(out) / 'optuna.db').resolve()}"
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """An RDBStorage object (OptunaSearch wants an object, not a URL)."""
+def open_storage(url: str, attempts: int = 4) -> optuna.storages.RDBStorage:
+    """An RDBStorage object (OptunaSearch wants an object, not a URL).
+
+    Drivers started together on a fresh database race to create Optuna's schema (on
+    PostgreSQL the loser gets a duplicate-type error): the loser tries again, and then
+    finds the schema made.
+    """
+    import sqlalchemy.exc
+
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+            log.info("the study schema is being created by another driver: trying again")
+            time.sleep(1.0 + attempt)
+    raise AssertionError("unreachable")
 
 
 def constraint_of(trial: optuna.trial.FrozenTrial) -> list[float]:
@@ -112,22 +129,114 @@ def counted(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=COUNTED))
 
 
-def fail_stale_running(storage: optuna.storages.BaseStorage, study_name: str) -> int:
-    """Trials left RUNNING by a killed run -> FAIL (their work is lost; finished ones are kept)."""
+# A driver stamps every trial it runs this often; a RUNNING trial unstamped for
+# STALE_AFTER_S belongs to a driver that died (kill -9, lost node, lost network).
+HEARTBEAT_S = 5.0
+STALE_AFTER_S = float(os.environ.get("MEME_NAS_STALE_AFTER_S", 30.0))  # tests shorten it
+ALIVE_ATTR = "alive_at"  # unix time of the last stamp (a user attr: visible in the dashboard)
+
+
+def _trial_id(storage: optuna.storages.BaseStorage, study_name: str, number: int) -> int:
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study_name), number)
+
+
+def fail_stale_running(storage: optuna.storages.BaseStorage, study_name: str,
+                       stale_after: float = STALE_AFTER_S) -> list[int]:
+    """RUNNING trials no live driver has stamped for ``stale_after`` s -> FAIL, with the reason.
+
+    Safe beside other live drivers (distributed search): their trials are stamped every
+    ``HEARTBEAT_S`` s and are left alone. Returns the numbers of the trials failed.
+    """
     try:
         sid = storage.get_study_id_from_name(study_name)
     except KeyError:
-        return 0
+        return []
     from nas.record import status_text
 
-    n = 0
+    now, failed = time.time(), []
     for t in storage.get_all_trials(sid, deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        started = t.datetime_start.timestamp() if t.datetime_start else 0.0
+        if now - float(t.user_attrs.get(ALIVE_ATTR, started)) < stale_after:
+            continue
         tid = storage.get_trial_id_from_study_id_trial_number(sid, t.number)
-        storage.set_trial_user_attr(tid, "fail_reason", "interrupted: the search process was killed")
-        storage.set_trial_user_attr(tid, "status", status_text("failed", reason="interrupted"))
-        storage.set_trial_state_values(tid, TrialState.FAIL)
-        n += 1
-    return n
+        try:
+            storage.set_trial_user_attr(tid, "fail_reason", "interrupted: its driver stopped (killed or lost)")
+            storage.set_trial_user_attr(tid, "status", status_text("failed", reason="interrupted"))
+            storage.set_trial_state_values(tid, TrialState.FAIL)
+        except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
+            continue  # finished meanwhile: its driver was alive after all
+        failed.append(t.number)
+    return failed
+
+
+class Heartbeat:
+    """Stamps the trials this driver runs, and fails those dead drivers left RUNNING.
+
+    A background thread; storage errors (a database restart) are logged, never raised,
+    so a short outage costs stamps, not the search.
+    """
+
+    def __init__(self, storage: optuna.storages.BaseStorage, study_name: str, interval: float = HEARTBEAT_S,
+                 stale_after: float = STALE_AFTER_S):
+        self.storage, self.study_name = storage, study_name
+        self.interval, self.stale_after = interval, stale_after
+        self.live: set[int] = set()
+        self.cleaned: list[int] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="trial-heartbeat", daemon=True)
+        import nas.record  # noqa: F401 -- imported here, not in the thread: a slow first import would delay stamps
+
+    def add(self, number: int) -> None:
+        with self._lock:
+            self.live.add(number)
+        self._stamp(number)
+
+    def discard(self, number: int) -> None:
+        with self._lock:
+            self.live.discard(number)
+
+    def _stamp(self, number: int) -> None:
+        try:
+            self.storage.set_trial_user_attr(_trial_id(self.storage, self.study_name, number), ALIVE_ATTR, time.time())
+        except optuna.exceptions.UpdateFinishedTrialError:
+            self.discard(number)
+        except Exception as exc:  # database down: keep trying, the trials keep running
+            log.warning("heartbeat of trial %d not recorded: %s", number, str(exc).splitlines()[0] if str(exc) else exc)
+
+    def sweep(self) -> None:
+        try:
+            self.cleaned += fail_stale_running(self.storage, self.study_name, self.stale_after)
+        except Exception as exc:
+            log.warning("stale-trial clean-up skipped: %s", str(exc).splitlines()[0] if str(exc) else exc)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            with self._lock:
+                live = sorted(self.live)
+            for n in live:
+                self._stamp(n)
+            self.sweep()
+
+    def wait_for_others(self, study: optuna.Study, limit: Optional[float] = None) -> None:
+        """Before the final outputs: give trials other drivers left RUNNING the time to
+        finish or to go stale (then they are failed), at most ``limit`` seconds."""
+        deadline = time.time() + (self.stale_after + self.interval if limit is None else limit)
+        while time.time() < deadline:
+            running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                       if t.number not in self.live]
+            if not running:
+                return
+            time.sleep(min(self.interval, max(0.0, deadline - time.time())))
+            self.sweep()
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval + 5)
 
 
 def portable_space_ref(source: str) -> str:

@@ -264,15 +264,34 @@ def test_kill_9_then_resume_keeps_finished_trials(tmp_path):
     # without --resume the study is protected
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2 and "--resume" in r.stderr
-    assert _run([*cmd[3:], "--resume"]) == 0
+    assert _run([*cmd[3:], "--resume"]) == 0  # fails the killed run's trials once they are stale
     after = {t.number: t for t in _study(tmp_path, "k").get_trials()}
     for n, (state, values, h) in before.items():
         assert after[n].state == state and after[n].values == values and after[n].user_attrs["config_hash"] == h
     counted = [t for t in after.values() if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(counted) == 6
     interrupted = [t for t in after.values() if t.state == TrialState.FAIL]
+    assert interrupted and not [t for t in after.values() if t.state == TrialState.RUNNING]
     assert all("interrupted" in t.user_attrs["fail_reason"] for t in interrupted)
     assert all(t.user_attrs["status"] == "failed: interrupted" for t in interrupted)
+
+
+def test_heartbeat_keeps_live_trials_and_fails_stale_ones(tmp_path):
+    """Another driver's live trial is never failed; one nobody stamps is, once stale."""
+    from nas.study import Heartbeat, fail_stale_running, open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'hb.db'}")
+    study = optuna.create_study(storage=storage, study_name="hb")
+    live, orphan = study.ask(), study.ask()
+    with Heartbeat(storage, "hb", interval=0.1, stale_after=1.5) as beat:
+        beat.add(live.number)
+        time.sleep(2.5)  # the orphan's start is now older than stale_after; live was stamped
+        assert beat.cleaned == [orphan.number]  # the heartbeat's own sweep found it
+        assert fail_stale_running(storage, "hb", stale_after=1.5) == []  # and nothing else is stale
+    states = {t.number: t for t in study.get_trials()}
+    assert states[live.number].state == TrialState.RUNNING
+    assert states[orphan.number].state == TrialState.FAIL
+    assert states[orphan.number].user_attrs["status"] == "failed: interrupted"
 
 
 @pytest.mark.parametrize("argv, needle", [
