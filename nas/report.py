@@ -13,7 +13,6 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from meme.cli import markdown_table  # noqa: F401  (re-exported: nas.promote)
 from meme.config import MemeConfig
 
 CSV_ATTRS = ("num_experts", "gflops", "gflops_mean", "gflops_max", "constraint", "params", "paper_units",
