@@ -170,6 +170,7 @@ def _run_on_ray(work: list[tuple[Design, int]], out: Path, protocol: Protocol, p
     node sees (a shared file system): a retried task resumes from the run's checkpoint."""
     import ray
 
+    import nas.promote  # by reference: under `python -m nas.promote` this module is __main__
     from nas.ray_engine import init_ray
 
     started = init_ray(place.address)
@@ -177,7 +178,7 @@ def _run_on_ray(work: list[tuple[Design, int]], out: Path, protocol: Protocol, p
         threads = max(1, int(place.cpus_per_run))
         proto = dataclasses.replace(protocol, threads=None if place.gpus_per_run else threads,
                                     device="cuda" if place.gpus_per_run else protocol.device)
-        task = ray.remote(_pipeline_on_node).options(num_cpus=place.cpus_per_run, num_gpus=place.gpus_per_run,
+        task = ray.remote(nas.promote._pipeline_on_node).options(num_cpus=place.cpus_per_run, num_gpus=place.gpus_per_run,
                                                      max_retries=place.retries, retry_exceptions=False)
         refs = [task.remote(d, s, out, proto) for d, s in work]
         return ray.get(refs)

@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -67,8 +67,10 @@ RAY_TOKEN = os.urandom(16).hex()
 
 
 def _env() -> dict[str, str]:
-    """Children run the checkout's code with one thread each, with the cluster's token."""
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0",
+    """Children: one thread each, the cluster's token, and no PYTHONPATH (nodes must get our
+    code from the driver's runtime_env, as on a machine without this checkout)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return {**env, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": RAY_TOKEN, "MEME_NAS_STALE_AFTER_S": "10"}
 
 
@@ -149,8 +151,8 @@ class RayCluster:
 
     def kill_node(self, name: str) -> int:
         """kill -9 every process of one node (its raylet and the workers it started)."""
-        return _kill_all(f"node-manager-port={self.nodes[name]}") + \
-            _kill_all(f"node_manager_port={self.nodes[name]}")
+        port = self.nodes.pop(name)
+        return _kill_all(f"node-manager-port={port}") + _kill_all(f"node_manager_port={port}")
 
     def stop(self) -> None:
         _kill_all(self.address)  # raylets, GCS clients, workers: all name the GCS address
@@ -191,27 +193,52 @@ def test_search_runs_trials_on_several_nodes(ray_cluster, tmp_path):
     _report("multi-node search", nodes=len(ray_cluster.nodes), trials_per_node={n: nodes.count(n) for n in set(nodes)})
 
 
-def test_workers_run_the_code_the_driver_ships(ray_cluster):
-    """runtime_env py_modules: a worker imports meme/nas from Ray's copy, not from an install."""
+def test_workers_run_the_code_the_driver_ships(ray_cluster, tmp_path):
+    """runtime_env py_modules: a worker imports meme/nas from Ray's copy, not from an install.
+    (The driver runs outside the checkout: Ray puts a driver's directory on its workers' path.)"""
     code = (f"import ray, nas\nfrom nas.ray_engine import code_runtime_env\n"
             f"ray.init(address='{ray_cluster.address}', runtime_env=code_runtime_env(), logging_level='ERROR')\n"
             "@ray.remote(resources={'worker1': 0.01})\n"
             "def where():\n    import nas, meme.train\n    return nas.__file__, meme.train.__file__\n"
             "print(*ray.get(where.remote()))")
-    env = {**_env(), "PYTHONPATH": str(REPO)}
-    out = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=180, env=env, cwd=REPO)
+    out = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=180, env=_env(), cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     paths = out.stdout.split()
     assert len(paths) == 2 and all("runtime_resources" in p and str(REPO) not in p for p in paths), paths
 
 
-def _trials_running_on(storage: str, name: str, node_prefix: str) -> list[int]:
-    try:
-        study = _study(storage, name)
-    except KeyError:
+def _peek(storage: str, name: str) -> list[tuple[int, str, dict]]:
+    """(number, state, user attrs) of every trial, without writing anything: an SQLite
+    file the search is still creating is opened read-only (or not at all)."""
+    if not storage.startswith("sqlite:///"):
+        try:
+            return [(t.number, t.state.name, t.user_attrs) for t in _study(storage, name).get_trials(deepcopy=False)]
+        except KeyError:
+            return []
+    import json
+    import sqlite3
+
+    db = Path(storage[len("sqlite:///"):])
+    if not db.is_file():
         return []
-    return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if str(t.user_attrs.get("node", "")).startswith(node_prefix)]
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            rows = con.execute("SELECT t.trial_id, t.number, t.state FROM trials t JOIN studies s "
+                               "ON t.study_id = s.study_id WHERE s.study_name = ?", (name,)).fetchall()
+            attrs: dict[int, dict] = {}
+            for tid, key, value in con.execute("SELECT trial_id, key, value_json FROM trial_user_attributes"):
+                attrs.setdefault(tid, {})[key] = json.loads(value)
+        finally:
+            con.close()
+    except sqlite3.Error:  # schema not there yet, or locked for a moment
+        return []
+    return [(number, state, attrs.get(tid, {})) for tid, number, state in rows]
+
+
+def _trials_running_on(storage: str, name: str, node_prefix: str) -> list[int]:
+    return [n for n, state, attrs in _peek(storage, name)
+            if state == "RUNNING" and str(attrs.get("node", "")).startswith(node_prefix)]
 
 
 def _node_id(cluster: RayCluster, resource: str) -> str:
@@ -273,10 +300,7 @@ def _kill_driver_then_resume(cmd: list[str], storage: str, name: str, after: int
 
 
 def _counted(storage: str, name: str) -> int:
-    try:
-        return len(_study(storage, name).get_trials(deepcopy=False, states=COUNTED))
-    except KeyError:
-        return 0
+    return len([1 for _, state, _ in _peek(storage, name) if state in ("COMPLETE", "PRUNED")])
 
 
 def _check_resumed(storage: str, name: str, before: dict, trials: int) -> None:
@@ -308,12 +332,13 @@ def test_promote_runs_on_the_cluster_and_survives_a_node(ray_cluster, tmp_path):
     assert rc.returncode == 0, rc.stderr[-2000:]
     ray_cluster.add_worker("doomed2")
     out = tmp_path / "promoted"
-    steps = 300
+    steps = 150
     cmd = [PY, "-m", "nas.promote", "--study", str(tmp_path / "pr"), "--top", "1", "--seeds", "3",
            "--executor", "ray", "--address", ray_cluster.address, "--steps", str(steps), "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
     try:
         def three_training():  # every node busy, each run past its first checkpoint
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
             ckpts = list(out.glob("*/seed*/checkpoints/last.pt"))
             return len(ckpts) >= 3 and ckpts
         _wait(three_training, 300, "three trainings with a checkpoint")
