@@ -51,14 +51,15 @@ def load_autoencoder(ref: str | Path, device: "str | torch.device" = "cpu") -> "
     if not local.exists() and _looks_like_path(ref):
         raise UserError(f"autoencoder not found: {local} (a diffusers directory with config.json, or a hub id)")
     source = str(local) if local.exists() else ref
+    offline = local.exists() or _cached(ref)
     try:
-        config = diffusers.ModelMixin.load_config(source, local_files_only=local.exists() or _cached(ref))
-    except (OSError, ValueError, EnvironmentError) as exc:
+        config = diffusers.AutoencoderKL.load_config(source, local_files_only=offline)
+        name = config.get("_class_name")
+        if name not in CLASSES:
+            raise UserError(f"{ref} is a {name}, not one of {sorted(CLASSES)}")
+        model = getattr(diffusers, name).from_pretrained(source, local_files_only=offline, low_cpu_mem_usage=False)
+    except (OSError, ValueError) as exc:
         raise UserError(f"cannot load autoencoder {ref}: {str(exc).splitlines()[0]}") from None
-    name = config.get("_class_name")
-    if name not in CLASSES:
-        raise UserError(f"{ref} is a {name}, not one of {sorted(CLASSES)}")
-    model = getattr(diffusers, name).from_pretrained(source, local_files_only=local.exists() or _cached(ref))
     return FirstStage(model.eval().requires_grad_(False).to(pick_device(device)), CLASSES[name],
                       str(local.resolve()) if local.exists() else ref)
 

@@ -42,7 +42,7 @@ from meme.config import DataShape, MemeConfig
 from meme.data import load_data
 from meme.fid_assets import find_inception_weights, load_inception
 from meme.images import to_uint8
-from meme.latents import image_reference, is_latent_file, require_latent_info, run_data_spec
+from meme.latents import image_reference, is_latent_file, latent_info, require_latent_info, run_data_spec
 
 log = logging.getLogger("meme.evaluate")
 
@@ -279,7 +279,7 @@ def evaluate_samples(samples: np.ndarray,                 # uint8 [N,H,W,C]
     return result
 
 
-def reference_for(ref: Optional[str], run: Optional[Path], samples: np.ndarray) -> Optional[str]:
+def reference_for(ref: Optional[str], run: Optional[Path], samples_path: Path) -> Optional[str]:
     """The real images to score against; FID is never computed on latents.
 
     Default: the run's training data. A latent file stands for the images it encodes
@@ -289,15 +289,26 @@ def reference_for(ref: Optional[str], run: Optional[Path], samples: np.ndarray) 
     cfg_path = Path(run) / "config.yaml" if run else None
     if not (cfg_path and cfg_path.is_file() and MemeConfig.load(cfg_path).data.latent):
         return image_reference(ref)
-    info = require_latent_info(run_data_spec(run), f"FID of latent run {run}")
-    image = (info.image_resolution, info.image_resolution, info.image_channels)
-    if tuple(samples.shape[1:]) != image:
-        raise UserError(f"{run}: samples are {list(samples.shape[1:])}, not decoded {list(image)} images: "
+    require_latent_info(run_data_spec(run), f"FID of latent run {run}")
+    sampling = samples_path.parent / "sampling.json"
+    if sampling.is_file() and json.loads(sampling.read_text()).get("decoded") is False:
+        raise UserError(f"{samples_path} holds raw latent channels, not decoded images: "
                         f"sample again without --no-decode")
     ref = image_reference(ref)
     if is_latent_file(ref):
         raise UserError(f"--ref {ref}: FID is computed on images, not latents: pass the images or omit --ref")
     return ref
+
+
+def check_decoded(samples: np.ndarray, run: Optional[Path], samples_path: Path) -> None:
+    """Samples of a latent run have the autoencoder's image shape (older files may be raw)."""
+    info = latent_info(run_data_spec(run))
+    if info is None:
+        return
+    image = (info.image_resolution, info.image_resolution, info.image_channels)
+    if tuple(samples.shape[1:]) != image:
+        raise UserError(f"{samples_path}: samples are {list(samples.shape[1:])}, not decoded {list(image)} "
+                        f"images: sample again without --no-decode")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -328,8 +339,9 @@ def main(argv=None) -> int:
     samples_path = args.samples or args.run / "samples" / "samples.npz"
     out = args.out or (args.run / "eval.json" if args.run else samples_path.parent / "eval.json")
     find_inception_weights()  # fail before any slow work when the weights are missing
+    ref = reference_for(args.ref, args.run, samples_path)
     samples = load_samples(samples_path, args.n)
-    ref = reference_for(args.ref, args.run, samples)
+    check_decoded(samples, args.run, samples_path)
     if len(samples) < args.n:
         log.warning("%s holds %d samples, fewer than --n %d", samples_path, len(samples), args.n)
     log.info("evaluating %d samples %s against %s", len(samples), samples.shape[1:], ref or "fashion-mnist")
