@@ -214,6 +214,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="images per resumable chunk written to OUT.parts/ (default %(default)s)")
     e.add_argument("--limit", type=int, default=None, help="encode only the first N images (file order)")
     e.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda ... (default %(default)s)")
+    e.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     from meme.autoencoder_train import add_train_parser
     add_train_parser(sub)
     return p.parse_args(argv)
@@ -227,9 +228,11 @@ def main(argv=None) -> int:
         from meme.autoencoder_train import run_training
         print(json.dumps(run_training(args), indent=2))
         return 0
-    for flag in ("batch_size", "chunk"):
-        if getattr(args, flag) < 1:
+    for flag in ("batch_size", "chunk", "threads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     info = encode(args)
     print(json.dumps({"out": str(args.out), **info.to_dict()}, indent=2))
     return 0

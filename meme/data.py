@@ -14,7 +14,8 @@
   ``shape.resolution``; RGB if ``shape.channels == 3``, otherwise grey repeated to
   ``shape.channels``. Values in [-1, 1].
 * a ``.npy`` / ``.pt`` file of pre-encoded latents N x C x H x W (a ``.pt`` may also hold
-  a dict with a ``'latents'`` entry). C, H and W must match ``shape``. Latents are
+  a dict with a ``'latents'`` entry; ``python -m meme.autoencoder encode`` adds an
+  ``'autoencoder'`` record there, see ``meme.latents``). C, H and W must match ``shape``. Latents are
   returned **as stored**: the file must already hold ``scale_factor * z`` (LDM's
   ``scale_factor``, e.g. 1/std of the first-stage latents, so the diffusion sees roughly
   unit variance). We never rescale; a warning is logged when the std is far from 1.
