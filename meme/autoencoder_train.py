@@ -81,16 +81,20 @@ def reconstruct(vae, x: torch.Tensor, batch_size: int = 100) -> tuple[torch.Tens
     return torch.cat(recons), torch.cat(zs)
 
 
-def reconstruction_metrics(x: torch.Tensor, recon: torch.Tensor, device) -> dict:
-    """MSE and PSNR on [0, 1] pixels, and rFID (reconstructions vs the same originals)."""
+def pixel_metrics(x: torch.Tensor, recon: torch.Tensor) -> dict:
+    """MSE and PSNR on [0, 1] pixels."""
+    mse = float(((recon - x) / 2).pow(2).mean())
+    return {"mse": mse, "psnr_db": 10 * math.log10(1.0 / mse), "n_eval": len(x)}
+
+
+def reconstruction_fid(x: torch.Tensor, recon: torch.Tensor, device) -> float:
+    """rFID: FID of reconstructions against the same originals (meme.evaluate's features)."""
     from meme.evaluate import fid_from_features, inception_features
     from meme.images import to_uint8
 
-    mse = float(((recon - x) / 2).pow(2).mean())
     real = inception_features(to_uint8(x), device=device, progress=True)
     fake = inception_features(to_uint8(recon), device=device, progress=True)
-    return {"mse": mse, "psnr_db": 10 * math.log10(1.0 / mse), "rfid": fid_from_features(real, fake),
-            "n_eval": len(x)}
+    return fid_from_features(real, fake)
 
 
 def train_autoencoder(o: AETrainOptions, out: Path, progress: bool = True) -> dict:
@@ -136,11 +140,13 @@ def train_autoencoder(o: AETrainOptions, out: Path, progress: bool = True) -> di
     recon = recon.cpu()
     scale = float(1.0 / z.std())
     vae.register_to_config(scaling_factor=scale)
-    metrics = {**reconstruction_metrics(val, recon, device), "scaling_factor": scale, "latent_std": float(z.std()),
+    metrics = {**pixel_metrics(val, recon), "rfid": None, "scaling_factor": scale, "latent_std": float(z.std()),
                "latent_shape": list(z.shape[1:]), "params": sum(p.numel() for p in vae.parameters()),
                "train_s": round(train_s, 1), "device": str(device), "threads": torch.get_num_threads(),
                "options": dataclasses.asdict(o)}
-    _save(vae, metrics, torch.cat([val[:32], recon[:32]]), out, save_grid)
+    _save(vae, metrics, torch.cat([val[:32], recon[:32]]), out, save_grid)  # the model first: rFID is slow
+    metrics["rfid"] = reconstruction_fid(val, recon, device)
+    atomic_write_json(metrics, out / "metrics.json")
     return metrics
 
 
