@@ -126,14 +126,15 @@ def train_autoencoder(o: AETrainOptions, out: Path, progress: bool = True) -> di
         x = train[torch.randint(len(train), (o.batch_size,), generator=gen)].to(device)
         sse, kl = loss_terms(vae, x, gen)
         loss = (sse + o.kl_weight * kl) / pixels
-        if not math.isfinite(float(loss)):
-            raise UserError(f"autoencoder loss is {float(loss)} at step {step}: lower --lr")
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise UserError(f"autoencoder loss is {value} at step {step}: lower --lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if step % 50 == 0:
-            bar.set_postfix(mse=f"{float(sse) / pixels / 4:.5f}", kl=f"{float(kl):.1f}")
+            bar.set_postfix(mse=f"{float(sse.detach()) / pixels / 4:.5f}", kl=f"{float(kl.detach()):.1f}")
     train_s = time.perf_counter() - t0
     vae.eval()
     recon, z = reconstruct(vae, val.to(device))

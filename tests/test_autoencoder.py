@@ -230,3 +230,22 @@ def test_pixel_path_never_imports_diffusers():
     code = ("import sys, meme.train, meme.sample, meme.evaluate, meme.data, meme.latents, nas.trial, nas.promote;"
             "sys.exit('diffusers' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+# ---- training a small autoencoder ----------------------------------------------------------------
+def test_train_saves_a_loadable_autoencoder_with_its_metrics(tmp_path, capsys, image_dir):
+    out = tmp_path / "ae"
+    args = ["train", "--data", str(image_dir), "--out", str(out), "--resolution", "16", "--widths", "8", "8",
+            "--latent-channels", "2", "--steps", "3", "--batch-size", "4", "--n-eval", "5", "--device", "cpu"]
+    assert autoencoder.main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["latent_shape"] == [2, 8, 8] and metrics["n_eval"] == 5
+    assert metrics["psnr_db"] == pytest.approx(10 * np.log10(1 / metrics["mse"]))
+    assert np.isfinite(metrics["rfid"]) and metrics["rfid"] > 0
+    assert (out / "reconstructions.png").is_file()
+    ae = load_autoencoder(out)                                 # diffusers format, scale recorded
+    assert ae.kind == "kl" and ae.config.scaling_factor == pytest.approx(metrics["scaling_factor"])
+    capsys.readouterr()
+    before = sorted(p.name for p in out.iterdir())
+    assert_refused(capsys, autoencoder.main(args), "already exists")
+    assert sorted(p.name for p in out.iterdir()) == before
