@@ -249,3 +249,24 @@ def test_train_saves_a_loadable_autoencoder_with_its_metrics(tmp_path, capsys, i
     before = sorted(p.name for p in out.iterdir())
     assert_refused(capsys, autoencoder.main(args), "already exists")
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_vq_autoencoder_encodes_pre_quantisation_latents_and_decodes_them(tmp_path, image_dir):
+    from diffusers import VQModel
+
+    torch.manual_seed(0)
+    vq = VQModel(in_channels=1, out_channels=1, latent_channels=2, block_out_channels=(8, 8),
+                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                 norm_num_groups=4, num_vq_embeddings=16, sample_size=16)
+    vq.save_pretrained(tmp_path / "vq")
+    out = tmp_path / "vq.pt"
+    assert autoencoder.main(["encode", "--vae", str(tmp_path / "vq"), "--data", str(image_dir), "--out", str(out),
+                             "--limit", "10", "--device", "cpu"]) == 0
+    info = latent_info(out)
+    assert (info.kind, info.n, info.latent_shape) == ("vq", 10, (2, 8, 8))
+    x = images_of(image_dir)[:10]
+    with torch.no_grad():
+        h = vq.eval().encode(x).latents
+        torch.testing.assert_close(torch.load(out, weights_only=True)["latents"], h * info.scaling_factor)
+        torch.testing.assert_close(load_decoder(info)(h[:3] * info.scaling_factor),
+                                   vq.decode(h[:3]).sample.clamp(-1, 1))
