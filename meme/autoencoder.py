@@ -30,7 +30,7 @@ from tqdm import tqdm
 from meme import checkpoint
 from meme.cli import UserError, main_guard, pick_device, setup_logging
 from meme.config import DataShape
-from meme.latents import METADATA_KEY, SCALINGS, LatentInfo
+from meme.latents import METADATA_KEY, SCALINGS, LatentInfo, is_latent_file
 
 log = logging.getLogger("meme.autoencoder")
 CLASSES = {"AutoencoderKL": "kl", "VQModel": "vq"}
@@ -167,6 +167,8 @@ def encode(args: argparse.Namespace) -> LatentInfo:
         raise UserError(f"--out {out}: latents are written as a .pt file (tensor plus autoencoder metadata)")
     if out.exists():
         raise UserError(f"--out {out} already exists: delete it or choose another path")
+    if is_latent_file(args.data):
+        raise UserError(f"--data {args.data} is a latent file: encode takes images (a folder or fashion-mnist)")
     ae = load_autoencoder(args.vae, pick_device(args.device))
     channels = int(ae.config.in_channels)
     resolution = int(args.resolution or ae.config.sample_size)
@@ -228,7 +230,7 @@ def main(argv=None) -> int:
         from meme.autoencoder_train import run_training
         print(json.dumps(run_training(args), indent=2))
         return 0
-    for flag in ("batch_size", "chunk", "threads"):
+    for flag in ("batch_size", "chunk", "threads", "limit"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.threads:

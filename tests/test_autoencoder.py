@@ -157,6 +157,13 @@ def test_missing_autoencoder_path_is_one_line_and_writes_nothing(tmp_path, capsy
     assert list(tmp_path.iterdir()) == []
 
 
+def test_encode_refuses_latents_as_input(tmp_path, capsys, latents, vae_dir):
+    out = tmp_path / "z.pt"
+    rc = autoencoder.main(["encode", "--vae", str(vae_dir), "--data", str(latents), "--out", str(out)])
+    assert_refused(capsys, rc, "is a latent file: encode takes images")
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---- refusals where latents are expected ------------------------------------------------------
 def test_image_folder_where_latents_are_expected_is_refused(tmp_path, capsys, image_dir):
     cfg_path = latent_cfg().save(tmp_path / "cfg.yaml")
