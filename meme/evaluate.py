@@ -38,10 +38,11 @@ from tqdm import tqdm
 
 from meme.checkpoint import atomic_write
 from meme.cli import UserError, main_guard, pick_device, setup_logging
-from meme.config import DataShape
+from meme.config import DataShape, MemeConfig
 from meme.data import load_data
 from meme.fid_assets import find_inception_weights, load_inception
 from meme.images import to_uint8
+from meme.latents import image_reference, is_latent_file, latent_info, require_latent_info, run_data_spec
 
 log = logging.getLogger("meme.evaluate")
 
@@ -278,12 +279,36 @@ def evaluate_samples(samples: np.ndarray,                 # uint8 [N,H,W,C]
     return result
 
 
-def _run_data_spec(run: Optional[Path]) -> Optional[str]:
-    """The dataset a run was trained on (meme.train writes it to options.json)."""
-    opts = run / "options.json" if run else None
-    if opts and opts.is_file():
-        return json.loads(opts.read_text()).get("data")
-    return None
+def reference_for(ref: Optional[str], run: Optional[Path], samples_path: Path) -> Optional[str]:
+    """The real images to score against; FID is never computed on latents.
+
+    Default: the run's training data. A latent file stands for the images it encodes
+    (its autoencoder metadata names them); samples of a latent run must be decoded.
+    """
+    ref = ref if ref is not None else run_data_spec(run)
+    cfg_path = Path(run) / "config.yaml" if run else None
+    if not (cfg_path and cfg_path.is_file() and MemeConfig.load(cfg_path).data.latent):
+        return image_reference(ref)
+    require_latent_info(run_data_spec(run), f"FID of latent run {run}")
+    sampling = samples_path.parent / "sampling.json"
+    if sampling.is_file() and json.loads(sampling.read_text()).get("decoded") is False:
+        raise UserError(f"{samples_path} holds raw latent channels, not decoded images: "
+                        f"sample again without --no-decode")
+    ref = image_reference(ref)
+    if is_latent_file(ref):
+        raise UserError(f"--ref {ref}: FID is computed on images, not latents: pass the images or omit --ref")
+    return ref
+
+
+def check_decoded(samples: np.ndarray, run: Optional[Path], samples_path: Path) -> None:
+    """Samples of a latent run have the autoencoder's image shape (older files may be raw)."""
+    info = latent_info(run_data_spec(run))
+    if info is None:
+        return
+    image = (info.image_resolution, info.image_resolution, info.image_channels)
+    if tuple(samples.shape[1:]) != image:
+        raise UserError(f"{samples_path}: samples are {list(samples.shape[1:])}, not decoded {list(image)} "
+                        f"images: sample again without --no-decode")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -313,9 +338,10 @@ def main(argv=None) -> int:
         raise UserError("--n must be >= 2, --batch-size and --k >= 1")
     samples_path = args.samples or args.run / "samples" / "samples.npz"
     out = args.out or (args.run / "eval.json" if args.run else samples_path.parent / "eval.json")
-    ref = args.ref if args.ref is not None else _run_data_spec(args.run)
     find_inception_weights()  # fail before any slow work when the weights are missing
+    ref = reference_for(args.ref, args.run, samples_path)
     samples = load_samples(samples_path, args.n)
+    check_decoded(samples, args.run, samples_path)
     if len(samples) < args.n:
         log.warning("%s holds %d samples, fewer than --n %d", samples_path, len(samples), args.n)
     log.info("evaluating %d samples %s against %s", len(samples), samples.shape[1:], ref or "fashion-mnist")

@@ -146,16 +146,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 @main_guard
 def main(argv=None) -> int:
-    import json
-
+    from meme.latents import run_data_spec
     from meme.sample import load_run
 
     setup_logging()
     args = parse_args(argv)
     cfg, denoiser, step = load_run(args.run)
-    data_spec: Optional[str] = args.data
-    if data_spec is None and (args.run / "options.json").is_file():
-        data_spec = json.loads((args.run / "options.json").read_text()).get("data")
+    data_spec: Optional[str] = args.data if args.data is not None else run_data_spec(args.run)
     x0 = load_data(data_spec, cfg.data, "val", limit=args.n)
     diffusion = Diffusion(cfg.diffusion)
     bad = [t for t in args.t if not 0 <= t < diffusion.T]

@@ -1,8 +1,8 @@
 """Converting model outputs to images: uint8 arrays, PNG files and grids.
 
-Model space is [-1, 1]. Latent configs are shown channel-for-channel (an LDM f=4
-latent has 3 channels and is viewable as RGB) unless a first-stage decoder is given:
-a ``Decoder`` is any callable mapping latents [N,C,h,w] to images [N,3,H,W] in [-1, 1].
+Model space is [-1, 1]. A ``Decoder`` is any callable mapping latents [N,C,h,w] to
+images [N,c,H,W] in [-1, 1]; latent runs get theirs from the autoencoder their latent
+file names (``meme.latents``), so grids and samples.npz show pictures, not latents.
 """
 from __future__ import annotations
 

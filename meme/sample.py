@@ -32,6 +32,7 @@ from meme.diffusion import Diffusion
 from meme.experts import MultiExpertDenoiser, build_denoiser
 from meme.fastpath import PRECISIONS, FastPath, compile_for_inference, fast_path
 from meme.images import Decoder, decode, save_grid, save_pngs, to_uint8
+from meme.latents import load_decoder, require_latent_info, run_data_spec
 
 log = logging.getLogger("meme.sample")
 SAMPLERS = ("ddim", "ddpm")
@@ -196,7 +197,17 @@ def write_samples(samples: torch.Tensor, out: Path, decoder: Optional[Decoder] =
     np.savez_compressed(out / "samples.npz", samples=arr)
     save_pngs(arr, out / "png")
     save_grid(images[:64], out / "grid.png")
-    return {"npz": str(out / "samples.npz"), "grid": str(out / "grid.png"), "n": len(arr)}
+    return {"npz": str(out / "samples.npz"), "grid": str(out / "grid.png"), "n": len(arr),
+            "decoded": decoder is not None}
+
+
+def run_decoder(run: Path, cfg: MemeConfig, device: torch.device) -> Optional[Decoder]:
+    """The first-stage decoder of a latent run (from its latent file's metadata); None for pixels."""
+    if not cfg.data.latent:
+        return None
+    info = require_latent_info(run_data_spec(run), f"sampling {run}")
+    log.info("decoding samples with %s (scaling factor %.5g)", info.autoencoder, info.scaling_factor)
+    return load_decoder(info, device)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -216,6 +227,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="auto: bf16 where the device runs it natively (GPU, AMX CPUs), else fp32")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each expert first (pays for large --n; not with --low-memory)")
+    p.add_argument("--no-decode", action="store_true",
+                   help="latent runs: write raw latent channels instead of decoded images (not for FID)")
     p.add_argument("--out", type=Path, default=None, help="default: RUN/samples")
     return p.parse_args(argv)
 
@@ -228,6 +241,7 @@ def main(argv=None) -> int:
         raise UserError("--n, --steps and --batch-size must be >= 1")
     cfg, denoiser, step = load_run(args.run, use_ema=not args.no_ema)
     device = pick_device(args.device)
+    decoder = None if args.no_decode else run_decoder(args.run, cfg, device)  # refuse before any work
     diffusion = Diffusion(cfg.diffusion)
     if args.sampler not in SAMPLERS:
         raise UserError(f"--sampler must be one of {list(SAMPLERS)}")
@@ -245,7 +259,7 @@ def main(argv=None) -> int:
                        precision=args.precision, compile=args.compile)
     wall = time.perf_counter() - t0
     out = args.out or args.run / "samples"
-    info = write_samples(samples, out)
+    info = write_samples(samples, out, decoder)
     info.update(step=step, wall_s=round(wall, 3), img_per_s=round(args.n / wall, 3), device=str(device),
                 low_memory=args.low_memory, precision=path,
                 compiled=args.compile, plan=plan.__dict__,

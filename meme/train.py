@@ -39,7 +39,8 @@ from meme.data import load_data
 from meme.diffusion import Diffusion
 from meme.experts import SoftExpertSampler, build_denoiser
 from meme.fastpath import PRECISIONS, FastPath, fast_path
-from meme.images import save_grid
+from meme.images import decode, save_grid
+from meme.latents import latent_info, load_decoder
 from meme.references import resolve
 from meme.sample import SamplingPlan, generate
 
@@ -175,6 +176,7 @@ class Trainer:
         if opts.limit_data:
             self.data = self.data[: opts.limit_data]
         self.step_count = 0
+        self._decoder: Any = None
 
     # ---- paths -------------------------------------------------------------------
     @property
@@ -229,7 +231,14 @@ class Trainer:
         plan = SamplingPlan(n=n, steps=self.opts.sample_steps, seed=1234, batch_size=n,
                             clip_x0=not self.cfg.data.latent)
         x = generate(self.ema.module, self.diffusion, shape, plan, self.device, precision=self.opts.precision)
-        return save_grid(x, self.out / "grids" / f"step{self.step_count:07d}.png")
+        return save_grid(decode(x, self.grid_decoder()), self.out / "grids" / f"step{self.step_count:07d}.png")
+
+    def grid_decoder(self):
+        """Latent runs show decoded grids when their latent file names its autoencoder."""
+        if self._decoder is None:
+            info = latent_info(self.opts.data) if self.cfg.data.latent else None
+            self._decoder = load_decoder(info, self.device) if info else False
+        return self._decoder or None
 
 
 class MetricsLog:

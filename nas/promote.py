@@ -34,6 +34,7 @@ from meme.checkpoint import atomic_write_json
 from meme.cli import UserError, main_guard, markdown_table, setup_logging
 from meme.config import MemeConfig
 from meme.data import LATENT_SUFFIXES
+from meme.latents import require_latent_info
 from nas.space import PromoteRecipe, SearchSpace
 
 log = logging.getLogger("nas.promote")
@@ -63,7 +64,8 @@ class Protocol:
 
 
 def check_target_data(cfg: MemeConfig, data: Optional[str]) -> None:
-    """A latent target trains on encoded latents only; refuse before anything is written."""
+    """A latent target trains on encoded latents whose autoencoder is recorded (FID decodes
+    the samples with it); refuse before anything is written."""
     if cfg.data.latent:
         if data is None:
             raise UserError(f"{cfg.name}: the target is latent ({cfg.data.channels}x{cfg.data.resolution}x"
@@ -72,6 +74,7 @@ def check_target_data(cfg: MemeConfig, data: Optional[str]) -> None:
         if Path(data).suffix not in LATENT_SUFFIXES:
             raise UserError(f"{cfg.name}: the target is latent but --data {data} is not a latent file "
                             f"({', '.join(LATENT_SUFFIXES)}): encode the images first")
+        require_latent_info(data, f"scoring {cfg.name}")  # samples are decoded for FID
     elif data is None:
         raise UserError(f"{cfg.name}: no training data for the target: the space names no target.dataset, "
                         f"pass --data (fashion-mnist, an image folder)")
@@ -128,9 +131,6 @@ def run_pipeline(design: Design, seed: int, out: Path, protocol: Protocol) -> di
     result = {"design": design.tag, "seed": seed, "run": str(run), **design.info}
     sampling = json.loads((run / "samples" / "sampling.json").read_text())
     result["sample_wall_s"] = sampling.get("wall_s")
-    if design.cfg.data.latent:
-        log.warning("%s: latent samples and no first-stage decoder: FID is not computed on latent channels", run)
-        return result
     if not (run / "eval.json").exists():
         _stage([py, "-m", "meme.evaluate", "--run", str(run), "--n", str(rec.fid_samples), "--n-ref",
                 str(rec.fid_reference), "--ref", str(protocol.data), "--device", protocol.device], log_path, env)

@@ -93,19 +93,37 @@ def heldout_loss(model: MultiExpertDenoiser, diffusion: Diffusion, val: torch.Te
 
 
 def sample_fid(model: MultiExpertDenoiser, diffusion: Diffusion, proxy: ProxySpec, device: torch.device,
-               fp: FastPath) -> float:
-    """FID of proxy.fid_samples DDIM samples (meme.sample.generate) against the held-out split."""
+               fp: FastPath, latent_target: bool = False) -> float:
+    """FID of proxy.fid_samples DDIM samples (meme.sample.generate) against the held-out split.
+
+    A proxy on an encoded latent file decodes the samples with the file's autoencoder and
+    scores them against the encoded images' held-out split (same indices, same split).
+    A latent target proxied on latents without autoencoder metadata is refused.
+    """
     from meme.evaluate import evaluate_samples
-    from meme.images import to_uint8
+    from meme.images import decode, to_uint8
+    from meme.latents import image_reference, is_latent_file, latent_info, require_latent_info
     from meme.sample import SamplingPlan, generate
 
+    decoder = None
+    if is_latent_file(proxy.data) and (latent_target or latent_info(proxy.data)):
+        decoder = _decoder(require_latent_info(proxy.data, "--objective fid"), str(device))
     shape = (proxy.channels, proxy.resolution, proxy.resolution)
     plan = SamplingPlan(n=proxy.fid_samples, steps=proxy.fid_steps, seed=proxy.seed + 777, batch_size=64)
-    samples = to_uint8(generate(model, diffusion, shape, plan, device, precision="bf16" if fp.bf16 else "fp32"))
+    latents = generate(model, diffusion, shape, plan, device, precision="bf16" if fp.bf16 else "fp32")
+    samples = to_uint8(decode(latents, decoder))
     model.train()
-    spec = None if proxy.data in (None, "fashion-mnist") else proxy.data
+    spec = None if proxy.data in (None, "fashion-mnist") else image_reference(proxy.data)
     return float(evaluate_samples(samples, ref=spec, n_ref=max(proxy.fid_samples, 1000), split="val",
                                   device=device)["fid"])
+
+
+@lru_cache(maxsize=2)
+def _decoder(info, device: str):
+    """One first-stage decoder per process: every measurement of every trial reuses it."""
+    from meme.latents import load_decoder
+
+    return load_decoder(info, device)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -181,7 +199,7 @@ def _train(config: MemeConfig, proxy: ProxySpec, report: Report, objective: str,
 
     def measure() -> float:
         if objective == "fid":
-            return sample_fid(model, diffusion, proxy, dev, fp)
+            return sample_fid(model, diffusion, proxy, dev, fp, latent_target=config.data.latent)
         return heldout_loss(model, diffusion, val, grid, proxy.seed, dev, fp)
 
     history: list[tuple[int, float]] = []

@@ -107,7 +107,9 @@ def test_missing_data_errors_name_path_and_fix(tmp_path):
         fashion_mnist_files(tmp_path)
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no PNG/JPEG images in"):
-        load_data(str(tmp_path / "empty"), DataShape(), "train")
+        load_data(str(tmp_path / "empty"), DataShape(latent=False), "train")
+    with pytest.raises(UserError, match="is images, but the config's data is latent"):
+        load_data(str(tmp_path / "empty"), DataShape(latent=True), "train")
     (tmp_path / "x.csv").write_text("1,2")
     with pytest.raises(UserError, match=r"\.npy or \.pt"):
         load_data(str(tmp_path / "x.csv"), DataShape(), "train")

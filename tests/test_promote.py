@@ -83,11 +83,15 @@ def test_latent_target_without_latent_data_is_refused_before_anything_is_written
     assert not out.exists()
 
 
-def test_latent_target_refuses_images():
+def test_latent_target_refuses_images_and_latents_it_cannot_decode(tmp_path):
     cfg = load_space("meme_ffhq256").reference_config()
     with pytest.raises(UserError, match="not a latent file"):
         check_target_data(cfg, "fashion-mnist")
-    check_target_data(cfg, "latents.npy")  # accepted: the shape is checked when loaded
+    import numpy as np
+    np.save(tmp_path / "latents.npy", np.zeros((4, 3, 64, 64), dtype=np.float32))
+    with pytest.raises(UserError, match="without autoencoder metadata"):  # FID needs the decoder
+        check_target_data(cfg, str(tmp_path / "latents.npy"))
+    # accepted with the record (tests/test_autoencoder.py); the shape is checked when loaded
 
 
 def test_compare_four_designs_at_equal_cost(tiny_study):
