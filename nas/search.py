@@ -203,11 +203,14 @@ def storage_errors(url: str):
     try:
         yield
     except Exception as exc:
-        cause = exc
-        while cause is not None and not _is_storage_error(cause):
+        chain, cause = [], exc
+        while cause is not None and len(chain) < 50:
+            chain.append(cause)
             cause = cause.__cause__ or cause.__context__
-        if cause is None:
+        found = [c for c in chain if _is_storage_error(c)]
+        if not found:
             raise
+        cause = found[-1]  # the deepest one says why (Optuna's wrapper only says a commit failed)
         first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
         raise UserError(f"lost the study storage {_redact(url)} ({first}); when it is back, continue with "
                         f"--resume (finished trials are kept)") from None

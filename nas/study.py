@@ -6,6 +6,7 @@ URL); how each trial is drawn and recorded lives in ``nas.record``, so optuna-da
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import threading
@@ -185,7 +186,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="trial-heartbeat", daemon=True)
-        import nas.record  # noqa: F401 -- imported here, not in the thread: a slow first import would delay stamps
+        importlib.import_module("nas.record")  # here, not in the thread: a slow first import would delay stamps
 
     def add(self, number: int) -> None:
         with self._lock:

@@ -7,7 +7,6 @@ import itertools
 import pytest
 
 from meme.cli import UserError
-from meme.config import MemeConfig
 from meme.macs import cost_of_meme, cost_of_network
 from meme.references import resolve
 from nas.budget import (Budget, _cheapest_chain, _stage_tables, check_feasible, cheapest_config, cost_of,
