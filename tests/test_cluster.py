@@ -155,8 +155,9 @@ class RayCluster:
         return _kill_all(f"node-manager-port={port}") + _kill_all(f"node_manager_port={port}")
 
     def stop(self) -> None:
-        _kill_all(self.address)  # raylets, GCS clients, workers: all name the GCS address
-        _kill_all(f"gcs_server_port={self.port}")
+        # raylets, GCS, workers, monitors and agents: each names the GCS port or the session dir
+        for needle in (f":{self.port} ", f"gcs_server_port={self.port}", self.temp):
+            _kill_all(needle)
         shutil.rmtree(self.temp, ignore_errors=True)
 
 
