@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from meme.cli import UserError
-from meme.data import LATENT_SUFFIXES
+from meme.data import LATENT_SUFFIXES, _stamp
 
 METADATA_KEY = "autoencoder"
 AUTOENCODER_KINDS = ("kl", "vq")
@@ -71,8 +71,7 @@ def latent_info(spec: Optional[str | Path]) -> Optional[LatentInfo]:
     path = Path(str(spec)).expanduser()
     if not path.is_file():
         raise UserError(f"latent file not found: {path}")
-    st = path.stat()
-    return _read_info(str(path.resolve()), (st.st_mtime_ns, st.st_size))
+    return _read_info(str(path.resolve()), _stamp(path))
 
 
 @functools.lru_cache(maxsize=8)

@@ -24,7 +24,6 @@ import json
 import logging
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +93,7 @@ def sampling_rate(cfg: MemeConfig, steps: int, n: int = 32, device: str = "cpu",
     no other work of ours shares the cores."""
     import torch
 
+    from meme.bench import time_runs
     from meme.diffusion import Diffusion
     from meme.experts import build_denoiser
     from meme.sample import SamplingPlan, generate
@@ -101,13 +101,8 @@ def sampling_rate(cfg: MemeConfig, steps: int, n: int = 32, device: str = "cpu",
     den, diffusion = build_denoiser(cfg), Diffusion(cfg.diffusion)
     plan = SamplingPlan(n=n, steps=steps, batch_size=n, clip_x0=not cfg.data.latent)
     shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
-    times = []
-    with torch.no_grad():
-        for _ in range(repeats + 1):  # the first run is the warm-up
-            t0 = time.perf_counter()
-            generate(den, diffusion, shape, plan, device)
-            times.append(time.perf_counter() - t0)
-    return n / min(times[1:])
+    dev = torch.device(device)
+    return n / min(time_runs(lambda: generate(den, diffusion, shape, plan, dev), dev, repeats, warmup=1))
 
 
 def table(designs: list[Design], rows: list[dict[str, Any]], gflops: dict[str, float], protocol: Protocol,

@@ -34,7 +34,7 @@ from meme.checkpoint import atomic_write_json
 from meme.cli import UserError, main_guard, markdown_table, setup_logging
 from meme.config import MemeConfig
 from meme.data import LATENT_SUFFIXES
-from meme.latents import require_latent_info
+from meme.latents import is_latent_file, require_latent_info
 from nas.space import PromoteRecipe, SearchSpace
 
 log = logging.getLogger("nas.promote")
@@ -71,7 +71,7 @@ def check_target_data(cfg: MemeConfig, data: Optional[str]) -> None:
             raise UserError(f"{cfg.name}: the target is latent ({cfg.data.channels}x{cfg.data.resolution}x"
                             f"{cfg.data.resolution}) and no latent data was given: pass --data LATENTS.npy|.pt "
                             f"(first-stage latents of that shape)")
-        if Path(data).suffix not in LATENT_SUFFIXES:
+        if not is_latent_file(data):
             raise UserError(f"{cfg.name}: the target is latent but --data {data} is not a latent file "
                             f"({', '.join(LATENT_SUFFIXES)}): encode the images first")
         require_latent_info(data, f"scoring {cfg.name}")  # samples are decoded for FID
@@ -329,7 +329,7 @@ def main(argv=None) -> int:
     designs = top_designs(study, args.top)
     ref = None if args.no_reference else reference_design(args.study, space)
     designs += [ref] if ref else []
-    for d in designs:  # every refusal before the first run starts
+    for d in designs:  # every refusal before the first line of progress
         check_target_data(d.cfg, protocol.data)
     out = args.out or Path(args.study) / "promoted"
     log.info("promoting %d designs x %d seeds on %s, %d steps each, %d at a time -> %s", len(designs), args.seeds,

@@ -212,8 +212,15 @@ def storage_errors(url: str):
             raise
         cause = found[-1]  # the deepest one says why (Optuna's wrapper only says a commit failed)
         first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-        raise UserError(f"lost the study storage {_redact(url)} ({first}); when it is back, continue with "
+        raise UserError(f"lost the study storage {_safe_url(url)} ({first}); when it is back, continue with "
                         f"--resume (finished trials are kept)") from None
+
+
+def _safe_url(url: str) -> str:
+    """The storage URL with any password shown as ***."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def _is_storage_error(exc: BaseException) -> bool:
@@ -222,15 +229,6 @@ def _is_storage_error(exc: BaseException) -> bool:
 
     return isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
                             optuna.exceptions.StorageInternalError))
-
-
-def _redact(url: str) -> str:
-    """postgresql://user:secret@host/db -> postgresql://user:***@host/db"""
-    head, sep, tail = url.partition("@")
-    if not sep or ":" not in head.split("//", 1)[-1]:
-        return url
-    scheme, _, cred = head.partition("//")
-    return f"{scheme}//{cred.split(':', 1)[0]}:***@{tail}"
 
 
 def run_trials(s: Settings, storage, executor: str, ref_cfg, remaining: int, beat: Optional[Heartbeat] = None):

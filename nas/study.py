@@ -137,10 +137,6 @@ STALE_AFTER_S = float(os.environ.get("MEME_NAS_STALE_AFTER_S", 30.0))  # tests s
 ALIVE_ATTR = "alive_at"  # unix time of the last stamp (a user attr: visible in the dashboard)
 
 
-def _trial_id(storage: optuna.storages.BaseStorage, study_name: str, number: int) -> int:
-    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study_name), number)
-
-
 def fail_stale_running(storage: optuna.storages.BaseStorage, study_name: str,
                        stale_after: float = STALE_AFTER_S) -> list[int]:
     """RUNNING trials no live driver has stamped for ``stale_after`` s -> FAIL, with the reason.
@@ -180,6 +176,7 @@ class Heartbeat:
     def __init__(self, storage: optuna.storages.BaseStorage, study_name: str, interval: float = HEARTBEAT_S,
                  stale_after: float = STALE_AFTER_S):
         self.storage, self.study_name = storage, study_name
+        self.study_id = storage.get_study_id_from_name(study_name)  # the study exists: the driver opened it
         self.interval, self.stale_after = interval, stale_after
         self.live: set[int] = set()
         self.cleaned: list[int] = []
@@ -199,7 +196,8 @@ class Heartbeat:
 
     def _stamp(self, number: int) -> None:
         try:
-            self.storage.set_trial_user_attr(_trial_id(self.storage, self.study_name, number), ALIVE_ATTR, time.time())
+            tid = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
+            self.storage.set_trial_user_attr(tid, ALIVE_ATTR, time.time())
         except optuna.exceptions.UpdateFinishedTrialError:
             self.discard(number)
         except Exception as exc:  # database down: keep trying, the trials keep running
