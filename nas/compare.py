@@ -14,12 +14,13 @@ Equal cost is checked, not assumed: every design's per-step GFLOPs must lie with
 the same total steps x batch. Each design is trained on ``--seeds`` seeds and scored by
 FID (clean-fid protocol, our Inception weights) on the same number of samples; each is
 compared with the hand design by Welch's t-test over seeds. Outputs in ``OUT``:
-``comparison.csv``/``.md``, ``comparison.png`` (FID bars, seed dots), ``grids/*.png``
+``comparison.json``/``.csv``/``.md``, ``comparison.png`` (FID bars, seed dots), ``grids/*.png``
 and ``runs.csv``. Resumable (the runs are ``nas.promote`` pipelines).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -29,6 +30,7 @@ from typing import Any
 
 import pandas as pd
 
+from meme.checkpoint import atomic_write_json
 from meme.cli import UserError, main_guard, markdown_table, setup_logging
 from meme.config import MemeConfig
 from meme.macs import cost_of_meme
@@ -153,6 +155,11 @@ def plot(df: pd.DataFrame, runs: pd.DataFrame, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """Rows as JSON-ready dicts (NaN, e.g. the hand design's own p-value, as null)."""
+    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+
+
 def write_report(out: Path, df: pd.DataFrame, runs: pd.DataFrame, designs: list[Design], protocol: Protocol,
                  command: str) -> None:
     rec = protocol.recipe
@@ -172,6 +179,9 @@ def write_report(out: Path, df: pd.DataFrame, runs: pd.DataFrame, designs: list[
               f"{' '.join(f'{p:g}' for p in d.cfg.resolved_probs())}" for d in designs]
     lines += ["", "Sample grids: " + ", ".join(f"[{d.tag}](grids/{d.tag}.png)" for d in designs), ""]
     (out / "comparison.md").write_text("\n".join(lines))
+    atomic_write_json({"command": command, "recipe": dataclasses.asdict(rec), "data": protocol.data,
+                       "designs": _records(df), "runs": _records(runs)},
+                      out / "comparison.json")
 
 
 # ---- CLI ----------------------------------------------------------------------------------

@@ -111,6 +111,9 @@ def test_compare_four_designs_at_equal_cost(tiny_study):
     for d in df.design:
         assert (out / "grids" / f"{d}.png").is_file()
     assert (out / "comparison.png").is_file() and "| single |" in (out / "comparison.md").read_text()
+    rec = json.loads((out / "comparison.json").read_text())
+    assert [d["design"] for d in rec["designs"]] == list(df.design) and len(rec["runs"]) == 8
+    assert rec["recipe"]["steps"] == STEPS
     # single and multi-expert share the hand design's middle expert
     single = MemeConfig.load(out / "runs" / "single" / "seed1" / "design.yaml")
     multi = MemeConfig.load(out / "runs" / "multi-expert" / "seed1" / "design.yaml")
