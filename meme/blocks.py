@@ -326,11 +326,13 @@ class IFormerBlock(nn.Module):
         mlp_ratio: int = 4,         # FFN hidden width / d
         dropout: float = 0.0,       # FFN dropout
         layer_scale: Optional[float] = None,  # init of per-channel layer scale; None: off
+        mixer: Optional[nn.Module] = None,  # token mixer d -> d; None: InceptionMixer(d, d_h, ...)
     ):
         super().__init__()
         self.norm1 = GroupNorm32(channels)
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, channels))
-        self.mixer = InceptionMixer(channels, high_channels, head_channels, pool_stride)
+        self.mixer = mixer if mixer is not None else InceptionMixer(channels, high_channels, head_channels,
+                                                                    pool_stride)
         self.norm2 = GroupNorm32(channels)
         self.mlp = FeedForward(channels, mlp_ratio, dropout)
         if layer_scale is not None:

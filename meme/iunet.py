@@ -80,11 +80,15 @@ class IUNet(nn.Module):
             self.enc[f"{res}x{res}{_NO_SKIP}"] = ResBlock(ch, width, emb, arch.dropout)
             ch = width
             for i in range(arch.num_res_blocks):
-                self.enc[f"{res}x{res}_block{i}"] = IFormerBlock(
-                    width, highs[s], emb, arch.head_channels, arch.pool_strides[s],
-                    dropout=arch.dropout, layer_scale=layer_scale)
+                self.enc[f"{res}x{res}_block{i}"] = self.iformer_block(s, width, highs[s], emb, arch, layer_scale)
                 skips.append(ch)
         self.decoder = UNetDecoder(arch, data, skips, emb, attention_ds=(), mid_attention=True)
+
+    def iformer_block(self, stage: int, width: int, high: int, emb: int, arch: ArchConfig,
+                      layer_scale: Optional[float]) -> nn.Module:
+        """One encoder iFormer block of ``stage`` (the weight-shared supernet overrides this)."""
+        return IFormerBlock(width, high, emb, arch.head_channels, arch.pool_strides[stage],
+                            dropout=arch.dropout, layer_scale=layer_scale)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         emb = self.time_embed(t)
