@@ -15,6 +15,8 @@ User attributes of every trial (what ``trials.csv`` and the dashboard show):
 ``seed``                  training seed (the same for every trial of a study)
 ``stopped_early``         the scheduler/pruner stopped it before proxy.steps
 ``wall_s/peak_mem_mb/device``  measured while training
+``evaluator``             'scratch' (trained on the proxy) or 'supernet' (scored as sub-networks of a
+                          trained supernet; ``evaluated_terms``/``cached_terms`` say what it cost)
 ``fail_reason``           one line, for FAIL trials
 ``duplicate_of``          same architecture as that fully trained trial: its result is
                           reused (same seed, same training), nothing retrained
@@ -107,7 +109,8 @@ def status_text(kind: str, *, over: float = 0.0, twin: Optional[int] = None, ste
 def result_attrs(res: TrialResult) -> dict[str, Any]:
     return {"trained_steps": res.steps, "train_steps_total": res.steps, "train_gflops_total": round(res.train_gflops, 1),
             "seed": res.seed, "stopped_early": res.stopped_early, "wall_s": round(res.wall_s, 2),
-            "peak_mem_mb": round(res.peak_mem_mb, 1), "device": res.device, "params_proxy": res.params_proxy}
+            "peak_mem_mb": round(res.peak_mem_mb, 1), "device": res.device, "params_proxy": res.params_proxy,
+            **res.extra}
 
 
 def values_for(objective: float, gflops: float, s: Settings) -> list[float]:

@@ -52,11 +52,12 @@ def rerank(designs: Sequence[tuple[str, MemeConfig]], space: SearchSpace, seeds:
 
     if len(designs) < 1 or len(seeds) < 1:
         raise UserError("rerank needs at least one design and one seed")
-    runs = [Run(name, cfg, space.proxy, s, objective) for name, cfg in designs for s in seeds]
+    proxy = space.proxy.from_scratch()  # re-ranking trains: never a shared score
+    runs = [Run(name, cfg, proxy, s, objective) for name, cfg in designs for s in seeds]
     recs = run_all(runs, jobs=jobs or default_jobs(device), device=device, cache=cache, progress=progress)
     rows = []
     for name, cfg in designs:
-        mine = [recs.get(Run(name, cfg, space.proxy, s, objective).key()) for s in seeds]
+        mine = [recs.get(Run(name, cfg, proxy, s, objective).key()) for s in seeds]
         ok = [r for r in mine if r and r.get("objective") is not None]
         c = cost_of(cfg, budget_mode)
         row = {"name": name, "config_hash": cfg.hash(), "num_experts": cfg.num_experts, "gflops": c.gflops,

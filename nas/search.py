@@ -56,6 +56,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--time-budget", type=float, default=None, help="seconds after which no new trial starts")
     r.add_argument("--objective", default="loss", choices=("loss", "fid"),
                    help="'loss' (held-out denoising loss, default) or 'fid'")
+    r.add_argument("--evaluator", default=None, choices=("scratch", "supernet"),
+                   help="'scratch' (train each candidate on the proxy) or 'supernet' (score its experts as "
+                        "sub-networks of --supernet DIR); default: the space's proxy.evaluator")
+    r.add_argument("--supernet", default=None, help="trained supernet directory (python -m nas.supernet train)")
+    r.add_argument("--finetune-steps", type=int, default=None,
+                   help="supernet evaluator: fine-tune steps in all before scoring (default: the space's, 0)")
     r.add_argument("--objectives", default=None, help="multi-objective, e.g. 'loss,gflops' (NSGA-II, Pareto front)")
     r.add_argument("--executor", default=None, choices=EXECUTORS, help="'ray' (default when installed) or 'optuna'")
     r.add_argument("--study", default=None, help="study name (default <space>-b<budget>)")
@@ -141,6 +147,7 @@ def make_settings(args) -> tuple[Settings, dict]:
     space = load_space(args.space)
     if args.seed is not None:
         space = dataclasses.replace(space, proxy=dataclasses.replace(space.proxy, seed=args.seed))
+    space = with_evaluator(space, args)
     budget = resolve_budget(args.budget_gflops, args.budget_like, args.budget_mode)
 
     refs = reference_costs(budget.mode)
@@ -168,6 +175,33 @@ def make_settings(args) -> tuple[Settings, dict]:
     return s, refs
 
 
+def with_evaluator(space, args):
+    """The space with --evaluator/--supernet/--finetune-steps applied, checked before any trial."""
+    from nas.supernet import load_index
+
+    proxy = space.proxy
+    changes = {k: v for k, v in (("evaluator", args.evaluator), ("supernet", args.supernet),
+                                 ("finetune_steps", args.finetune_steps)) if v is not None}
+    if args.supernet is not None and "evaluator" not in changes:
+        changes["evaluator"] = "supernet"
+    proxy = dataclasses.replace(proxy, **changes)
+    if proxy.finetune_steps < 0:
+        raise UserError(f"--finetune-steps must be >= 0, got {proxy.finetune_steps}")
+    if proxy.evaluator == "supernet":
+        if not proxy.supernet:
+            raise UserError("--evaluator supernet needs --supernet DIR (train one with python -m nas.supernet train "
+                            f"--space {space.name})")
+        index = load_index(proxy.supernet)
+        if index.get("space") != space.name:
+            raise UserError(f"{proxy.supernet}: supernets of space {index.get('space')!r}, not {space.name!r}")
+        if any(index.get("proxy", {}).get(k) != v for k, v in proxy.training_digest().items()
+               if k in ("data", "resolution", "channels", "width_mult", "diffusion", "limit_data")):
+            raise UserError(f"{proxy.supernet}: trained on another proxy (data, shape or width) than {space.source}'s")
+        if args.objective != "loss" or args.objectives:
+            raise UserError("--evaluator supernet scores the held-out loss: use --objective loss")
+    return dataclasses.replace(space, proxy=proxy)
+
+
 def open_study(s: Settings, resume: bool):
     """The study in its RDB storage; an existing one only with --resume, and only if compatible."""
     import optuna
@@ -192,6 +226,10 @@ def open_study(s: Settings, resume: bool):
 
 def describe_proxy(s: Settings) -> str:
     p = s.space.proxy
+    if p.evaluator == "supernet":
+        return (f"evaluator supernet {p.supernet} (sub-networks scored on their own intervals"
+                f"{f', {p.finetune_steps} fine-tune steps' if p.finetune_steps else ''})"
+                f"{f'; time budget {s.time_budget:g} s' if s.time_budget else ''}")
     return (f"proxy {p.channels}x{p.resolution}x{p.resolution} {p.data or 'fashion-mnist'}, width x{p.width_mult}, "
             f"{p.steps} steps{' per expert' if p.steps_per_expert else ' in all (equal for every N)'}"
             f"{f'; time budget {s.time_budget:g} s' if s.time_budget else ''}")

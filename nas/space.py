@@ -44,6 +44,7 @@ def _spaces_dir() -> Path:
 
 
 SPACES_DIR = _spaces_dir()
+EVALUATORS = ("scratch", "supernet")
 DEFAULT_SPACE = "meme_ffhq256"
 
 
@@ -135,6 +136,10 @@ class ProxySpec:
     seed: int = 0                          # init, data order, t and noise: same for every trial
     precision: str = "auto"                # meme.fastpath: 'auto' (bf16 on GPU; fp32 for narrow CPU proxies),
                                            # 'bf16' or 'fp32'
+    evaluator: str = "scratch"             # 'scratch': train every candidate for `steps`; 'supernet': score its
+                                           # experts as sub-networks of a trained supernet (nas.shared_eval)
+    supernet: Optional[str] = None         # evaluator 'supernet': the directory nas.supernet train wrote
+    finetune_steps: int = 0                # evaluator 'supernet': fine-tune steps in all before scoring (0: none)
 
     def total_steps(self, num_experts: int) -> int:
         """Optimizer steps a candidate with N experts trains for."""
@@ -164,11 +169,15 @@ class ProxySpec:
         return d
 
     def training_digest(self) -> dict[str, Any]:
-        """What determines a full training run (the pruning schedule does not)."""
+        """What determines a full training run from scratch (the pruning schedule and evaluator do not)."""
         d = self.digest()
-        for key in ("prune_from", "reduction_factor"):
+        for key in ("prune_from", "reduction_factor", "evaluator", "supernet", "finetune_steps"):
             d.pop(key)
         return d
+
+    def from_scratch(self) -> "ProxySpec":
+        """This proxy with the from-scratch evaluator (re-ranking always trains)."""
+        return dataclasses.replace(self, evaluator="scratch", supernet=None, finetune_steps=0)
 
 
 @dataclass(frozen=True)
@@ -545,6 +554,12 @@ def parse_proxy(d: Any, src: str) -> ProxySpec:
               f"got {proxy.prune_from}: an earlier rung ranks warm-up, not the design")
     require(0 < proxy.width_mult <= 1, f"{src}: proxy.width_mult must lie in (0, 1], got {proxy.width_mult}")
     from meme.fastpath import PRECISIONS
+    require(proxy.evaluator in EVALUATORS, f"{src}: proxy.evaluator must be one of {list(EVALUATORS)}, "
+                                         f"got {proxy.evaluator!r}")
+    require(int(proxy.finetune_steps) >= 0, f"{src}: proxy.finetune_steps must be >= 0, got {proxy.finetune_steps}")
+    if proxy.supernet is not None:
+        sn = Path(str(proxy.supernet)).expanduser()
+        proxy = dataclasses.replace(proxy, supernet=str(sn if sn.is_absolute() else Path(src).parent / sn))
     require(proxy.precision in PRECISIONS, f"{src}: proxy.precision must be one of {list(PRECISIONS)}, "
                                          f"got {proxy.precision!r}")
     return proxy

@@ -250,7 +250,19 @@ def study_attrs(s: Settings) -> dict[str, Any]:
     """Study-level user attrs: what this study searched and under which budget."""
     return {"space": portable_space_ref(s.space.source), "space_name": s.space.name, "budget_gflops": s.budget.gflops,
             "budget_mode": s.budget.mode, "budget_source": s.budget.source,
-            "objectives": list(s.objectives), "proxy": s.space.proxy.digest(), "seed": s.seed}
+            "objectives": list(s.objectives), "proxy": s.space.proxy.digest(), "seed": s.seed,
+            "evaluator": s.space.proxy.evaluator, **supernet_attrs(s.space.proxy)}
+
+
+def supernet_attrs(proxy) -> dict[str, Any]:
+    """Which supernet scored the study's trials: its directory and the digest of its weights."""
+    if proxy.evaluator != "supernet" or not proxy.supernet:
+        return {}
+    from nas.supernet import load_index
+
+    index = load_index(proxy.supernet)
+    return {"supernet": str(proxy.supernet), "supernet_digest": index.get("digest"),
+            "supernet_train_gflops": index.get("train_gflops_total")}
 
 
 def check_compatible(study: optuna.Study, s: Settings) -> None:
@@ -260,8 +272,8 @@ def check_compatible(study: optuna.Study, s: Settings) -> None:
     old = study.user_attrs
     if not old:
         return
-    for key in ("space_name", "budget_gflops", "budget_mode", "objectives", "proxy"):
-        new = study_attrs(s)[key]
+    for key in ("space_name", "budget_gflops", "budget_mode", "objectives", "proxy", "supernet_digest"):
+        new = study_attrs(s).get(key)
         if key in old and old[key] != new:
             raise UserError(f"study {s.study_name!r} was run with {key}={old[key]!r}, not {new!r}: "
                             f"use another --study or the same settings")

@@ -58,6 +58,7 @@ class TrialResult:
     seed: int = 0
     history: list[tuple[int, float]] = field(default_factory=list)  # (budget step, objective)
     elapsed: list[float] = field(default_factory=list)  # wall seconds at each history point
+    extra: dict = field(default_factory=dict)  # evaluator-specific attributes (recorded as trial attrs)
 
 
 @lru_cache(maxsize=4)
@@ -167,9 +168,31 @@ def run_trial(config: MemeConfig, proxy: ProxySpec, report: Report, *, objective
     if threads and dev.type == "cpu":
         torch.set_num_threads(max(1, int(threads)))
     try:
+        if proxy.evaluator == "supernet":
+            if objective != "loss":
+                raise ValueError("the supernet evaluator scores the held-out loss; use --objective loss")
+            return _score_shared(config, proxy, report, device)
         return _train(config, proxy, report, objective, dev, proxy.seed if seed is None else int(seed))
     finally:
         torch.set_num_threads(old_threads)
+
+
+def _score_shared(config: MemeConfig, proxy: ProxySpec, report: Report, device: Optional[str]) -> TrialResult:
+    """The weight-shared evaluator: one report (budget step 0: nothing trained but any fine-tune)."""
+    from nas.shared_eval import scorer_for
+
+    if not proxy.supernet:
+        raise ValueError("proxy.evaluator is 'supernet' but no supernet directory is given (--supernet DIR)")
+    scorer = scorer_for(str(proxy.supernet), proxy, device)
+    sc = scorer.score(config)
+    report(0, sc.objective)
+    extra = {"evaluator": "supernet", "evaluated_terms": sc.evaluated, "cached_terms": sc.cached,
+             "supernet_macro": sc.supernet["macro"], "finetune_steps": proxy.finetune_steps,
+             "interval_losses": [round(r["loss"], 6) for r in sc.terms]}
+    return TrialResult(objective=sc.objective, steps=proxy.finetune_steps, stopped_early=False, wall_s=sc.wall_s,
+                       peak_mem_mb=peak_memory_mb(scorer.device), device=str(scorer.device),
+                       params_proxy=sc.params_proxy, train_gflops=sc.finetune_gflops, seed=proxy.seed,
+                       history=[(0, sc.objective)], elapsed=[round(sc.wall_s, 3)], extra=extra)
 
 
 def _train(config: MemeConfig, proxy: ProxySpec, report: Report, objective: str, dev: torch.device,
@@ -230,4 +253,4 @@ def _train(config: MemeConfig, proxy: ProxySpec, report: Report, objective: str,
                        wall_s=time.perf_counter() - t0, peak_mem_mb=peak_memory_mb(dev),
                        device=str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
                        params_proxy=params, train_gflops=training_gflops(step_gflops, step), seed=seed, history=history,
-                       elapsed=elapsed)
+                       elapsed=elapsed, extra={"evaluator": "scratch"})

@@ -1,0 +1,257 @@
+"""Exact interval-wise optimisation: ``python -m nas.interval_opt --space S --supernet DIR --budget-gflops B``.
+
+With the weight-shared evaluator a candidate's objective is a sum of per-expert terms,
+expert n contributing sum_{t in grid, t in I_n} loss(t, a_n) for its sub-network a_n,
+and its cost is the interval-weighted sum of per-expert costs. So the best ratios for
+each N, boundary choice and macro shape under the budget are an exact optimisation:
+a dynamic program over experts (the state is the previous expert's chain, because the
+space's rules bound each expert by the one before it), keeping for each state the
+Pareto set of (cost so far, loss so far) and dropping partial costs over the budget.
+
+It scores every legal chain once, so it is for spaces small enough to enumerate
+(``--max-archs``); larger ones say how many chains they have and are left to TPE.
+p_n does not enter the objective without a fine-tune, so the optimum uses the space's
+largest p choice for every expert; ``finetune_steps > 0`` is refused here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Optional
+
+from meme.checkpoint import atomic_write_json
+from meme.cli import UserError, main_guard
+from meme.config import MemeConfig
+from meme.macs import cost_of_network
+from nas.proxy import proxy_arch
+from nas.shared_eval import SharedScorer
+from nas.space import FixedTrial, SearchSpace, load_space, ratio_choices, sample_boundaries
+
+Chain = tuple[Fraction, ...]
+
+
+@dataclass
+class Optimum:
+    config: MemeConfig
+    objective: float
+    gflops: float
+    chains_scored: int
+
+
+def chains_after(space: SearchSpace, base: int, prev: Optional[Chain]) -> list[Chain]:
+    """Every chain an expert may take after ``prev`` (None: the first expert), by the space's rules."""
+    out: list[Chain] = []
+
+    def walk(row: list[Fraction]) -> None:
+        s = len(row)
+        if s == space.num_stages:
+            out.append(tuple(row))
+            return
+        for r in ratio_choices(space, base, s, row[s - 1] if s else None, prev[s] if prev else None):
+            walk(row + [r])
+
+    walk([])
+    return out
+
+
+def all_chains(space: SearchSpace, base: int, n_max: int) -> set[Chain]:
+    """Chains reachable by any expert of any N up to n_max."""
+    seen: set[Chain] = set()
+    frontier: set[Optional[Chain]] = {None}
+    for _ in range(n_max):
+        nxt = set()
+        for p in frontier:
+            for c in chains_after(space, base, p):
+                if c not in seen:
+                    seen.add(c)
+                    nxt.add(c)
+        frontier = nxt
+    return seen
+
+
+class TargetCost:
+    """GFLOPs of a chain at the target shape: one count per (stage, ratio) and a sum (see StageCostTable)."""
+
+    def __init__(self, space: SearchSpace, base: int, blocks: int, pools: tuple[int, ...]):
+        self.space, self.base, self.blocks, self.pools = space, base, blocks, pools
+        self.bottom = [space.stage_grid(base, s)[0] for s in range(space.num_stages)]
+        self.c0 = self._count(self.bottom)
+        self.delta: dict[tuple[int, Fraction], float] = {}
+
+    def _count(self, chain) -> float:
+        arch = self.space.arch(self.base, self.blocks, self.pools, tuple(str(r) for r in chain))
+        return cost_of_network(arch, self.space.data).gflops
+
+    def __call__(self, chain: Chain) -> float:
+        total = self.c0
+        for s, r in enumerate(chain):
+            if (s, r) not in self.delta:
+                probe = list(self.bottom)
+                probe[s] = r
+                self.delta[(s, r)] = self._count(probe) - self.c0
+            total += self.delta[(s, r)]
+        return total
+
+
+def boundary_choices(space: SearchSpace, n: int) -> list[tuple[int, ...]]:
+    if space.boundaries.mode == "uniform":
+        return [()]
+    import itertools
+    levels = range(1, space.boundaries.weight_levels + 1)
+    seen = []
+    for w in itertools.product(levels, repeat=n):
+        b = sample_boundaries(FixedTrial({f"w{i}": x for i, x in enumerate(w)}), space, n)
+        if b not in seen:
+            seen.append(b)
+    return seen
+
+
+def optimise(space: SearchSpace, scorer: SharedScorer, budget: float, mode: str = "mean",
+             max_archs: int = 2000, progress: bool = True) -> dict:
+    """The exact best candidate per (N, boundaries, macro) under the budget, and the overall best."""
+    if getattr(scorer.proxy, "finetune_steps", 0):
+        raise UserError("interval_opt scores inherited sub-networks; a fine-tune couples p_n in: use TPE")
+    t0 = time.perf_counter()
+    rows, best, scored = [], None, 0
+    p_top = space.probs.choices[-1]
+    for base, blocks, pools in space.macro.combos():
+        chains = all_chains(space, base, max(space.num_experts))
+        if len(chains) > max_archs:
+            rows.append({"macro": [base, blocks, list(pools)], "skipped": f"{len(chains)} chains > --max-archs {max_archs}"})
+            continue
+        cost = TargetCost(space, base, blocks, tuple(pools))
+        if min(cost(c) for c in chains) > budget:
+            rows.append({"macro": [base, blocks, list(pools)], "skipped": "every chain is over the budget"})
+            continue
+        macro = f"b{base}-r{blocks}"
+        losses: dict[Chain, dict[int, float]] = {}
+        for c in _bar(chains, progress, f"scoring {macro} {pools}"):
+            arch = proxy_arch(space.arch(base, blocks, pools, tuple(str(r) for r in c)), scorer.proxy)
+            vals, _ = scorer.arch_losses(macro, arch, scorer.grid)
+            losses[c] = dict(zip(scorer.grid, vals))
+        scored += len(chains)
+        for n in space.num_experts:
+            for bounds in boundary_choices(space, n):
+                cfg0 = _config(space, base, blocks, pools, [next(iter(chains))] * n, bounds, p_top)
+                owners = scorer.owners(cfg0)
+                w = cfg0.interval_weights()
+                sol = _dp(space, base, n, owners, w, losses, cost, budget, mode)
+                if sol is None:
+                    continue
+                total_cost, total_loss, assignment = sol
+                cfg = _config(space, base, blocks, pools, assignment, bounds, p_top)
+                obj = total_loss / len(scorer.grid)
+                row = {"macro": [base, blocks, list(pools)], "N": n, "boundaries": list(cfg.resolved_boundaries()),
+                       "objective": obj, "gflops": total_cost,
+                       "ratios": [[str(r) for r in c] for c in assignment]}
+                rows.append(row)
+                if best is None or obj < best.objective:
+                    best = Optimum(cfg, obj, total_cost, scored)
+    return {"budget_gflops": budget, "mode": mode, "rows": rows, "chains_scored": scored,
+            "wall_s": round(time.perf_counter() - t0, 1),
+            "best": None if best is None else {"objective": best.objective, "gflops": best.gflops,
+                                               "config_yaml": best.config.to_yaml()}}
+
+
+def _dp(space, base, n, owners, weights, losses, cost, budget, mode):
+    """min sum of expert losses s.t. cost; states: the previous expert's chain -> Pareto [(cost, loss, path)]."""
+    def term(e: int, c: Chain) -> float:
+        return sum(losses[c][t] for t in owners[e])
+
+    def pareto(items):
+        items.sort(key=lambda x: (x[0], x[1]))
+        out, best_loss = [], float("inf")
+        for it in items:
+            if it[1] < best_loss - 1e-15:
+                out.append(it)
+                best_loss = it[1]
+        return out
+
+    def step_cost(e: int, c: Chain) -> float:
+        return weights[e] * cost(c) if mode == "mean" else 0.0
+
+    def fits(c: Chain) -> bool:
+        return mode != "max" or cost(c) <= budget
+
+    states: dict[Chain, list] = {}
+    for c in chains_after(space, base, None):
+        if fits(c) and step_cost(0, c) <= budget + 1e-9:
+            states.setdefault(c, []).append((step_cost(0, c), term(0, c), (c,)))
+    states = {c: pareto(v) for c, v in states.items()}
+    children: dict[Chain, list[Chain]] = {}
+    for e in range(1, n):
+        nxt: dict[Chain, list] = {}
+        for prev, front in states.items():
+            kids = children.setdefault(prev, chains_after(space, base, prev))
+            for c in kids:
+                if not fits(c):
+                    continue
+                sc, tl = step_cost(e, c), term(e, c)
+                for pc, pl, path in front:
+                    if pc + sc <= budget + 1e-9:
+                        nxt.setdefault(c, []).append((pc + sc, pl + tl, path + (c,)))
+        states = {c: pareto(v) for c, v in nxt.items()}
+    finals = [it for front in states.values() for it in front]
+    if not finals:
+        return None
+    c, l, path = min(finals, key=lambda x: (x[1], x[0]))
+    total = c if mode == "mean" else max(cost(x) for x in path)
+    return total, l, path
+
+
+def _config(space, base, blocks, pools, chains, bounds, p) -> MemeConfig:
+    experts = tuple(space.arch(base, blocks, pools, tuple(str(r) for r in c)) for c in chains)
+    return MemeConfig(name=f"{space.name}-optimum", experts=experts, data=space.data, diffusion=space.diffusion,
+                      boundaries=tuple(bounds), expert_probs=(p,) * len(chains)).validate()
+
+
+def _bar(items, progress: bool, desc: str):
+    if not progress:
+        return items
+    from tqdm import tqdm
+    return tqdm(sorted(items), desc=desc, unit="chain", file=sys.stdout, disable=None, leave=False)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m nas.interval_opt", description=__doc__.splitlines()[0])
+    p.add_argument("--space", default=None)
+    p.add_argument("--supernet", required=True, help="trained supernet directory")
+    p.add_argument("--budget-gflops", type=float, required=True)
+    p.add_argument("--budget-mode", default="mean", choices=("mean", "max"))
+    p.add_argument("--max-archs", type=int, default=2000, help="largest number of chains per macro to enumerate")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", type=Path, default=None, help="writes optimum.json and optimum.yaml here")
+    p.add_argument("--quiet", action="store_true")
+    return p.parse_args(argv)
+
+
+@main_guard
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    space = load_space(args.space)
+    scorer = SharedScorer(args.supernet, space.proxy, args.device)
+    res = optimise(space, scorer, args.budget_gflops, args.budget_mode, args.max_archs, not args.quiet)
+    for r in res["rows"]:
+        if "skipped" in r:
+            print(f"macro {r['macro']}: skipped ({r['skipped']})")
+    if res["best"] is None:
+        raise UserError(f"no enumerable candidate of {space.source} fits {args.budget_gflops} GFLOPs")
+    print(f"exact optimum over {res['chains_scored']} scored chains in {res['wall_s']:.0f} s: "
+          f"loss {res['best']['objective']:.5f} at {res['best']['gflops']:.2f} GFLOPs")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(res, args.out / "optimum.json")
+        (args.out / "optimum.yaml").write_text(res["best"]["config_yaml"])
+        print(f"wrote {args.out}/optimum.json, optimum.yaml")
+    else:
+        print(json.dumps(res["best"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Supernet training -> weight-shared search -> re-rank on the tiny space; the exact interval optimiser."""
+from __future__ import annotations
+
+import csv
+import itertools
+import random
+
+import optuna
+import pytest
+import torch
+
+from meme.macs import cost_of_network
+from meme.supernet import SuperNet
+from nas import search
+from nas.budget import cost_of
+from nas.interval_opt import _config, all_chains, boundary_choices, chains_after, optimise
+from nas.proxy import proxy_arch
+from nas.shared_eval import SharedScorer
+from nas.space import FixedTrial, build_config, encode, load_space
+from nas.supernet import StageCostTable, load_index, load_supernet, spec_for, train_all
+from nas.trial import heldout_loss, eval_timesteps, _dataset
+from meme.diffusion import Diffusion
+from meme.experts import MultiExpertDenoiser
+from meme.fastpath import fast_path
+
+
+@pytest.fixture(scope="module")
+def tiny_supernet(tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("supernet")
+    train_all("tiny", out, 4, jobs=1, progress=False)
+    return out
+
+
+def test_training_resumes_and_extends(tiny_supernet, tmp_path):
+    out = tmp_path / "sn"
+    train_all("tiny", out, 2, jobs=1, progress=False, macros="16:1")
+    first = load_index(out)["macros"]["b16-r1"]
+    train_all("tiny", out, 5, jobs=1, progress=False, macros="16:1")
+    again = load_index(out)["macros"]["b16-r1"]
+    rows = list(csv.DictReader(open(out / "b16-r1" / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5]      # continued, nothing retrained
+    assert again["steps"] == 5 and again["train_gflops"] > first["train_gflops"] > 0
+    # training GFLOPs by hand: 4 sub-networks x 3 (fwd+bwd) x batch x forward GFLOPs, summed over steps
+    assert float(rows[-1]["train_gflops"]) == pytest.approx(again["train_gflops"], rel=1e-3)
+    state = torch.load(out / "b16-r1" / "checkpoint.pt", weights_only=True)   # nothing in it runs code
+    assert state["step"] == 5
+
+
+def test_stage_cost_table_is_the_direct_count():
+    space = load_space("tiny")
+    spec = spec_for(space, 32, 1)
+    table = StageCostTable(spec)
+    rng = random.Random(0)
+    for _ in range(4):
+        arch = spec.arch([rng.choice(r) for r in spec.ratios], [rng.choice(p) for p in spec.pool_strides])
+        assert table(arch) == pytest.approx(cost_of_network(arch, spec.data).gflops, rel=1e-9)
+
+
+def test_shared_score_is_the_proxy_objective_of_the_inherited_experts(tiny_supernet):
+    """The cached per-(t, sub-network) terms give exactly heldout_loss of a MEME of extracted experts."""
+    space = load_space("tiny")
+    scorer = SharedScorer(tiny_supernet, space.proxy)
+    cfg = build_config(FixedTrial({"num_experts": 2, "w0": 1, "w1": 2}), space)
+    got = scorer.score(cfg)
+    assert got.evaluated == space.proxy.eval_timesteps and got.cached == 0
+    entry = scorer.index["macros"][got.supernet["macro"]]
+    sn: SuperNet = load_supernet(tiny_supernet, entry, torch.device("cpu"))
+    experts = [sn.extract(proxy_arch(a, space.proxy)) for a in cfg.experts]
+    model = MultiExpertDenoiser(experts, cfg.resolved_boundaries())
+    p = space.proxy
+    val = _dataset(p.data, p.shape(), "val", None)
+    val = val[torch.randperm(len(val), generator=torch.Generator().manual_seed(p.seed + 99))[: p.eval_batch]]
+    want = heldout_loss(model, Diffusion(space.diffusion), val, eval_timesteps(1000, p.eval_timesteps), p.seed,
+                        torch.device("cpu"), fast_path("cpu", p.precision, model))
+    assert got.objective == pytest.approx(want, rel=1e-5)
+    again = SharedScorer(tiny_supernet, space.proxy).score(cfg)   # a new process: the disk cache answers
+    assert again.evaluated == 0 and again.objective == got.objective
+
+
+def test_interval_optimiser_matches_brute_force(tiny_supernet):
+    space = load_space("tiny")
+    scorer = SharedScorer(tiny_supernet, space.proxy)
+    budget = 0.1
+    res = optimise(space, scorer, budget, progress=False)
+    best = None
+    for base, blocks, pools in space.macro.combos():
+        for n in space.num_experts:
+            for bounds in boundary_choices(space, n):
+                def walk(prefix):
+                    if len(prefix) == n:
+                        yield prefix
+                        return
+                    for c in chains_after(space, base, prefix[-1] if prefix else None):
+                        yield from walk(prefix + [c])
+                for chains in walk([]):
+                    cfg = _config(space, base, blocks, pools, chains, bounds, space.probs.choices[-1])
+                    if cost_of(cfg).gflops_mean > budget:
+                        continue
+                    v = scorer.score(cfg).objective
+                    if best is None or v < best[0]:
+                        best = (v, cfg)
+    assert best is not None and res["best"] is not None
+    assert res["best"]["objective"] == pytest.approx(best[0], rel=1e-9)
+    found = load_cfg(res["best"]["config_yaml"])
+    encode(found, space)                                  # a member of the space, rules and all
+    assert cost_of(found).gflops_mean <= budget
+    assert scorer.score(found).objective == pytest.approx(best[0], rel=1e-9)
+
+
+def load_cfg(text):
+    from meme.config import MemeConfig
+    return MemeConfig.from_yaml(text)
+
+
+def test_search_with_the_supernet_evaluator_then_rerank(tiny_supernet, tmp_path):
+    rc = search.main(["--space", "tiny", "--budget-gflops", "1", "--executor", "optuna", "--supernet",
+                      str(tiny_supernet), "--trials", "5", "--out", str(tmp_path), "--study", "sn",
+                      "--rerank-top", "1", "--rerank-seeds", "1", "--quiet"])
+    assert rc == 0
+    study = optuna.load_study(study_name="sn", storage=f"sqlite:///{tmp_path / 'sn' / 'optuna.db'}")
+    assert study.user_attrs["evaluator"] == "supernet"
+    assert study.user_attrs["supernet_digest"] == load_index(tiny_supernet)["digest"]
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert done and all(t.user_attrs["evaluator"] == "supernet" for t in done)
+    assert all(t.user_attrs["trained_steps"] == 0 for t in done)       # scored, not trained
+    import json
+    rerank = json.loads((tmp_path / "sn" / "rerank.json").read_text())
+    # re-ranking trains from scratch: every run trained the proxy's full step count
+    assert all(row["train_steps_total"] == [load_space("tiny").proxy.steps] for row in rerank["designs"]
+               if row.get("n"))
+
+
+def test_search_refuses_a_missing_supernet(tmp_path, capsys):
+    rc = search.main(["--space", "tiny", "--budget-gflops", "1", "--executor", "optuna", "--supernet",
+                      str(tmp_path / "nope"), "--out", str(tmp_path), "--quiet"])
+    assert rc == 2
+    assert "not a trained supernet directory" in capsys.readouterr().err
