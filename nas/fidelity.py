@@ -295,12 +295,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="torch device (default: cuda when available)")
     p.add_argument("--out", type=Path, default=None, help="default results/fidelity-<space>")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--evaluator", default="scratch", choices=("scratch", "supernet"),
+                   help="'supernet': rank by a trained supernet against stand-alone training (nas.shared_fidelity)")
+    p.add_argument("--supernet", default=None, help="--evaluator supernet: the trained supernet directory")
+    p.add_argument("--reuse", type=Path, default=None,
+                   help="--evaluator supernet: an earlier nas.fidelity output whose high-fidelity runs rank (a)")
+    p.add_argument("--high-steps", type=int, default=240,
+                   help="--evaluator supernet: stand-alone steps of the ratio-only designs (default %(default)s)")
     return p.parse_args(argv)
 
 
 @main_guard
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.evaluator == "supernet":
+        return _shared(args, argv)
     if args.archs < 3 or args.seeds < 1:
         raise UserError("--archs must be >= 3 and --seeds >= 1")
     space = load_space(args.space)
@@ -335,6 +344,23 @@ def main(argv=None) -> int:
     plot(result, out / "fidelity.png", steps=base.steps)
     print(table(result))
     print(f"outputs in {out}/: fidelity.json, fidelity.md, fidelity.png, runs.jsonl")
+    return 0
+
+
+def _shared(args, argv) -> int:
+    from nas import shared_fidelity
+
+    if not args.supernet:
+        raise UserError("--evaluator supernet needs --supernet DIR")
+    space = load_space(args.space)
+    out = args.out or Path("results") / f"fidelity-supernet-{space.name}"
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python -m nas.fidelity " + " ".join(sys.argv[1:] if argv is None else argv)
+    result = shared_fidelity.run(space, args.supernet, out, reuse=args.reuse, seeds=args.seeds,
+                                 high_steps=args.high_steps, jobs=args.jobs or default_jobs(args.device),
+                                 command=command)
+    print(shared_fidelity.table(result))
+    print(f"outputs in {out}/: shared_fidelity.json, shared_fidelity.md, shared_runs.jsonl")
     return 0
 
 
