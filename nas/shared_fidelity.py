@@ -41,7 +41,9 @@ from meme.fastpath import fast_path
 from meme.train import draw_batch, train_step, warmup_lr
 from nas.proxy import proxy_config
 from nas.shared_eval import SharedScorer
-from nas.space import SearchSpace, encode
+from fractions import Fraction
+
+from nas.space import SearchSpace, ratio_choices
 from nas.stats import rank_correlation, summarize
 
 # Single-expert chains of the default space's base-128 macro (all legal under its rules).
@@ -108,6 +110,16 @@ def train_standalone(run: StandAlone) -> dict[str, Any]:
     return out
 
 
+def _check_chain(space: SearchSpace, base: int, ratios) -> None:
+    """Refuse a chain the space's depth rules do not allow for an expert (its first expert's rules)."""
+    row: list[Fraction] = []
+    for s, r in enumerate(ratios):
+        legal = ratio_choices(space, base, s, row[s - 1] if s else None, None)
+        if Fraction(r) not in legal:
+            raise UserError(f"chain {' '.join(ratios)}: stage {s + 1} ratio {r} breaks {space.source}'s rules")
+        row.append(Fraction(r))
+
+
 def _corr(x, y) -> dict[str, Any]:
     c = rank_correlation(list(x), list(y))
     return {k: {"value": v.value, "ci": [v.ci_low, v.ci_high]} for k, v in c.items()}
@@ -149,7 +161,7 @@ def run(space: SearchSpace, supernet: str, out: Path, *, reuse: Optional[Path], 
         arch = space.arch(base, blocks, pools, ratios)
         cfg = MemeConfig(name=name, experts=(arch,), data=space.data, diffusion=space.diffusion,
                          expert_probs=(1.0,)).validate()
-        encode(cfg, space)  # refuse a chain the space's rules do not allow
+        _check_chain(space, base, ratios)
         designs[name] = cfg
     cache = out / "shared_runs.jsonl"
     done: dict[str, dict] = {}

@@ -178,6 +178,10 @@ def train_supernet(plan: TrainPlan) -> dict[str, Any]:
     fwd_gflops = StageCostTable(spec)
 
     metrics = out / "metrics.csv"
+    if metrics.is_file():  # rows written after the last checkpoint are trained again: drop them
+        rows = metrics.read_text().splitlines()
+        keep = rows[:1] + [r for r in rows[1:] if r.split(",")[0].isdigit() and int(r.split(",")[0]) <= step]
+        metrics.write_text("\n".join(keep) + "\n")
     new_file = not metrics.is_file()
     bar = None
     if plan.progress:
