@@ -236,7 +236,7 @@ class MemeConfig:
 
     # ---- (de)serialisation ---------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
@@ -287,12 +287,12 @@ class MemeConfig:
         return cls.from_yaml(path.read_text(), str(path))
 
 
-def _plain(x: Any) -> Any:
+def plain(x: Any) -> Any:
     """Tuples -> lists, recursively, so YAML stays plain."""
     if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
+        return {k: plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
+        return [plain(v) for v in x]
     return x
 
 

@@ -57,7 +57,7 @@ from torch import nn
 from torch.func import functional_call
 
 from meme.blocks import IFormerBlock, InceptionMixer
-from meme.config import ArchConfig, ConfigError, DataShape, parse_fraction, require
+from meme.config import ArchConfig, ConfigError, DataShape, parse_fraction, plain, require
 from meme.iunet import IUNet
 
 
@@ -112,7 +112,7 @@ class SupernetSpec:
         return self.arch([r[0] for r in self.ratios], [p[0] for p in self.pool_strides])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"template": _plain(dataclasses.asdict(self.template)), "data": dataclasses.asdict(self.data),
+        return {"template": plain(dataclasses.asdict(self.template)), "data": dataclasses.asdict(self.data),
                 "ratios": [list(r) for r in self.ratios], "pool_strides": [list(p) for p in self.pool_strides]}
 
     @classmethod
@@ -138,14 +138,6 @@ class SupernetSpec:
 def arch_key(arch: ArchConfig) -> str:
     """A sub-network's name inside its supernet: 'ratios|strides', e.g. '3/4,1/2|2,1'."""
     return ",".join(arch.high_ratios) + "|" + ",".join(str(p) for p in arch.pool_strides)
-
-
-def _plain(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
 
 
 class ElasticInceptionMixer(nn.Module):

@@ -24,6 +24,7 @@ from nas.cli import package_version
 from nas import reference as ref_mod
 from nas.budget import check_feasible, reference_costs, resolve_budget
 from nas.space import DEFAULT_SPACE, load_space
+from nas.supernet import load_index
 from nas.study import (Heartbeat, Settings, check_compatible, counted, fail_stale_running, name_metrics,
                        open_storage, storage_url_for, study_attrs)
 
@@ -177,8 +178,6 @@ def make_settings(args) -> tuple[Settings, dict]:
 
 def with_evaluator(space, args):
     """The space with --evaluator/--supernet/--finetune-steps applied, checked before any trial."""
-    from nas.supernet import load_index
-
     proxy = space.proxy
     changes = {k: v for k, v in (("evaluator", args.evaluator), ("supernet", args.supernet),
                                  ("finetune_steps", args.finetune_steps)) if v is not None}

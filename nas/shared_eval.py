@@ -27,16 +27,19 @@ from typing import Optional
 
 import torch
 
+from meme.cli import UserError, pick_device
 from meme.config import ArchConfig, MemeConfig
 from meme.diffusion import Diffusion
 from meme.experts import SoftExpertSampler
 from meme.fastpath import fast_path
+from meme.iunet import IUNet
 from meme.networks import count_params
 from meme.supernet import SuperNet, arch_key
 from meme.train import draw_batch, train_step, warmup_lr
 from nas.proxy import proxy_config
-from nas.space import ProxySpec
+from nas.space import ProxySpec, load_space
 from nas.supernet import load_index, load_supernet, macro_name, macro_of
+from nas.trial import eval_timesteps, proxy_dataset, train_gflops_per_step
 
 SCORES = "scores.jsonl"
 
@@ -59,9 +62,6 @@ class SharedScorer:
     """Scores candidates of one space from one supernet directory (one per process; thread-safe)."""
 
     def __init__(self, supernet_dir: str | Path, proxy: ProxySpec, device: Optional[str] = None):
-        from meme.cli import pick_device
-        from nas.trial import _dataset, eval_timesteps
-
         self.dir = Path(supernet_dir)
         self.index = load_index(self.dir)
         self.proxy = proxy
@@ -69,7 +69,7 @@ class SharedScorer:
         self.diffusion = Diffusion(proxy.diffusion or _diffusion_of(self.index))
         self.grid = eval_timesteps(self.diffusion.T, proxy.eval_timesteps)
         shape = proxy.shape()
-        val = _dataset(proxy.data, shape, "val", None)
+        val = proxy_dataset(proxy.data, shape, "val", None)
         g_val = torch.Generator().manual_seed(proxy.seed + 99)       # the images heldout_loss uses
         self.val = val[torch.randperm(len(val), generator=g_val)[: proxy.eval_batch]]
         g = torch.Generator().manual_seed(proxy.seed + 12345)        # and its noise
@@ -112,7 +112,6 @@ class SharedScorer:
     # ---- networks -------------------------------------------------------------
     def supernet(self, macro: str) -> SuperNet:
         if macro not in self.index["macros"]:
-            from meme.cli import UserError
             raise UserError(f"{self.dir}: no supernet for macro shape {macro} (trained: "
                             f"{sorted(self.index['macros'])}); train it with python -m nas.supernet train")
         if macro not in self._nets:
@@ -183,8 +182,6 @@ class SharedScorer:
         return [total // n + (1 if e < total % n else 0) for e in range(n)]
 
     def _tuned_losses(self, macro: str, cfg: MemeConfig, n: int, ts: list[int], steps: int) -> tuple[list[float], int, float]:
-        from nas.trial import _dataset, train_gflops_per_step
-
         lo, hi = cfg.intervals()[n]
         p = cfg.resolved_probs()[n]
         tune = (lo, hi, p, steps, self.proxy.seed)
@@ -198,7 +195,7 @@ class SharedScorer:
             fp = fast_path(self.device, self.proxy.precision, net)
             fp.prepare(net, self.device)
             if self._train is None:
-                self._train = _dataset(self.proxy.data, self.proxy.shape(), "train", self.proxy.limit_data)
+                self._train = proxy_dataset(self.proxy.data, self.proxy.shape(), "train", self.proxy.limit_data)
             sampler = SoftExpertSampler(cfg)
             opt = torch.optim.AdamW(net.parameters(), lr=self.proxy.lr, weight_decay=0.0)
             gen = torch.Generator().manual_seed(self.proxy.seed + 1 + 1000 * n)
@@ -214,15 +211,11 @@ class SharedScorer:
 
 
 def _diffusion_of(index: dict):
-    from nas.space import load_space
-
     return load_space(index["space_source"]).diffusion
 
 
 @lru_cache(maxsize=256)
 def _params_of(arch: ArchConfig, data) -> int:
-    from meme.iunet import IUNet
-
     with torch.device("meta"):
         return count_params(IUNet(arch, data))
 

@@ -43,7 +43,8 @@ from nas.proxy import proxy_config
 from nas.shared_eval import SharedScorer
 from fractions import Fraction
 
-from nas.space import SearchSpace, ratio_choices
+from nas.space import SearchSpace, load_space, ratio_choices
+from nas.trial import proxy_dataset
 from nas.stats import rank_correlation, summarize
 
 # Single-expert chains of the default space's base-128 macro (all legal under its rules).
@@ -76,16 +77,13 @@ class StandAlone:
 
 def train_standalone(run: StandAlone) -> dict[str, Any]:
     """Train one design from scratch as a trial does (same seeds, data, optimiser); per-t losses at ``read_at``."""
-    from nas.space import load_space
-    from nas.trial import _dataset
-
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     space = load_space(run.space)
     proxy = space.proxy.from_scratch()
     scorer = SharedScorer(run.supernet, proxy)
     cfg = proxy_config(MemeConfig.from_yaml(run.config_yaml), proxy)
-    train = _dataset(proxy.data, proxy.shape(), "train", proxy.limit_data)
+    train = proxy_dataset(proxy.data, proxy.shape(), "train", proxy.limit_data)
     dev = torch.device("cpu")
     torch.manual_seed(run.seed)
     model = build_denoiser(cfg)

@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from nas.budget import Budget
 from nas.space import SearchSpace
+from nas.supernet import load_index
 
 log = logging.getLogger("nas.search")
 
@@ -258,8 +259,6 @@ def supernet_attrs(proxy) -> dict[str, Any]:
     """Which supernet scored the study's trials: its directory and the digest of its weights."""
     if proxy.evaluator != "supernet" or not proxy.supernet:
         return {}
-    from nas.supernet import load_index
-
     index = load_index(proxy.supernet)
     return {"supernet": str(proxy.supernet), "supernet_digest": index.get("digest"),
             "supernet_train_gflops": index.get("train_gflops_total")}

@@ -50,6 +50,7 @@ from meme.supernet import SuperNet, SupernetSpec, arch_key
 from meme.train import NonFiniteLoss, warmup_lr
 from nas.proxy import proxy_arch
 from nas.space import SearchSpace, _pick, load_space, ratio_choices
+from nas.trial import proxy_dataset
 
 INDEX = "supernet.json"
 
@@ -142,8 +143,6 @@ def _uniform_t(T: int, n: int, gen: torch.Generator) -> torch.Tensor:
 
 def train_supernet(plan: TrainPlan) -> dict[str, Any]:
     """Train (or resume) one macro's supernet; returns its index entry."""
-    from nas.trial import _dataset  # the proxy data, loaded once per process
-
     torch.set_num_threads(1)
     space = load_space(plan.space)
     spec = spec_for(space, plan.base, plan.blocks)
@@ -153,7 +152,7 @@ def train_supernet(plan: TrainPlan) -> dict[str, Any]:
     dev = pick_device(plan.device)
     proxy = space.proxy
     diffusion = Diffusion(proxy.diffusion or space.diffusion)
-    train = _dataset(proxy.data, proxy.shape(), "train", proxy.limit_data)
+    train = proxy_dataset(proxy.data, proxy.shape(), "train", proxy.limit_data)
 
     torch.manual_seed(plan.seed)
     net = SuperNet(spec)

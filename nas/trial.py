@@ -62,7 +62,7 @@ class TrialResult:
 
 
 @lru_cache(maxsize=4)
-def _dataset(spec: Optional[str], shape: DataShape, split: str, limit: Optional[int]) -> torch.Tensor:
+def proxy_dataset(spec: Optional[str], shape: DataShape, split: str, limit: Optional[int]) -> torch.Tensor:
     """Proxy data, loaded once per process (a Ray worker reused across trials keeps it)."""
     from meme.data import load_data
 
@@ -202,8 +202,8 @@ def _train(config: MemeConfig, proxy: ProxySpec, report: Report, objective: str,
         torch.cuda.reset_peak_memory_stats(dev)
     cfg = proxy_config(config, proxy)
     shape = proxy.shape()
-    train = _dataset(proxy.data, shape, "train", proxy.limit_data)
-    val = _dataset(proxy.data, shape, "val", None)
+    train = proxy_dataset(proxy.data, shape, "train", proxy.limit_data)
+    val = proxy_dataset(proxy.data, shape, "val", None)
     g_val = torch.Generator().manual_seed(proxy.seed + 99)
     val = val[torch.randperm(len(val), generator=g_val)[: proxy.eval_batch]]
 
