@@ -211,7 +211,9 @@ class SharedScorer:
 
 
 def _diffusion_of(index: dict):
-    return load_space(index["space_source"]).diffusion
+    """The space's schedule; a supernet moved to another machine finds its space by file name."""
+    src = Path(index["space_source"])
+    return load_space(src if src.is_file() else src.stem).diffusion
 
 
 @lru_cache(maxsize=256)
