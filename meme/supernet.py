@@ -262,36 +262,3 @@ class SuperNet(IUNet):
         net.load_state_dict({k: v.detach().clone() for k, v in self.sub_state_dict(arch).items()}, strict=True)
         return net
 
-
-def used_mask(supernet: SuperNet, arch: ArchConfig) -> dict[str, torch.Tensor]:
-    """Per supernet parameter, a boolean mask of the entries ``arch`` reads.
-
-    Measured, not derived from the layout: each parameter is filled with its entry
-    indices and the sub-network's slices read back, so it also checks the layout
-    (indices are exact in fp32 up to 2^24 entries per tensor).
-    """
-    masks = {}
-    with torch.no_grad():
-        saved = {n: p.detach().clone() for n, p in supernet.named_parameters()}
-        for n, p in supernet.named_parameters():
-            p.copy_(torch.arange(p.numel(), dtype=p.dtype).reshape(p.shape))
-        sub = supernet.sub_state_dict(arch)
-        index_of = {}
-        for name, m in supernet.named_modules():
-            if isinstance(m, ElasticInceptionMixer):
-                for k in m.sub_parameters(arch.high_channels()[m.stage]):
-                    index_of[f"{name}.{k}"] = (name, k)
-        params = dict(supernet.named_parameters())
-        for n, p in params.items():
-            masks[n] = torch.zeros(p.shape, dtype=torch.bool)
-        for k, v in sub.items():
-            if k in params and k not in index_of:
-                masks[k][...] = True
-                continue
-            prefix, local = index_of[k]
-            conv = local.split(".")[-2]  # conv_fc, conv_dw, pool_fc, qkv, fuse_dw, proj
-            target = f"{prefix}.{conv}.{local.split('.')[-1]}"
-            masks[target].view(-1)[v.reshape(-1).long()] = True
-        for n, p in supernet.named_parameters():
-            p.copy_(saved[n])
-    return masks

@@ -178,14 +178,3 @@ def check_feasible(space, budget: Budget) -> float:
                         f"{math.ceil(cmin * 100) / 100:.2f} or widen the space")
     return cmin
 
-
-def cheapest_config_of_macro(space, base: int, blocks: int) -> float:
-    """The cheapest cost (GFLOPs per step) of any candidate with this base width and depth.
-
-    The same per-stage DP as ``cheapest_config``, over the space's pool-stride choices.
-    """
-    best = math.inf
-    for pools in space.macro.pool_strides:
-        c_top, tables = _stage_tables(space, base, blocks, tuple(pools))
-        best = min(best, c_top + _cheapest_chain(space, tables)[0])
-    return best

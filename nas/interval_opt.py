@@ -27,9 +27,10 @@ from typing import Optional
 from meme.checkpoint import atomic_write_json
 from meme.cli import UserError, main_guard
 from meme.config import MemeConfig
-from meme.macs import cost_of_network
+from meme.supernet import SupernetSpec
 from nas.proxy import proxy_arch
 from nas.shared_eval import SharedScorer
+from nas.supernet import StageCostTable
 from nas.space import FixedTrial, SearchSpace, load_space, ratio_choices, sample_boundaries
 
 Chain = tuple[Fraction, ...]
@@ -74,28 +75,13 @@ def all_chains(space: SearchSpace, base: int, n_max: int) -> set[Chain]:
     return seen
 
 
-class TargetCost:
-    """GFLOPs of a chain at the target shape: one count per (stage, ratio) and a sum (see StageCostTable)."""
-
-    def __init__(self, space: SearchSpace, base: int, blocks: int, pools: tuple[int, ...]):
-        self.space, self.base, self.blocks, self.pools = space, base, blocks, pools
-        self.bottom = [space.stage_grid(base, s)[0] for s in range(space.num_stages)]
-        self.c0 = self._count(self.bottom)
-        self.delta: dict[tuple[int, Fraction], float] = {}
-
-    def _count(self, chain) -> float:
-        arch = self.space.arch(self.base, self.blocks, self.pools, tuple(str(r) for r in chain))
-        return cost_of_network(arch, self.space.data).gflops
-
-    def __call__(self, chain: Chain) -> float:
-        total = self.c0
-        for s, r in enumerate(chain):
-            if (s, r) not in self.delta:
-                probe = list(self.bottom)
-                probe[s] = r
-                self.delta[(s, r)] = self._count(probe) - self.c0
-            total += self.delta[(s, r)]
-        return total
+def target_cost(space: SearchSpace, base: int, blocks: int, pools: tuple[int, ...]):
+    """GFLOPs of a chain at the TARGET shape, from the per-stage cost table (``nas.supernet.StageCostTable``)."""
+    grids = tuple(tuple(str(g) for g in space.stage_grid(base, s)) for s in range(space.num_stages))
+    spec = SupernetSpec(space.arch(base, blocks, pools, tuple(g[0] for g in grids)), space.data, grids,
+                        tuple((p,) for p in pools)).validate()
+    table = StageCostTable(spec)
+    return lambda chain: table(spec.arch([str(r) for r in chain], pools))
 
 
 def boundary_choices(space: SearchSpace, n: int) -> list[tuple[int, ...]]:
@@ -124,7 +110,7 @@ def optimise(space: SearchSpace, scorer: SharedScorer, budget: float, mode: str 
         if len(chains) > max_archs:
             rows.append({"macro": [base, blocks, list(pools)], "skipped": f"{len(chains)} chains > --max-archs {max_archs}"})
             continue
-        cost = TargetCost(space, base, blocks, tuple(pools))
+        cost = target_cost(space, base, blocks, tuple(pools))
         if min(cost(c) for c in chains) > budget:
             rows.append({"macro": [base, blocks, list(pools)], "skipped": "every chain is over the budget"})
             continue

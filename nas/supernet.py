@@ -92,7 +92,7 @@ class StageCostTable:
     A stage's iFormer blocks depend only on that stage's split and stride, so
     cost(arch) = cost(base) + sum_s [cost(base with stage s changed) - cost(base)]
     (``nas.budget`` uses the same structure; ``tests/test_supernet_search.py`` checks
-    it against direct counts). Counting every random chain a supernet trains would cost
+    it against direct counts). ``nas.interval_opt`` prices target-shape chains with it too. Counting every random chain a supernet trains would cost
     more than training it.
     """
 

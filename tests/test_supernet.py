@@ -10,7 +10,7 @@ import torch
 from meme.config import ArchConfig, ConfigError, DataShape, head_step_grid
 from meme.iunet import IUNet
 from meme.networks import count_params, wake_zero_init
-from meme.supernet import SuperNet, SupernetSpec, arch_key, used_mask
+from meme.supernet import ElasticInceptionMixer, SuperNet, SupernetSpec, arch_key
 
 DATA = DataShape(channels=1, resolution=16, latent=False)
 
@@ -30,6 +30,40 @@ def make_spec(base=16, mult=(1, 2, 3), head=4, blocks=1, top=Fraction(7, 8)) -> 
     grids = tuple(tuple(str(g) for g in head_step_grid(w, head) if 0 < g <= top)
                   for w in template.stage_channels())
     return SupernetSpec(template, DATA, grids, ((1, 2),) * len(mult)).validate()
+
+
+def used_mask(supernet: SuperNet, arch: ArchConfig) -> dict[str, torch.Tensor]:
+    """Per supernet parameter, a boolean mask of the entries ``arch`` reads.
+
+    Measured, not derived from the layout: each parameter is filled with its entry
+    indices and the sub-network's slices read back, so it also checks the layout
+    (indices are exact in fp32 up to 2^24 entries per tensor).
+    """
+    masks = {}
+    with torch.no_grad():
+        saved = {n: p.detach().clone() for n, p in supernet.named_parameters()}
+        for n, p in supernet.named_parameters():
+            p.copy_(torch.arange(p.numel(), dtype=p.dtype).reshape(p.shape))
+        sub = supernet.sub_state_dict(arch)
+        index_of = {}
+        for name, m in supernet.named_modules():
+            if isinstance(m, ElasticInceptionMixer):
+                for k in m.sub_parameters(arch.high_channels()[m.stage]):
+                    index_of[f"{name}.{k}"] = (name, k)
+        params = dict(supernet.named_parameters())
+        for n, p in params.items():
+            masks[n] = torch.zeros(p.shape, dtype=torch.bool)
+        for k, v in sub.items():
+            if k in params and k not in index_of:
+                masks[k][...] = True
+                continue
+            prefix, local = index_of[k]
+            conv = local.split(".")[-2]  # conv_fc, conv_dw, pool_fc, qkv, fuse_dw, proj
+            target = f"{prefix}.{conv}.{local.split('.')[-1]}"
+            masks[target].view(-1)[v.reshape(-1).long()] = True
+        for n, p in supernet.named_parameters():
+            p.copy_(saved[n])
+    return masks
 
 
 def random_arch(spec: SupernetSpec, rng: random.Random) -> ArchConfig:
