@@ -32,6 +32,7 @@ import yaml
 from meme.checkpoint import atomic_write_json
 from meme.cli import UserError, main_guard
 from meme.config import MemeConfig
+from nas import shared_fidelity
 from nas.replicates import Run, default_jobs, run_all
 from nas.space import ProxySpec, SearchSpace, build_config, load_space, parse_proxy
 from nas.stats import rank_correlation, summarize
@@ -348,8 +349,6 @@ def main(argv=None) -> int:
 
 
 def _shared(args, argv) -> int:
-    from nas import shared_fidelity
-
     if not args.supernet:
         raise UserError("--evaluator supernet needs --supernet DIR")
     space = load_space(args.space)
