@@ -39,7 +39,7 @@ from meme.train import draw_batch, train_step, warmup_lr
 from nas.proxy import proxy_config
 from nas.space import ProxySpec, load_space
 from nas.supernet import load_index, load_supernet, macro_name, macro_of
-from nas.trial import eval_timesteps, proxy_dataset, train_gflops_per_step
+from nas.trial import eval_timesteps, heldout_images, heldout_noise, proxy_dataset, train_gflops_per_step
 
 SCORES = "scores.jsonl"
 
@@ -68,12 +68,8 @@ class SharedScorer:
         self.device = pick_device(device)
         self.diffusion = Diffusion(proxy.diffusion or _diffusion_of(self.index))
         self.grid = eval_timesteps(self.diffusion.T, proxy.eval_timesteps)
-        shape = proxy.shape()
-        val = proxy_dataset(proxy.data, shape, "val", None)
-        g_val = torch.Generator().manual_seed(proxy.seed + 99)       # the images heldout_loss uses
-        self.val = val[torch.randperm(len(val), generator=g_val)[: proxy.eval_batch]]
-        g = torch.Generator().manual_seed(proxy.seed + 12345)        # and its noise
-        self.noise = torch.randn(self.val.shape, generator=g)
+        self.val = heldout_images(proxy)                # the images and noise heldout_loss uses
+        self.noise = heldout_noise(self.val, proxy.seed)
         self._train = None
         self._nets: dict[str, SuperNet] = {}
         self._lock = threading.Lock()

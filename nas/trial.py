@@ -75,13 +75,24 @@ def eval_timesteps(T: int, k: int) -> list[int]:
     return [min(T - 1, int((i + 0.5) * T / k)) for i in range(k)]
 
 
+def heldout_images(proxy: ProxySpec) -> torch.Tensor:
+    """The fixed held-out images every evaluator scores on (``proxy.seed``'s, whatever the training seed)."""
+    val = proxy_dataset(proxy.data, proxy.shape(), "val", None)
+    g_val = torch.Generator().manual_seed(proxy.seed + 99)
+    return val[torch.randperm(len(val), generator=g_val)[: proxy.eval_batch]]
+
+
+def heldout_noise(val: torch.Tensor, seed: int) -> torch.Tensor:
+    """The fixed noise added to the held-out images at every t of the grid."""
+    return torch.randn(val.shape, generator=torch.Generator().manual_seed(seed + 12345))
+
+
 @torch.no_grad()
 def heldout_loss(model: MultiExpertDenoiser, diffusion: Diffusion, val: torch.Tensor,
                  timesteps: list[int], seed: int, device: torch.device, fp: FastPath) -> float:
     """Mean over the t grid of eps-MSE on fixed held-out images and fixed noise."""
     model.eval()
-    g = torch.Generator().manual_seed(seed + 12345)
-    noise = torch.randn(val.shape, generator=g)
+    noise = heldout_noise(val, seed)
     x0 = fp.input(val, device)
     noise = fp.input(noise, device)
     total = 0.0
@@ -203,9 +214,7 @@ def _train(config: MemeConfig, proxy: ProxySpec, report: Report, objective: str,
     cfg = proxy_config(config, proxy)
     shape = proxy.shape()
     train = proxy_dataset(proxy.data, shape, "train", proxy.limit_data)
-    val = proxy_dataset(proxy.data, shape, "val", None)
-    g_val = torch.Generator().manual_seed(proxy.seed + 99)
-    val = val[torch.randperm(len(val), generator=g_val)[: proxy.eval_batch]]
+    val = heldout_images(proxy)
 
     torch.manual_seed(seed)
     model = build_denoiser(cfg)

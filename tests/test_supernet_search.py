@@ -18,7 +18,7 @@ from nas.proxy import proxy_arch
 from nas.shared_eval import SharedScorer
 from nas.space import FixedTrial, build_config, encode, load_space
 from nas.supernet import StageCostTable, load_index, load_supernet, spec_for, train_all
-from nas.trial import heldout_loss, eval_timesteps, proxy_dataset
+from nas.trial import eval_timesteps, heldout_images, heldout_loss
 from meme.diffusion import Diffusion
 from meme.experts import MultiExpertDenoiser
 from meme.fastpath import fast_path
@@ -69,8 +69,7 @@ def test_shared_score_is_the_proxy_objective_of_the_inherited_experts(tiny_super
     experts = [sn.extract(proxy_arch(a, space.proxy)) for a in cfg.experts]
     model = MultiExpertDenoiser(experts, cfg.resolved_boundaries())
     p = space.proxy
-    val = proxy_dataset(p.data, p.shape(), "val", None)
-    val = val[torch.randperm(len(val), generator=torch.Generator().manual_seed(p.seed + 99))[: p.eval_batch]]
+    val = heldout_images(p)
     want = heldout_loss(model, Diffusion(space.diffusion), val, eval_timesteps(1000, p.eval_timesteps), p.seed,
                         torch.device("cpu"), fast_path("cpu", p.precision, model))
     assert got.objective == pytest.approx(want, rel=1e-5)
