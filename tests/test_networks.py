@@ -18,14 +18,7 @@ PAPER_TABLE4 = [82.56e6, 82.85e6, 83.11e6, 83.32e6]
 TINY = DataShape(channels=1, resolution=16, latent=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core box
-    OpenMP spinning makes them ~100x slower; restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_unet(**kw) -> ArchConfig:

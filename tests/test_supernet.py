@@ -15,12 +15,7 @@ from meme.supernet import ElasticInceptionMixer, SuperNet, SupernetSpec, arch_ke
 DATA = DataShape(channels=1, resolution=16, latent=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_spec(base=16, mult=(1, 2, 3), head=4, blocks=1, top=Fraction(7, 8)) -> SupernetSpec:
