@@ -49,6 +49,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from fractions import Fraction
 from typing import Any, Optional
 
@@ -57,8 +58,11 @@ from torch import nn
 from torch.func import functional_call
 
 from meme.blocks import IFormerBlock, InceptionMixer
+from meme.cli import UserError
 from meme.config import ArchConfig, ConfigError, DataShape, parse_fraction, plain, require
 from meme.iunet import IUNet
+
+INDEX = "supernet.json"     # a trained supernet directory: this index + one folder per macro shape
 
 
 @dataclass(frozen=True)
@@ -262,3 +266,44 @@ class SuperNet(IUNet):
         net.load_state_dict({k: v.detach().clone() for k, v in self.sub_state_dict(arch).items()}, strict=True)
         return net
 
+
+# ---- trained supernet directories (written by nas.supernet train) ----------------------
+
+def load_index(path: str | Path) -> dict[str, Any]:
+    """A supernet directory's index, with a one-line error when it is not one."""
+    p = Path(path) / INDEX
+    if not p.is_file():
+        raise UserError(f"{path}: not a trained supernet directory (no {INDEX}); "
+                        f"make one with python -m nas.supernet train --space S --out {path}")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{p}: damaged index ({exc.msg} at line {exc.lineno})") from None
+
+
+def load_supernet(path: str | Path, entry: dict[str, Any], device: torch.device) -> SuperNet:
+    """One macro's trained supernet, on ``device`` (weights only: nothing in the file runs)."""
+    spec = SupernetSpec.from_dict(entry["spec"], f"{path}/{entry['dir']}/spec")
+    net = SuperNet(spec)
+    weights = Path(path) / entry["dir"] / "supernet.pt"
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        net.load_state_dict(state)
+    except (RuntimeError, OSError, KeyError, EOFError) as exc:
+        raise UserError(f"{weights}: cannot load this supernet ({str(exc).splitlines()[0][:200]})") from None
+    return net.to(device).eval()
+
+
+def supernet_for(path: str | Path, arch: ArchConfig, device: torch.device) -> SuperNet:
+    """The trained supernet in ``path`` whose macro shape serves ``arch`` (one-line error if none)."""
+    index = load_index(path)
+    for name, entry in sorted(index.get("macros", {}).items()):
+        spec = SupernetSpec.from_dict(entry["spec"], f"{path}/{name}/spec")
+        try:
+            spec.check(arch)
+        except ConfigError:
+            continue
+        return load_supernet(path, entry, device)
+    raise UserError(f"{path}: no trained supernet serves this architecture (macros "
+                    f"{sorted(index.get('macros', {}))}; base {arch.base_channels}, blocks {arch.num_res_blocks}, "
+                    f"ratios {list(arch.high_ratios)}, pools {list(arch.pool_strides)})")

@@ -14,6 +14,12 @@ weights (used for sampling), gradient clipping; the network runs on the device's
 fast path (``meme.fastpath``: channels_last, bf16 autocast on CUDA and on AMX CPUs for
 networks wide enough to gain). Checkpoints are atomic and carry every RNG so ``--resume`` continues
 bit-for-bit.
+
+Experts from shared weights (``meme.branching``): ``--branch-at F`` trains one parent
+network on all t for the first F of the steps, then splits it into the N experts
+(``--split-optimizer carry|fresh``); ``--init-from SOURCE`` starts every expert from a
+trained supernet or a run of one network. A run writes ``compute.json``: its training
+TFLOPs, charged in full and amortised (``meme.compute``).
 """
 from __future__ import annotations
 
@@ -33,7 +39,11 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from meme import checkpoint
+from meme.branching import (SPLIT_OPTIMIZERS, AllTimesteps, BranchPlan, activate, carried_optimizer_state,
+                            expert_state, init_from_source, load_experts, parent_network, split_step)
 from meme.cli import UserError, main_guard, pick_device, setup_logging
+from meme.checkpoint import atomic_write_json
+from meme.compute import expert_for_step, run_compute, source_tflops
 from meme.config import MemeConfig
 from meme.data import load_data
 from meme.diffusion import Diffusion
@@ -129,12 +139,16 @@ class TrainOptions:
     precision: str = _opt("auto", "auto (meme.fastpath decides), bf16 or fp32", ("auto", "bf16", "fp32"))
     threads: Optional[int] = _opt(None, "CPU threads (default: torch's); set it when sharing the cores")
     compile: bool = _opt(False, "torch.compile each expert's training forward (pays on long runs)")
+    branch_at: float = _opt(0.0, "fraction of --steps trained as one shared parent on all t before it splits "
+                                 "into the experts (0 = experts from the start)")
+    split_optimizer: str = _opt("carry", "at the split: carry the parent's AdamW moments, or a fresh optimizer "
+                                         "and warm-up", SPLIT_OPTIMIZERS)
+    init_from: Optional[str] = _opt(None, "experts' initial weights: a trained supernet directory, or a run of "
+                                          "one network of the experts' architecture")
 
-
-def expert_for_step(step: int, num_experts: int, total_steps: int, schedule: str) -> int:
-    if schedule == "sequential":
-        return min(step * num_experts // max(total_steps, 1), num_experts - 1)
-    return step % num_experts
+    def branch_plan(self) -> BranchPlan:
+        return BranchPlan(at=split_step(self.branch_at, self.steps), optimizer=self.split_optimizer,
+                          source=self.init_from).validate(self.steps)
 
 
 def _ema_update(decay: float):
@@ -177,6 +191,19 @@ class Trainer:
             self.data = self.data[: opts.limit_data]
         self.step_count = 0
         self._decoder: Any = None
+        self.branch = opts.branch_plan()
+        self.init_source = None
+        if self.branch.source:
+            self.init_source = init_from_source(self.model.experts, self.ema.module.experts, cfg,
+                                                self.branch.source, self.device)
+        # The parent phase: one network for all t, trained until the split (meme.branching).
+        self.parent = self.parent_ema = self.parent_opt = None
+        if self.branch.has_parent_phase:
+            self.parent = parent_network(cfg)
+            self.fast.prepare(self.parent, self.device)
+            self.parent_ema = AveragedModel(self.parent, multi_avg_fn=_ema_update(opts.ema_decay))
+            self.parent_opt = torch.optim.AdamW(self.parent.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+            self.all_t = AllTimesteps(cfg.diffusion.timesteps)
 
     # ---- paths -------------------------------------------------------------------
     @property
@@ -184,30 +211,73 @@ class Trainer:
         return self.out / "checkpoints" / "last.pt"
 
     # ---- one step ------------------------------------------------------------------
+    @property
+    def in_parent_phase(self) -> bool:
+        return self.parent is not None
+
     def lr_at(self, step: int) -> float:
+        at = self.branch.at
+        if at and step >= at and self.branch.optimizer == "fresh":
+            return warmup_lr(self.opts.lr, step - at, self.opts.warmup)   # a new warm-up from the split
         return warmup_lr(self.opts.lr, step, self.opts.warmup)
 
     def step(self) -> tuple[int, float]:
-        s = self.step_count
-        e = expert_for_step(s, self.cfg.num_experts, self.opts.steps, self.opts.schedule)
-        batch = draw_batch(self.data, self.timesteps, e, self.opts.batch_size, self.gen, self.fast, self.device)
+        """One optimizer step; returns (expert whose architecture was trained, loss)."""
+        s, n = self.step_count, self.cfg.num_experts
+        if self.in_parent_phase:  # parent step s: expert s mod N's sub-network, t over all of [0, T)
+            e = s % n
+            net, params, opt = activate(self.parent, self.cfg.experts[e]), self.parent.parameters(), self.parent_opt
+            batch = draw_batch(self.data, self.all_t, 0, self.opts.batch_size, self.gen, self.fast, self.device)
+        else:
+            at = self.branch.at
+            e = expert_for_step(s - at, n, self.opts.steps - at, self.opts.schedule)
+            net, params, opt = self.train_nets[e], self.model.experts[e].parameters(), self.opt
+            batch = draw_batch(self.data, self.timesteps, e, self.opts.batch_size, self.gen, self.fast, self.device)
         try:
-            loss_value = train_step(self.train_nets[e], self.model.experts[e].parameters(), batch, self.diffusion,
-                                    self.opt, self.fast, self.lr_at(s), self.opts.grad_clip)
+            loss_value = train_step(net, params, batch, self.diffusion, opt, self.fast, self.lr_at(s),
+                                    self.opts.grad_clip)
         except NonFiniteLoss as exc:
             where = self.ckpt_path if self.ckpt_path.exists() else "none written yet"
             raise TrainingDiverged(f"loss is {exc.value} at step {s} (expert {e}); stopped. "
                                    f"Last good checkpoint: {where}") from None
-        self.ema.update_parameters(self.model)
+        if self.in_parent_phase:
+            self.parent_ema.update_parameters(self.parent)
+        else:
+            self.ema.update_parameters(self.model)
         self.step_count += 1
+        if self.in_parent_phase and self.step_count == self.branch.at:
+            self.split()
         return e, loss_value
+
+    def split(self) -> None:
+        """The parent becomes the N experts: weights and EMA sliced, the optimizer carried or fresh."""
+        load_experts(self.model.experts, self.parent, self.cfg)
+        load_experts(self.ema.module.experts, self.parent_ema.module, self.cfg)
+        self.ema.n_averaged.copy_(self.parent_ema.n_averaged)
+        if self.branch.optimizer == "carry":
+            self.opt.load_state_dict(carried_optimizer_state(self.parent, self.parent_opt, self.model.experts,
+                                                             self.cfg, self.opt))
+        log.info("step %d: the parent split into %d experts (%s optimizer)", self.step_count, self.cfg.num_experts,
+                 self.branch.optimizer)
+        self.parent = self.parent_ema = self.parent_opt = None
+
+    def _experts_cut_from(self, parent) -> dict:
+        """The experts' state dict a split now would give (parent-phase checkpoints stay samplable)."""
+        return {f"experts.{n}.{k}": v for n, arch in enumerate(self.cfg.experts)
+                for k, v in expert_state(parent, arch).items()}
 
     # ---- checkpoints -----------------------------------------------------------------
     def state(self) -> dict:
-        return {"model": self.model.state_dict(), "ema": self.ema.module.state_dict(),
-                "ema_n": self.ema.n_averaged.clone(), "opt": self.opt.state_dict(),
-                "step": self.step_count, "rng": checkpoint.rng_state(), "data_gen": self.gen.get_state(),
-                "config": self.cfg.to_dict(), "options": dataclasses.asdict(self.opts)}
+        common = {"step": self.step_count, "rng": checkpoint.rng_state(), "data_gen": self.gen.get_state(),
+                  "config": self.cfg.to_dict(), "options": dataclasses.asdict(self.opts),
+                  "branch": dataclasses.asdict(self.branch)}
+        if self.in_parent_phase:  # model/ema: the experts as a split now would cut them (meme.sample reads them)
+            return {**common, "phase": "parent", "model": self._experts_cut_from(self.parent),
+                    "ema": self._experts_cut_from(self.parent_ema.module), "ema_n": self.parent_ema.n_averaged.clone(),
+                    "parent": self.parent.state_dict(), "parent_ema": self.parent_ema.module.state_dict(),
+                    "opt": self.parent_opt.state_dict()}
+        return {**common, "phase": "experts", "model": self.model.state_dict(), "ema": self.ema.module.state_dict(),
+                "ema_n": self.ema.n_averaged.clone(), "opt": self.opt.state_dict()}
 
     def save(self) -> Path:
         return checkpoint.atomic_save(self.state(), self.ckpt_path)
@@ -217,11 +287,23 @@ class Trainer:
         saved = MemeConfig.from_dict(ck["config"])
         if saved.hash() != self.cfg.hash():
             raise UserError(f"{self.ckpt_path} was trained with a different config; use a new --out")
-        self.model.load_state_dict(ck["model"])
-        self.ema.module.load_state_dict(ck["ema"])
-        self.ema.n_averaged.copy_(ck["ema_n"])
-        self.opt.load_state_dict(ck["opt"])
+        saved_branch = ck.get("branch", {"at": 0, "optimizer": "carry", "source": None})
+        if saved_branch != dataclasses.asdict(self.branch):
+            raise UserError(f"{self.ckpt_path} was trained with other branching ({saved_branch}, now "
+                            f"{dataclasses.asdict(self.branch)}); keep --steps, --branch-at, --split-optimizer and "
+                            f"--init-from, or use a new --out")
         self.step_count = int(ck["step"])
+        if ck.get("phase") == "parent":
+            self.parent.load_state_dict(ck["parent"])
+            self.parent_ema.module.load_state_dict(ck["parent_ema"])
+            self.parent_ema.n_averaged.copy_(ck["ema_n"])
+            self.parent_opt.load_state_dict(ck["opt"])
+        else:
+            self.parent = self.parent_ema = self.parent_opt = None   # past the split
+            self.model.load_state_dict(ck["model"])
+            self.ema.module.load_state_dict(ck["ema"])
+            self.ema.n_averaged.copy_(ck["ema_n"])
+            self.opt.load_state_dict(ck["opt"])
         checkpoint.set_rng_state(ck["rng"])
         self.gen.set_state(ck["data_gen"])
 
@@ -288,6 +370,12 @@ def train(cfg: MemeConfig, opts: TrainOptions, out: Path, resume: bool = False, 
     cfg.save(out / "config.yaml")
     (out / "options.json").write_text(json.dumps(dataclasses.asdict(opts), indent=2))
     metrics = MetricsLog(out / "metrics.csv", trainer.step_count)
+    atomic_write_json(training_compute(cfg, opts, trainer.branch).to_dict(), out / "compute.json")
+    if trainer.branch.has_parent_phase:
+        log.info("parent phase: steps [0, %d) train one shared network on all t, then it splits (%s optimizer)",
+                 trainer.branch.at, trainer.branch.optimizer)
+    if trainer.init_source:
+        log.info("experts start from %s", trainer.init_source)
     n_params = sum(p.numel() for p in trainer.model.parameters())
     log.info("training %s: %d experts, %.2fM params, %d images, %s schedule, on %s (%s%s, %d threads)",
              cfg.name, cfg.num_experts, n_params / 1e6, len(trainer.data), opts.schedule, trainer.device,
@@ -315,6 +403,12 @@ def train(cfg: MemeConfig, opts: TrainOptions, out: Path, resume: bool = False, 
     return trainer
 
 
+def training_compute(cfg: MemeConfig, opts: TrainOptions, branch: BranchPlan):
+    """This run's training TFLOPs (its own steps, parent phase included) and its source's, in full."""
+    src = source_tflops(branch.source) if branch.source else 0.0
+    return run_compute(cfg, opts.steps, opts.batch_size, opts.schedule, branch.at, src, branch.source)
+
+
 def parse_args(argv=None) -> tuple[argparse.Namespace, TrainOptions]:
     p = argparse.ArgumentParser(prog="python -m meme.train", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="reference name (ldm-s, meme-table4, ...) or YAML path")
@@ -325,7 +419,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainOptions]:
         flag = "--" + f.name.replace("_", "-")
         kind = {"steps": int, "batch_size": int, "warmup": int, "seed": int, "ckpt_every": int,
                 "sample_every": int, "sample_steps": int, "log_every": int, "limit_data": int, "threads": int,
-                "lr": float, "weight_decay": float, "ema_decay": float, "grad_clip": float,
+                "lr": float, "weight_decay": float, "ema_decay": float, "grad_clip": float, "branch_at": float,
                 "compile": bool}.get(f.name, str)
         help_text, choices = f.metadata["help"], f.metadata["choices"]
         if kind is bool:

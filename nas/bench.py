@@ -175,6 +175,59 @@ def bench_engine(engine: str, o: BenchOptions, dev: torch.device, log: Callable[
 
 
 
+def bench_evaluators(o: BenchOptions, dev: torch.device, log: Callable[[str], None], k: int = 4) -> list[Row]:
+    """Per-candidate scoring cost, from-scratch proxy vs the weight-shared supernet, same run.
+
+    ``k`` random default-space candidates (one macro, seed 0). The supernet is trained
+    for one step only: what is timed (extract + held-out passes) does not depend on how
+    well it is trained, and its one-time training cost is reported from its own FLOPs
+    count. Cold = a fresh score cache (every sub-network new), warm = the same candidates
+    again (every term cached). The from-scratch figure is one full proxy trial of the
+    first candidate (training + held-out loss).
+    """
+    import optuna
+
+    from nas.shared_eval import SharedScorer
+    from nas.space import build_config, load_space
+    from nas.supernet import macro_of, train_all
+    from nas.trial import run_trial
+
+    space = load_space("meme_ffhq256")
+    label = f"default space proxy, {k} random candidates, one macro"
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    cands = []
+    while len(cands) < k:
+        cfg = build_config(study.ask(), space)
+        if not cands or macro_of(cfg) == macro_of(cands[0]):
+            cands.append(cfg)
+    base, blocks = macro_of(cands[0])
+    with tempfile.TemporaryDirectory(prefix="meme-bench-supernet-") as tmp:
+        index = train_all(space.source, Path(tmp), steps=1, macros=f"{base}:{blocks}", device=str(dev), progress=False)
+        proxy = dataclasses.replace(space.proxy, evaluator="supernet", supernet=tmp)
+        t0 = time.perf_counter()
+        scorer = SharedScorer(tmp, proxy, str(dev))
+        cold = [scorer.score(c).wall_s for c in cands]
+        cold_total = time.perf_counter() - t0        # includes loading the supernet once
+        warm = [scorer.score(c).wall_s for c in cands]
+    t0 = time.perf_counter()
+    run_trial(cands[0], space.proxy.from_scratch(), lambda step, value: None, device=str(dev))
+    scratch = time.perf_counter() - t0
+    per_cold, per_warm = cold_total / k, median(warm)
+    log(f"  evaluators: from scratch {scratch:.1f} s/candidate, supernet cold {per_cold:.2f} s, warm {per_warm:.3f} s")
+    return [
+        Row("search", "evaluator_scratch", "s_per_candidate", scratch, "s", shape=label,
+            note="nas.trial.run_trial, from-scratch proxy: train + held-out loss"),
+        Row("search", "evaluator_supernet", "s_per_candidate_cold", per_cold, "s", shape=label,
+            note="fresh cache: load + extract + held-out passes for every expert"),
+        Row("search", "evaluator_supernet", "s_per_candidate_warm", per_warm, "s", shape=label,
+            note="every (t, sub-network) term cached"),
+        Row("search", "evaluator_supernet", "speedup_cold", scratch / per_cold, "x", shape=label,
+            target=">= 10x", note="from-scratch s / supernet cold s, this run (MACs check excluded from both)"),
+        Row("search", "evaluator_supernet", "one_time_train_gflops_per_step",
+            index["train_gflops_total"], "GFLOP", shape=label,
+            note="supernet training, charged once per search (x --steps)"),
+    ]
+
 
 def target_rows(rows: list[Row], dev: torch.device, device_name: str) -> list[Row]:
     """The four targets as ratios from this run; GPU targets stay unmeasured on a CPU."""
@@ -202,6 +255,9 @@ def target_rows(rows: list[Row], dev: torch.device, device_name: str) -> list[Ro
     c = find("search", "macs_check", "s_per_candidate")
     out.append(Row("target", "MACs check", "s_per_candidate", c.value if c else "not run", "s", target="<= 1 s",
                    shape=c.shape if c else ""))
+    r = find("search", "evaluator_supernet", "speedup_cold")
+    out.append(Row("target", "supernet evaluator", "speedup_per_candidate", r.value if r else "not run", "x",
+                   target=">= 10x", shape=r.shape if r else "", note=r.note if r else ""))
     for e in ENGINES:
         r = find("search", f"engine_{e}", "overhead")
         out.append(Row("target", f"engine overhead ({e})", "pct_of_trial", r.value if r else "not run", "%",
@@ -252,6 +308,7 @@ def run_bench(o: BenchOptions, log: Callable[[str], None] = print) -> tuple[list
         rows += bench_macs_check(o)
         for e in ENGINES:
             rows += bench_engine(e, o, dev, log)
+        rows += bench_evaluators(o, dev, log)
     if o.compile:
         log("compile ...")
         rows += bench_compile(o, dev, eager_ips, log)

@@ -155,7 +155,7 @@ def run_study(space: SearchSpace, archs: list[tuple[str, MemeConfig, float]], se
               proxy_max: ProxySpec, variants: dict[str, ProxySpec], *, jobs: int, device: Optional[str],
               out: Path, progress: bool = True) -> dict[str, Any]:
     from nas.proxy import proxy_config
-    from nas.trial import train_gflops_per_step, training_gflops
+    from meme.compute import train_gflops_per_step, training_gflops
 
     fidelities = {"high": high, "proxy": proxy_max, **variants}
     runs = [Run(name, cfg, p, s) for p in fidelities.values() for name, cfg, _ in archs for s in seeds]

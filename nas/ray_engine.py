@@ -108,7 +108,8 @@ def trainable(config: dict, proxy=None, objective: str = "loss", device: Optiona
     from meme.config import MemeConfig
     from nas.record import one_line
     from nas.proxy import proxy_config
-    from nas.trial import peak_memory_mb, run_trial, train_gflops_per_step, training_gflops
+    from meme.compute import train_gflops_per_step, training_gflops
+    from nas.trial import peak_memory_mb, run_trial
 
     if not config["feasible"]:  # over budget: nothing is trained
         tune.report({"infeasible": 1, "trained_steps": 0})

@@ -39,7 +39,8 @@ from meme.train import draw_batch, train_step, warmup_lr
 from nas.proxy import proxy_config
 from nas.space import ProxySpec, load_space
 from nas.supernet import load_index, load_supernet, macro_name, macro_of
-from nas.trial import eval_timesteps, heldout_images, heldout_noise, proxy_dataset, train_gflops_per_step
+from meme.compute import train_gflops_per_step
+from nas.trial import eval_timesteps, heldout_images, heldout_noise, proxy_dataset
 
 SCORES = "scores.jsonl"
 

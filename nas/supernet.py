@@ -46,13 +46,12 @@ from meme.config import ArchConfig, ConfigError, MemeConfig
 from meme.diffusion import Diffusion
 from meme.fastpath import fast_path
 from meme.macs import cost_of_network
-from meme.supernet import SuperNet, SupernetSpec, arch_key
+from meme.supernet import INDEX, SuperNet, SupernetSpec, arch_key, load_index, load_supernet
 from meme.train import NonFiniteLoss, warmup_lr
 from nas.proxy import proxy_arch
 from nas.space import SearchSpace, _pick, load_space, ratio_choices
 from nas.trial import proxy_dataset
 
-INDEX = "supernet.json"
 
 
 def macro_name(base: int, blocks: int) -> str:
@@ -303,31 +302,6 @@ def train_all(space_spec: str, out: Path, steps: int, *, macros: Optional[str] =
                                               sort_keys=True).encode()).hexdigest()[:16]
     atomic_write_json(index, out / INDEX)
     return index
-
-
-def load_index(path: str | Path) -> dict[str, Any]:
-    """A supernet directory's index, with a one-line error when it is not one."""
-    p = Path(path) / INDEX
-    if not p.is_file():
-        raise UserError(f"{path}: not a trained supernet directory (no {INDEX}); "
-                        f"make one with python -m nas.supernet train --space S --out {path}")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{p}: damaged index ({exc.msg} at line {exc.lineno})") from None
-
-
-def load_supernet(path: str | Path, entry: dict[str, Any], device: torch.device) -> SuperNet:
-    """One macro's trained supernet, on ``device`` (weights only: nothing in the file runs)."""
-    spec = SupernetSpec.from_dict(entry["spec"], f"{path}/{entry['dir']}/spec")
-    net = SuperNet(spec)
-    weights = Path(path) / entry["dir"] / "supernet.pt"
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        net.load_state_dict(state)
-    except (RuntimeError, OSError, KeyError, EOFError) as exc:
-        raise UserError(f"{weights}: cannot load this supernet ({str(exc).splitlines()[0][:200]})") from None
-    return net.to(device).eval()
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -29,6 +29,7 @@ from typing import Callable, Optional
 import torch
 
 from meme.cli import pick_device
+from meme.compute import train_gflops_per_step, training_gflops
 from meme.config import DataShape, MemeConfig
 from meme.diffusion import Diffusion
 from meme.experts import MultiExpertDenoiser, SoftExpertSampler, build_denoiser
@@ -142,23 +143,6 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def train_gflops_per_step(cfg: MemeConfig, batch_size: int) -> list[float]:
-    """Training GFLOPs of one optimizer step of each expert (proxy-scale cfg).
-
-    Forward + backward = 3 x the forward pass (the usual 1 + 2 rule), attention included.
-    """
-    from meme.macs import cost_of_network
-
-    return [3.0 * batch_size * cost_of_network(a, cfg.data).gflops for a in cfg.experts]
-
-
-def training_gflops(step_gflops: list[float], steps: int) -> float:
-    """Training GFLOPs after ``steps`` interleaved optimizer steps (step k trains expert k mod N)."""
-    n = len(step_gflops)
-    full, part = divmod(steps, n)
-    return full * sum(step_gflops) + sum(step_gflops[:part])
 
 
 def run_trial(config: MemeConfig, proxy: ProxySpec, report: Report, *, objective: str = "loss",
