@@ -51,15 +51,23 @@ def steps_per_expert(num_experts: int, total_steps: int, schedule: str, split_at
     """Optimizer steps spent on each expert's architecture over a whole run.
 
     Parent steps [0, split_at) train expert k mod N's sub-network; expert steps
-    [split_at, total) follow ``schedule`` over the remaining steps.
+    [split_at, total) follow ``expert_after_split``.
     """
     counts = [0] * num_experts
     for k in range(split_at):
         counts[k % num_experts] += 1
-    rest = total_steps - split_at
-    for k in range(rest):
-        counts[expert_for_step(k, num_experts, rest, schedule)] += 1
+    for k in range(split_at, total_steps):
+        counts[expert_after_split(k, num_experts, total_steps, schedule, split_at)] += 1
     return counts
+
+
+def expert_after_split(step: int, num_experts: int, total_steps: int, schedule: str, split_at: int) -> int:
+    """The expert of step ``step`` >= ``split_at``: interleaved continues k mod N through the split
+    (so a branched run trains each architecture exactly as often as a from-scratch one);
+    sequential blocks divide the steps after the split."""
+    if schedule == "sequential":
+        return expert_for_step(step - split_at, num_experts, total_steps - split_at, schedule)
+    return step % num_experts
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from meme.branching import (SPLIT_OPTIMIZERS, AllTimesteps, BranchPlan, activate
                             expert_state, init_from_source, load_experts, parent_network, split_step)
 from meme.cli import UserError, main_guard, pick_device, setup_logging
 from meme.checkpoint import atomic_write_json
-from meme.compute import expert_for_step, run_compute, source_tflops
+from meme.compute import expert_after_split, run_compute, source_tflops
 from meme.config import MemeConfig
 from meme.data import load_data
 from meme.diffusion import Diffusion
@@ -143,8 +143,20 @@ class TrainOptions:
                                  "into the experts (0 = experts from the start)")
     split_optimizer: str = _opt("carry", "at the split: carry the parent's AdamW moments, or a fresh optimizer "
                                          "and warm-up", SPLIT_OPTIMIZERS)
+    snapshot_at: Optional[str] = _opt(None, "also keep checkpoints/stepNNNNNNN.pt at these steps (e.g. 250,1000): "
+                                            "an interleaved run's prefix is a shorter run, so one run scores "
+                                            "several budgets")
     init_from: Optional[str] = _opt(None, "experts' initial weights: a trained supernet directory, or a run of "
                                           "one network of the experts' architecture")
+
+    def snapshot_steps(self) -> set[int]:
+        try:
+            steps = {int(x) for x in str(self.snapshot_at).split(",") if x.strip()} if self.snapshot_at else set()
+        except ValueError:
+            raise UserError(f"--snapshot-at must be comma-separated steps, got {self.snapshot_at!r}") from None
+        if any(not 1 <= s <= self.steps for s in steps):
+            raise UserError(f"--snapshot-at: every step must lie in [1, --steps={self.steps}], got {sorted(steps)}")
+        return steps
 
     def branch_plan(self) -> BranchPlan:
         return BranchPlan(at=split_step(self.branch_at, self.steps), optimizer=self.split_optimizer,
@@ -229,8 +241,7 @@ class Trainer:
             net, params, opt = activate(self.parent, self.cfg.experts[e]), self.parent.parameters(), self.parent_opt
             batch = draw_batch(self.data, self.all_t, 0, self.opts.batch_size, self.gen, self.fast, self.device)
         else:
-            at = self.branch.at
-            e = expert_for_step(s - at, n, self.opts.steps - at, self.opts.schedule)
+            e = expert_after_split(s, n, self.opts.steps, self.opts.schedule, self.branch.at)
             net, params, opt = self.train_nets[e], self.model.experts[e].parameters(), self.opt
             batch = draw_batch(self.data, self.timesteps, e, self.opts.batch_size, self.gen, self.fast, self.device)
         try:
@@ -279,8 +290,11 @@ class Trainer:
         return {**common, "phase": "experts", "model": self.model.state_dict(), "ema": self.ema.module.state_dict(),
                 "ema_n": self.ema.n_averaged.clone(), "opt": self.opt.state_dict()}
 
-    def save(self) -> Path:
-        return checkpoint.atomic_save(self.state(), self.ckpt_path)
+    def save(self, path: Optional[Path] = None) -> Path:
+        return checkpoint.atomic_save(self.state(), path or self.ckpt_path)
+
+    def snapshot_path(self, step: int) -> Path:
+        return self.out / "checkpoints" / f"step{step:07d}.pt"
 
     def load(self) -> None:
         ck = checkpoint.load(self.ckpt_path, map_location=self.device)
@@ -380,6 +394,7 @@ def train(cfg: MemeConfig, opts: TrainOptions, out: Path, resume: bool = False, 
     log.info("training %s: %d experts, %.2fM params, %d images, %s schedule, on %s (%s%s, %d threads)",
              cfg.name, cfg.num_experts, n_params / 1e6, len(trainer.data), opts.schedule, trainer.device,
              trainer.fast.describe(), ", compiled" if opts.compile else "", torch.get_num_threads())
+    snapshots = opts.snapshot_steps()
     bar = tqdm(total=opts.steps, initial=trainer.step_count, disable=not progress, desc="train", unit="step")
     t_window, imgs, losses, t_start = time.perf_counter(), 0, [], time.perf_counter()
     while trainer.step_count < opts.steps:
@@ -397,6 +412,8 @@ def train(cfg: MemeConfig, opts: TrainOptions, out: Path, resume: bool = False, 
             t_window, imgs, losses = now, 0, []
         if s % opts.ckpt_every == 0 or s == opts.steps:
             trainer.save()
+        if s in snapshots:
+            trainer.save(trainer.snapshot_path(s))
         if opts.sample_every and (s % opts.sample_every == 0 or s == opts.steps):
             trainer.sample_grid()
     bar.close()

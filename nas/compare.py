@@ -16,6 +16,11 @@ FID (clean-fid protocol, our Inception weights) on the same number of samples; e
 compared with the hand design by Welch's t-test over seeds. Outputs in ``OUT``:
 ``comparison.json``/``.csv``/``.md``, ``comparison.png`` (FID bars, seed dots), ``grids/*.png``
 and ``runs.csv``. Resumable (the runs are ``nas.promote`` pipelines).
+
+``--init scratch,branch`` adds, for every multi-expert design, a row whose experts
+branch from shared weights (``hand+branch``...); ``--budgets S1,S2,...`` trains every
+design at several total budgets and writes the crossover study (``nas.crossover``):
+FID and per-interval held-out loss against training compute, charged in full.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from meme.checkpoint import atomic_write_json
 from meme.cli import UserError, main_guard, markdown_table, setup_logging
 from meme.config import MemeConfig
 from meme.macs import cost_of_meme
+from nas import crossover
 from nas.promote import (Design, Protocol, add_protocol_flags, check_counts, check_target_data, make_protocol,
                          ray_placement, run_all, run_dir, study_space, top_designs)
 from nas.stats import summarize, welch
@@ -78,7 +84,7 @@ def search_designs(study_dir: Path, study, top: int) -> list[Design]:
 def check_equal_cost(designs: list[Design], tolerance: float) -> dict[str, float]:
     """Per-step GFLOPs of each design; refuses any beyond ``tolerance`` of the hand design."""
     gflops = {d.tag: cost_of_meme(d.cfg).gflops_mean for d in designs}
-    hand = gflops["hand"]
+    hand = gflops["hand"] if "hand" in gflops else next(iter(gflops.values()))
     off = {tag: g / hand - 1 for tag, g in gflops.items() if abs(g / hand - 1) > tolerance}
     if off:
         listed = ", ".join(f"{t} {gflops[t]:.3f} ({100 * r:+.1f}%)" for t, r in off.items())
@@ -112,6 +118,7 @@ def table(designs: list[Design], rows: list[dict[str, Any]], gflops: dict[str, f
     """One row per design: FID mean +- std over seeds, cost, compute, and the test against hand."""
     runs = pd.DataFrame(rows)
     hand_fids = runs.loc[runs.design == "hand", "fid"].tolist()
+    ref_cost = gflops["hand"] if "hand" in gflops else next(iter(gflops.values()))
     rec = protocol.recipe
     out = []
     for d in designs:
@@ -121,12 +128,13 @@ def table(designs: list[Design], rows: list[dict[str, Any]], gflops: dict[str, f
         row = {"design": d.tag, "N": d.cfg.num_experts, "fid_mean": s.mean, "fid_std": s.std, "seeds": s.n,
                "precision": runs.loc[runs.design == d.tag, "precision"].mean(),
                "recall": runs.loc[runs.design == d.tag, "recall"].mean(),
-               "gflops_per_step": gflops[d.tag], "vs_hand_cost_pct": 100 * (gflops[d.tag] / gflops["hand"] - 1),
+               "gflops_per_step": gflops[d.tag], "vs_hand_cost_pct": 100 * (gflops[d.tag] / ref_cost - 1),
                "params_M": cost.params_total / 1e6, "train_steps": rec.steps, "train_images": rec.steps * rec.batch_size,
                "train_tflops": 3 * gflops[d.tag] * rec.steps * rec.batch_size / 1e3,
                "sample_img_per_s": rates.get(d.tag)}
-        if d.tag == "hand":
-            row.update(vs_hand_fid_pct=0.0, p_value=None, verdict="(reference)")
+        if d.tag == "hand" or not hand_fids:
+            row.update(vs_hand_fid_pct=0.0 if d.tag == "hand" else None, p_value=None,
+                       verdict="(reference)" if d.tag == "hand" else "n/a")
         else:
             c = welch(fids, hand_fids)
             row.update(vs_hand_fid_pct=100 * c.rel_diff, p_value=c.p_value,
@@ -195,6 +203,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="default STUDY/compare")
     p.add_argument("--storage", default=None, help="Optuna RDB URL if the study is not in STUDY/optuna.db")
     p.add_argument("--name", default=None, help="study name when the storage holds several")
+    c = p.add_argument_group("crossover study (nas.crossover)")
+    c.add_argument("--budgets", default=None,
+                   help="total optimizer steps to train every design at, e.g. 250,1000,2000 (default: the recipe's)")
+    c.add_argument("--init", dest="inits", default="scratch",
+                   help="comma-separated: scratch, branch (each multi-expert design once per init; default %(default)s)")
+    c.add_argument("--designs", default=None,
+                   help="only these rows, e.g. single,multi-expert,hand,hand+branch,search+branch")
+    c.add_argument("--small-seeds", type=int, default=None,
+                   help="seeds at every budget but the largest (default: --seeds)")
     add_protocol_flags(p)
     args = p.parse_args(argv)
     return args
@@ -215,22 +232,45 @@ def main(argv=None) -> int:
         raise UserError(f"study {study.study_name}: its space (or the space's hand-designed reference) cannot be "
                         f"loaded, so there is no hand design to compare with")
     protocol = make_protocol(args, space)
-    designs = baseline_designs(space.reference_config()) + search_designs(args.study, study, args.top)
+    inits = [x.strip() for x in args.inits.split(",") if x.strip()]
+    if not inits or set(inits) - {"scratch", "branch"}:
+        raise UserError(f"--init must list scratch and/or branch, got {args.inits!r}")
+    designs = crossover.with_inits(baseline_designs(space.reference_config()) + search_designs(args.study, study, args.top),
+                                   inits, args.designs.split(",") if args.designs else None)
     for d in designs:
         check_target_data(d.cfg, protocol.data)
+    budgets = crossover.parse_budgets(args.budgets, protocol.recipe.steps)
+    small_seeds = args.small_seeds or args.seeds
+    if small_seeds > args.seeds:
+        raise UserError(f"--small-seeds ({small_seeds}) cannot exceed --seeds ({args.seeds}): smaller budgets "
+                        f"are scored from the largest budget's runs")
     gflops = check_equal_cost(designs, args.tolerance)
+    crossover.check_equal_compute(designs, protocol, budgets, args.tolerance)
     out = args.out or Path(args.study) / "compare"
-    log.info("comparing %s x %d seeds, %d steps each, %d at a time -> %s",
-             ", ".join(d.tag for d in designs), args.seeds, protocol.recipe.steps, args.jobs, out)
-    rows = run_all(designs, range(1, args.seeds + 1), out / "runs", protocol, args.jobs, ray_placement(args))
+    log.info("comparing %s x %d seeds, %s steps each, %d at a time -> %s", ", ".join(d.tag for d in designs),
+             args.seeds, ",".join(map(str, budgets)), args.jobs, out)
+    study_mode = len(budgets) > 1 or inits != ["scratch"]
+    if study_mode:
+        all_rows = crossover.run_budgets(designs, budgets, args.seeds, small_seeds, out, protocol, args.jobs,
+                                         ray_placement(args))
+        rows = [r for r in all_rows if r["budget_steps"] == max(budgets)]
+        protocol = crossover.at_budget(protocol, max(budgets))
+        runs_root = out / f"steps{max(budgets)}"
+    else:
+        rows = run_all(designs, range(1, args.seeds + 1), out / "runs", protocol, args.jobs, ray_placement(args))
+        runs_root = out / "runs"
     runs = pd.DataFrame(rows)
     device = "cpu" if protocol.device == "auto" else protocol.device
-    rates = {d.tag: sampling_rate(d.cfg, protocol.recipe.sample_steps, device=device) for d in designs}
+    by_cfg: dict[str, float] = {}
+    for d in designs:  # a branched row samples with the very network of its from-scratch row
+        if d.cfg.hash() not in by_cfg:
+            by_cfg[d.cfg.hash()] = sampling_rate(d.cfg, protocol.recipe.sample_steps, device=device)
+    rates = {d.tag: by_cfg[d.cfg.hash()] for d in designs}
     df = table(designs, rows, gflops, protocol, rates)
     out.mkdir(parents=True, exist_ok=True)
     (out / "grids").mkdir(exist_ok=True)
     for d in designs:
-        shutil.copyfile(run_dir(out / "runs", d, 1) / "samples" / "grid.png", out / "grids" / f"{d.tag}.png")
+        shutil.copyfile(run_dir(runs_root, d, 1) / "samples" / "grid.png", out / "grids" / f"{d.tag}.png")
     runs.to_csv(out / "runs.csv", index=False)
     df.to_csv(out / "comparison.csv", index=False)
     command = "python -m nas.compare " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -239,6 +279,13 @@ def main(argv=None) -> int:
          f"{study.study_name}: FID, {args.seeds} seeds, equal per-step GFLOPs and training compute")
     print(df.to_string(index=False))
     print(f"table: {out / 'comparison.md'}; plot: {out / 'comparison.png'}")
+    if study_mode:
+        every = pd.DataFrame(all_rows)
+        every.to_csv(out / "crossover_runs.csv", index=False)
+        cross_table = crossover.summary(every)
+        found = crossover.write(out, every, cross_table, protocol, budgets, command, _records)
+        print(cross_table.to_string(index=False))
+        print(f"beats single from: {found}; crossover: {out / 'crossover.md'}, {out / 'crossover.png'}")
     return 0
 
 

@@ -11,6 +11,11 @@ as in the search -- and the same sampler and FID protocol. ``--jobs J`` runs J
 pipelines side by side, one thread each on a CPU. Resumable: a finished stage is
 skipped, an interrupted training continues from its last checkpoint, and a run
 directory trained under other settings is refused rather than mixed in.
+
+``--init branch`` (or ``promote.init: branch``) starts every multi-expert design's
+experts from shared weights (``meme.branching``): a parent phase of ``--branch-at`` of
+the steps inside the same step budget (equal compute), or ``--init-from`` a trained
+source, whose compute is charged in full (``meme.compute``; each run's ``compute.json``).
 """
 from __future__ import annotations
 
@@ -35,7 +40,8 @@ from meme.cli import UserError, main_guard, markdown_table, setup_logging
 from meme.config import MemeConfig
 from meme.data import LATENT_SUFFIXES
 from meme.latents import is_latent_file, require_latent_info
-from nas.space import PromoteRecipe, SearchSpace
+from meme.branching import SPLIT_OPTIMIZERS
+from nas.space import INITS, PromoteRecipe, SearchSpace
 
 log = logging.getLogger("nas.promote")
 
@@ -47,6 +53,12 @@ class Design:
     tag: str                 # folder and row name, e.g. 'rank1', 'reference-fmnist-meme-small'
     cfg: MemeConfig
     info: dict = field(default_factory=dict)  # trial number, proxy objective, role ...
+    init: Optional[str] = None  # 'scratch' | 'branch' for this design; None: the protocol's recipe
+
+    def recipe(self, protocol: "Protocol") -> PromoteRecipe:
+        """The protocol's recipe with this design's init (one network never branches)."""
+        rec = protocol.recipe if self.init is None else dataclasses.replace(protocol.recipe, init=self.init)
+        return dataclasses.replace(rec, init="scratch") if self.cfg.num_experts == 1 else rec
 
 
 @dataclass(frozen=True)
@@ -59,8 +71,8 @@ class Protocol:
     device: str = "auto"
     threads: Optional[int] = None     # CPU threads per process (1 when pipelines share the cores)
 
-    def digest(self) -> dict[str, Any]:
-        return {"data": self.data, "recipe": dataclasses.asdict(self.recipe), "train_args": list(self.train_args)}
+    def digest(self, recipe: Optional[PromoteRecipe] = None) -> dict[str, Any]:
+        return {"data": self.data, "recipe": (recipe or self.recipe).digest(), "train_args": list(self.train_args)}
 
 
 def check_target_data(cfg: MemeConfig, data: Optional[str]) -> None:
@@ -104,7 +116,8 @@ def run_pipeline(design: Design, seed: int, out: Path, protocol: Protocol) -> di
     """Train, sample and score one (design, seed); stages already done are skipped."""
     run = run_dir(out, design, seed)
     run.mkdir(parents=True, exist_ok=True)
-    stamp = {"config_hash": design.cfg.hash(), "seed": seed, **protocol.digest()}
+    rec = design.recipe(protocol)
+    stamp = {"config_hash": design.cfg.hash(), "seed": seed, **protocol.digest(rec)}
     stamp_path = run / "promote.json"
     if stamp_path.is_file() and json.loads(stamp_path.read_text()) != stamp:
         raise UserError(f"{run} was trained with other settings (config, seed, data or recipe): "
@@ -113,11 +126,11 @@ def run_pipeline(design: Design, seed: int, out: Path, protocol: Protocol) -> di
     env = dict(os.environ)
     if protocol.threads:
         env.update(OMP_NUM_THREADS=str(protocol.threads), MKL_NUM_THREADS=str(protocol.threads))
-    py, rec, log_path = sys.executable, protocol.recipe, run / "promote.log"
+    py, log_path = sys.executable, run / "promote.log"
     yaml_path = design.cfg.save(run / "design.yaml")
     if not (run / "train.done").exists():
         cmd = [py, "-m", "meme.train", "--config", str(yaml_path), "--out", str(run), "--seed", str(seed),
-               "--data", str(protocol.data), "--device", protocol.device, *rec.train_flags(),
+               "--data", str(protocol.data), "--device", protocol.device, *rec.train_flags(design.cfg.num_experts),
                "--sample-every", "0", "--ckpt-every", str(max(rec.steps // 10, 1))]
         if protocol.threads:
             cmd += ["--threads", str(protocol.threads)]
@@ -137,6 +150,12 @@ def run_pipeline(design: Design, seed: int, out: Path, protocol: Protocol) -> di
     ev = json.loads((run / "eval.json").read_text())
     result.update(fid=ev["fid"], precision=ev.get("precision"), recall=ev.get("recall"), n=ev.get("n"),
                   n_ref=ev.get("n_ref"))
+    if not (run / "heldout.json").exists():
+        _stage([py, "-m", "meme.heldout", "--run", str(run), "--device", protocol.device], log_path, env)
+    held = json.loads((run / "heldout.json").read_text())
+    compute = json.loads((run / "compute.json").read_text())
+    result.update(init=rec.init, steps=rec.steps, heldout_loss=held["mean"], heldout_bins=held["bins"],
+                  charged_tflops=compute["charged_tflops"], amortised_tflops=compute["amortised_tflops"])
     return result
 
 
@@ -255,8 +274,11 @@ def make_protocol(args: argparse.Namespace, space: Optional[SearchSpace]) -> Pro
     """The space's recipe with command-line overrides; jobs > 1 on a CPU: one thread each."""
     recipe = space.promote if space else PromoteRecipe()
     overrides = {"steps": args.steps, "fid_samples": args.n, "fid_reference": args.n_ref,
-                 "sample_steps": args.sample_steps, "batch_size": args.batch_size}
+                 "sample_steps": args.sample_steps, "batch_size": args.batch_size,
+                 "init": getattr(args, "init", None), "branch_at": args.branch_at,
+                 "split_optimizer": args.split_optimizer, "init_from": args.init_from}
     recipe = dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+    recipe.check("nas.promote")
     data = args.data or (space.dataset if space else None)
     threads = 1 if args.jobs > 1 and not str(args.device).startswith("cuda") else None
     return Protocol(data=data, recipe=recipe, train_args=tuple(args.train_args), device=args.device, threads=threads)
@@ -277,6 +299,17 @@ def add_protocol_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--jobs", type=int, default=1,
                    help="pipelines side by side (one thread each on a CPU; default %(default)s)")
     g.add_argument("--device", default="auto", help="torch device for every stage (default %(default)s)")
+    b = p.add_argument_group("experts from shared weights (default: the space's promote: section; meme.branching)")
+    if p.prog.endswith("nas.promote"):   # nas.compare sets the init per design row instead
+        b.add_argument("--init", default=None, choices=INITS,
+                       help="scratch: every expert from random weights; branch: from shared weights")
+    b.add_argument("--branch-at", type=float, default=None,
+                   help="branch: fraction of the steps trained as one parent network on all t before the split")
+    b.add_argument("--split-optimizer", default=None, choices=SPLIT_OPTIMIZERS,
+                   help="branch: carry the parent's AdamW moments into the experts, or start fresh with a warm-up")
+    b.add_argument("--init-from", default=None,
+                   help="branch: cut the experts from this trained supernet directory (at the target's shape) or "
+                        "one-network run instead of a parent phase; its training compute is charged in full")
     r = p.add_argument_group("cluster")
     r.add_argument("--executor", default="local", choices=("local", "ray"),
                    help="local: --jobs pipelines on this machine; ray: one Ray task per pipeline, spread over "

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Optional, Protocol
 
 
+from meme.branching import SPLIT_OPTIMIZERS
 from meme.config import (ArchConfig, ConfigError, DataShape, DiffusionConfig, MemeConfig, check_keys,
                          from_mapping, head_step_grid, parse_fraction, parse_yaml, require)
 
@@ -45,6 +46,7 @@ def _spaces_dir() -> Path:
 
 SPACES_DIR = _spaces_dir()
 EVALUATORS = ("scratch", "supernet")
+INITS = ("scratch", "branch")       # promote.init: how a promoted design's experts start
 DEFAULT_SPACE = "meme_ffhq256"
 
 
@@ -196,10 +198,36 @@ class PromoteRecipe:
     fid_samples: int = 10_000    # generated images scored by FID
     fid_reference: int = 10_000  # real images in the FID reference statistics
     sample_steps: int = 50       # DDIM steps
+    init: str = "scratch"        # experts from scratch, or 'branch': from shared weights (meme.branching)
+    branch_at: float = 0.5       # branch: fraction of the steps trained as one parent on all t
+    split_optimizer: str = "carry"   # branch: at the split, carry the parent's AdamW moments or start fresh
+    init_from: Optional[str] = None  # branch: experts cut from this supernet / one-network run instead
 
-    def train_flags(self) -> list[str]:
-        return ["--steps", str(self.steps), "--batch-size", str(self.batch_size), "--lr", str(self.lr),
-                "--warmup", str(self.warmup), "--ema-decay", str(self.ema_decay)]
+    def train_flags(self, num_experts: int = 2) -> list[str]:
+        """meme.train flags; one network (N = 1) has nothing to branch into and trains from scratch."""
+        flags = ["--steps", str(self.steps), "--batch-size", str(self.batch_size), "--lr", str(self.lr),
+                 "--warmup", str(self.warmup), "--ema-decay", str(self.ema_decay)]
+        if self.init == "branch" and num_experts > 1:
+            if self.init_from:
+                flags += ["--init-from", str(self.init_from)]
+            else:
+                flags += ["--branch-at", str(self.branch_at), "--split-optimizer", self.split_optimizer]
+        return flags
+
+    def digest(self) -> dict[str, Any]:
+        """What a promoted run is stamped with (a from-scratch recipe: as before branching existed)."""
+        d = dataclasses.asdict(self)
+        if self.init == "scratch":
+            for k in ("init", "branch_at", "split_optimizer", "init_from"):
+                d.pop(k)
+        return d
+
+    def check(self, where: str) -> "PromoteRecipe":
+        require(self.init in INITS, f"{where}: init must be one of {list(INITS)}, got {self.init!r}")
+        require(0 < float(self.branch_at) < 1, f"{where}: branch_at must lie in (0, 1), got {self.branch_at}")
+        require(self.split_optimizer in SPLIT_OPTIMIZERS,
+                f"{where}: split_optimizer must be one of {list(SPLIT_OPTIMIZERS)}, got {self.split_optimizer!r}")
+        return self
 
 
 @dataclass(frozen=True)
@@ -528,7 +556,7 @@ def parse_promote(d: Any, src: str) -> PromoteRecipe:
     for key in ("steps", "batch_size", "fid_samples", "fid_reference", "sample_steps"):
         require(int(getattr(recipe, key)) >= 1, f"{src}: promote.{key} must be >= 1, got {getattr(recipe, key)}")
     require(recipe.lr > 0 and 0 <= recipe.ema_decay < 1, f"{src}: promote.lr must be > 0 and ema_decay in [0, 1)")
-    return recipe
+    return recipe.check(f"{src}: promote")
 
 
 def parse_proxy(d: Any, src: str) -> ProxySpec:

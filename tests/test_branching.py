@@ -155,7 +155,7 @@ def test_init_from_a_run_of_one_network(tmp_path, blobs):
 
 def test_compute_by_hand():
     cfg = meme(iunet(("3/4", "1/2")), iunet(("1/2", "1/4")), iunet(("1/4", "1/4"), (1, 1)))
-    # 10 steps, split at 4: parent steps 0..3 train archs 0,1,2,0; then 6 interleaved expert steps 2,2,2
+    # 10 steps, split at 4: parent steps 0..3 train archs 0,1,2,0; expert steps 4..9 continue k mod 3: 1,2,0,1,2,0
     assert steps_per_expert(3, 10, "interleaved", 4) == [4, 3, 3]
     assert steps_per_expert(3, 10, "sequential", 4) == [4, 3, 3]
     assert steps_per_expert(3, 9, "sequential", 0) == [3, 3, 3]
@@ -177,3 +177,17 @@ def test_run_records_its_compute(tmp_path, blobs):
     assert rec["charged_tflops"] == pytest.approx(want.charged_tflops)
     assert rec["parent_phase_tflops"] == pytest.approx(want.parent_phase_tflops) and rec["source_tflops"] == 0
     assert dataclasses.asdict(want)["own_tflops"] == pytest.approx(rec["own_tflops"])
+
+
+def test_branched_interleaved_run_trains_each_architecture_as_often_as_from_scratch():
+    for steps, at in [(6, 3), (10, 5), (7, 2)]:
+        assert steps_per_expert(2, steps, "interleaved", at) == steps_per_expert(2, steps, "interleaved")
+
+
+def test_a_snapshot_of_an_interleaved_run_is_the_shorter_run(tmp_path, blobs):
+    long = train(HETERO, opts(blobs, branch_at=0.0, steps=6, snapshot_at="3"), tmp_path / "long", progress=False)
+    short = train(HETERO, opts(blobs, branch_at=0.0, steps=3), tmp_path / "short", progress=False)
+    from meme import checkpoint
+    snap = checkpoint.load(tmp_path / "long" / "checkpoints" / "step0000003.pt")
+    assert snap["step"] == 3 and long.step_count == 6
+    assert _same(snap["ema"], short.ema.module.state_dict()) and _same(snap["model"], short.model.state_dict())

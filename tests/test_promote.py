@@ -130,3 +130,80 @@ def test_compare_refuses_unequal_cost_and_a_single_seed(tiny_study, capsys):
     assert gflops["search"] == gflops["hand"] > 0
     assert compare.main(["--study", str(tiny_study), "--seeds", "1"]) == 2
     assert "--seeds must be >= 2" in capsys.readouterr().err
+
+
+# ---- experts from shared weights, and the crossover study ---------------------------------
+
+def test_branched_promotion_resumes_across_the_split(tiny_study):
+    out = tiny_study / "promoted-branch"
+    args = ["--study", str(tiny_study), "--top", "1", "--init", "branch", "--out", str(out),
+            "--", "--snapshot-at", "2"]
+    assert promote.main(args) == 0
+    run = out / "reference-tiny-hand" / "seed1"           # N = 2 (the search's winner may be one network)
+    opts = json.loads((run / "options.json").read_text())
+    assert opts["branch_at"] == 0.5 and opts["split_optimizer"] == "carry"
+    from meme import checkpoint
+    from meme.compute import run_compute
+    cfg = MemeConfig.load(run / "config.yaml")
+    want = run_compute(cfg, STEPS, TINY.promote.batch_size, split_at=STEPS // 2)
+    assert json.loads((run / "compute.json").read_text())["charged_tflops"] == pytest.approx(want.charged_tflops)
+    straight = checkpoint.load(run / "checkpoints" / "last.pt")
+    snap = checkpoint.load(run / "checkpoints" / "step0000002.pt")
+    assert snap["phase"] == "parent" and straight["phase"] == "experts"
+    # interrupted in the parent phase: the pipeline resumes from there, through the split, to the same weights
+    (run / "checkpoints" / "step0000002.pt").replace(run / "checkpoints" / "last.pt")
+    for done in ("train.done", "eval.json", "heldout.json", "samples/sampling.json"):
+        (run / done).unlink()
+    assert promote.main(args) == 0
+    resumed = checkpoint.load(run / "checkpoints" / "last.pt")
+    assert resumed["step"] == STEPS
+    assert all(torch_equal(straight["ema"][k], resumed["ema"][k]) for k in straight["ema"])
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+    return torch.equal(a, b)
+
+
+def test_crossover_study_scores_every_budget_at_equal_compute(tiny_study):
+    out = tiny_study / "crossover"
+    assert compare.main(["--study", str(tiny_study), "--seeds", "2", "--budgets", "3,6", "--init", "scratch,branch",
+                         "--designs", "single,hand,hand+branch", "--jobs", "2", "--tolerance", "10",
+                         "--out", str(out)]) == 0
+    rec = json.loads((out / "crossover.json").read_text())
+    runs = pd.DataFrame(rec["runs"])
+    assert len(runs) == 12 and sorted(set(runs.budget_steps)) == [3, 6]
+    assert set(runs.design) == {"single", "hand", "hand+branch"}
+    for steps in (3, 6):
+        at = runs[runs.budget_steps == steps].groupby("design").charged_tflops.first()
+        assert at["hand+branch"] == pytest.approx(at["hand"], rel=1e-6)   # the parent phase is inside the budget
+        assert all(len(b) == 4 for b in runs[runs.budget_steps == steps].heldout_bins)
+    # budget 3 of a from-scratch design is the budget-6 run's snapshot; a branched one is its own run
+    derived = out / "steps3" / "hand" / "seed1"
+    assert "prefix of" in (derived / "train.done").read_text()
+    branched = json.loads((out / "steps3" / "hand+branch" / "seed1" / "options.json").read_text())
+    assert branched["steps"] == 3 and branched["branch_at"] == 0.5
+    table = pd.DataFrame(rec["summary"])
+    assert len(table) == 6 and (table.seeds == 2).all()
+    assert set(rec["crossover"]) == {"hand", "hand+branch"}
+    assert (out / "crossover.png").is_file() and "Beats single from" in (out / "crossover.md").read_text()
+
+
+def test_equal_compute_check_charges_an_outside_source_in_full(tmp_path):
+    from nas import crossover
+    from nas.promote import Protocol
+    from nas.space import PromoteRecipe
+    hand = TINY.reference_config()
+    (tmp_path / "supernet.json").write_text(json.dumps({"train_gflops_total": 5000.0}))
+    proto = Protocol(data="fashion-mnist", recipe=PromoteRecipe(steps=6, batch_size=8, init_from=str(tmp_path)))
+    designs = [Design("hand", hand, init="scratch"), Design("hand+branch", hand, init="branch")]
+    with pytest.raises(UserError, match="not at equal training compute"):
+        crossover.check_equal_compute(designs, proto, [6], 0.05)
+    ok = crossover.check_equal_compute(designs, dataclasses_replace(proto, init_from=None), [6], 0.05)
+    assert ok[("hand+branch", 6)].charged_tflops == pytest.approx(ok[("hand", 6)].charged_tflops)
+    assert ok[("hand+branch", 6)].parent_phase_tflops > 0
+
+
+def dataclasses_replace(proto, **recipe_changes):
+    import dataclasses
+    return dataclasses.replace(proto, recipe=dataclasses.replace(proto.recipe, **recipe_changes))

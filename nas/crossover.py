@@ -1,0 +1,232 @@
+"""Where multi-expert overtakes one network: ``nas.compare --budgets S1,S2,... --init scratch,branch``.
+
+Every design of ``nas.compare`` is trained at several total budgets (optimizer steps
+in all, the same for every design at a budget) and scored at each by FID and by the
+held-out loss per interval of t (``meme.heldout``). A design whose experts branch from
+shared weights (``meme.branching``) trains its parent inside the same step budget, so
+its compute, charged in full (``meme.compute``), equals the from-scratch designs' at that
+budget; the equal-compute check refuses any design (an ``--init-from`` source charged in
+full, say) more than ``--tolerance`` away from the hand design's.
+
+One run serves several budgets where the schedule allows: a from-scratch interleaved
+run's first S steps *are* a run of S steps (constant LR after warm-up, nothing depends
+on the total), so the largest budget's run keeps snapshots (``meme.train --snapshot-at``)
+and each smaller budget samples from one. A branched run splits at a fraction of its own
+budget, so each budget is its own run.
+
+Seeds: ``--seeds`` at the largest budget, ``--small-seeds`` at the others. At every
+budget each design is compared with ``single`` by Welch's t-test over seeds; the report
+names the smallest budget, if any, from which a multi-expert design beats it.
+Outputs beside ``nas.compare``'s: ``crossover.json`` (every run), ``crossover.md``,
+``crossover.png`` (FID against charged training compute, one line per design).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import pandas as pd
+
+from meme.branching import split_step
+from meme.checkpoint import atomic_write_json
+from meme.cli import UserError, markdown_table
+from meme.compute import TrainingCompute, run_compute, source_tflops
+from nas.promote import Design, Protocol, RayPlacement, run_all, run_dir
+from nas.stats import summarize, welch
+
+log = logging.getLogger("nas.crossover")
+BRANCH_SUFFIX = "+branch"
+
+
+def parse_budgets(text: Optional[str], default: int) -> list[int]:
+    if not text:
+        return [default]
+    try:
+        budgets = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise UserError(f"--budgets must be comma-separated step counts, got {text!r}") from None
+    if not budgets or budgets[0] < 1:
+        raise UserError(f"--budgets must be >= 1 steps each, got {text!r}")
+    return budgets
+
+
+def with_inits(designs: Sequence[Design], inits: Sequence[str], wanted: Optional[Sequence[str]] = None) -> list[Design]:
+    """Each design once per init ('hand', 'hand+branch'); one network has nothing to branch."""
+    out = []
+    for d in designs:
+        for init in inits:
+            if init == "branch" and d.cfg.num_experts == 1:
+                continue
+            tag = d.tag + (BRANCH_SUFFIX if init == "branch" else "")
+            role = d.info.get("role", "") + ("; experts branched from shared weights" if init == "branch" else "")
+            out.append(dataclasses.replace(d, tag=tag, init=init, info={**d.info, "role": role}))
+    if wanted:
+        unknown = sorted(set(wanted) - {d.tag for d in out})
+        if unknown:
+            raise UserError(f"--designs: {unknown} not among {[d.tag for d in out]}")
+        out = [d for d in out if d.tag in wanted]
+    return out
+
+
+def at_budget(protocol: Protocol, steps: int) -> Protocol:
+    return dataclasses.replace(protocol, recipe=dataclasses.replace(protocol.recipe, steps=steps))
+
+
+def charged_compute(design: Design, protocol: Protocol) -> TrainingCompute:
+    """The design's training compute at the protocol's budget, its source charged in full."""
+    rec = design.recipe(protocol)
+    branched = rec.init == "branch"
+    split = split_step(rec.branch_at, rec.steps) if branched and not rec.init_from else 0
+    src = source_tflops(rec.init_from) if branched and rec.init_from else 0.0
+    return run_compute(design.cfg, rec.steps, rec.batch_size, "interleaved", split, src,
+                       rec.init_from if branched else None)
+
+
+def check_equal_compute(designs: Sequence[Design], protocol: Protocol, budgets: Sequence[int],
+                        tolerance: float) -> dict[tuple[str, int], TrainingCompute]:
+    """Charged-in-full training compute of every design at every budget; refuses one off the hand design's."""
+    out = {(d.tag, s): charged_compute(d, at_budget(protocol, s)) for d in designs for s in budgets}
+    hand = next((d.tag for d in designs if d.tag == "hand"), designs[0].tag)
+    for s in budgets:
+        ref = out[(hand, s)].charged_tflops
+        off = {d.tag: out[(d.tag, s)].charged_tflops for d in designs
+               if abs(out[(d.tag, s)].charged_tflops / ref - 1) > tolerance}
+        if off:
+            listed = ", ".join(f"{t} {v:.3f}" for t, v in off.items())
+            raise UserError(f"not at equal training compute at {s} steps (charged in full, a source's training "
+                            f"included): {listed} vs {hand} {ref:.3f} TFLOPs (tolerance {100 * tolerance:g}%)")
+    return out
+
+
+def prefix_reusable(design: Design, protocol: Protocol) -> bool:
+    """A from-scratch interleaved run's prefix is a shorter run (no split, no sequential blocks)."""
+    args = list(protocol.train_args)
+    sequential = "--schedule" in args and args[args.index("--schedule") + 1:][:1] == ["sequential"]
+    return design.recipe(protocol).init == "scratch" and not sequential
+
+
+def derive_prefix_run(src: Path, dst: Path, steps: int, design: Design, protocol: Protocol) -> None:
+    """A run directory of ``steps`` made of a longer run's snapshot (training marked done)."""
+    snap = src / "checkpoints" / f"step{steps:07d}.pt"
+    if not snap.is_file():
+        raise UserError(f"{src}: no snapshot at step {steps} to score that budget from")
+    (dst / "checkpoints").mkdir(parents=True, exist_ok=True)
+    for name in ("config.yaml", "options.json", "design.yaml"):
+        shutil.copyfile(src / name, dst / name)
+    shutil.copyfile(snap, dst / "checkpoints" / "last.pt")
+    atomic_write_json(charged_compute(design, protocol).to_dict(), dst / "compute.json")
+    (dst / "train.done").write_text(f"prefix of {src} (step {steps})\n")
+
+
+def run_budgets(designs: Sequence[Design], budgets: Sequence[int], seeds: int, small_seeds: int, out: Path,
+                protocol: Protocol, jobs: int, ray: Optional[RayPlacement]) -> list[dict[str, Any]]:
+    """Every (design, budget, seed) pipeline; from-scratch designs score smaller budgets from snapshots."""
+    big, small = max(budgets), [s for s in budgets if s < max(budgets)]
+    reuse = [d for d in designs if prefix_reusable(d, protocol)]
+    own = [d for d in designs if d not in reuse]
+    rows: list[dict[str, Any]] = []
+    snap = ["--snapshot-at", ",".join(str(s) for s in small)] if small else []
+    big_proto = dataclasses.replace(at_budget(protocol, big), train_args=tuple(protocol.train_args) + tuple(snap))
+    rows += _tag(run_all(reuse, range(1, seeds + 1), out / f"steps{big}", big_proto, jobs, ray), big)
+    rows += _tag(run_all(own, range(1, seeds + 1), out / f"steps{big}", at_budget(protocol, big), jobs, ray), big)
+    for s in small:
+        proto = at_budget(protocol, s)
+        for d in reuse:
+            for seed in range(1, small_seeds + 1):
+                dst = run_dir(out / f"steps{s}", d, seed)
+                if not (dst / "train.done").exists():
+                    derive_prefix_run(run_dir(out / f"steps{big}", d, seed), dst, s, d, proto)
+        rows += _tag(run_all(reuse + own, range(1, small_seeds + 1), out / f"steps{s}", proto, jobs, ray), s)
+    return rows
+
+
+def _tag(rows: list[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
+    return [{**r, "budget_steps": budget} for r in rows]
+
+
+def summary(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per (design, budget): FID and held-out loss mean +- std over seeds, compute, and the test against single."""
+    out = []
+    for (tag, steps), g in runs.groupby(["design", "budget_steps"], sort=False):
+        fid, held = summarize(g.fid.tolist()), summarize(g.heldout_loss.tolist())
+        single = runs[(runs.design == "single") & (runs.budget_steps == steps)].fid.tolist()
+        row = {"design": tag, "budget_steps": steps, "init": g.init.iloc[0], "fid_mean": fid.mean, "fid_std": fid.std,
+               "seeds": fid.n, "heldout_mean": held.mean, "heldout_std": held.std,
+               "charged_tflops": g.charged_tflops.mean(), "amortised_tflops": g.amortised_tflops.mean()}
+        bins = pd.DataFrame(g.heldout_bins.tolist())
+        row.update({f"heldout_bin{i + 1}": bins[i].mean() for i in bins.columns})
+        if tag == "single" or len(single) < 2 or fid.n < 2:
+            row.update(vs_single_fid_pct=None, p_value=None, verdict="(reference)" if tag == "single" else "n/a")
+        else:
+            c = welch(g.fid.tolist(), single)
+            row.update(vs_single_fid_pct=100 * c.rel_diff, p_value=c.p_value,
+                       verdict=c.verdict if c.verdict == "cannot tell apart" else f"{c.verdict} than single")
+        out.append(row)
+    return pd.DataFrame(out).sort_values(["budget_steps", "design"], kind="stable").reset_index(drop=True)
+
+
+def crossover_points(table: pd.DataFrame) -> dict[str, Optional[int]]:
+    """Per multi-expert design: the smallest budget from which it is 'better than single' at every larger one."""
+    out: dict[str, Optional[int]] = {}
+    for tag, g in table[table.design != "single"].groupby("design", sort=False):
+        g = g.sort_values("budget_steps")
+        better = [v == "better than single" for v in g.verdict]
+        first = None
+        for i in range(len(better)):
+            if all(better[i:]):
+                first = int(g.budget_steps.iloc[i])
+                break
+        out[tag] = first
+    return out
+
+
+def plot(table: pd.DataFrame, runs: pd.DataFrame, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for tag, g in table.groupby("design", sort=False):
+        g = g.sort_values("charged_tflops")
+        style = "--" if tag.endswith(BRANCH_SUFFIX) else "-"
+        line = ax.errorbar(g.charged_tflops, g.fid_mean, yerr=g.fid_std.fillna(0), fmt="o" + style, capsize=3,
+                           label=tag, ms=4)
+        r = runs[runs.design == tag]
+        ax.scatter(r.charged_tflops, r.fid, s=8, color=line[0].get_color(), alpha=0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("training compute, charged in full (TFLOPs)")
+    ax.set_ylabel("FID (lower is better)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def write(out: Path, runs: pd.DataFrame, table: pd.DataFrame, protocol: Protocol, budgets: Sequence[int],
+          command: str, records) -> dict[str, Optional[int]]:
+    cross = crossover_points(table)
+    rec = protocol.recipe
+    cols = ["design", "budget_steps", "fid_mean", "fid_std", "seeds", "vs_single_fid_pct", "p_value", "verdict",
+            "heldout_mean", "heldout_std"] + [c for c in table.columns if c.startswith("heldout_bin")] + \
+           ["charged_tflops", "amortised_tflops"]
+    lines = [f"# Where multi-expert overtakes one network ({len(budgets)} budgets)", "", f"Command: `{command}`", "",
+             f"Budgets {', '.join(map(str, budgets))} optimizer steps in all at batch {rec.batch_size}, lr {rec.lr:g}, "
+             f"EMA {rec.ema_decay:g}; branched designs train a parent for {rec.branch_at:g} of their steps "
+             f"({rec.split_optimizer} optimizer at the split). FID of {rec.fid_samples} samples ({rec.sample_steps} "
+             f"DDIM steps) against {rec.fid_reference} real training images; held-out eps-MSE per quarter of [0, T) "
+             f"(meme.heldout). p: Welch's t-test vs single over seeds. Compute: charged in full (a parent phase is "
+             f"part of the run's own steps).", "",
+             markdown_table(cols, table[cols].itertuples(index=False)), "",
+             "Beats single from (every larger budget too): " +
+             ", ".join(f"{t}: {v if v is not None else 'no budget here'}" for t, v in cross.items()), ""]
+    (out / "crossover.md").write_text("\n".join(lines))
+    atomic_write_json({"command": command, "budgets": list(budgets), "recipe": dataclasses.asdict(rec),
+                       "data": protocol.data, "crossover": cross, "summary": records(table), "runs": records(runs)},
+                      out / "crossover.json")
+    plot(table, runs, out / "crossover.png", f"FID vs training compute ({int(table.seeds.max())} seeds at most)")
+    return cross
