@@ -42,6 +42,7 @@ from meme.fastpath import PRECISIONS, FastPath, fast_path
 from meme.images import decode, save_grid
 from meme.latents import latent_info, load_decoder
 from meme.references import resolve
+from meme.resources import check_fits
 from meme.sample import SamplingPlan, generate
 
 log = logging.getLogger("meme.train")
@@ -160,6 +161,7 @@ class Trainer:
             if opts.threads < 1:
                 raise UserError(f"--threads must be >= 1, got {opts.threads}")
             torch.set_num_threads(opts.threads)
+        check_fits(cfg, opts.batch_size, self.device, training=True)
         torch.manual_seed(opts.seed)
         self.model = build_denoiser(cfg)
         self.fast = fast_path(self.device, opts.precision, self.model)
@@ -213,17 +215,16 @@ class Trainer:
         return checkpoint.atomic_save(self.state(), self.ckpt_path)
 
     def load(self) -> None:
-        ck = checkpoint.load(self.ckpt_path, map_location=self.device)
-        saved = MemeConfig.from_dict(ck["config"])
-        if saved.hash() != self.cfg.hash():
-            raise UserError(f"{self.ckpt_path} was trained with a different config; use a new --out")
-        self.model.load_state_dict(ck["model"])
-        self.ema.module.load_state_dict(ck["ema"])
-        self.ema.n_averaged.copy_(ck["ema_n"])
-        self.opt.load_state_dict(ck["opt"])
-        self.step_count = int(ck["step"])
-        checkpoint.set_rng_state(ck["rng"])
-        self.gen.set_state(ck["data_gen"])
+        ck = checkpoint.load_training(self.ckpt_path, map_location=self.device)
+        checkpoint.check_config(ck, self.cfg, self.ckpt_path)
+        with checkpoint.applying(self.ckpt_path):
+            self.model.load_state_dict(ck["model"])
+            self.ema.module.load_state_dict(ck["ema"])
+            self.ema.n_averaged.copy_(ck["ema_n"])
+            self.opt.load_state_dict(ck["opt"])
+            self.step_count = int(ck["step"])
+            checkpoint.set_rng_state(ck["rng"])
+            self.gen.set_state(ck["data_gen"].cpu())
 
     # ---- samples -----------------------------------------------------------------------
     def sample_grid(self, n: int = 64) -> Path:

@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Any, Optional, Protocol
 
 
-from meme.config import (ArchConfig, ConfigError, DataShape, DiffusionConfig, MemeConfig, check_keys,
+from meme.cli import pick_device
+from meme.resources import check_fits
+from meme.config import (ArchConfig, ConfigError, DataShape, DiffusionConfig, MemeConfig, check_keys, coerce_fields,
                          from_mapping, head_step_grid, parse_fraction, parse_yaml, require)
 
 def _spaces_dir() -> Path:
@@ -540,10 +542,7 @@ def parse_proxy(d: Any, src: str) -> ProxySpec:
         d["diffusion"] = _dc(DiffusionConfig, d["diffusion"], f"{src}: proxy.diffusion")
     if "data" in d and d["data"] in ("", "default"):
         d["data"] = None
-    try:
-        proxy = ProxySpec(**d)
-    except TypeError as exc:
-        raise ConfigError(f"{src}: proxy: {exc}") from None
+    proxy = ProxySpec(**coerce_fields(ProxySpec, d, f"{src}: proxy"))
     require(isinstance(proxy.steps_per_expert, bool), f"{src}: proxy.steps_per_expert must be true or false")
     for key in ("resolution", "channels", "steps", "batch_size", "eval_every", "eval_batch", "eval_timesteps"):
         require(int(getattr(proxy, key)) >= 1, f"{src}: proxy.{key} must be >= 1, got {getattr(proxy, key)}")
@@ -585,7 +584,12 @@ def check_space(space: SearchSpace) -> None:
                       f"below it at base {base}; use min: step")
         # the proxy keeps every target head step exact
         from nas.proxy import proxy_arch, proxy_config  # local: proxy imports this module
-        proxy_arch(arch, space.proxy, where=f"{src}: proxy (base {base})")
+        small = proxy_arch(arch, space.proxy, where=f"{src}: proxy (base {base})")
+        # the largest candidate of this macro must fit where its trials will train
+        n = max(space.num_experts)
+        largest = MemeConfig(name=f"{n} experts of base {base} x {blocks} blocks", experts=(small,) * n,
+                             data=space.proxy.shape(), diffusion=space.proxy.diffusion or space.diffusion)
+        check_fits(largest.validate(), space.proxy.batch_size, pick_device(None), what=f"{src}: proxy")
     ref = space.reference_config()
     if ref is not None:
         require(ref.data == space.data, f"{src}: reference {ref.name} has data {ref.data}, the target is {space.data}")
