@@ -63,7 +63,8 @@ def parse_yaml(text: str, source: str) -> Any:
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
-        raise ConfigError(f"{source}: malformed YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        problem = getattr(exc, "problem", None) or getattr(exc, "reason", None) or exc  # ReaderError: reason
+        raise ConfigError(f"{source}: malformed YAML{where}: {' '.join(str(problem).split())}") from None
 
 
 def parse_fraction(value: Any, where: str) -> Fraction:
@@ -305,7 +306,10 @@ class MemeConfig:
         lists = coerce_fields(cls, {k: d.get(k) or () for k in ("boundaries", "expert_probs")}, source)
         cfg = cls(name=str(d.get("name", Path(source).stem)), experts=experts, data=data, diffusion=diffusion,
                   **lists)
-        return cfg.validate()
+        try:
+            return cfg.validate()
+        except ConfigError as exc:  # name the file the bad value came from
+            raise ConfigError(f"{source}: {exc}") from None
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "config") -> "MemeConfig":
@@ -350,17 +354,18 @@ def coerce_fields(cls: type, d: dict, where: str) -> dict:
     types (fractions, nested configs) are left to their own parsers.
     """
     hints = typing.get_type_hints(cls)
-    return {k: _coerce(v, hints.get(k), f"{where}.{k}") for k, v in d.items()}
+    return {k: coerce_value(v, hints.get(k), f"{where}.{k}") for k, v in d.items()}
 
 
-def _coerce(v: Any, hint: Any, where: str) -> Any:
+def coerce_value(v: Any, hint: Any, where: str) -> Any:
+    """One value to the type ``hint`` (the rules of :func:`coerce_fields`), or a one-line ConfigError."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is typing.Union and type(None) in args:
         inner = [a for a in args if a is not type(None)]
-        return None if v is None else _coerce(v, inner[0] if len(inner) == 1 else None, where)
+        return None if v is None else coerce_value(v, inner[0] if len(inner) == 1 else None, where)
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
         require(isinstance(v, (list, tuple)), f"{where} must be a list, got {v!r}")
-        return tuple(_coerce(x, args[0], f"{where}[{i}]") for i, x in enumerate(v))
+        return tuple(coerce_value(x, args[0], f"{where}[{i}]") for i, x in enumerate(v))
     if hint is int:
         require(not isinstance(v, bool), f"{where} must be an integer, got {v!r}")
         if isinstance(v, float) and math.isfinite(v) and v == int(v):
