@@ -183,7 +183,7 @@ def test_bit_flipped_or_truncated_checkpoint_is_refused(tmp_path_factory, traine
         assert cut is None
 
 
-@settings(FUZZ, max_examples=40)
+@settings(FUZZ, max_examples=20)
 @given(edits)
 def test_checkpoint_with_keys_deleted_or_replaced_resumes_or_is_refused(tmp_path_factory, trained_run, edits):
     run, blobs = trained_run
