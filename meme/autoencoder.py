@@ -130,7 +130,7 @@ def encode_images(images: torch.Tensor,              # [N, C, H, W] in [-1, 1]
         path = parts / f"chunk-{k:06d}.pt"
         x = images[start:start + chunk]
         if path.is_file():
-            z = torch.load(path, map_location="cpu", weights_only=True)
+            z = checkpoint.load(path, what="encoded chunk")
         else:
             gen = torch.Generator().manual_seed(seed * 1_000_003 + k)
             z = torch.cat([ae.encode(x[i:i + batch_size], sample, gen) for i in range(0, len(x), batch_size)])

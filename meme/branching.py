@@ -190,7 +190,7 @@ def init_from_source(experts: nn.ModuleList, ema_experts: nn.ModuleList, cfg: Me
     if not ckpt.is_file():
         raise UserError(f"--init-from {source}: neither a trained supernet directory (no {INDEX}) nor a "
                         f"meme.train run or checkpoint")
-    ck = checkpoint.load(ckpt, map_location="cpu")
+    ck = checkpoint.load_training(ckpt, map_location="cpu")
     src = MemeConfig.from_dict(ck["config"], str(ckpt))
     if src.num_experts != 1:
         raise UserError(f"--init-from {source}: a run of {src.num_experts} experts; branching starts from "

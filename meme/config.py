@@ -12,12 +12,20 @@ Conventions
   This is the paper's ``I_n = ((n-1)T/N, nT/N]`` written for 0-based t.
 * ``high_ratios`` are the per-stage d_h/d of an iU-Net, written as fractions
   (``"3/4"``) so that YAML round-trips exactly and the head-step rule is checkable.
+
+Values from YAML are converted to the type each field declares (:func:`coerce_fields`:
+``16.0`` is the int 16, ``"5e-4"`` the float 5e-4; ``true`` is no number) and sizes are
+capped (``MAX_WIDTH`` channels, ``MAX_RESOLUTION``, ``MAX_TIMESTEPS``...): a config from
+elsewhere with 10^9 channels is refused here in one line, before anything is allocated.
+What a config within the caps would cost on this machine is ``meme.resources``' job.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import math
+import typing
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -29,6 +37,13 @@ NetworkKind = Literal["unet", "iunet"]
 BetaSchedule = Literal["linear", "sqrt_linear"]
 NETWORK_KINDS = ("unet", "iunet")
 BETA_SCHEDULES = ("linear", "sqrt_linear")
+# Sanity caps, far above any real design (LDM-L is 896 channels wide, 64x64, T = 1000):
+MAX_WIDTH = 2 ** 16          # channels of any stage, and of the data
+MAX_RESOLUTION = 2 ** 14     # side of the data
+MAX_TIMESTEPS = 10 ** 6      # T
+MAX_BLOCKS = 64              # blocks per stage
+MAX_STAGES = 16
+MAX_EXPERTS = 256
 
 
 class ConfigError(ValueError):
@@ -48,7 +63,8 @@ def parse_yaml(text: str, source: str) -> Any:
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
-        raise ConfigError(f"{source}: malformed YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        problem = getattr(exc, "problem", None) or getattr(exc, "reason", None) or exc  # ReaderError: reason
+        raise ConfigError(f"{source}: malformed YAML{where}: {' '.join(str(problem).split())}") from None
 
 
 def parse_fraction(value: Any, where: str) -> Fraction:
@@ -59,7 +75,7 @@ def parse_fraction(value: Any, where: str) -> Fraction:
         if isinstance(value, (int, float)):
             return Fraction(value).limit_denominator(1024)
         return Fraction(str(value).strip())
-    except (ValueError, ZeroDivisionError):
+    except (ValueError, ZeroDivisionError, OverflowError, TypeError):
         raise ConfigError(f"{where}: {value!r} is not a fraction like '3/4'") from None
 
 
@@ -72,8 +88,9 @@ class DataShape:
     latent: bool = True        # True: LDM latents (3x64x64 = a 256x256 image)
 
     def validate(self) -> None:
-        require(self.channels >= 1, f"data.channels must be >= 1, got {self.channels}")
-        require(self.resolution >= 4, f"data.resolution must be >= 4, got {self.resolution}")
+        require(1 <= self.channels <= MAX_WIDTH, f"data.channels must lie in [1, {MAX_WIDTH}], got {self.channels}")
+        require(4 <= self.resolution <= MAX_RESOLUTION,
+                f"data.resolution must lie in [4, {MAX_RESOLUTION}], got {self.resolution}")
 
 
 @dataclass(frozen=True)
@@ -86,7 +103,8 @@ class DiffusionConfig:
     beta_end: float = 0.0195                # DDPM: 2e-2, LDM: 0.0195
 
     def validate(self) -> None:
-        require(self.timesteps >= 2, f"diffusion.timesteps must be >= 2, got {self.timesteps}")
+        require(2 <= self.timesteps <= MAX_TIMESTEPS,
+                f"diffusion.timesteps must lie in [2, {MAX_TIMESTEPS}], got {self.timesteps}")
         require(self.schedule in BETA_SCHEDULES,
                  f"diffusion.schedule must be one of {list(BETA_SCHEDULES)}, got {self.schedule!r}")
         require(0 < self.beta_start < self.beta_end < 1,
@@ -134,9 +152,12 @@ class ArchConfig:
         require(self.kind in NETWORK_KINDS, f"{where}.kind must be one of {list(NETWORK_KINDS)}, got {self.kind!r}")
         require(self.base_channels >= 8 and self.base_channels % 8 == 0,
                  f"{where}.base_channels must be a positive multiple of 8, got {self.base_channels}")
-        require(len(self.channel_mult) >= 1 and all(m >= 1 for m in self.channel_mult),
-                 f"{where}.channel_mult must be a non-empty list of positive ints, got {list(self.channel_mult)}")
-        require(self.num_res_blocks >= 1, f"{where}.num_res_blocks must be >= 1, got {self.num_res_blocks}")
+        require(1 <= len(self.channel_mult) <= MAX_STAGES and all(m >= 1 for m in self.channel_mult),
+                 f"{where}.channel_mult must be a list of 1 to {MAX_STAGES} positive ints, got {list(self.channel_mult)}")
+        widest = self.base_channels * max(self.channel_mult)
+        require(widest <= MAX_WIDTH, f"{where}: a stage {widest} channels wide is beyond {MAX_WIDTH} channels")
+        require(1 <= self.num_res_blocks <= MAX_BLOCKS,
+                f"{where}.num_res_blocks must lie in [1, {MAX_BLOCKS}], got {self.num_res_blocks}")
         require(self.head_channels >= 1, f"{where}.head_channels must be >= 1, got {self.head_channels}")
         require(0.0 <= self.dropout < 1.0, f"{where}.dropout must be in [0, 1), got {self.dropout}")
         for c in self.stage_channels():
@@ -154,12 +175,29 @@ class ArchConfig:
                  f"{where}.pool_strides needs one stride per stage ({n}), got {len(self.pool_strides)}")
         for s, (r, d) in enumerate(zip(self.high_fractions(), self.stage_channels())):
             step = Fraction(self.head_channels, d)
-            allowed = head_step_grid(d, self.head_channels)
-            require(r in allowed,
+            require(is_head_step(r, d, self.head_channels),
                      f"{where}.high_ratios[{s}]={r} is not a head step for width {d} "
-                     f"(multiples of {step} in [0, {allowed[-1]}] with even d_h)")
+                     f"(multiples of {step} in [0, {largest_head_step(d, self.head_channels)}] with even d_h)")
         for s, p in enumerate(self.pool_strides):
             require(p in (1, 2, 4), f"{where}.pool_strides[{s}] must be 1, 2 or 4, got {p}")
+
+
+def is_head_step(ratio: Fraction, width: int, head_channels: int) -> bool:
+    """``ratio in head_step_grid(width, head_channels)``, without listing the grid."""
+    d_h = ratio * width
+    if d_h.denominator != 1 or d_h < 0:
+        return False
+    d_l = width - int(d_h)
+    return int(d_h) % 2 == 0 and d_l >= head_channels and d_l % head_channels == 0
+
+
+def largest_head_step(width: int, head_channels: int) -> Fraction:
+    """The last entry of ``head_step_grid``: one attention head left (two when d_h would be odd)."""
+    for heads in (1, 2):
+        d_h = width - heads * head_channels
+        if d_h >= 0 and d_h % 2 == 0:
+            return Fraction(d_h, width)
+    return Fraction(0)
 
 
 def head_step_grid(width: int, head_channels: int) -> list[Fraction]:
@@ -212,9 +250,11 @@ class MemeConfig:
     # ---- validation ----------------------------------------------------------
     def validate(self) -> "MemeConfig":
         require(bool(self.name) and isinstance(self.name, str), "name must be a non-empty string")
-        require(self.num_experts >= 1, "experts must list at least one expert")
+        require(1 <= self.num_experts <= MAX_EXPERTS, f"experts must list 1 to {MAX_EXPERTS} experts")
         self.data.validate()
         self.diffusion.validate()
+        require(self.num_experts <= self.diffusion.timesteps,
+                f"{self.num_experts} experts need at least as many timesteps, T = {self.diffusion.timesteps}")
         for i, e in enumerate(self.experts):
             e.validate(f"experts[{i}]")
             require(self.data.resolution % (2 ** (e.num_stages - 1)) == 0,
@@ -259,21 +299,17 @@ class MemeConfig:
         check_keys(d, {f.name for f in dataclasses.fields(cls)}, source)
         require("experts" in d and isinstance(d["experts"], list) and d["experts"],
                  f"{source}: 'experts' must be a non-empty list")
+        require(len(d["experts"]) <= MAX_EXPERTS, f"{source}: experts must list 1 to {MAX_EXPERTS} experts")
         experts = tuple(_arch_from_dict(e, f"{source}: experts[{i}]") for i, e in enumerate(d["experts"]))
         data = from_mapping(DataShape, d.get("data", {}), f"{source}: data")
         diffusion = from_mapping(DiffusionConfig, d.get("diffusion", {}), f"{source}: diffusion")
+        lists = coerce_fields(cls, {k: d.get(k) or () for k in ("boundaries", "expert_probs")}, source)
+        cfg = cls(name=str(d.get("name", Path(source).stem)), experts=experts, data=data, diffusion=diffusion,
+                  **lists)
         try:
-            cfg = cls(
-                name=str(d.get("name", Path(source).stem)),
-                experts=experts,
-                data=data,
-                diffusion=diffusion,
-                boundaries=tuple(int(x) for x in d.get("boundaries") or ()),
-                expert_probs=tuple(float(x) for x in d.get("expert_probs") or ()),
-            )
-        except (TypeError, ValueError) as exc:
+            return cfg.validate()
+        except ConfigError as exc:  # name the file the bad value came from
             raise ConfigError(f"{source}: {exc}") from None
-        return cfg.validate()
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "config") -> "MemeConfig":
@@ -306,21 +342,61 @@ def from_mapping(cls: type, d: Any, where: str):
     """A dataclass from a YAML mapping; wrong type, unknown field or bad value: one line."""
     require(isinstance(d, dict), f"{where} must be a mapping")
     check_keys(d, {f.name for f in dataclasses.fields(cls)}, where)
-    try:
-        return cls(**d)
-    except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+    return cls(**coerce_fields(cls, d, where))
+
+
+def coerce_fields(cls: type, d: dict, where: str) -> dict:
+    """Each value converted to the type its dataclass field declares, or a one-line ConfigError.
+
+    int: an int, an integral float or a numeric string (never a bool); float: any finite
+    number or numeric string (YAML reads ``5e-4`` as a string); bool and str: only
+    themselves; ``tuple[X, ...]``: a list of X; ``Optional[X]``: None or X. Other field
+    types (fractions, nested configs) are left to their own parsers.
+    """
+    hints = typing.get_type_hints(cls)
+    return {k: coerce_value(v, hints.get(k), f"{where}.{k}") for k, v in d.items()}
+
+
+def coerce_value(v: Any, hint: Any, where: str) -> Any:
+    """One value to the type ``hint`` (the rules of :func:`coerce_fields`), or a one-line ConfigError."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union and type(None) in args:
+        inner = [a for a in args if a is not type(None)]
+        return None if v is None else coerce_value(v, inner[0] if len(inner) == 1 else None, where)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        require(isinstance(v, (list, tuple)), f"{where} must be a list, got {v!r}")
+        return tuple(coerce_value(x, args[0], f"{where}[{i}]") for i, x in enumerate(v))
+    if hint is int:
+        require(not isinstance(v, bool), f"{where} must be an integer, got {v!r}")
+        if isinstance(v, float) and math.isfinite(v) and v == int(v):
+            return int(v)
+        if isinstance(v, str):
+            try:
+                return int(v.strip())
+            except ValueError:
+                pass
+        require(isinstance(v, int), f"{where} must be an integer, got {v!r}")
+        return v
+    if hint is float:
+        require(not isinstance(v, bool), f"{where} must be a number, got {v!r}")
+        try:
+            x = float(v) if isinstance(v, (int, float, str)) else math.nan
+        except (ValueError, OverflowError):
+            x = math.nan
+        require(math.isfinite(x), f"{where} must be a finite number, got {v!r}")
+        return x
+    if hint is bool:
+        require(isinstance(v, bool), f"{where} must be true or false, got {v!r}")
+    elif hint is str or origin is Literal:
+        require(isinstance(v, str), f"{where} must be a string, got {v!r}")
+    return v
 
 
 def _arch_from_dict(d: Any, where: str) -> ArchConfig:
     require(isinstance(d, dict), f"{where} must be a mapping")
     check_keys(d, {f.name for f in dataclasses.fields(ArchConfig)}, where)
     d = dict(d)
-    for key in ("channel_mult", "attention_ds", "pool_strides"):
-        if key in d:
-            require(isinstance(d[key], (list, tuple)), f"{where}.{key} must be a list")
-            d[key] = tuple(int(v) for v in d[key])
     if "high_ratios" in d:
         require(isinstance(d["high_ratios"], (list, tuple)), f"{where}.high_ratios must be a list")
         d["high_ratios"] = tuple(str(parse_fraction(v, f"{where}.high_ratios")) for v in d["high_ratios"])
-    return ArchConfig(**d)
+    return ArchConfig(**coerce_fields(ArchConfig, d, where))

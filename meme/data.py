@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from meme import checkpoint
 from meme.cli import UserError
 from meme.config import DataShape
 
@@ -162,7 +163,7 @@ def _read_idx(path: Path) -> np.ndarray:
     if header is None or header[0] != 0x803:
         raise UserError(f"{path} is not an IDX3 uint8 image file")
     n, h, w = (int(v) for v in header[1:])
-    if len(buf) != 16 + n * h * w:
+    if min(n, h, w) < 1 or len(buf) != 16 + n * h * w:
         raise UserError(f"{path} is truncated: expected {n} images of {h}x{w}")
     return np.frombuffer(buf, dtype=np.uint8, offset=16).reshape(n, h, w)
 
@@ -195,20 +196,38 @@ def _folder_images(root: str, resolution: int, mode: str, stamp: tuple[int, int]
 @functools.lru_cache(maxsize=2)
 def _latents(path: str, stamp: tuple[int, int] = (0, 0)) -> torch.Tensor:
     p = Path(path)
-    try:
-        if p.suffix.lower() == ".npy":
-            obj = torch.from_numpy(np.load(p, allow_pickle=False))
-        else:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-            if isinstance(obj, dict):
-                if "latents" not in obj:
-                    raise UserError(f"{p}: a .pt dict must have a 'latents' entry, has {sorted(obj)}")
-                obj = obj["latents"]
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise UserError(f"cannot read latents {p}: {str(exc).splitlines()[0]}") from None
+    if p.suffix.lower() == ".npy":
+        obj = torch.from_numpy(_read_npy(p))
+    else:
+        obj = checkpoint.load(p, what="latent file")
+        if isinstance(obj, dict):
+            if "latents" not in obj:
+                raise UserError(f"{p}: a .pt dict must have a 'latents' entry, has {sorted(map(str, obj))}")
+            obj = obj["latents"]
     if not isinstance(obj, torch.Tensor):
         raise UserError(f"{p}: expected a tensor of latents, got {type(obj).__name__}")
+    if not obj.dtype.is_floating_point:
+        raise UserError(f"{p}: latents must be floating point, the file holds {obj.dtype}")
     return obj.float().contiguous()
+
+
+def _read_npy(p: Path) -> np.ndarray:
+    """A .npy array whose header is checked against the file's size before anything is allocated."""
+    try:
+        with p.open("rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_2_0 if version >= (2, 0) else np.lib.format.read_array_header_1_0
+            shape, _, dtype = read_header(f)
+            offset = f.tell()
+        if dtype.hasobject:
+            raise ValueError(f"dtype {dtype} holds Python objects")
+        claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if claimed != p.stat().st_size - offset:
+            raise ValueError(f"header says {list(shape)} {dtype} ({claimed} bytes), "
+                             f"the file has {p.stat().st_size - offset} bytes of data")
+        return np.load(p, allow_pickle=False)
+    except (OSError, ValueError, EOFError, TypeError, SyntaxError) as exc:
+        raise UserError(f"cannot read latents {p}: {checkpoint.first_line(exc)}") from None
 
 
 def _check_latents(arr: torch.Tensor, shape: DataShape, path: Path) -> None:

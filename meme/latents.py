@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from meme import checkpoint
 from meme.cli import UserError
 from meme.data import LATENT_SUFFIXES, _stamp
 
@@ -55,8 +56,33 @@ class LatentInfo:
             raise UserError(f"{source}: autoencoder metadata lacks {missing}: encode again with "
                             f"`python -m meme.autoencoder encode`")
         kw = {k: v for k, v in d.items() if k in names}
-        kw["latent_shape"] = tuple(int(v) for v in kw["latent_shape"])
+        shape = kw["latent_shape"]
+        checks = {
+            "autoencoder": isinstance(kw["autoencoder"], str) and bool(kw["autoencoder"]),
+            "kind": kw["kind"] in AUTOENCODER_KINDS,
+            "scaling_factor": _number(kw["scaling_factor"]) and 0 < kw["scaling_factor"] < float("inf"),
+            "scaling": kw["scaling"] in SCALINGS,
+            "image_channels": _count(kw["image_channels"]), "image_resolution": _count(kw["image_resolution"]),
+            "latent_shape": isinstance(shape, (list, tuple)) and len(shape) == 3 and all(map(_count, shape)),
+            "data": isinstance(kw["data"], str),
+            "posterior": kw.get("posterior", "mean") in ("mean", "sample"),
+            "n": _count(kw.get("n", 0), allow_zero=True),
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise UserError(f"{source}: autoencoder metadata has malformed {bad}: encode again with "
+                            f"`python -m meme.autoencoder encode`")
+        kw["latent_shape"] = tuple(shape)
+        kw["scaling_factor"] = float(kw["scaling_factor"])
         return cls(**kw)
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _count(x, allow_zero: bool = False) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= (0 if allow_zero else 1)
 
 
 def is_latent_file(spec: Optional[str | Path]) -> bool:
@@ -78,10 +104,7 @@ def latent_info(spec: Optional[str | Path]) -> Optional[LatentInfo]:
 def _read_info(path: str, stamp: tuple[int, int]) -> Optional[LatentInfo]:
     if Path(path).suffix.lower() == ".npy":
         return None                      # a bare array has nowhere to keep a record
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise UserError(f"cannot read latents {path}: {str(exc).splitlines()[0]}") from None
+    obj = checkpoint.load(path, what="latent file", verify=False, mmap=True)  # metadata only: no CRC pass
     meta = obj.get(METADATA_KEY) if isinstance(obj, dict) else None
     return LatentInfo.from_dict(meta, path) if isinstance(meta, dict) else None
 

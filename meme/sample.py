@@ -33,6 +33,7 @@ from meme.experts import MultiExpertDenoiser, build_denoiser
 from meme.fastpath import PRECISIONS, FastPath, compile_for_inference, fast_path
 from meme.images import Decoder, decode, save_grid, save_pngs, to_uint8
 from meme.latents import load_decoder, require_latent_info, run_data_spec
+from meme.resources import check_fits
 
 log = logging.getLogger("meme.sample")
 SAMPLERS = ("ddim", "ddpm")
@@ -171,7 +172,7 @@ class _StateStore:
             self.mem[b] = x
 
     def get(self, b: int) -> torch.Tensor:
-        return torch.load(self.folder / f"state_{b:06d}.pt") if self.folder else self.mem[b]
+        return checkpoint.load(self.folder / f"state_{b:06d}.pt", what="sampling state") if self.folder else self.mem[b]
 
 
 # ---------------------------------------------------------------------------- run dirs
@@ -182,10 +183,13 @@ def load_run(run: Path, use_ema: bool = True) -> tuple[MemeConfig, MultiExpertDe
     if not cfg_path.is_file():
         raise UserError(f"{run} is not a training run: {cfg_path} is missing (train with `python -m meme.train --out {run}`)")
     cfg = MemeConfig.load(cfg_path)
-    ckpt = checkpoint.load(run / "checkpoints" / "last.pt")
+    path = run / "checkpoints" / "last.pt"
+    ckpt = checkpoint.load_training(path)
+    checkpoint.check_config(ckpt, cfg, path)
+    check_fits(cfg, 1, torch.device("cpu"), training=False, what=str(cfg_path))
     denoiser = build_denoiser(cfg)
-    state = ckpt["ema"] if use_ema else ckpt["model"]
-    denoiser.load_state_dict(state)
+    with checkpoint.applying(path):
+        denoiser.load_state_dict(ckpt["ema"] if use_ema else ckpt["model"])
     return cfg, denoiser, int(ckpt["step"])
 
 

@@ -58,6 +58,7 @@ from torch import nn
 from torch.func import functional_call
 
 from meme.blocks import IFormerBlock, InceptionMixer
+from meme.checkpoint import load as load_file
 from meme.cli import UserError
 from meme.config import ArchConfig, ConfigError, DataShape, parse_fraction, plain, require
 from meme.iunet import IUNet
@@ -287,7 +288,7 @@ def load_supernet(path: str | Path, entry: dict[str, Any], device: torch.device)
     net = SuperNet(spec)
     weights = Path(path) / entry["dir"] / "supernet.pt"
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = load_file(weights, what="supernet weights")
         net.load_state_dict(state)
     except (RuntimeError, OSError, KeyError, EOFError) as exc:
         raise UserError(f"{weights}: cannot load this supernet ({str(exc).splitlines()[0][:200]})") from None

@@ -52,6 +52,7 @@ from meme.fastpath import PRECISIONS, FastPath, fast_path
 from meme.images import decode, save_grid
 from meme.latents import latent_info, load_decoder
 from meme.references import resolve
+from meme.resources import check_fits
 from meme.sample import SamplingPlan, generate
 
 log = logging.getLogger("meme.train")
@@ -186,6 +187,7 @@ class Trainer:
             if opts.threads < 1:
                 raise UserError(f"--threads must be >= 1, got {opts.threads}")
             torch.set_num_threads(opts.threads)
+        check_fits(cfg, opts.batch_size, self.device, training=True)
         torch.manual_seed(opts.seed)
         self.model = build_denoiser(cfg)
         self.fast = fast_path(self.device, opts.precision, self.model)
@@ -297,29 +299,28 @@ class Trainer:
         return self.out / "checkpoints" / f"step{step:07d}.pt"
 
     def load(self) -> None:
-        ck = checkpoint.load(self.ckpt_path, map_location=self.device)
-        saved = MemeConfig.from_dict(ck["config"])
-        if saved.hash() != self.cfg.hash():
-            raise UserError(f"{self.ckpt_path} was trained with a different config; use a new --out")
+        ck = checkpoint.load_training(self.ckpt_path, map_location=self.device)
+        checkpoint.check_config(ck, self.cfg, self.ckpt_path)
         saved_branch = ck.get("branch", {"at": 0, "optimizer": "carry", "source": None})
         if saved_branch != dataclasses.asdict(self.branch):
             raise UserError(f"{self.ckpt_path} was trained with other branching ({saved_branch}, now "
                             f"{dataclasses.asdict(self.branch)}); keep --steps, --branch-at, --split-optimizer and "
                             f"--init-from, or use a new --out")
-        self.step_count = int(ck["step"])
-        if ck.get("phase") == "parent":
-            self.parent.load_state_dict(ck["parent"])
-            self.parent_ema.module.load_state_dict(ck["parent_ema"])
-            self.parent_ema.n_averaged.copy_(ck["ema_n"])
-            self.parent_opt.load_state_dict(ck["opt"])
-        else:
-            self.parent = self.parent_ema = self.parent_opt = None   # past the split
-            self.model.load_state_dict(ck["model"])
-            self.ema.module.load_state_dict(ck["ema"])
-            self.ema.n_averaged.copy_(ck["ema_n"])
-            self.opt.load_state_dict(ck["opt"])
-        checkpoint.set_rng_state(ck["rng"])
-        self.gen.set_state(ck["data_gen"])
+        with checkpoint.applying(self.ckpt_path):
+            if ck.get("phase") == "parent":
+                self.parent.load_state_dict(ck["parent"])
+                self.parent_ema.module.load_state_dict(ck["parent_ema"])
+                self.parent_ema.n_averaged.copy_(ck["ema_n"])
+                self.parent_opt.load_state_dict(ck["opt"])
+            else:
+                self.parent = self.parent_ema = self.parent_opt = None   # past the split
+                self.model.load_state_dict(ck["model"])
+                self.ema.module.load_state_dict(ck["ema"])
+                self.ema.n_averaged.copy_(ck["ema_n"])
+                self.opt.load_state_dict(ck["opt"])
+            self.step_count = int(ck["step"])
+            checkpoint.set_rng_state(ck["rng"])
+            self.gen.set_state(ck["data_gen"].cpu())
 
     # ---- samples -----------------------------------------------------------------------
     def sample_grid(self, n: int = 64) -> Path:

@@ -31,7 +31,10 @@ from typing import Any, Optional, Protocol
 
 
 from meme.branching import SPLIT_OPTIMIZERS
-from meme.config import (ArchConfig, ConfigError, DataShape, DiffusionConfig, MemeConfig, check_keys,
+from meme.cli import pick_device
+from meme.resources import check_fits
+from meme.config import (ArchConfig, ConfigError, DataShape, DiffusionConfig, MemeConfig, check_keys, coerce_fields,
+                         coerce_value,
                          from_mapping, head_step_grid, parse_fraction, parse_yaml, require)
 
 def _spaces_dir() -> Path:
@@ -460,7 +463,9 @@ def load_space(spec: str | Path | None = None) -> SearchSpace:
     require(expert.get("kind", "iunet") == "iunet", f"{src}: target.expert.kind must be 'iunet' (ratios are searched)")
     expert.setdefault("kind", "iunet")
     expert.setdefault("attention_ds", [])
-    n_stages = len(expert.get("channel_mult", ArchConfig().channel_mult))
+    mult = expert.get("channel_mult", ArchConfig().channel_mult)
+    require(isinstance(mult, (list, tuple)), f"{src}: target.expert.channel_mult must be a list")
+    n_stages = len(mult)
     expert.setdefault("pool_strides", [2] * n_stages)
     expert["high_ratios"] = ["0"] * n_stages  # placeholder, replaced per candidate
     try:
@@ -471,7 +476,8 @@ def load_space(spec: str | Path | None = None) -> SearchSpace:
 
     s = _map(d.get("search"), f"{src}: search")
     check_keys(s, {"num_experts", "ratios", "probs", "boundaries", "macro"}, f"{src}: search")
-    n_exp = tuple(int(x) for x in _list(s.get("num_experts", [4]), f"{src}: search.num_experts"))
+    n_exp = coerce_value(_list(s.get("num_experts", [4]), f"{src}: search.num_experts"), tuple[int, ...],
+                         f"{src}: search.num_experts")
     require(all(n >= 1 for n in n_exp), f"{src}: search.num_experts must be positive ints, got {list(n_exp)}")
     r = _map(s.get("ratios", {}), f"{src}: search.ratios")
     check_keys(r, {f.name for f in dataclasses.fields(RatioRules)}, f"{src}: search.ratios")
@@ -479,7 +485,8 @@ def load_space(spec: str | Path | None = None) -> SearchSpace:
         min=str(r.get("min", "step")), max=str(r.get("max", "grid")),
         max_drop_depth=parse_fraction(r.get("max_drop_depth", "1/2"), f"{src}: search.ratios.max_drop_depth"),
         max_drop_experts=parse_fraction(r.get("max_drop_experts", "1/4"), f"{src}: search.ratios.max_drop_experts"),
-        monotone_depth=bool(r.get("monotone_depth", True)), monotone_experts=bool(r.get("monotone_experts", True)))
+        monotone_depth=coerce_value(r.get("monotone_depth", True), bool, f"{src}: search.ratios.monotone_depth"),
+        monotone_experts=coerce_value(r.get("monotone_experts", True), bool, f"{src}: search.ratios.monotone_experts"))
     for key in ("min", "max"):
         v = getattr(ratios, key)
         if v not in ("step", "grid"):
@@ -487,13 +494,15 @@ def load_space(spec: str | Path | None = None) -> SearchSpace:
             require(0 <= f < 1, f"{src}: search.ratios.{key} must lie in [0, 1), got {v}")
     p = _map(s.get("probs", {}), f"{src}: search.probs")
     check_keys(p, {f.name for f in dataclasses.fields(ProbRules)}, f"{src}: search.probs")
-    choices = tuple(sorted(float(x) for x in _list(p.get("choices", list(ProbRules.choices)), f"{src}: search.probs.choices")))
+    choices = tuple(sorted(coerce_value(_list(p.get("choices", list(ProbRules.choices)), f"{src}: search.probs.choices"),
+                                        tuple[float, ...], f"{src}: search.probs.choices")))
     require(choices and all(0 <= c <= 1 for c in choices), f"{src}: search.probs.choices must be values in [0, 1]")
-    probs = ProbRules(choices=choices, monotone=bool(p.get("monotone", True)),
-                      max_decrement=int(p.get("max_decrement", 3)))
+    probs = ProbRules(choices=choices, monotone=coerce_value(p.get("monotone", True), bool, f"{src}: search.probs.monotone"),
+                      max_decrement=coerce_value(p.get("max_decrement", 3), int, f"{src}: search.probs.max_decrement"))
     b = _map(s.get("boundaries", {}), f"{src}: search.boundaries")
     check_keys(b, {"mode", "weight_levels"}, f"{src}: search.boundaries")
-    bounds = BoundaryRules(mode=str(b.get("mode", "uniform")), weight_levels=int(b.get("weight_levels", 3)))
+    bounds = BoundaryRules(mode=str(b.get("mode", "uniform")),
+                           weight_levels=coerce_value(b.get("weight_levels", 3), int, f"{src}: search.boundaries.weight_levels"))
     require(bounds.mode in ("uniform", "searchable"),
           f"{src}: search.boundaries.mode must be 'uniform' or 'searchable', got {bounds.mode!r}")
     require(bounds.weight_levels >= 1, f"{src}: search.boundaries.weight_levels must be >= 1")
@@ -502,10 +511,13 @@ def load_space(spec: str | Path | None = None) -> SearchSpace:
     pools = m.get("pool_strides", [list(template.pool_strides)])
     require(isinstance(pools, list) and all(isinstance(x, list) and len(x) == n_stages for x in pools),
           f"{src}: search.macro.pool_strides must be a list of per-stage lists ({n_stages} values each)")
+    where = f"{src}: search.macro"
     macro = Macro(
-        base_channels=tuple(int(x) for x in _list(m.get("base_channels", [template.base_channels]), "base_channels")),
-        num_res_blocks=tuple(int(x) for x in _list(m.get("num_res_blocks", [template.num_res_blocks]), "num_res_blocks")),
-        pool_strides=tuple(tuple(int(v) for v in x) for x in pools))
+        base_channels=coerce_value(_list(m.get("base_channels", [template.base_channels]), f"{where}.base_channels"),
+                                   tuple[int, ...], f"{where}.base_channels"),
+        num_res_blocks=coerce_value(_list(m.get("num_res_blocks", [template.num_res_blocks]), f"{where}.num_res_blocks"),
+                                    tuple[int, ...], f"{where}.num_res_blocks"),
+        pool_strides=tuple(coerce_value(x, tuple[int, ...], f"{where}.pool_strides") for x in pools))
 
     proxy = parse_proxy(d.get("proxy", {}), src)
     defaults = _map(d.get("defaults", {}), f"{src}: defaults")
@@ -568,10 +580,7 @@ def parse_proxy(d: Any, src: str) -> ProxySpec:
         d["diffusion"] = _dc(DiffusionConfig, d["diffusion"], f"{src}: proxy.diffusion")
     if "data" in d and d["data"] in ("", "default"):
         d["data"] = None
-    try:
-        proxy = ProxySpec(**d)
-    except TypeError as exc:
-        raise ConfigError(f"{src}: proxy: {exc}") from None
+    proxy = ProxySpec(**coerce_fields(ProxySpec, d, f"{src}: proxy"))
     require(isinstance(proxy.steps_per_expert, bool), f"{src}: proxy.steps_per_expert must be true or false")
     for key in ("resolution", "channels", "steps", "batch_size", "eval_every", "eval_batch", "eval_timesteps"):
         require(int(getattr(proxy, key)) >= 1, f"{src}: proxy.{key} must be >= 1, got {getattr(proxy, key)}")
@@ -613,7 +622,12 @@ def check_space(space: SearchSpace) -> None:
                       f"below it at base {base}; use min: step")
         # the proxy keeps every target head step exact
         from nas.proxy import proxy_arch, proxy_config  # local: proxy imports this module
-        proxy_arch(arch, space.proxy, where=f"{src}: proxy (base {base})")
+        small = proxy_arch(arch, space.proxy, where=f"{src}: proxy (base {base})")
+        # the largest candidate of this macro must fit where its trials will train
+        n = max(space.num_experts)
+        largest = MemeConfig(name=f"{n} experts of base {base} x {blocks} blocks", experts=(small,) * n,
+                             data=space.proxy.shape(), diffusion=space.proxy.diffusion or space.diffusion)
+        check_fits(largest.validate(), space.proxy.batch_size, pick_device(None), what=f"{src}: proxy")
     ref = space.reference_config()
     if ref is not None:
         require(ref.data == space.data, f"{src}: reference {ref.name} has data {ref.data}, the target is {space.data}")

@@ -40,7 +40,8 @@ from typing import Any, Optional
 
 import torch
 
-from meme.checkpoint import atomic_save, atomic_write_json
+from meme.checkpoint import applying, atomic_save, atomic_write_json
+from meme.checkpoint import load as load_file
 from meme.cli import UserError, main_guard, pick_device
 from meme.config import ArchConfig, ConfigError, MemeConfig
 from meme.diffusion import Diffusion
@@ -162,14 +163,15 @@ def train_supernet(plan: TrainPlan) -> dict[str, Any]:
     step, train_gflops, wall = 0, 0.0, 0.0
     ckpt = out / "checkpoint.pt"
     if ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if state["spec_digest"] != spec.digest():
-            raise UserError(f"{ckpt}: a supernet of another shape (spec {state['spec_digest']}, "
-                            f"this space gives {spec.digest()}); use another --out")
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        step, train_gflops, wall = int(state["step"]), float(state["train_gflops"]), float(state["wall_s"])
+        state = load_file(ckpt, what="supernet checkpoint")
+        with applying(ckpt, "supernet checkpoint"):
+            if state["spec_digest"] != spec.digest():
+                raise UserError(f"{ckpt}: a supernet of another shape (spec {state['spec_digest']}, "
+                                f"this space gives {spec.digest()}); use another --out")
+            net.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            gen.set_state(state["generator"])
+            step, train_gflops, wall = int(state["step"]), float(state["train_gflops"]), float(state["wall_s"])
     if step >= plan.steps:
         return _finish(net, spec, plan, out, step, train_gflops, wall)
 

@@ -34,6 +34,7 @@ from meme.config import DataShape, MemeConfig
 from meme.diffusion import Diffusion
 from meme.experts import MultiExpertDenoiser, SoftExpertSampler, build_denoiser
 from meme.fastpath import FastPath, fast_path
+from meme.resources import check_fits
 from meme.train import NonFiniteLoss, draw_batch, train_step, warmup_lr
 from nas.proxy import proxy_config
 from nas.space import ProxySpec
@@ -200,6 +201,7 @@ def _train(config: MemeConfig, proxy: ProxySpec, report: Report, objective: str,
     train = proxy_dataset(proxy.data, shape, "train", proxy.limit_data)
     val = heldout_images(proxy)
 
+    check_fits(cfg, proxy.batch_size, dev, training=True, what=f"candidate {config.name} at the proxy")
     torch.manual_seed(seed)
     model = build_denoiser(cfg)
     fp = fast_path(dev, proxy.precision, model)
