@@ -42,7 +42,7 @@ from meme.macs import cost_of_meme
 from nas import crossover
 from nas.promote import (Design, Protocol, add_protocol_flags, check_counts, check_target_data, make_protocol,
                          ray_placement, run_all, run_dir, study_space, top_designs)
-from nas.stats import summarize, welch
+from nas.stats import Summary, summarize, welch
 
 log = logging.getLogger("nas.compare")
 TOLERANCE = 0.05
@@ -117,13 +117,13 @@ def table(designs: list[Design], rows: list[dict[str, Any]], gflops: dict[str, f
           rates: dict[str, float]) -> pd.DataFrame:
     """One row per design: FID mean +- std over seeds, cost, compute, and the test against hand."""
     runs = pd.DataFrame(rows)
-    hand_fids = runs.loc[runs.design == "hand", "fid"].tolist()
+    hand_fids = runs.loc[runs.design == "hand", "fid"].dropna().tolist()
     ref_cost = gflops["hand"] if "hand" in gflops else next(iter(gflops.values()))
     rec = protocol.recipe
     out = []
     for d in designs:
-        fids = runs.loc[runs.design == d.tag, "fid"].tolist()
-        s = summarize(fids)
+        fids = runs.loc[runs.design == d.tag, "fid"].dropna().tolist()
+        s = summarize(fids) if fids else Summary(float("nan"), float("nan"), 0)   # FID not asked for
         cost = cost_of_meme(d.cfg)
         row = {"design": d.tag, "N": d.cfg.num_experts, "fid_mean": s.mean, "fid_std": s.std, "seeds": s.n,
                "precision": runs.loc[runs.design == d.tag, "precision"].mean(),
@@ -132,7 +132,7 @@ def table(designs: list[Design], rows: list[dict[str, Any]], gflops: dict[str, f
                "params_M": cost.params_total / 1e6, "train_steps": rec.steps, "train_images": rec.steps * rec.batch_size,
                "train_tflops": 3 * gflops[d.tag] * rec.steps * rec.batch_size / 1e3,
                "sample_img_per_s": rates.get(d.tag)}
-        if d.tag == "hand" or not hand_fids:
+        if d.tag == "hand" or len(hand_fids) < 2 or len(fids) < 2:
             row.update(vs_hand_fid_pct=0.0 if d.tag == "hand" else None, p_value=None,
                        verdict="(reference)" if d.tag == "hand" else "n/a")
         else:
@@ -212,6 +212,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="only these rows, e.g. single,multi-expert,hand,hand+branch,search+branch")
     c.add_argument("--small-seeds", type=int, default=None,
                    help="seeds at every budget but the largest (default: --seeds)")
+    c.add_argument("--fid-budgets", default="all", choices=("all", "largest", "none"),
+                   help="FID at every budget, at the largest only, or nowhere (held-out loss is scored at all; "
+                        "default %(default)s); a later run with FID adds it to the same trained runs")
     add_protocol_flags(p)
     args = p.parse_args(argv)
     return args
@@ -249,10 +252,12 @@ def main(argv=None) -> int:
     out = args.out or Path(args.study) / "compare"
     log.info("comparing %s x %d seeds, %s steps each, %d at a time -> %s", ", ".join(d.tag for d in designs),
              args.seeds, ",".join(map(str, budgets)), args.jobs, out)
-    study_mode = len(budgets) > 1 or inits != ["scratch"]
+    study_mode = len(budgets) > 1 or inits != ["scratch"] or args.fid_budgets != "all"
+    if args.fid_budgets == "none":
+        protocol = dataclasses.replace(protocol, fid=False)
     if study_mode:
         all_rows = crossover.run_budgets(designs, budgets, args.seeds, small_seeds, out, protocol, args.jobs,
-                                         ray_placement(args))
+                                         ray_placement(args), args.fid_budgets)
         rows = [r for r in all_rows if r["budget_steps"] == max(budgets)]
         protocol = crossover.at_budget(protocol, max(budgets))
         runs_root = out / f"steps{max(budgets)}"
@@ -270,7 +275,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "grids").mkdir(exist_ok=True)
     for d in designs:
-        shutil.copyfile(run_dir(runs_root, d, 1) / "samples" / "grid.png", out / "grids" / f"{d.tag}.png")
+        grid = run_dir(runs_root, d, 1) / "samples" / "grid.png"
+        if grid.is_file():   # no samples where FID was not asked for
+            shutil.copyfile(grid, out / "grids" / f"{d.tag}.png")
     runs.to_csv(out / "runs.csv", index=False)
     df.to_csv(out / "comparison.csv", index=False)
     command = "python -m nas.compare " + " ".join(sys.argv[1:] if argv is None else argv)

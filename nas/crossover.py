@@ -123,24 +123,45 @@ def derive_prefix_run(src: Path, dst: Path, steps: int, design: Design, protocol
 
 
 def run_budgets(designs: Sequence[Design], budgets: Sequence[int], seeds: int, small_seeds: int, out: Path,
-                protocol: Protocol, jobs: int, ray: Optional[RayPlacement]) -> list[dict[str, Any]]:
-    """Every (design, budget, seed) pipeline; from-scratch designs score smaller budgets from snapshots."""
+                protocol: Protocol, jobs: int, ray: Optional[RayPlacement],
+                fid_budgets: str = "all") -> list[dict[str, Any]]:
+    """Every (design, budget, seed) pipeline; from-scratch designs score smaller budgets from snapshots.
+
+    Order: every training and held-out loss first (the largest budget, then the smaller
+    ones), FID last, so an interrupted study has its cheap, precise numbers first.
+    ``fid_budgets``: 'all', or 'largest' (FID at the largest budget only: FID costs more
+    than the trainings on a CPU).
+    """
     big, small = max(budgets), [s for s in budgets if s < max(budgets)]
     reuse = [d for d in designs if prefix_reusable(d, protocol)]
     own = [d for d in designs if d not in reuse]
-    rows: list[dict[str, Any]] = []
     snap = ["--snapshot-at", ",".join(str(s) for s in small)] if small else []
-    big_proto = dataclasses.replace(at_budget(protocol, big), train_args=tuple(protocol.train_args) + tuple(snap))
-    rows += _tag(run_all(reuse, range(1, seeds + 1), out / f"steps{big}", big_proto, jobs, ray), big)
-    rows += _tag(run_all(own, range(1, seeds + 1), out / f"steps{big}", at_budget(protocol, big), jobs, ray), big)
-    for s in small:
-        proto = at_budget(protocol, s)
+    no_fid = dataclasses.replace(protocol, fid=False)
+    big_reuse = dataclasses.replace(at_budget(protocol, big), train_args=tuple(protocol.train_args) + tuple(snap))
+    big_own = at_budget(protocol, big)
+
+    def largest(fid: bool) -> list[dict[str, Any]]:
+        return _tag(run_all(reuse, range(1, seeds + 1), out / f"steps{big}", dataclasses.replace(big_reuse, fid=fid),
+                            jobs, ray) +
+                    run_all(own, range(1, seeds + 1), out / f"steps{big}", dataclasses.replace(big_own, fid=fid),
+                            jobs, ray), big)
+
+    def smaller(s: int, fid: bool) -> list[dict[str, Any]]:
+        proto = dataclasses.replace(at_budget(protocol, s), fid=fid)
         for d in reuse:
             for seed in range(1, small_seeds + 1):
                 dst = run_dir(out / f"steps{s}", d, seed)
                 if not (dst / "train.done").exists():
                     derive_prefix_run(run_dir(out / f"steps{big}", d, seed), dst, s, d, proto)
-        rows += _tag(run_all(reuse + own, range(1, small_seeds + 1), out / f"steps{s}", proto, jobs, ray), s)
+        return _tag(run_all(reuse + own, range(1, small_seeds + 1), out / f"steps{s}", proto, jobs, ray), s)
+
+    if protocol.fid:   # cheap numbers first
+        largest(False)
+        for s in small:
+            smaller(s, False)
+    rows = largest(protocol.fid)
+    for s in small:
+        rows += smaller(s, protocol.fid and fid_budgets == "all")
     return rows
 
 
@@ -152,29 +173,41 @@ def summary(runs: pd.DataFrame) -> pd.DataFrame:
     """Per (design, budget): FID and held-out loss mean +- std over seeds, compute, and the test against single."""
     out = []
     for (tag, steps), g in runs.groupby(["design", "budget_steps"], sort=False):
-        fid, held = summarize(g.fid.tolist()), summarize(g.heldout_loss.tolist())
-        single = runs[(runs.design == "single") & (runs.budget_steps == steps)].fid.tolist()
-        row = {"design": tag, "budget_steps": steps, "init": g.init.iloc[0], "fid_mean": fid.mean, "fid_std": fid.std,
-               "seeds": fid.n, "heldout_mean": held.mean, "heldout_std": held.std,
+        fids = [float(v) for v in g.fid if v is not None and v == v]
+        fid = summarize(fids) if fids else None
+        held = summarize(g.heldout_loss.tolist())
+        at = runs[(runs.design == "single") & (runs.budget_steps == steps)]
+        single = [float(v) for v in at.fid if v is not None and v == v]
+        row = {"design": tag, "budget_steps": steps, "init": g.init.iloc[0],
+               "fid_mean": fid.mean if fid else None, "fid_std": fid.std if fid else None,
+               "fid_seeds": fid.n if fid else 0, "seeds": held.n, "heldout_mean": held.mean, "heldout_std": held.std,
                "charged_tflops": g.charged_tflops.mean(), "amortised_tflops": g.amortised_tflops.mean()}
         bins = pd.DataFrame(g.heldout_bins.tolist())
         row.update({f"heldout_bin{i + 1}": bins[i].mean() for i in bins.columns})
-        if tag == "single" or len(single) < 2 or fid.n < 2:
-            row.update(vs_single_fid_pct=None, p_value=None, verdict="(reference)" if tag == "single" else "n/a")
-        else:
-            c = welch(g.fid.tolist(), single)
-            row.update(vs_single_fid_pct=100 * c.rel_diff, p_value=c.p_value,
-                       verdict=c.verdict if c.verdict == "cannot tell apart" else f"{c.verdict} than single")
+        row.update(_versus("fid", fids, single, tag))
+        row.update(_versus("heldout", g.heldout_loss.tolist(), at.heldout_loss.tolist(), tag))
         out.append(row)
     return pd.DataFrame(out).sort_values(["budget_steps", "design"], kind="stable").reset_index(drop=True)
 
 
-def crossover_points(table: pd.DataFrame) -> dict[str, Optional[int]]:
-    """Per multi-expert design: the smallest budget from which it is 'better than single' at every larger one."""
+def _versus(metric: str, values: list, single: list, tag: str) -> dict[str, Any]:
+    """``metric``'s difference from single, Welch over seeds (lower is better for FID and loss)."""
+    if tag == "single":
+        return {f"{metric}_vs_single_pct": None, f"{metric}_p": None, f"{metric}_verdict": "(reference)"}
+    if len(values) < 2 or len(single) < 2:
+        return {f"{metric}_vs_single_pct": None, f"{metric}_p": None, f"{metric}_verdict": "not measured"}
+    c = welch(values, single)
+    return {f"{metric}_vs_single_pct": 100 * c.rel_diff, f"{metric}_p": c.p_value,
+            f"{metric}_verdict": c.verdict if c.verdict == "cannot tell apart" else f"{c.verdict} than single"}
+
+
+def crossover_points(table: pd.DataFrame, metric: str = "fid") -> dict[str, Optional[int]]:
+    """Per multi-expert design: the smallest budget from which it is 'better than single' at every larger one
+    (budgets where ``metric`` was not measured are skipped)."""
     out: dict[str, Optional[int]] = {}
     for tag, g in table[table.design != "single"].groupby("design", sort=False):
-        g = g.sort_values("budget_steps")
-        better = [v == "better than single" for v in g.verdict]
+        g = g[g[f"{metric}_verdict"] != "not measured"].sort_values("budget_steps")
+        better = [v == "better than single" for v in g[f"{metric}_verdict"]]
         first = None
         for i in range(len(better)):
             if all(better[i:]):
@@ -189,19 +222,24 @@ def plot(table: pd.DataFrame, runs: pd.DataFrame, path: Path, title: str) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for tag, g in table.groupby("design", sort=False):
-        g = g.sort_values("charged_tflops")
-        style = "--" if tag.endswith(BRANCH_SUFFIX) else "-"
-        line = ax.errorbar(g.charged_tflops, g.fid_mean, yerr=g.fid_std.fillna(0), fmt="o" + style, capsize=3,
-                           label=tag, ms=4)
-        r = runs[runs.design == tag]
-        ax.scatter(r.charged_tflops, r.fid, s=8, color=line[0].get_color(), alpha=0.5)
-    ax.set_xscale("log")
-    ax.set_xlabel("training compute, charged in full (TFLOPs)")
-    ax.set_ylabel("FID (lower is better)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, (mean, std, each, label) in zip(axes, [("fid_mean", "fid_std", "fid", "FID (lower is better)"),
+                                                   ("heldout_mean", "heldout_std", "heldout_loss",
+                                                    "held-out eps-MSE, all t (lower is better)")]):
+        for tag, g in table.groupby("design", sort=False):
+            g = g[g[mean].notna()].sort_values("charged_tflops")
+            if g.empty:
+                continue
+            style = "--" if tag.endswith(BRANCH_SUFFIX) else "-"
+            line = ax.errorbar(g.charged_tflops, g[mean].astype(float), yerr=g[std].astype(float).fillna(0),
+                               fmt="o" + style, capsize=3, label=tag, ms=4)
+            r = runs[(runs.design == tag) & runs[each].notna()]
+            ax.scatter(r.charged_tflops, r[each].astype(float), s=8, color=line[0].get_color(), alpha=0.5)
+        ax.set_xscale("log")
+        ax.set_xlabel("training compute, charged in full (TFLOPs)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -209,11 +247,11 @@ def plot(table: pd.DataFrame, runs: pd.DataFrame, path: Path, title: str) -> Non
 
 def write(out: Path, runs: pd.DataFrame, table: pd.DataFrame, protocol: Protocol, budgets: Sequence[int],
           command: str, records) -> dict[str, Optional[int]]:
-    cross = crossover_points(table)
+    cross = {"fid": crossover_points(table, "fid"), "heldout": crossover_points(table, "heldout")}
     rec = protocol.recipe
-    cols = ["design", "budget_steps", "fid_mean", "fid_std", "seeds", "vs_single_fid_pct", "p_value", "verdict",
-            "heldout_mean", "heldout_std"] + [c for c in table.columns if c.startswith("heldout_bin")] + \
-           ["charged_tflops", "amortised_tflops"]
+    cols = ["design", "budget_steps", "fid_mean", "fid_std", "fid_seeds", "fid_vs_single_pct", "fid_p", "fid_verdict",
+            "heldout_mean", "heldout_std", "seeds", "heldout_vs_single_pct", "heldout_p", "heldout_verdict"] + \
+           [c for c in table.columns if c.startswith("heldout_bin")] + ["charged_tflops", "amortised_tflops"]
     lines = [f"# Where multi-expert overtakes one network ({len(budgets)} budgets)", "", f"Command: `{command}`", "",
              f"Budgets {', '.join(map(str, budgets))} optimizer steps in all at batch {rec.batch_size}, lr {rec.lr:g}, "
              f"EMA {rec.ema_decay:g}; branched designs train a parent for {rec.branch_at:g} of their steps "
@@ -222,8 +260,10 @@ def write(out: Path, runs: pd.DataFrame, table: pd.DataFrame, protocol: Protocol
              f"(meme.heldout). p: Welch's t-test vs single over seeds. Compute: charged in full (a parent phase is "
              f"part of the run's own steps).", "",
              markdown_table(cols, table[cols].itertuples(index=False)), "",
-             "Beats single from (every larger budget too): " +
-             ", ".join(f"{t}: {v if v is not None else 'no budget here'}" for t, v in cross.items()), ""]
+             "Beats single from (every larger budget too), by FID: " +
+             ", ".join(f"{t}: {v if v is not None else 'no budget here'}" for t, v in cross["fid"].items()),
+             "", "by held-out loss: " +
+             ", ".join(f"{t}: {v if v is not None else 'no budget here'}" for t, v in cross["heldout"].items()), ""]
     (out / "crossover.md").write_text("\n".join(lines))
     atomic_write_json({"command": command, "budgets": list(budgets), "recipe": dataclasses.asdict(rec),
                        "data": protocol.data, "crossover": cross, "summary": records(table), "runs": records(runs)},

@@ -70,6 +70,8 @@ class Protocol:
     train_args: tuple[str, ...] = ()  # extra meme.train flags, verbatim
     device: str = "auto"
     threads: Optional[int] = None     # CPU threads per process (1 when pipelines share the cores)
+    fid: bool = True                  # sample and score FID (off: train and held-out loss only; a later
+                                      # pass with it on adds FID to the same runs)
 
     def digest(self, recipe: Optional[PromoteRecipe] = None) -> dict[str, Any]:
         return {"data": self.data, "recipe": (recipe or self.recipe).digest(), "train_args": list(self.train_args)}
@@ -138,10 +140,19 @@ def run_pipeline(design: Design, seed: int, out: Path, protocol: Protocol) -> di
             cmd.append("--resume")
         _stage(cmd + list(protocol.train_args), log_path, env)
         (run / "train.done").write_text("ok\n")
+    result = {"design": design.tag, "seed": seed, "run": str(run), **design.info}
+    if not (run / "heldout.json").exists():
+        _stage([py, "-m", "meme.heldout", "--run", str(run), "--device", protocol.device], log_path, env)
+    held = json.loads((run / "heldout.json").read_text())
+    compute = json.loads((run / "compute.json").read_text())
+    result.update(init=rec.init, steps=rec.steps, heldout_loss=held["mean"], heldout_bins=held["bins"],
+                  charged_tflops=compute["charged_tflops"], amortised_tflops=compute["amortised_tflops"],
+                  fid=None, precision=None, recall=None, n=None, n_ref=None, sample_wall_s=None)
+    if not protocol.fid:
+        return result
     if not (run / "samples" / "sampling.json").exists():
         _stage([py, "-m", "meme.sample", "--run", str(run), "--n", str(rec.fid_samples), "--steps",
                 str(rec.sample_steps), "--seed", str(seed), "--device", protocol.device], log_path, env)
-    result = {"design": design.tag, "seed": seed, "run": str(run), **design.info}
     sampling = json.loads((run / "samples" / "sampling.json").read_text())
     result["sample_wall_s"] = sampling.get("wall_s")
     if not (run / "eval.json").exists():
@@ -150,12 +161,6 @@ def run_pipeline(design: Design, seed: int, out: Path, protocol: Protocol) -> di
     ev = json.loads((run / "eval.json").read_text())
     result.update(fid=ev["fid"], precision=ev.get("precision"), recall=ev.get("recall"), n=ev.get("n"),
                   n_ref=ev.get("n_ref"))
-    if not (run / "heldout.json").exists():
-        _stage([py, "-m", "meme.heldout", "--run", str(run), "--device", protocol.device], log_path, env)
-    held = json.loads((run / "heldout.json").read_text())
-    compute = json.loads((run / "compute.json").read_text())
-    result.update(init=rec.init, steps=rec.steps, heldout_loss=held["mean"], heldout_bins=held["bins"],
-                  charged_tflops=compute["charged_tflops"], amortised_tflops=compute["amortised_tflops"])
     return result
 
 

@@ -170,6 +170,9 @@ def test_crossover_study_scores_every_budget_at_equal_compute(tiny_study):
     assert compare.main(["--study", str(tiny_study), "--seeds", "2", "--budgets", "3,6", "--init", "scratch,branch",
                          "--designs", "single,hand,hand+branch", "--jobs", "2", "--tolerance", "10",
                          "--out", str(out)]) == 0
+    stages = [ln.split(" -m ")[1].split()[0] for ln in
+              (out / "steps6" / "hand" / "seed1" / "promote.log").read_text().splitlines() if ln.startswith("$ ")]
+    assert stages == ["meme.train", "meme.heldout", "meme.sample", "meme.evaluate"]   # the cheap numbers first
     rec = json.loads((out / "crossover.json").read_text())
     runs = pd.DataFrame(rec["runs"])
     assert len(runs) == 12 and sorted(set(runs.budget_steps)) == [3, 6]
@@ -185,7 +188,8 @@ def test_crossover_study_scores_every_budget_at_equal_compute(tiny_study):
     assert branched["steps"] == 3 and branched["branch_at"] == 0.5
     table = pd.DataFrame(rec["summary"])
     assert len(table) == 6 and (table.seeds == 2).all()
-    assert set(rec["crossover"]) == {"hand", "hand+branch"}
+    assert set(rec["crossover"]["fid"]) == set(rec["crossover"]["heldout"]) == {"hand", "hand+branch"}
+    assert table.fid_mean.notna().all() and table.heldout_verdict.str.len().gt(0).all()
     assert (out / "crossover.png").is_file() and "Beats single from" in (out / "crossover.md").read_text()
 
 
