@@ -1,6 +1,9 @@
 """Fixtures shared by several test modules."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -14,3 +17,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def blobs(tmp_path) -> Path:
+    """256 smooth random 1x16x16 images in [-1, 1] saved as a latent .npy file: training data
+    tiny runs learn something from in a few steps."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.interpolate(torch.rand(256, 1, 4, 4, generator=g), size=16, mode="bilinear")
+    path = tmp_path / "blobs.npy"
+    np.save(path, (x * 2 - 1).numpy().astype(np.float32))
+    return path

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -34,15 +33,6 @@ def meme(*archs: ArchConfig, name: str = "branchy") -> MemeConfig:
 
 HETERO = meme(iunet(("3/4", "1/2")), iunet(("1/2", "1/4"), (1, 1)))   # ratios and strides differ: a supernet parent
 HOMO = meme(iunet(("1/2", "1/4")), iunet(("1/2", "1/4")), name="copies")  # one architecture: a plain parent
-
-
-@pytest.fixture()
-def blobs(tmp_path) -> Path:
-    g = torch.Generator().manual_seed(0)
-    x = torch.nn.functional.interpolate(torch.rand(128, 1, 4, 4, generator=g), size=16, mode="bilinear")
-    path = tmp_path / "blobs.npy"
-    np.save(path, (x * 2 - 1).numpy().astype(np.float32))
-    return path
 
 
 def opts(data: Path, **kw) -> TrainOptions:

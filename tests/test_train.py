@@ -32,16 +32,6 @@ def tiny_cfg() -> MemeConfig:
                       diffusion=DiffusionConfig.ddpm_pixels(), expert_probs=(0.8, 0.4)).validate()
 
 
-@pytest.fixture()
-def blobs(tmp_path) -> Path:
-    """256 smooth random 1x16x16 images in [-1, 1] saved as a latent .npy file."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.nn.functional.interpolate(torch.rand(256, 1, 4, 4, generator=g), size=16, mode="bilinear")
-    path = tmp_path / "blobs.npy"
-    np.save(path, (x * 2 - 1).numpy().astype(np.float32))
-    return path
-
-
 def opts(data: Path, **kw) -> TrainOptions:
     base = dict(data=str(data), steps=6, batch_size=8, lr=1e-3, warmup=2, ckpt_every=3, sample_every=0,
                 log_every=1, sample_steps=4, device="cpu")
