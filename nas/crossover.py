@@ -26,6 +26,7 @@ import dataclasses
 import json
 import logging
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -35,7 +36,7 @@ from meme.branching import split_step
 from meme.checkpoint import atomic_write_json
 from meme.cli import UserError, markdown_table
 from meme.compute import TrainingCompute, run_compute, source_tflops
-from nas.promote import Design, Protocol, RayPlacement, run_all, run_dir
+from nas.promote import Design, Protocol, RayPlacement, check_target_data, run_all, run_dir, run_pipeline
 from nas.stats import summarize, welch
 
 log = logging.getLogger("nas.crossover")
@@ -122,46 +123,66 @@ def derive_prefix_run(src: Path, dst: Path, steps: int, design: Design, protocol
     (dst / "train.done").write_text(f"prefix of {src} (step {steps})\n")
 
 
+Task = tuple[Design, int, Path, Protocol, int]     # design, seed, budget folder, protocol, budget
+
+
+def run_tasks(tasks: Sequence[Task], jobs: int, ray: Optional[RayPlacement]) -> list[dict[str, Any]]:
+    """Pipelines of different protocols in one pool (no core idles between groups); rows in input order."""
+    if ray is not None:   # Ray tasks take one protocol per call: group them
+        rows: list[dict[str, Any]] = []
+        for d, seed, out, proto, budget in tasks:
+            rows += _tag(run_all([d], [seed], out, proto, 1, ray), budget)
+        return rows
+    def one(t: Task) -> dict[str, Any]:
+        d, seed, out, proto, budget = t
+        return {**run_pipeline(d, seed, out, proto), "budget_steps": budget}
+    if jobs <= 1:
+        return [one(t) for t in tasks]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:   # threads only wait on subprocesses
+        return list(pool.map(one, tasks))
+
+
 def run_budgets(designs: Sequence[Design], budgets: Sequence[int], seeds: int, small_seeds: int, out: Path,
                 protocol: Protocol, jobs: int, ray: Optional[RayPlacement],
                 fid_budgets: str = "all") -> list[dict[str, Any]]:
     """Every (design, budget, seed) pipeline; from-scratch designs score smaller budgets from snapshots.
 
-    Order: every training and held-out loss first (the largest budget, then the smaller
-    ones), FID last, so an interrupted study has its cheap, precise numbers first.
-    ``fid_budgets``: 'all', or 'largest' (FID at the largest budget only: FID costs more
-    than the trainings on a CPU).
+    Order: every training and held-out loss first, FID last and seed by seed (every
+    design's seed 1, then seed 2...), so an interrupted study has its cheap, precise
+    numbers and an equal number of FID seeds per design. ``fid_budgets``: 'all', or
+    'largest' (FID at the largest budget only: on a CPU FID costs more than the trainings).
     """
+    for d in designs:
+        check_target_data(d.cfg, protocol.data)
     big, small = max(budgets), [s for s in budgets if s < max(budgets)]
     reuse = [d for d in designs if prefix_reusable(d, protocol)]
-    own = [d for d in designs if d not in reuse]
-    snap = ["--snapshot-at", ",".join(str(s) for s in small)] if small else []
-    no_fid = dataclasses.replace(protocol, fid=False)
-    big_reuse = dataclasses.replace(at_budget(protocol, big), train_args=tuple(protocol.train_args) + tuple(snap))
-    big_own = at_budget(protocol, big)
+    snap = ("--snapshot-at", ",".join(str(s) for s in small)) if small else ()
 
-    def largest(fid: bool) -> list[dict[str, Any]]:
-        return _tag(run_all(reuse, range(1, seeds + 1), out / f"steps{big}", dataclasses.replace(big_reuse, fid=fid),
-                            jobs, ray) +
-                    run_all(own, range(1, seeds + 1), out / f"steps{big}", dataclasses.replace(big_own, fid=fid),
-                            jobs, ray), big)
+    def proto(d: Design, steps: int, fid: bool) -> Protocol:
+        p = dataclasses.replace(at_budget(protocol, steps), fid=fid)
+        return dataclasses.replace(p, train_args=tuple(p.train_args) + snap) if d in reuse and steps == big else p
 
-    def smaller(s: int, fid: bool) -> list[dict[str, Any]]:
-        proto = dataclasses.replace(at_budget(protocol, s), fid=fid)
+    def task(d: Design, seed: int, steps: int, fid: bool) -> Task:
+        return d, seed, out / f"steps{steps}", proto(d, steps, fid), steps
+
+    def derived(steps: int, fid: bool) -> list[Task]:
+        tasks = []
         for d in reuse:
             for seed in range(1, small_seeds + 1):
-                dst = run_dir(out / f"steps{s}", d, seed)
+                dst = run_dir(out / f"steps{steps}", d, seed)
                 if not (dst / "train.done").exists():
-                    derive_prefix_run(run_dir(out / f"steps{big}", d, seed), dst, s, d, proto)
-        return _tag(run_all(reuse + own, range(1, small_seeds + 1), out / f"steps{s}", proto, jobs, ray), s)
+                    derive_prefix_run(run_dir(out / f"steps{big}", d, seed), dst, steps, d, proto(d, steps, fid))
+                tasks.append(task(d, seed, steps, fid))
+        return tasks
 
-    if protocol.fid:   # cheap numbers first
-        largest(False)
-        for s in small:
-            smaller(s, False)
-    rows = largest(protocol.fid)
-    for s in small:
-        rows += smaller(s, protocol.fid and fid_budgets == "all")
+    own_small = [task(d, seed, s, False) for s in small for d in designs if d not in reuse
+                 for seed in range(1, small_seeds + 1)]
+    run_tasks([task(d, seed, big, False) for d in designs for seed in range(1, seeds + 1)] + own_small, jobs, ray)
+    run_tasks([t for s in small for t in derived(s, False)], jobs, ray)
+    fid_small = protocol.fid and fid_budgets == "all"
+    rows = run_tasks([task(d, seed, big, protocol.fid) for seed in range(1, seeds + 1) for d in designs], jobs, ray)
+    rows += run_tasks([task(d, seed, s, fid_small) for s in small for seed in range(1, small_seeds + 1)
+                       for d in designs], jobs, ray)
     return rows
 
 

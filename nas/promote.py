@@ -148,8 +148,8 @@ def run_pipeline(design: Design, seed: int, out: Path, protocol: Protocol) -> di
     result.update(init=rec.init, steps=rec.steps, heldout_loss=held["mean"], heldout_bins=held["bins"],
                   charged_tflops=compute["charged_tflops"], amortised_tflops=compute["amortised_tflops"],
                   fid=None, precision=None, recall=None, n=None, n_ref=None, sample_wall_s=None)
-    if not protocol.fid:
-        return result
+    if not protocol.fid and not (run / "eval.json").exists():
+        return result   # FID not asked for (one scored earlier is still reported)
     if not (run / "samples" / "sampling.json").exists():
         _stage([py, "-m", "meme.sample", "--run", str(run), "--n", str(rec.fid_samples), "--steps",
                 str(rec.sample_steps), "--seed", str(seed), "--device", protocol.device], log_path, env)
