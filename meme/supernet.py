@@ -305,6 +305,7 @@ def supernet_for(path: str | Path, arch: ArchConfig, device: torch.device) -> Su
         except ConfigError:
             continue
         return load_supernet(path, entry, device)
-    raise UserError(f"{path}: no trained supernet serves this architecture (macros "
+    raise UserError(f"{path}: no trained supernet serves this architecture (a search trains its supernets at "
+                    f"the proxy's shape; macros "
                     f"{sorted(index.get('macros', {}))}; base {arch.base_channels}, blocks {arch.num_res_blocks}, "
                     f"ratios {list(arch.high_ratios)}, pools {list(arch.pool_strides)})")

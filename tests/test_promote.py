@@ -169,7 +169,7 @@ def test_crossover_study_scores_every_budget_at_equal_compute(tiny_study):
     out = tiny_study / "crossover"
     assert compare.main(["--study", str(tiny_study), "--seeds", "2", "--budgets", "3,6", "--init", "scratch,branch",
                          "--designs", "single,hand,hand+branch", "--jobs", "2", "--tolerance", "10",
-                         "--out", str(out)]) == 0
+                         "--fid-budgets", "largest", "--out", str(out)]) == 0
     stages = [ln.split(" -m ")[1].split()[0] for ln in
               (out / "steps6" / "hand" / "seed1" / "promote.log").read_text().splitlines() if ln.startswith("$ ")]
     assert stages == ["meme.train", "meme.heldout", "meme.sample", "meme.evaluate"]   # the cheap numbers first
@@ -189,7 +189,9 @@ def test_crossover_study_scores_every_budget_at_equal_compute(tiny_study):
     table = pd.DataFrame(rec["summary"])
     assert len(table) == 6 and (table.seeds == 2).all()
     assert set(rec["crossover"]["fid"]) == set(rec["crossover"]["heldout"]) == {"hand", "hand+branch"}
-    assert table.fid_mean.notna().all() and table.heldout_verdict.str.len().gt(0).all()
+    assert table[table.budget_steps == 6].fid_mean.notna().all() and table[table.budget_steps == 3].fid_mean.isna().all()
+    assert (table[(table.budget_steps == 3) & (table.design != "single")].fid_verdict == "not measured").all()
+    assert not (out / "steps3" / "hand" / "seed1" / "samples").exists()       # no FID asked for there
     assert (out / "crossover.png").is_file() and "Beats single from" in (out / "crossover.md").read_text()
 
 

@@ -135,3 +135,30 @@ def test_search_refuses_a_missing_supernet(tmp_path, capsys):
                       str(tmp_path / "nope"), "--out", str(tmp_path), "--quiet"])
     assert rc == 2
     assert "not a trained supernet directory" in capsys.readouterr().err
+
+
+def test_experts_start_from_a_trained_supernet_at_its_shape(tiny_supernet, tmp_path):
+    """meme.train --init-from SUPERNET: each expert is its sub-network's slices; its compute is charged in full."""
+    from meme.cli import UserError
+    from meme.compute import source_tflops
+    from meme.config import MemeConfig
+    from meme.train import Trainer, TrainOptions
+
+    entry = load_index(tiny_supernet)["macros"]["b16-r1"]
+    sn: SuperNet = load_supernet(tiny_supernet, entry, torch.device("cpu"))
+    archs = [sn.spec.largest(), sn.spec.smallest()]
+    cfg = MemeConfig(name="from-supernet", experts=tuple(archs), data=sn.spec.data,
+                     diffusion=load_space("tiny").diffusion, expert_probs=(0.8, 0.4)).validate()
+    data = tmp_path / "x.npy"
+    import numpy as np
+    np.save(data, np.zeros((16, 1, 16, 16), dtype=np.float32))
+    opts = TrainOptions(data=str(data), steps=2, batch_size=2, device="cpu", init_from=str(tiny_supernet))
+    tr = Trainer(cfg, opts, tmp_path / "run")
+    for e, ema_e, arch in zip(tr.model.experts, tr.ema.module.experts, archs):
+        want = sn.extract(arch).state_dict()
+        assert all(torch.equal(e.state_dict()[k], want[k]) and torch.equal(ema_e.state_dict()[k], want[k])
+                   for k in want)
+    assert source_tflops(str(tiny_supernet)) == pytest.approx(load_index(tiny_supernet)["train_gflops_total"] / 1e3)
+    target = load_space("tiny").reference_config()       # the target's width: no supernet of that shape here
+    with pytest.raises(UserError, match="no trained supernet serves"):
+        Trainer(target, opts, tmp_path / "run2")
