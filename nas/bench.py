@@ -178,7 +178,8 @@ def bench_engine(engine: str, o: BenchOptions, dev: torch.device, log: Callable[
 def bench_evaluators(o: BenchOptions, dev: torch.device, log: Callable[[str], None], k: int = 4) -> list[Row]:
     """Per-candidate scoring cost, from-scratch proxy vs the weight-shared supernet, same run.
 
-    ``k`` random default-space candidates (one macro, seed 0). The supernet is trained
+    ``k`` random default-space candidates (one macro, seed 0; the tiny space with
+    ``--quick``). The supernet is trained
     for one step only: what is timed (extract + held-out passes) does not depend on how
     well it is trained, and its one-time training cost is reported from its own FLOPs
     count. Cold = a fresh score cache (every sub-network new), warm = the same candidates
@@ -192,8 +193,8 @@ def bench_evaluators(o: BenchOptions, dev: torch.device, log: Callable[[str], No
     from nas.supernet import macro_of, train_all
     from nas.trial import run_trial
 
-    space = load_space("meme_ffhq256")
-    label = f"default space proxy, {k} random candidates, one macro"
+    space = load_space("tiny" if o.quick else "meme_ffhq256")
+    label = f"{space.name} space proxy, {k} random candidates, one macro"
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     cands = []
     while len(cands) < k:

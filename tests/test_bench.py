@@ -31,6 +31,11 @@ def expected_keys() -> set[tuple[str, str, str]]:
     keys |= {("search", "engine_optuna", k) for k in
              ("wall_per_trial", "body_per_trial", "overhead_s_per_trial", "overhead")}
     keys |= {("search", "engine_ray", "overhead")}
+    keys |= {("search", "evaluator_scratch", "s_per_candidate"), ("search", "evaluator_supernet", "speedup_cold"),
+             ("search", "evaluator_supernet", "s_per_candidate_cold"), ("search", "evaluator_supernet",
+                                                                        "s_per_candidate_warm"),
+             ("search", "evaluator_supernet", "one_time_train_gflops_per_step"),
+             ("target", "supernet evaluator", "speedup_per_candidate")}
     keys |= {("target", "meme-table4/ldm-l sampling", "img_per_s_ratio (cpu)"),
              ("target", "meme-table4/ldm-l sampling", "img_per_s_ratio (H100/H200)"),
              ("target", "iU-Net expert training", "mfu (cpu)"),
@@ -71,6 +76,10 @@ def test_quick_run_writes_every_row_and_column(quick_run):
     assert by[("memory", "meme-table4", "peak_device_mem_normal")]["value"] == "n/a (cpu)"
     assert by[("target", "iU-Net expert training", "mfu (H100/H200 bf16)")]["value"] == model_bench.NOT_MEASURED
     assert by[("search", "engine_ray", "overhead")]["value"] == "skipped (--engines)"
+    scratch = float(by[("search", "evaluator_scratch", "s_per_candidate")]["value"])
+    cold = float(by[("search", "evaluator_supernet", "s_per_candidate_cold")]["value"])
+    # the CSV rounds each value to a few digits: the ratio of rounded values agrees to a few per cent
+    assert float(by[("search", "evaluator_supernet", "speedup_cold")]["value"]) == pytest.approx(scratch / cold, rel=0.05)
     # Ratios are recomputed from the rows' own values: a speed-up is ref time / this time,
     # an img/s ratio is this / ref, and the MACs ratio is the reference's MACs over this model's.
     for m in model_bench.FAST_PATH_MODELS:
