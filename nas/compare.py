@@ -40,6 +40,7 @@ from meme.cli import UserError, main_guard, markdown_table, setup_logging
 from meme.config import MemeConfig
 from meme.macs import cost_of_meme
 from nas import crossover
+from nas.space import INITS
 from nas.promote import (Design, Protocol, add_protocol_flags, check_counts, check_target_data, make_protocol,
                          ray_placement, run_all, run_dir, study_space, top_designs)
 from nas.stats import Summary, summarize, welch
@@ -84,7 +85,7 @@ def search_designs(study_dir: Path, study, top: int) -> list[Design]:
 def check_equal_cost(designs: list[Design], tolerance: float) -> dict[str, float]:
     """Per-step GFLOPs of each design; refuses any beyond ``tolerance`` of the hand design."""
     gflops = {d.tag: cost_of_meme(d.cfg).gflops_mean for d in designs}
-    hand = gflops["hand"] if "hand" in gflops else next(iter(gflops.values()))
+    hand = gflops[crossover.reference_tag(list(gflops))]
     off = {tag: g / hand - 1 for tag, g in gflops.items() if abs(g / hand - 1) > tolerance}
     if off:
         listed = ", ".join(f"{t} {gflops[t]:.3f} ({100 * r:+.1f}%)" for t, r in off.items())
@@ -118,7 +119,7 @@ def table(designs: list[Design], rows: list[dict[str, Any]], gflops: dict[str, f
     """One row per design: FID mean +- std over seeds, cost, compute, and the test against hand."""
     runs = pd.DataFrame(rows)
     hand_fids = runs.loc[runs.design == "hand", "fid"].dropna().tolist()
-    ref_cost = gflops["hand"] if "hand" in gflops else next(iter(gflops.values()))
+    ref_cost = gflops[crossover.reference_tag(list(gflops))]
     rec = protocol.recipe
     out = []
     for d in designs:
@@ -236,7 +237,7 @@ def main(argv=None) -> int:
                         f"loaded, so there is no hand design to compare with")
     protocol = make_protocol(args, space)
     inits = [x.strip() for x in args.inits.split(",") if x.strip()]
-    if not inits or set(inits) - {"scratch", "branch"}:
+    if not inits or set(inits) - set(INITS):
         raise UserError(f"--init must list scratch and/or branch, got {args.inits!r}")
     designs = crossover.with_inits(baseline_designs(space.reference_config()) + search_designs(args.study, study, args.top),
                                    inits, args.designs.split(",") if args.designs else None)

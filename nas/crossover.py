@@ -26,17 +26,17 @@ import dataclasses
 import json
 import logging
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import pandas as pd
 
-from meme.branching import split_step
 from meme.checkpoint import atomic_write_json
 from meme.cli import UserError, markdown_table
-from meme.compute import TrainingCompute, run_compute, source_tflops
-from nas.promote import Design, Protocol, RayPlacement, check_target_data, run_all, run_dir, run_pipeline
+from meme.compute import TrainingCompute
+from meme.train import parse_args as parse_train_args
+from meme.train import training_compute
+from nas.promote import Design, Protocol, RayPlacement, run_dir, run_pipelines
 from nas.stats import summarize, welch
 
 log = logging.getLogger("nas.crossover")
@@ -73,25 +73,27 @@ def with_inits(designs: Sequence[Design], inits: Sequence[str], wanted: Optional
     return out
 
 
+def reference_tag(tags: Sequence[str]) -> str:
+    """The row every cost is compared with: the hand design, else the first row."""
+    return "hand" if "hand" in tags else tags[0]
+
+
 def at_budget(protocol: Protocol, steps: int) -> Protocol:
     return dataclasses.replace(protocol, recipe=dataclasses.replace(protocol.recipe, steps=steps))
 
 
 def charged_compute(design: Design, protocol: Protocol) -> TrainingCompute:
     """The design's training compute at the protocol's budget, its source charged in full."""
-    rec = design.recipe(protocol)
-    branched = rec.init == "branch"
-    split = split_step(rec.branch_at, rec.steps) if branched and not rec.init_from else 0
-    src = source_tflops(rec.init_from) if branched and rec.init_from else 0.0
-    return run_compute(design.cfg, rec.steps, rec.batch_size, "interleaved", split, src,
-                       rec.init_from if branched else None)
+    flags = [*design.recipe(protocol).train_flags(), *protocol.train_args]
+    _, opts = parse_train_args(["--config", design.cfg.name, *flags])   # meme.train's own reading of the flags
+    return training_compute(design.cfg, opts, opts.branch_plan())       # what the run will record
 
 
 def check_equal_compute(designs: Sequence[Design], protocol: Protocol, budgets: Sequence[int],
                         tolerance: float) -> dict[tuple[str, int], TrainingCompute]:
     """Charged-in-full training compute of every design at every budget; refuses one off the hand design's."""
     out = {(d.tag, s): charged_compute(d, at_budget(protocol, s)) for d in designs for s in budgets}
-    hand = next((d.tag for d in designs if d.tag == "hand"), designs[0].tag)
+    hand = reference_tag([d.tag for d in designs])
     for s in budgets:
         ref = out[(hand, s)].charged_tflops
         off = {d.tag: out[(d.tag, s)].charged_tflops for d in designs
@@ -127,19 +129,9 @@ Task = tuple[Design, int, Path, Protocol, int]     # design, seed, budget folder
 
 
 def run_tasks(tasks: Sequence[Task], jobs: int, ray: Optional[RayPlacement]) -> list[dict[str, Any]]:
-    """Pipelines of different protocols in one pool (no core idles between groups); rows in input order."""
-    if ray is not None:   # Ray tasks take one protocol per call: group them
-        rows: list[dict[str, Any]] = []
-        for d, seed, out, proto, budget in tasks:
-            rows += _tag(run_all([d], [seed], out, proto, 1, ray), budget)
-        return rows
-    def one(t: Task) -> dict[str, Any]:
-        d, seed, out, proto, budget = t
-        return {**run_pipeline(d, seed, out, proto), "budget_steps": budget}
-    if jobs <= 1:
-        return [one(t) for t in tasks]
-    with ThreadPoolExecutor(max_workers=jobs) as pool:   # threads only wait on subprocesses
-        return list(pool.map(one, tasks))
+    """Pipelines of different budgets and protocols in one pool (no core idles between groups)."""
+    rows = run_pipelines([t[:4] for t in tasks], jobs, ray)
+    return [{**r, "budget_steps": t[4]} for r, t in zip(rows, tasks)]
 
 
 def run_budgets(designs: Sequence[Design], budgets: Sequence[int], seeds: int, small_seeds: int, out: Path,
@@ -152,8 +144,6 @@ def run_budgets(designs: Sequence[Design], budgets: Sequence[int], seeds: int, s
     numbers and an equal number of FID seeds per design. ``fid_budgets``: 'all', or
     'largest' (FID at the largest budget only: on a CPU FID costs more than the trainings).
     """
-    for d in designs:
-        check_target_data(d.cfg, protocol.data)
     big, small = max(budgets), [s for s in budgets if s < max(budgets)]
     reuse = [d for d in designs if prefix_reusable(d, protocol)]
     snap = ("--snapshot-at", ",".join(str(s) for s in small)) if small else ()
@@ -184,10 +174,6 @@ def run_budgets(designs: Sequence[Design], budgets: Sequence[int], seeds: int, s
     rows += run_tasks([task(d, seed, s, fid_small) for s in small for seed in range(1, small_seeds + 1)
                        for d in designs], jobs, ray)
     return rows
-
-
-def _tag(rows: list[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
-    return [{**r, "budget_steps": budget} for r in rows]
 
 
 def summary(runs: pd.DataFrame) -> pd.DataFrame:

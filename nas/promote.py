@@ -132,7 +132,7 @@ def run_pipeline(design: Design, seed: int, out: Path, protocol: Protocol) -> di
     yaml_path = design.cfg.save(run / "design.yaml")
     if not (run / "train.done").exists():
         cmd = [py, "-m", "meme.train", "--config", str(yaml_path), "--out", str(run), "--seed", str(seed),
-               "--data", str(protocol.data), "--device", protocol.device, *rec.train_flags(design.cfg.num_experts),
+               "--data", str(protocol.data), "--device", protocol.device, *rec.train_flags(),
                "--sample-every", "0", "--ckpt-every", str(max(rec.steps // 10, 1))]
         if protocol.threads:
             cmd += ["--threads", str(protocol.threads)]
@@ -174,23 +174,30 @@ class RayPlacement:
     retries: int = 2               # a task whose node dies runs again elsewhere, resuming its checkpoint
 
 
+Work = tuple[Design, int, Path, Protocol]   # one pipeline: design, seed, output folder, protocol
+
+
 def run_all(designs: Sequence[Design], seeds: Sequence[int], out: Path, protocol: Protocol,
             jobs: int = 1, ray: Optional[RayPlacement] = None) -> list[dict[str, Any]]:
-    """Every (design, seed) pipeline, ``jobs`` at a time (or as Ray tasks); results in input order."""
-    for d in designs:
+    """Every (design, seed) pipeline under one protocol, ``jobs`` at a time (or as Ray tasks)."""
+    return run_pipelines([(d, s, out, protocol) for d in designs for s in seeds], jobs, ray)
+
+
+def run_pipelines(work: Sequence[Work], jobs: int = 1, ray: Optional[RayPlacement] = None) -> list[dict[str, Any]]:
+    """Pipelines, each with its own folder and protocol, in one pool (or as Ray tasks); results in input order."""
+    for d, _, _, protocol in work:
         check_target_data(d.cfg, protocol.data)
-    work = [(d, s) for d in designs for s in seeds]
     if ray is not None:
-        return _run_on_ray(work, Path(out).resolve(), protocol, ray)
+        return _run_on_ray(work, ray)
     if jobs <= 1:
-        return [run_pipeline(d, s, out, protocol) for d, s in work]
+        return [run_pipeline(*w) for w in work]
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # threads only wait on subprocesses
-        futures = [pool.submit(run_pipeline, d, s, out, protocol) for d, s in work]
+        futures = [pool.submit(run_pipeline, *w) for w in work]
         return [f.result() for f in futures]
 
 
-def _run_on_ray(work: list[tuple[Design, int]], out: Path, protocol: Protocol, place: RayPlacement) -> list[dict]:
-    """Pipelines as Ray tasks spread over the cluster's nodes. ``out`` must be a path every
+def _run_on_ray(work: Sequence[Work], place: RayPlacement) -> list[dict]:
+    """Pipelines as Ray tasks spread over the cluster's nodes. Each folder must be a path every
     node sees (a shared file system): a retried task resumes from the run's checkpoint."""
     import ray
 
@@ -200,11 +207,12 @@ def _run_on_ray(work: list[tuple[Design, int]], out: Path, protocol: Protocol, p
     started = init_ray(place.address)
     try:
         threads = max(1, int(place.cpus_per_run))
-        proto = dataclasses.replace(protocol, threads=None if place.gpus_per_run else threads,
-                                    device="cuda" if place.gpus_per_run else protocol.device)
         task = ray.remote(nas.promote._pipeline_on_node).options(num_cpus=place.cpus_per_run, num_gpus=place.gpus_per_run,
                                                      max_retries=place.retries, retry_exceptions=False)
-        refs = [task.remote(d, s, out, proto) for d, s in work]
+        refs = [task.remote(d, s, Path(out).resolve(),
+                            dataclasses.replace(protocol, threads=None if place.gpus_per_run else threads,
+                                                device="cuda" if place.gpus_per_run else protocol.device))
+                for d, s, out, protocol in work]
         return ray.get(refs)
     finally:
         if started:

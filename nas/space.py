@@ -206,11 +206,11 @@ class PromoteRecipe:
     split_optimizer: str = "carry"   # branch: at the split, carry the parent's AdamW moments or start fresh
     init_from: Optional[str] = None  # branch: experts cut from this supernet / one-network run instead
 
-    def train_flags(self, num_experts: int = 2) -> list[str]:
-        """meme.train flags; one network (N = 1) has nothing to branch into and trains from scratch."""
+    def train_flags(self) -> list[str]:
+        """meme.train flags (``nas.promote.Design.recipe`` keeps one network, N = 1, from scratch)."""
         flags = ["--steps", str(self.steps), "--batch-size", str(self.batch_size), "--lr", str(self.lr),
                  "--warmup", str(self.warmup), "--ema-decay", str(self.ema_decay)]
-        if self.init == "branch" and num_experts > 1:
+        if self.init == "branch":
             if self.init_from:
                 flags += ["--init-from", str(self.init_from)]
             else:
