@@ -517,7 +517,8 @@ def _fmt(v) -> str:
         if v != v:
             return "nan"
         a = abs(v)
-        return f"{v:.3g}" if a < 0.01 and v else (f"{v:.2f}" if a < 1000 else f"{v:.0f}")
+        # three significant digits below 10, so a ratio of two printed values stays within ~1%
+        return f"{v:.3g}" if a < 10 and v else (f"{v:.2f}" if a < 1000 else f"{v:.0f}")
     return str(v)
 
 
