@@ -158,12 +158,13 @@ def carried_optimizer_state(parent: nn.Module, parent_opt: torch.optim.Optimizer
         holder = copy.deepcopy(parent)
         holder.load_state_dict(by_name, strict=False)
         cut[key] = [expert_state(holder, arch) for arch in cfg.experts]
-    state, index = {}, 0
-    for n, e in enumerate(experts):
-        for name, _ in e.named_parameters():
-            if cut:
-                state[index] = {"step": step.clone(), **{key: cut[key][n][name] for key in cut}}
-            index += 1
+    state = {}
+    # experts.named_parameters() lists each parameter once, in the optimizer's order: a part
+    # the experts share (meme.sharing) appears under the first expert that holds it.
+    for index, (full, _) in enumerate(experts.named_parameters()):
+        n, name = full.split(".", 1)
+        if cut:
+            state[index] = {"step": step.clone(), **{key: cut[key][int(n)][name] for key in cut}}
     sd = expert_opt.state_dict()
     sd["state"] = state
     return sd

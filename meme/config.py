@@ -214,6 +214,84 @@ def head_step_grid(width: int, head_channels: int) -> list[Fraction]:
 
 
 @dataclass(frozen=True)
+class ShareConfig:
+    """Which parts of the network every expert holds in common (one module object for all).
+
+    MEME shares nothing (the default); the multi-stage multi-decoder design shares the
+    encoder and keeps a decoder per stage; one network for all t shares everything. A
+    shared part runs in every expert's forward, so it gets the gradient of every
+    training step whatever N is, while per-step cost is unchanged (each step still runs
+    one whole expert). Parts, by the module names of ``meme.iunet`` / ``meme.unet``:
+
+    * ``time_embed``: the timestep MLP;
+    * ``encoder_stages``: the first k encoder stages (stage 0 with the input conv);
+    * ``mid``: the middle ResBlock-Attention-ResBlock;
+    * ``decoder_levels``: the last k decoder levels, counted from the output (level 0 is
+      full resolution and brings the output head); ``num_stages`` shares the whole decoder.
+    """
+
+    time_embed: bool = False
+    encoder_stages: int = 0
+    mid: bool = False
+    decoder_levels: int = 0
+
+    @property
+    def any(self) -> bool:
+        return self.time_embed or self.mid or self.encoder_stages > 0 or self.decoder_levels > 0
+
+    def describe(self) -> str:
+        """Short words for tables: 'none', 'dec', 'dec+enc1', 'all'..."""
+        parts = ([f"enc{self.encoder_stages}"] if self.encoder_stages else []) + (["mid"] if self.mid else []) \
+            + ([f"dec{self.decoder_levels}"] if self.decoder_levels else []) + (["temb"] if self.time_embed else [])
+        return "+".join(parts) or "none"
+
+    def validate(self, experts: tuple["ArchConfig", ...], where: str = "share") -> None:
+        """Every shared part must be one architecture for all experts: refused in one line otherwise."""
+        n_stages = experts[0].num_stages
+        require(0 <= self.encoder_stages <= n_stages,
+                f"{where}.encoder_stages must lie in [0, {n_stages}] (the experts' stages), got {self.encoder_stages}")
+        require(0 <= self.decoder_levels <= n_stages,
+                f"{where}.decoder_levels must lie in [0, {n_stages}] (the experts' levels), got {self.decoder_levels}")
+        if not self.any:
+            return
+        first = experts[0]
+        for i, e in enumerate(experts[1:], start=1):
+            for f in _MACRO_FIELDS:
+                require(getattr(e, f) == getattr(first, f),
+                        f"{where}: shared parts need one macro shape, but experts[{i}].{f}={_show(getattr(e, f))} "
+                        f"differs from experts[0].{f}={_show(getattr(first, f))}")
+            if self.mid or self.decoder_levels:
+                require(_decoder_attention(e) == _decoder_attention(first),
+                        f"{where}: a shared decoder/mid needs one decoder, but experts[{i}] ({e.kind}) and "
+                        f"experts[0] ({first.kind}) put attention at different levels")
+            k = self.encoder_stages
+            if k:
+                require(e.kind == first.kind, f"{where}.encoder_stages={k}: experts[{i}] is a {e.kind}, "
+                                              f"experts[0] a {first.kind}")
+                for name in ("high_ratios", "pool_strides") if e.kind == "iunet" else ():
+                    mine, theirs = list(getattr(e, name))[:k], list(getattr(first, name))[:k]
+                    require(mine == theirs, f"{where}.encoder_stages={k} shares stages 0..{k - 1}, but experts[{i}]."
+                                            f"{name}[:{k}]={mine} contradicts experts[0].{name}[:{k}]={theirs}")
+                if e.kind == "unet":
+                    in_k = lambda a: sorted(d for d in a.attention_ds if d < 2 ** k)  # noqa: E731
+                    require(in_k(e) == in_k(first), f"{where}.encoder_stages={k}: experts[{i}] puts attention "
+                                                    f"at {in_k(e)} in the shared stages, experts[0] at {in_k(first)}")
+
+
+# What every shared part needs in common: the widths, depth and heads of the network.
+_MACRO_FIELDS = ("base_channels", "channel_mult", "num_res_blocks", "head_channels", "dropout")
+
+
+def _decoder_attention(a: "ArchConfig") -> tuple[int, ...]:
+    """Downsample factors with decoder attention (the iU-Net's decoder has none)."""
+    return tuple(sorted(a.attention_ds)) if a.kind == "unet" else ()
+
+
+def _show(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+@dataclass(frozen=True)
 class MemeConfig:
     """A whole multi-expert denoiser: N experts, their intervals and p_n."""
 
@@ -223,6 +301,7 @@ class MemeConfig:
     diffusion: DiffusionConfig = DiffusionConfig()
     boundaries: tuple[int, ...] = ()       # N+1 ints 0..T; empty = uniform
     expert_probs: tuple[float, ...] = ()   # p_n (soft-expert); empty = all 1 (hard experts)
+    share: ShareConfig = ShareConfig()     # parts all experts hold in common; default: none
 
     # ---- derived -------------------------------------------------------------
     @property
@@ -272,11 +351,15 @@ class MemeConfig:
                      f"expert_probs needs one p_n per expert ({self.num_experts}), got {len(self.expert_probs)}")
             require(all(0.0 <= p <= 1.0 for p in self.expert_probs),
                      f"expert_probs must lie in [0, 1], got {list(self.expert_probs)}")
+        self.share.validate(self.experts)
         return self
 
     # ---- (de)serialisation ---------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return plain(dataclasses.asdict(self))
+        d = plain(dataclasses.asdict(self))
+        if not self.share.any:   # no sharing is not written: configs, hashes and checkpoints stay as they were
+            d.pop("share")
+        return d
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
@@ -304,8 +387,9 @@ class MemeConfig:
         data = from_mapping(DataShape, d.get("data", {}), f"{source}: data")
         diffusion = from_mapping(DiffusionConfig, d.get("diffusion", {}), f"{source}: diffusion")
         lists = coerce_fields(cls, {k: d.get(k) or () for k in ("boundaries", "expert_probs")}, source)
+        share = from_mapping(ShareConfig, d.get("share") or {}, f"{source}: share")
         cfg = cls(name=str(d.get("name", Path(source).stem)), experts=experts, data=data, diffusion=diffusion,
-                  **lists)
+                  share=share, **lists)
         try:
             return cfg.validate()
         except ConfigError as exc:  # name the file the bad value came from

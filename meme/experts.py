@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from meme.config import MemeConfig
+from meme.sharing import tie
 
 
 class MultiExpertDenoiser(nn.Module):
@@ -87,12 +88,14 @@ class MultiExpertDenoiser(nn.Module):
 
 
 def build_denoiser(cfg: MemeConfig) -> MultiExpertDenoiser:
-    """One network per ``cfg.experts`` entry (``meme.networks.build_network``), N = 1 allowed."""
+    """One network per ``cfg.experts`` entry (``meme.networks.build_network``), N = 1 allowed;
+    the parts ``cfg.share`` names are one module for all experts (``meme.sharing``)."""
     from meme.networks import build_network  # deferred: networks import heavy blocks
 
     cfg.validate()
-    return MultiExpertDenoiser([build_network(a, cfg.data) for a in cfg.experts],
-                               cfg.resolved_boundaries())
+    experts = [build_network(a, cfg.data) for a in cfg.experts]
+    tie(experts, cfg.share, cfg.data)
+    return MultiExpertDenoiser(experts, cfg.resolved_boundaries())
 
 
 class SoftExpertSampler:

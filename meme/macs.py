@@ -48,6 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from meme.checkpoint import atomic_write_json
 from meme.config import ArchConfig, DataShape, MemeConfig
+from meme.sharing import shared_modules
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class MemeCost:
     experts: list[NetCost]
     intervals: list[tuple[int, int]]  # half-open 0-based t range of each expert
     weights: list[float]              # fraction of sampling steps each expert serves
+    shared_params: int = 0            # parameters all experts hold in common (``MemeConfig.share``), counted once
 
     @property
     def gmacs_mean(self) -> float:
@@ -118,8 +120,13 @@ class MemeCost:
 
     @property
     def params_total(self) -> int:
-        """Every expert holds its own weights, identical architectures included."""
+        """Every expert's weights, summed (identical architectures included)."""
         return sum(e.params for e in self.experts)
+
+    @property
+    def params_unique(self) -> int:
+        """What the model holds: a shared part counted once, not once per expert."""
+        return self.params_total - (len(self.experts) - 1) * self.shared_params
 
 
 # ---- counting ---------------------------------------------------------------------
@@ -276,7 +283,19 @@ def cost_of_network(arch: ArchConfig, data: DataShape) -> NetCost:
 def cost_of_meme(cfg: MemeConfig) -> MemeCost:
     """Per-expert costs and the interval-weighted per-step mean of a MEME."""
     experts = [cost_of_network(a, cfg.data) for a in cfg.experts]  # identical ones hit the cache
-    return MemeCost(experts=experts, intervals=cfg.intervals(), weights=cfg.interval_weights())
+    return MemeCost(experts=experts, intervals=cfg.intervals(), weights=cfg.interval_weights(),
+                    shared_params=shared_param_count(cfg))
+
+
+def shared_param_count(cfg: MemeConfig) -> int:
+    """Parameters of the parts ``cfg.share`` names (one expert's copy), from shapes only."""
+    if not cfg.share.any or cfg.num_experts < 2:
+        return 0
+    from meme.experts import build_denoiser  # experts -> networks -> blocks: only needed with sharing
+
+    with torch.device("meta"):
+        den = build_denoiser(cfg)
+    return sum(p.numel() for m in shared_modules(den.experts) for p in m.parameters())
 
 
 # ---- CLI ----------------------------------------------------------------------------
@@ -289,6 +308,7 @@ def cost_to_dict(cost: MemeCost) -> dict[str, Any]:
         "gmacs_mean": cost.gmacs_mean,
         "gflops_mean": cost.gflops_mean,
         "params_total": cost.params_total,
+        "params_unique": cost.params_unique,
     }
 
 
@@ -304,6 +324,9 @@ def format_table(name: str, cost: MemeCost) -> Iterator[str]:
     yield (f"{'mean':>6} {'(weighted)':>11} {cost.params_total / 1e6:>8.2f}M {cost.gmacs_mean:>8.2f} "
            f"{cost.gflops_mean:>8.2f} {hooks_mean:>9.2f} {cost.paper_units_mean:>6.1f}G")
     yield f"max expert: {cost.gflops_max:.2f} GFLOPs; params column of 'mean' row = total over experts"
+    if cost.shared_params:
+        yield (f"shared parts: {cost.shared_params / 1e6:.2f}M params held once, so the model holds "
+               f"{cost.params_unique / 1e6:.2f}M unique params (per-step cost unchanged)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ def build_network(arch: ArchConfig, data: DataShape) -> nn.Module:
 
 
 def count_params(net: nn.Module) -> int:
-    """All parameters (every expert holds its own)."""
+    """All parameters, each counted once (a part the experts share counts once)."""
     return sum(p.numel() for p in net.parameters())
 
 

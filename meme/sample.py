@@ -34,6 +34,7 @@ from meme.fastpath import PRECISIONS, FastPath, compile_for_inference, fast_path
 from meme.images import Decoder, decode, save_grid, save_pngs, to_uint8
 from meme.latents import load_decoder, require_latent_info, run_data_spec
 from meme.resources import check_fits
+from meme.sharing import move_private, shared_modules
 
 log = logging.getLogger("meme.sample")
 SAMPLERS = ("ddim", "ddpm")
@@ -143,15 +144,18 @@ def generate(denoiser: MultiExpertDenoiser, diffusion: Diffusion, shape: tuple[i
     store = _StateStore(offload_dir)
     for b, (_, size) in enumerate(batches):
         store.put(b, keyed_noise(plan.seed, b, -1, (size, *shape)))
+    shared = shared_modules(denoiser.experts)   # parts every expert holds stay on the device throughout
     for e, first, seg in segs:
         expert = fp.prepare(denoiser.experts[e], device)
         for b in range(len(batches)):
             x = _run_steps(expert, diffusion, plan, fp.input(store.get(b), device), b, seg, first, device, fp)
             store.put(b, x.float().cpu())
             bar.update(len(seg))
-        expert.cpu()
+        move_private(expert, "cpu", keep=shared)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    for m in shared:
+        m.cpu()
     bar.close()
     return torch.cat([store.get(b) for b in range(len(batches))])
 
