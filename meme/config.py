@@ -245,6 +245,36 @@ class ShareConfig:
             + ([f"dec{self.decoder_levels}"] if self.decoder_levels else []) + (["temb"] if self.time_embed else [])
         return "+".join(parts) or "none"
 
+    @classmethod
+    def parse(cls, text: str, where: str = "share") -> "ShareConfig":
+        """The words of :meth:`describe` back: 'none', 'dec', 'enc1+dec2', 'enc+mid+dec+temb'...
+
+        ``enc``/``dec`` without a number mean every stage/level (``MAX_STAGES`` here, cut to
+        the network's own count by :meth:`fit`).
+        """
+        fields = dict(time_embed=False, encoder_stages=0, mid=False, decoder_levels=0)
+        words = [w.strip() for w in str(text).split("+") if w.strip()]
+        require(bool(words), f"{where}: empty sharing; write 'none' or parts like 'enc1+dec'")
+        for w in words:
+            if w == "none" and len(words) == 1:
+                continue
+            if w in ("temb", "mid"):
+                fields["time_embed" if w == "temb" else "mid"] = True
+                continue
+            for prefix, key in (("enc", "encoder_stages"), ("dec", "decoder_levels")):
+                if w.startswith(prefix) and (w[len(prefix):].isdigit() or w == prefix):
+                    fields[key] = int(w[len(prefix):]) if w != prefix else MAX_STAGES
+                    break
+            else:
+                raise ConfigError(f"{where}: {w!r} is not a part; parts are temb, encK, mid, decK "
+                                  f"(K stages/levels, or all without K), joined by '+', or 'none'")
+        return cls(**fields)
+
+    def fit(self, num_stages: int) -> "ShareConfig":
+        """'every stage/level' (``enc``/``dec``) written as the network's own count."""
+        return dataclasses.replace(self, encoder_stages=min(self.encoder_stages, num_stages),
+                                   decoder_levels=min(self.decoder_levels, num_stages))
+
     def validate(self, experts: tuple["ArchConfig", ...], where: str = "share") -> None:
         """Every shared part must be one architecture for all experts: refused in one line otherwise."""
         n_stages = experts[0].num_stages

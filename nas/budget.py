@@ -51,6 +51,7 @@ class Cost:
     gflops_max: float
     gflops_per_expert: list[float]
     params: int                      # all experts together
+    params_unique: int               # what the model holds: parts the experts share counted once
     paper_units: float               # the paper's 'MACs' column (3 x hook GMACs), weighted mean
 
 
@@ -59,7 +60,7 @@ def cost_of(cfg: MemeConfig, mode: str = "mean") -> Cost:
     return Cost(gflops=c.gflops_mean if mode == "mean" else c.gflops_max,
                 gflops_mean=c.gflops_mean, gflops_max=c.gflops_max,
                 gflops_per_expert=[e.gflops for e in c.experts], params=c.params_total,
-                paper_units=c.paper_units_mean)
+                params_unique=c.params_unique, paper_units=c.paper_units_mean)
 
 
 def resolve_budget(gflops: Optional[float], like: Optional[str], mode: str) -> Budget:

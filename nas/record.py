@@ -6,6 +6,8 @@ User attributes of every trial (what ``trials.csv`` and the dashboard show):
 ``gflops``                budgeted cost (mean or max per --budget-mode), target shape
 ``gflops_mean/_max``      both figures; ``gflops_per_expert`` the list
 ``params``                parameters of all experts at the target shape
+``params_unique``         the same with parts the experts share counted once
+``share``                 what the experts hold in common (``ShareConfig.describe``: none, dec3...)
 ``paper_units``           the paper's "MACs" column (3 x ptflops hook GMACs)
 ``constraint``            gflops - B (> 0: infeasible, never trained)
 ``config_yaml``           the candidate as MemeConfig YAML (target scale)
@@ -65,7 +67,8 @@ def prepare(trial: Any, s: Settings) -> Candidate:
     cfg = build_config(trial, s.space, name=f"{s.study_name}-t{trial.number}")
     c = cost_of(cfg, s.budget.mode)
     attrs = {"gflops": c.gflops, "gflops_mean": c.gflops_mean, "gflops_max": c.gflops_max,
-             "gflops_per_expert": c.gflops_per_expert, "params": c.params, "paper_units": c.paper_units,
+             "gflops_per_expert": c.gflops_per_expert, "params": c.params, "params_unique": c.params_unique,
+             "share": cfg.share.describe(), "paper_units": c.paper_units,
              "num_experts": cfg.num_experts, "config_yaml": cfg.to_yaml(), "config_hash": cfg.hash(),
              "trained_steps": 0, "stopped_early": False, **readable_attrs(cfg, c.params),
              "status": "running"}

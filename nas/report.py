@@ -15,7 +15,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from meme.config import MemeConfig
 
-CSV_ATTRS = ("num_experts", "gflops", "gflops_mean", "gflops_max", "constraint", "params", "paper_units",
+CSV_ATTRS = ("num_experts", "gflops", "gflops_mean", "gflops_max", "constraint", "params", "params_unique", "share",
+             "paper_units",
              "trained_steps", "train_steps_total", "train_gflops_total", "seed", "stopped_early", "wall_s", "peak_mem_mb", "device", "duplicate_of", "fail_reason")
 
 

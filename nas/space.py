@@ -33,9 +33,9 @@ from typing import Any, Optional, Protocol
 from meme.branching import SPLIT_OPTIMIZERS
 from meme.cli import pick_device
 from meme.resources import check_fits
-from meme.config import (ArchConfig, ConfigError, DataShape, DiffusionConfig, MemeConfig, check_keys, coerce_fields,
-                         coerce_value,
-                         from_mapping, head_step_grid, parse_fraction, parse_yaml, require)
+from meme.config import (ArchConfig, ConfigError, DataShape, DiffusionConfig, MemeConfig, ShareConfig, check_keys,
+                         coerce_fields, coerce_value, from_mapping, head_step_grid, parse_fraction, parse_yaml,
+                         require)
 
 def _spaces_dir() -> Path:
     """The shipped spaces: search_spaces/ in a checkout, the package data nas.spaces when installed."""
@@ -51,6 +51,8 @@ SPACES_DIR = _spaces_dir()
 EVALUATORS = ("scratch", "supernet")
 INITS = ("scratch", "branch")       # promote.init: how a promoted design's experts start
 DEFAULT_SPACE = "meme_ffhq256"
+BOUNDARY_MODES = ("uniform", "searchable", "cluster")
+BOUNDARY_CHOICES = ("uniform", "cluster")   # what a trial picks from in mode 'cluster'
 
 
 class TrialLike(Protocol):
@@ -90,7 +92,7 @@ class ProbRules:
 class BoundaryRules:
     """Interval boundaries: uniform, or searchable via integer interval weights."""
 
-    mode: str = "uniform"              # 'uniform' or 'searchable'
+    mode: str = "uniform"              # 'uniform', 'searchable' or 'cluster' (uniform or clustered, searched)
     weight_levels: int = 3             # searchable: interval n has length prop. to w_n in 1..levels
 
 
@@ -251,6 +253,7 @@ class SearchSpace:
     dataset: Optional[str] = None                 # meme.data spec of the target's training data (None: not
                                                   # shipped, e.g. latents the user encodes; promote asks for it)
     promote: PromoteRecipe = field(default_factory=PromoteRecipe)  # full-training recipe at the target
+    share: tuple[ShareConfig, ...] = (ShareConfig(),)  # what experts may hold in common (searched if > 1)
 
     def reference_config(self) -> Optional[MemeConfig]:
         return self.reference
@@ -313,12 +316,20 @@ def prob_choices(space: SearchSpace, previous: Optional[int]) -> list[int]:
     return list(range(max(0, previous - space.probs.max_decrement), previous + 1))
 
 
-def sample_ratios(trial: TrialLike, space: SearchSpace, n_experts: int, base: int) -> list[tuple[str, ...]]:
-    """Per-expert, per-stage d_h/d; monotone rules hold by construction."""
+def sample_ratios(trial: TrialLike, space: SearchSpace, n_experts: int, base: int,
+                  shared_stages: int = 0) -> list[tuple[str, ...]]:
+    """Per-expert, per-stage d_h/d; monotone rules hold by construction.
+
+    The first ``shared_stages`` stages are one module for all experts (``MemeConfig.share``),
+    so expert 1 draws them and the others take its values (equal values keep every rule).
+    """
     out: list[list[Fraction]] = []
     for n in range(n_experts):
         row: list[Fraction] = []
         for s in range(space.num_stages):
+            if n and s < shared_stages:
+                row.append(out[0][s])
+                continue
             legal = ratio_choices(space, base, s, row[s - 1] if s else None, out[n - 1][s] if n else None)
             row.append(_pick(legal, trial.suggest_float(f"e{n}_s{s}", 0.0, 1.0)))
         out.append(row)
@@ -335,6 +346,10 @@ def sample_probs(trial: TrialLike, space: SearchSpace, n_experts: int) -> tuple[
 def sample_boundaries(trial: TrialLike, space: SearchSpace, n_experts: int) -> tuple[int, ...]:
     if space.boundaries.mode == "uniform":
         return ()
+    if space.boundaries.mode == "cluster":
+        if n_experts == 1 or trial.suggest_categorical("boundaries", list(BOUNDARY_CHOICES)) == "uniform":
+            return ()
+        return clustered_boundaries(space, n_experts)
     T = space.diffusion.timesteps
     w = [trial.suggest_int(f"w{n}", 1, space.boundaries.weight_levels) for n in range(n_experts)]
     total, acc, b = sum(w), 0, [0]
@@ -344,6 +359,13 @@ def sample_boundaries(trial: TrialLike, space: SearchSpace, n_experts: int) -> t
     return tuple(b)
 
 
+def clustered_boundaries(space: SearchSpace, n_experts: int) -> tuple[int, ...]:
+    """Boundaries of N intervals from timestep clustering (``nas.clusters``; cached per space and N)."""
+    from nas.clusters import boundaries_for  # local: nas.clusters trains with nas.trial, which imports this module
+
+    return boundaries_for(space, n_experts)
+
+
 def build_config(trial: TrialLike, space: SearchSpace, name: Optional[str] = None) -> MemeConfig:
     """Define-by-run: draw one candidate from the space (target shape), validated."""
     n_experts = trial.suggest_categorical("num_experts", list(space.num_experts))
@@ -351,13 +373,23 @@ def build_config(trial: TrialLike, space: SearchSpace, name: Optional[str] = Non
     blocks = _maybe(trial, "num_res_blocks", space.macro.num_res_blocks)
     pools = tuple(int(p) for p in str(_maybe(trial, "pool_strides",
                                               tuple(_strides_str(p) for p in space.macro.pool_strides))).split(","))
-    ratios = sample_ratios(trial, space, n_experts, base)
+    share = sample_share(trial, space, n_experts)
+    ratios = sample_ratios(trial, space, n_experts, base, share.encoder_stages)
     probs = sample_probs(trial, space, n_experts)
     bounds = sample_boundaries(trial, space, n_experts)
     cfg = MemeConfig(name=name or f"{space.name}-t{getattr(trial, 'number', 0)}",
                      experts=tuple(space.arch(base, blocks, pools, r) for r in ratios),
-                     data=space.data, diffusion=space.diffusion, boundaries=bounds, expert_probs=probs)
+                     data=space.data, diffusion=space.diffusion, boundaries=bounds, expert_probs=probs,
+                     share=share)
     return cfg.validate()
+
+
+def sample_share(trial: TrialLike, space: SearchSpace, n_experts: int) -> ShareConfig:
+    """What the experts hold in common: one of the space's choices (none for one expert)."""
+    if n_experts == 1:
+        return ShareConfig()
+    words = _maybe(trial, "share", tuple(c.describe() for c in space.share))
+    return ShareConfig.parse(words).fit(space.num_stages)
 
 
 def encode(cfg: MemeConfig, space: SearchSpace) -> dict[str, Any]:
@@ -377,9 +409,18 @@ def encode(cfg: MemeConfig, space: SearchSpace) -> dict[str, Any]:
         require(value in choices, f"{where} ({key}={value})")
         if len(choices) > 1:
             params[key] = value
+    if cfg.num_experts > 1:
+        share_words = [c.describe() for c in space.share]
+        require(cfg.share.describe() in share_words, f"{where} (share {cfg.share.describe()} not in {share_words})")
+        if len(share_words) > 1:
+            params["share"] = cfg.share.describe()
+    else:
+        require(not cfg.share.any, f"{where} (one expert shares nothing)")
     rows = [[Fraction(r) for r in e.high_ratios] for e in cfg.experts]
     for n, row in enumerate(rows):
         for s, r in enumerate(row):
+            if n and s < cfg.share.encoder_stages:
+                continue   # a shared stage: expert 1's value (MemeConfig.validate checked they agree)
             legal = ratio_choices(space, e0.base_channels, s, row[s - 1] if s else None, rows[n - 1][s] if n else None)
             require(r in legal, f"{where} (expert {n + 1} stage {s + 1}: {r} not in {[str(x) for x in legal]})")
             params[f"e{n}_s{s}"] = _position(legal, r)
@@ -391,7 +432,13 @@ def encode(cfg: MemeConfig, space: SearchSpace) -> dict[str, Any]:
         require(i in legal, f"{where} (p_{n + 1}={p} breaks the p_n rule)")
         params[f"p{n}"] = _position(legal, i)
         idx.append(i)
-    if space.boundaries.mode == "searchable":
+    if space.boundaries.mode == "cluster" and cfg.num_experts > 1:
+        clustered = list(clustered_boundaries(space, cfg.num_experts))
+        require(not cfg.boundaries or cfg.resolved_boundaries() in (clustered, MemeConfig(
+            name="u", experts=cfg.experts, diffusion=cfg.diffusion).resolved_boundaries()),
+            f"{where} (boundaries {cfg.resolved_boundaries()} are neither uniform nor the clustered {clustered})")
+        params["boundaries"] = "cluster" if cfg.boundaries and cfg.resolved_boundaries() == clustered else "uniform"
+    elif space.boundaries.mode == "searchable":
         levels = range(1, space.boundaries.weight_levels + 1)
         for w in itertools.product(levels, repeat=cfg.num_experts):
             trial = FixedTrial({**params, **{f"w{n}": x for n, x in enumerate(w)}})
@@ -400,7 +447,7 @@ def encode(cfg: MemeConfig, space: SearchSpace) -> dict[str, Any]:
                 break
         else:
             raise ConfigError(f"{where} (boundaries {cfg.resolved_boundaries()})")
-    else:
+    elif space.boundaries.mode == "uniform":
         require(not cfg.boundaries, f"{where} (the space's boundaries are uniform)")
     return params
 
@@ -475,7 +522,7 @@ def load_space(spec: str | Path | None = None) -> SearchSpace:
         raise ConfigError(str(exc)) from None
 
     s = _map(d.get("search"), f"{src}: search")
-    check_keys(s, {"num_experts", "ratios", "probs", "boundaries", "macro"}, f"{src}: search")
+    check_keys(s, {"num_experts", "ratios", "probs", "boundaries", "macro", "share"}, f"{src}: search")
     n_exp = coerce_value(_list(s.get("num_experts", [4]), f"{src}: search.num_experts"), tuple[int, ...],
                          f"{src}: search.num_experts")
     require(all(n >= 1 for n in n_exp), f"{src}: search.num_experts must be positive ints, got {list(n_exp)}")
@@ -503,8 +550,8 @@ def load_space(spec: str | Path | None = None) -> SearchSpace:
     check_keys(b, {"mode", "weight_levels"}, f"{src}: search.boundaries")
     bounds = BoundaryRules(mode=str(b.get("mode", "uniform")),
                            weight_levels=coerce_value(b.get("weight_levels", 3), int, f"{src}: search.boundaries.weight_levels"))
-    require(bounds.mode in ("uniform", "searchable"),
-          f"{src}: search.boundaries.mode must be 'uniform' or 'searchable', got {bounds.mode!r}")
+    require(bounds.mode in BOUNDARY_MODES,
+          f"{src}: search.boundaries.mode must be one of {list(BOUNDARY_MODES)}, got {bounds.mode!r}")
     require(bounds.weight_levels >= 1, f"{src}: search.boundaries.weight_levels must be >= 1")
     m = _map(s.get("macro", {}), f"{src}: search.macro")
     check_keys(m, {"base_channels", "num_res_blocks", "pool_strides"}, f"{src}: search.macro")
@@ -519,6 +566,7 @@ def load_space(spec: str | Path | None = None) -> SearchSpace:
                                     tuple[int, ...], f"{where}.num_res_blocks"),
         pool_strides=tuple(coerce_value(x, tuple[int, ...], f"{where}.pool_strides") for x in pools))
 
+    share = parse_share(s.get("share", ["none"]), template, f"{src}: search.share")
     proxy = parse_proxy(d.get("proxy", {}), src)
     defaults = _map(d.get("defaults", {}), f"{src}: defaults")
     space = SearchSpace(name=str(d.get("name", path.stem)), source=src, template=template, data=data,
@@ -526,9 +574,17 @@ def load_space(spec: str | Path | None = None) -> SearchSpace:
                         macro=macro, proxy=proxy, defaults=dict(defaults),
                         reference=parse_reference(d.get("reference"), path, data),
                         dataset=parse_dataset(target.get("dataset"), path, f"{src}: target.dataset"),
-                        promote=parse_promote(d.get("promote"), src))
+                        promote=parse_promote(d.get("promote"), src), share=share)
     check_space(space)
     return space
+
+
+def parse_share(x: Any, template: ArchConfig, where: str) -> tuple[ShareConfig, ...]:
+    """``search.share``: a list of sharings in ``ShareConfig.describe`` words, e.g. [none, dec, enc1+dec]."""
+    words = _list(x, where)
+    out = tuple(ShareConfig.parse(w, f"{where}[{i}]").fit(template.num_stages) for i, w in enumerate(words))
+    require(len({c.describe() for c in out}) == len(out), f"{where}: a choice is listed twice: {words}")
+    return out
 
 
 def parse_reference(x: Any, path: Path, data: DataShape) -> Optional[MemeConfig]:

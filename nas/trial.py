@@ -34,6 +34,7 @@ from meme.config import DataShape, MemeConfig
 from meme.diffusion import Diffusion
 from meme.experts import MultiExpertDenoiser, SoftExpertSampler, build_denoiser
 from meme.fastpath import FastPath, fast_path
+from meme.networks import count_params
 from meme.resources import check_fits
 from meme.train import NonFiniteLoss, draw_batch, train_step, warmup_lr
 from nas.proxy import proxy_config
@@ -89,21 +90,28 @@ def heldout_noise(val: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.randn(val.shape, generator=torch.Generator().manual_seed(seed + 12345))
 
 
-@torch.no_grad()
 def heldout_loss(model: MultiExpertDenoiser, diffusion: Diffusion, val: torch.Tensor,
                  timesteps: list[int], seed: int, device: torch.device, fp: FastPath) -> float:
     """Mean over the t grid of eps-MSE on fixed held-out images and fixed noise."""
+    per_t = heldout_losses(model, diffusion, val, timesteps, seed, device, fp)
+    return sum(per_t) / len(per_t)
+
+
+@torch.no_grad()
+def heldout_losses(model: MultiExpertDenoiser, diffusion: Diffusion, val: torch.Tensor,
+                   timesteps: list[int], seed: int, device: torch.device, fp: FastPath) -> list[float]:
+    """eps-MSE at each t of the grid on fixed held-out images and fixed noise (the owner of t denoises)."""
     model.eval()
     noise = heldout_noise(val, seed)
     x0 = fp.input(val, device)
     noise = fp.input(noise, device)
-    total = 0.0
+    out = []
     with fp.autocast():
         for t in timesteps:
             tt = torch.full((len(x0),), t, dtype=torch.long, device=device)
-            total += float(diffusion.training_loss(model, x0, tt, noise))
+            out.append(float(diffusion.training_loss(model, x0, tt, noise)))
     model.train()
-    return total / len(timesteps)
+    return out
 
 
 def sample_fid(model: MultiExpertDenoiser, diffusion: Diffusion, proxy: ProxySpec, device: torch.device,
@@ -206,7 +214,7 @@ def _train(config: MemeConfig, proxy: ProxySpec, report: Report, objective: str,
     model = build_denoiser(cfg)
     fp = fast_path(dev, proxy.precision, model)
     fp.prepare(model, dev)
-    params = sum(p.numel() for p in model.parameters())
+    params = count_params(model)   # unique: a part the experts share counts once
     diffusion = Diffusion(cfg.diffusion)
     sampler = SoftExpertSampler(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=proxy.lr, weight_decay=0.0)
@@ -215,10 +223,13 @@ def _train(config: MemeConfig, proxy: ProxySpec, report: Report, objective: str,
     grid = eval_timesteps(diffusion.T, proxy.eval_timesteps)
     n_exp = cfg.num_experts
 
+    per_t: list[float] = []
+
     def measure() -> float:
         if objective == "fid":
             return sample_fid(model, diffusion, proxy, dev, fp, latent_target=config.data.latent)
-        return heldout_loss(model, diffusion, val, grid, proxy.seed, dev, fp)
+        per_t[:] = heldout_losses(model, diffusion, val, grid, proxy.seed, dev, fp)
+        return sum(per_t) / len(per_t)
 
     history: list[tuple[int, float]] = []
     elapsed: list[float] = []
@@ -248,4 +259,6 @@ def _train(config: MemeConfig, proxy: ProxySpec, report: Report, objective: str,
                        wall_s=time.perf_counter() - t0, peak_mem_mb=peak_memory_mb(dev),
                        device=str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
                        params_proxy=params, train_gflops=training_gflops(step_gflops, step), seed=seed, history=history,
-                       elapsed=elapsed, extra={"evaluator": "scratch"})
+                       elapsed=elapsed, extra={"evaluator": "scratch",
+                                               **({"heldout_by_t": [[t, round(v, 6)] for t, v in zip(grid, per_t)]}
+                                                  if per_t else {})})
