@@ -17,6 +17,8 @@ COMMANDS = {  # name -> (module, one line)
     "export": ("nas.export", "a study's K-th best config as YAML"),
     "promote": ("nas.promote", "train, sample and evaluate a study's top K on the target data"),
     "compare": ("nas.compare", "single vs multi-expert vs hand vs search winner at equal cost (FID, seeds)"),
+    "sharing-study": ("nas.sharing_study", "shared decoder/encoder and clustered boundaries vs separate experts"),
+    "clusters": ("nas.clusters", "interval boundaries from clustering timesteps by gradient similarity"),
     "train": ("meme.train", "train a MEME (all experts, soft-expert sampling)"),
     "sample": ("meme.sample", "sample a trained run"),
     "evaluate": ("meme.evaluate", "FID / precision / recall of a run's samples"),

@@ -23,7 +23,7 @@ from meme.cli import UserError, main_guard
 from nas.cli import package_version
 from nas import reference as ref_mod
 from nas.budget import check_feasible, reference_costs, resolve_budget
-from nas.space import DEFAULT_SPACE, load_space
+from nas.space import DEFAULT_SPACE, clustered_boundaries, load_space
 from nas.supernet import load_index
 from nas.study import (Heartbeat, Settings, check_compatible, counted, fail_stale_running, name_metrics,
                        open_storage, storage_url_for, study_attrs)
@@ -158,6 +158,9 @@ def make_settings(args) -> tuple[Settings, dict]:
         print(f"    {name:<12} {c.gflops:>8.2f} GFLOPs  {c.params / 1e6:>7.1f}M params  paper {c.paper_units:>6.1f}G")
     cmin = check_feasible(space, budget)
     print(f"space {space.name} ({space.source}): cheapest candidate {cmin:.2f} GFLOPs -- budget is feasible")
+    if space.boundaries.mode == "cluster":   # once, before any trial: workers then read the cached result
+        for n in sorted(n for n in space.num_experts if n > 1):
+            print(f"  clustered boundaries for N={n}: {list(clustered_boundaries(space, n))} (nas.clusters)")
 
     time_budget = args.time_budget if args.time_budget is not None else space.defaults.get("time_budget")
     if time_budget is not None and float(time_budget) <= 0:

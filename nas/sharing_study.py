@@ -122,15 +122,15 @@ def quarter_means(by_t: list[list[float]], T: int) -> list[float]:
 
 
 def run(space: SearchSpace, rows_: list[Row], seeds: list[int], grid: int, out: Path,
-        threads: int = 1) -> list[dict[str, Any]]:
-    """Train every (row, seed) not yet in runs.jsonl; returns all runs."""
+        threads: int = 1, train: bool = True) -> list[dict[str, Any]]:
+    """Train every (row, seed) not yet in runs.jsonl (none when not ``train``); returns all runs."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "runs.jsonl"
     done = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     have = {(r["tag"], r["seed"], r["config_hash"]) for r in done}
     proxy = dataclasses.replace(space.proxy, eval_timesteps=grid, eval_every=space.proxy.steps,
                                 evaluator="scratch")
-    todo = [(r, s) for s in seeds for r in rows_ if (r.tag, s, r.cfg.hash()) not in have]
+    todo = [(r, s) for s in seeds for r in rows_ if (r.tag, s, r.cfg.hash()) not in have] if train else []
     for r, s in tqdm(todo, desc="sharing study", unit="run"):
         res = run_trial(r.cfg, proxy, lambda step, value: False, threads=threads, seed=s)
         rec = {"tag": r.tag, "seed": s, "config_hash": r.cfg.hash(), "heldout": res.objective,
@@ -146,9 +146,12 @@ def run(space: SearchSpace, rows_: list[Row], seeds: list[int], grid: int, out: 
 def summary(space: SearchSpace, rows_: list[Row], runs: list[dict[str, Any]], gflops: dict[str, float]) -> dict:
     T = space.diffusion.timesteps
     by = {r.tag: sorted((x for x in runs if x["tag"] == r.tag), key=lambda x: x["seed"]) for r in rows_}
-    table = []
+    table, pending = [], []
     for r in rows_:
         vals = [x["heldout"] for x in by[r.tag]]
+        if not vals:
+            pending.append(r.tag)
+            continue
         quarters = [quarter_means(x["heldout_by_t"], T) for x in by[r.tag]]
         s = summarize(vals)
         cost = cost_of_meme(r.cfg)
@@ -167,6 +170,7 @@ def summary(space: SearchSpace, rows_: list[Row], runs: list[dict[str, Any]], gf
         table.append(entry)
     return {"space": space.name, "proxy_steps": space.proxy.steps, "batch_size": space.proxy.batch_size,
             "seeds": sorted({x["seed"] for x in runs}), "rows": table, "refused": dict(REFUSED),
+            "not_run_yet": pending,
             "equal_cost": "per-step GFLOPs within 5% of single (checked); equal steps x batch for every row"}
 
 
@@ -191,7 +195,8 @@ def markdown(res: dict) -> str:
             f"Proxy training: {res['proxy_steps']} steps in all at batch {res['batch_size']}, seeds {res['seeds']}; "
             f"{res['equal_cost']}. Held-out eps-MSE (lower is better); Welch t-test over seeds.\n\n"
             + markdown_table(head, body) + "\n"
-            + "".join(f"\n- {tag}: refused, {why}" for tag, why in res.get("refused", {}).items()))
+            + "".join(f"\n- {tag}: refused, {why}" for tag, why in res.get("refused", {}).items())
+            + (f"\n- not run yet: {', '.join(res['not_run_yet'])}" if res.get("not_run_yet") else ""))
 
 
 def plot(res: dict, path: Path) -> Path:
@@ -245,6 +250,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--no-cluster", action="store_true", help="skip the clustered-boundary rows")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per run (default %(default)s)")
     p.add_argument("--out", type=Path, default=None, help="folder (default results/sharing-SPACE)")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the summary of the runs finished so far, train nothing")
     args = p.parse_args(argv)
     if args.seeds < 1:
         raise UserError("--seeds must be >= 1")
@@ -254,7 +261,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     out = args.out or Path("results") / f"sharing-{space.name}"
     t0 = time.perf_counter()
     runs = run(space, rows_, list(range(args.first_seed, args.first_seed + args.seeds)), args.grid, out,
-               args.threads)
+               args.threads, train=not args.report_only)
     res = summary(space, rows_, runs, gflops)
     res["command"] = "python -m nas.sharing_study " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     atomic_write_json(res, out / "sharing.json")

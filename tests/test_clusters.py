@@ -68,7 +68,7 @@ def space_with_choices(tmp_path, monkeypatch):
     monkeypatch.setenv("MEME_CLUSTERS_CACHE", str(tmp_path / "clusters"))
     clusters._MEMO.clear()
     space = load_space(path)
-    cached = {"boundaries": {"2": [0, 150, 1000], "3": [0, 75, 250, 1000]}}
+    cached = {"boundaries": {"2": [0, 150, 1000], "3": [0, 75, 250, 1000], "4": [0, 50, 150, 300, 1000]}}
     (tmp_path / "clusters").mkdir()
     (tmp_path / "clusters" / f"{clusters.cache_key(space, clusters.GRID)}.json").write_text(json.dumps(cached))
     yield space
@@ -108,3 +108,22 @@ def test_bad_share_choices_are_refused_in_one_line(tmp_path):
         with pytest.raises(ConfigError, match=msg) as err:
             load_space(path)
         assert "\n" not in str(err.value)
+
+
+def test_sharing_study_rows_are_at_equal_cost_and_name_what_was_refused(space_with_choices):
+    from nas import sharing_study
+
+    sharing_study.REFUSED.clear()
+    rows = sharing_study.rows(space_with_choices, clustered=True)
+    tags = [r.tag for r in rows]
+    assert tags[0] == "single" and "multi-N4+enc1+dec" in tags and "multi-N2+cluster" in tags
+    # the tiny hand design's stage-1 ratios differ (3/4, 1/2): sharing stage 1 is refused, and said so
+    assert "hand+enc1+dec" not in tags and "contradicts" in sharing_study.REFUSED["hand+enc1+dec"]
+    by = {r.tag: r for r in rows}
+    assert by["multi-N4+dec"].cfg.share.decoder_levels == 2 and by["multi-N4+dec"].base == "multi-N4"
+    assert by["multi-N2+cluster"].cfg.resolved_boundaries() == [0, 150, 1000]
+    gflops = sharing_study.check_equal_cost(rows)
+    assert gflops["multi-N4+enc1+dec"] == pytest.approx(gflops["single"])   # sharing never changes per-step cost
+    # quarters by hand: t = 100, 300, 600, 900 fall one in each quarter; two in the first here
+    assert sharing_study.quarter_means([[100, 1.0], [200, 3.0], [300, 5.0], [600, 7.0], [900, 9.0]], 1000) == \
+        [2.0, 5.0, 7.0, 9.0]
