@@ -70,20 +70,27 @@ def hand_design(space: SearchSpace) -> MemeConfig:
     return hand
 
 
-def rows(space: SearchSpace, shares: tuple[str, ...] = SHARES, clustered: bool = True) -> list[Row]:
+BASES = ("multi-N2", "multi-N4", "hand")
+
+
+def rows(space: SearchSpace, shares: tuple[str, ...] = SHARES, clustered: bool = True,
+         bases: tuple[str, ...] = BASES) -> list[Row]:
     hand = hand_design(space)
     d = hand.to_dict()
     middle = d["experts"][(hand.num_experts - 1) // 2]
     probs = list(hand.resolved_probs())
     base = {k: v for k, v in d.items() if k not in ("name", "experts", "expert_probs", "boundaries")}
     single = MemeConfig.from_dict({**base, "name": "single", "experts": [middle]}, "study").validate()
-    bases = [MemeConfig.from_dict({**base, "name": f"multi-N{n}", "experts": [middle] * n,
+    multis = [MemeConfig.from_dict({**base, "name": f"multi-N{n}", "experts": [middle] * n,
                                    "expert_probs": (probs + probs[-1:] * n)[:n]}, "study").validate()
              for n in (2, 4)]
-    bases.append(MemeConfig.from_dict({**d, "name": "hand"}, "study").validate())
+    multis.append(MemeConfig.from_dict({**d, "name": "hand"}, "study").validate())
+    unknown = sorted(set(bases) - {c.name for c in multis})
+    if unknown:
+        raise UserError(f"--bases: unknown {unknown}; choose from {list(BASES)}")
     out = [Row("single", single, "", "none", "uniform")]
     n_stages = hand.experts[0].num_stages
-    for cfg in bases:
+    for cfg in (c for c in multis if c.name in bases):
         for words in shares:
             share = ShareConfig.parse(words).fit(n_stages)
             tag = cfg.name if not share.any else f"{cfg.name}+{words}"
@@ -248,6 +255,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--grid", type=int, default=20, help="held-out timesteps (default %(default)s)")
     p.add_argument("--shares", default=",".join(SHARES), help="sharings to try (default %(default)s)")
     p.add_argument("--no-cluster", action="store_true", help="skip the clustered-boundary rows")
+    p.add_argument("--bases", default=",".join(BASES), help="multi-expert rows to vary (default %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per run (default %(default)s)")
     p.add_argument("--out", type=Path, default=None, help="folder (default results/sharing-SPACE)")
     p.add_argument("--report-only", action="store_true",
@@ -256,7 +264,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.seeds < 1:
         raise UserError("--seeds must be >= 1")
     space = load_space(args.space)
-    rows_ = rows(space, tuple(w.strip() for w in args.shares.split(",") if w.strip()), not args.no_cluster)
+    rows_ = rows(space, tuple(w.strip() for w in args.shares.split(",") if w.strip()), not args.no_cluster,
+                 tuple(b.strip() for b in args.bases.split(",") if b.strip()))
     gflops = check_equal_cost(rows_)
     out = args.out or Path("results") / f"sharing-{space.name}"
     t0 = time.perf_counter()

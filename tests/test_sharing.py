@@ -109,14 +109,15 @@ def test_a_shared_part_is_trained_by_every_experts_steps(tmp_path, blobs):
     assert tr.ema.module.experts[0].decoder.out is tr.ema.module.experts[1].decoder.out   # the EMA copy keeps the tie
 
 
-def test_checkpoint_resume_and_sampling_keep_the_tie(tmp_path, blobs):
+@pytest.mark.parametrize("schedule", ["interleaved", "sequential"])
+def test_checkpoint_resume_and_sampling_keep_the_tie(tmp_path, blobs, schedule):
     cfg = meme(A, B, share=ENC_DEC)
-    straight = train(cfg, opts(blobs), tmp_path / "straight", progress=False)
-    tr = Trainer(cfg, opts(blobs), tmp_path / "resumed")
+    straight = train(cfg, opts(blobs, schedule=schedule), tmp_path / "straight", progress=False)
+    tr = Trainer(cfg, opts(blobs, schedule=schedule), tmp_path / "resumed")
     for _ in range(3):
         tr.step()
     tr.save()
-    resumed = train(cfg, opts(blobs), tmp_path / "resumed", resume=True, progress=False)
+    resumed = train(cfg, opts(blobs, schedule=schedule), tmp_path / "resumed", resume=True, progress=False)
     for k, v in straight.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
     _, den, step = load_run(tmp_path / "resumed")
