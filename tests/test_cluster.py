@@ -58,7 +58,7 @@ def _report(test: str, **facts) -> None:
 
 
 def _search(*args: str) -> list[str]:
-    return [PY, "-m", "nas.search", "--space", "tiny", "--quiet", "--rerank-top", "0", *args]
+    return [PY, "-m", "nas.search", "--space", "tiny", "--quiet", "--rerank-top", "0", "--stale-after", "10", *args]
 
 
 # Ray's token authentication, as a real cluster should run it: every node and driver
@@ -71,7 +71,7 @@ def _env() -> dict[str, str]:
     code from the driver's runtime_env, as on a machine without this checkout)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     return {**env, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": RAY_TOKEN, "MEME_NAS_STALE_AFTER_S": "10"}
+            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": RAY_TOKEN}
 
 
 # ---- a Ray cluster of separate node processes -----------------------------------------
