@@ -18,7 +18,7 @@ from nas.proxy import proxy_arch
 from nas.shared_eval import SharedScorer
 from nas.space import FixedTrial, build_config, encode, load_space
 from nas.supernet import StageCostTable, load_index, load_supernet, spec_for, train_all
-from nas.trial import eval_timesteps, heldout_images, heldout_loss
+from nas.proxy_data import eval_timesteps, heldout_images, heldout_loss
 from meme.diffusion import Diffusion
 from meme.experts import MultiExpertDenoiser
 from meme.fastpath import fast_path
