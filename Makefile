@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 CONSTRAINTS := constraints.txt
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup search test test-cluster bench dashboard clean-venv
+.PHONY: setup browser search test test-cluster bench dashboard clean-venv
 
 setup: $(STAMP)
 
@@ -34,10 +34,24 @@ $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	$(PY) -c "import torch, torchvision; v=torch.__version__.split('+')[0]; assert v=='2.14.1', f'torch was replaced: {torch.__version__}'; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 	touch $(STAMP)
 
+# Chromium + chromedriver (Debian) for the dashboard's browser test, installed the way the
+# dataset is: with apt-get where it exists; without them that one test skips with the reason.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    echo ">> installing Debian packages chromium chromium-driver (the dashboard browser test)"; \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
+	    timeout 600 $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	    { timeout 600 $$SUDO apt-get update -q >/dev/null 2>&1 && \
+	      timeout 600 $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } || \
+	    echo "!! could not install chromium; the dashboard browser test will skip"; \
+	  else echo "!! no apt-get: chromium missing; the dashboard browser test will skip"; fi; \
+	fi
+
 search: $(STAMP)
 	$(PY) -m nas.search --budget-gflops 95 $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q $(ARGS)
 
 # multi-node Ray on loopback, a PostgreSQL 15 server, killed nodes/drivers/databases

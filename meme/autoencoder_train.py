@@ -25,10 +25,15 @@ import torch
 from tqdm import tqdm
 
 from meme.checkpoint import atomic_write_json
-from meme.cli import UserError, pick_device
 from meme.config import DataShape
+from meme.data import load_data
+from meme.device import pick_device
+from meme.errors import UserError
+from meme.evaluate import fid_from_features, inception_features
+from meme.images import save_grid, to_uint8
+from meme.networks import count_params
 
-log = logging.getLogger("meme.autoencoder")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,7 @@ class AETrainOptions:
 
 def build_autoencoder(o: AETrainOptions):
     """A small diffusers AutoencoderKL (GroupNorm groups fitted to the narrowest block)."""
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # optional dependency (extra [latent])
 
     return AutoencoderKL(in_channels=o.channels, out_channels=o.channels, latent_channels=o.latent_channels,
                          down_block_types=("DownEncoderBlock2D",) * len(o.widths),
@@ -89,9 +94,6 @@ def pixel_metrics(x: torch.Tensor, recon: torch.Tensor) -> dict:
 
 def reconstruction_fid(x: torch.Tensor, recon: torch.Tensor, device) -> float:
     """rFID: FID of reconstructions against the same originals (meme.evaluate's features)."""
-    from meme.evaluate import fid_from_features, inception_features
-    from meme.images import to_uint8
-
     real = inception_features(to_uint8(x), device=device, progress=True)
     fake = inception_features(to_uint8(recon), device=device, progress=True)
     return fid_from_features(real, fake)
@@ -99,9 +101,6 @@ def reconstruction_fid(x: torch.Tensor, recon: torch.Tensor, device) -> float:
 
 def train_autoencoder(o: AETrainOptions, out: Path, progress: bool = True) -> dict:
     """Train, measure and save to ``out`` (which must not exist); returns the metrics."""
-    from meme.data import load_data
-    from meme.images import save_grid
-
     if out.exists():
         raise UserError(f"--out {out} already exists: delete it or choose another directory")
     if o.steps < 1 or o.batch_size < 1 or o.n_eval < 2:
@@ -118,7 +117,7 @@ def train_autoencoder(o: AETrainOptions, out: Path, progress: bool = True) -> di
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, o.lr, total_steps=o.steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(o.seed + 1)
     pixels = o.channels * o.resolution ** 2
-    log.info("training AutoencoderKL %.2fM params on %d images, %d steps", sum(p.numel() for p in vae.parameters())
+    log.info("training AutoencoderKL %.2fM params on %d images, %d steps", count_params(vae)
              / 1e6, len(train), o.steps)
     bar = tqdm(range(o.steps), desc="autoencoder", unit="step", disable=not progress)
     t0 = time.perf_counter()
@@ -142,7 +141,7 @@ def train_autoencoder(o: AETrainOptions, out: Path, progress: bool = True) -> di
     scale = float(1.0 / z.std())
     vae.register_to_config(scaling_factor=scale)
     metrics = {**pixel_metrics(val, recon), "rfid": None, "scaling_factor": scale, "latent_std": float(z.std()),
-               "latent_shape": list(z.shape[1:]), "params": sum(p.numel() for p in vae.parameters()),
+               "latent_shape": list(z.shape[1:]), "params": count_params(vae),
                "train_s": round(train_s, 1), "device": str(device), "threads": torch.get_num_threads(),
                "options": dataclasses.asdict(o)}
     _save(vae, metrics, torch.cat([val[:32], recon[:32]]), out, save_grid)  # the model first: rFID is slow

@@ -80,12 +80,12 @@ def load_data(spec: Optional[str | Path],    # None/'fashion-mnist', image folde
                         f"`python -m meme.autoencoder encode --vae AE --data {spec or 'fashion-mnist'} "
                         f"--out LATENTS.pt` and pass the .pt")
     if kind == "latents":
-        arr = _latents(str(path), _stamp(path))
+        arr = _latents(str(path), file_stamp(path))
         _check_latents(arr, shape, path)
         idx = _split_indices(len(arr), split, limit, path)
         return arr[torch.from_numpy(idx)]
     if kind == "idx":
-        raw = _idx_images(str(path), _stamp(path))                 # uint8 [N, 28, 28]
+        raw = _idx_images(str(path), file_stamp(path))                 # uint8 [N, 28, 28]
         idx = _split_indices(len(raw), split, limit, path)
         x = torch.from_numpy(raw[idx]).unsqueeze(1).float()
         if x.shape[-1] != shape.resolution:
@@ -93,7 +93,7 @@ def load_data(spec: Optional[str | Path],    # None/'fashion-mnist', image folde
                               antialias=True, align_corners=False)
     else:
         mode = "RGB" if shape.channels == 3 else "L"
-        raw = _folder_images(str(path), shape.resolution, mode, _stamp(path))  # uint8 [N, c, R, R]
+        raw = _folder_images(str(path), shape.resolution, mode, file_stamp(path))  # uint8 [N, c, R, R]
         idx = _split_indices(len(raw), split, limit, path)
         x = torch.from_numpy(raw[idx]).float()
     x = (x / 127.5 - 1.0).clamp_(-1.0, 1.0)
@@ -139,7 +139,7 @@ def _find_idx(root: Path, name: str) -> Optional[Path]:
     return None
 
 
-def _stamp(path: Path) -> tuple[int, int]:
+def file_stamp(path: Path) -> tuple[int, int]:
     """(mtime_ns, size): part of every cache key, so a rewritten file is decoded again."""
     st = path.stat()
     return st.st_mtime_ns, st.st_size

@@ -25,10 +25,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from meme.cli import main_guard, setup_logging
+from meme.cli import UserError, main_guard, setup_logging
 from meme.data import load_data
 from meme.diffusion import Diffusion
 from meme.experts import MultiExpertDenoiser
+from meme.latents import run_data_spec
+from meme.sample import load_run
 
 log = logging.getLogger("meme.frequency")
 DEFAULT_TIMESTEPS = (125, 375, 625, 875)
@@ -146,9 +148,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 @main_guard
 def main(argv=None) -> int:
-    from meme.latents import run_data_spec
-    from meme.sample import load_run
-
     setup_logging()
     args = parse_args(argv)
     cfg, denoiser, step = load_run(args.run)
@@ -157,7 +156,6 @@ def main(argv=None) -> int:
     diffusion = Diffusion(cfg.diffusion)
     bad = [t for t in args.t if not 0 <= t < diffusion.T]
     if bad:
-        from meme.cli import UserError
         raise UserError(f"--t values must lie in [0, {diffusion.T}), got {bad}")
     log.info("Fourier analysis of %s (step %d): %d experts x %d timesteps on %d images",
              args.run, step, cfg.num_experts, len(args.t), len(x0))

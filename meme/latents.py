@@ -6,21 +6,23 @@ step needs to turn samples back into pictures: sample grids, ``samples.npz`` and
 are computed on decoded images, scored against the images that were encoded.
 
 This module reads that record without importing diffusers, so the pixel path never
-pays for it; :func:`load_decoder` imports :mod:`meme.autoencoder` only when asked.
+pays for it. The decoder it describes is built by ``meme.autoencoder.load_decoder``
+(re-exported here for the modules that import it from this one).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
 
 from meme import checkpoint
-from meme.cli import UserError
-from meme.data import LATENT_SUFFIXES, _stamp
+from meme.autoencoder import load_decoder  # noqa: F401  (re-exported)
+from meme.data import LATENT_SUFFIXES, file_stamp
+from meme.errors import UserError
 
 METADATA_KEY = "autoencoder"
 AUTOENCODER_KINDS = ("kl", "vq")
@@ -97,7 +99,7 @@ def latent_info(spec: Optional[str | Path]) -> Optional[LatentInfo]:
     path = Path(str(spec)).expanduser()
     if not path.is_file():
         raise UserError(f"latent file not found: {path}")
-    return _read_info(str(path.resolve()), _stamp(path))
+    return _read_info(str(path.resolve()), file_stamp(path))
 
 
 @functools.lru_cache(maxsize=8)
@@ -127,18 +129,9 @@ def image_reference(spec: Optional[str]) -> Optional[str]:
     return info.data if info is not None else spec
 
 
-def load_decoder(info: LatentInfo, device: "str | torch.device" = "cpu", batch_size: int = 64):
-    """A ``meme.images.Decoder`` for latents described by ``info`` (imports diffusers)."""
-    from meme.autoencoder import LatentDecoder, load_autoencoder
-
-    return LatentDecoder(load_autoencoder(info.autoencoder, device), info.scaling_factor, batch_size)
-
-
 def run_data_spec(run: Optional[Path]) -> Optional[str]:
     """The dataset a run was trained on (meme.train writes it to RUN/options.json)."""
     opts = Path(run) / "options.json" if run else None
     if opts and opts.is_file():
-        import json
-
         return json.loads(opts.read_text()).get("data")
     return None

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from meme.config import ArchConfig, ConfigError, DataShape, MemeConfig
-from meme.networks import build_network
+from meme.networks import build_network, count_params
 
 TRAIN_BYTES_PER_PARAM = 20   # fp32 weight + gradient + 2 AdamW moments + EMA
 INFER_BYTES_PER_PARAM = 4
@@ -100,7 +100,7 @@ def _meta_network(arch: ArchConfig, data: DataShape) -> nn.Module:
 
 @functools.lru_cache(maxsize=256)
 def _params(arch: ArchConfig, data: DataShape) -> int:
-    return sum(p.numel() for p in _meta_network(arch, data).parameters())
+    return count_params(_meta_network(arch, data))
 
 
 @functools.lru_cache(maxsize=256)

@@ -26,13 +26,14 @@ import torch
 from tqdm import tqdm
 
 from meme import checkpoint
+from meme.autoencoder import load_decoder
 from meme.cli import UserError, main_guard, pick_device, setup_logging
 from meme.config import MemeConfig
 from meme.diffusion import Diffusion
 from meme.experts import MultiExpertDenoiser, build_denoiser
 from meme.fastpath import PRECISIONS, FastPath, compile_for_inference, fast_path
 from meme.images import Decoder, decode, save_grid, save_pngs, to_uint8
-from meme.latents import load_decoder, require_latent_info, run_data_spec
+from meme.latents import require_latent_info, run_data_spec
 from meme.resources import check_fits
 from meme.sharing import move_private, shared_modules
 

@@ -84,7 +84,8 @@ def bench_macs_check(o: BenchOptions) -> list[Row]:
 def _engine_settings(engine: str, space: str, trials: int, out: Path, dev: torch.device):
     from nas.budget import Budget
     from nas.space import load_space
-    from nas.study import Settings, storage_url_for
+    from nas.settings import Settings
+    from nas.study import storage_url_for
 
     return Settings(space=load_space(space), budget=Budget(gflops=1e9), objectives=("loss",), trials=trials,
                     study_name=f"bench-{engine}", out=out, storage_url=storage_url_for(out, None),
@@ -118,14 +119,14 @@ def bench_engine(engine: str, o: BenchOptions, dev: torch.device, log: Callable[
                     target="<= 5% of a proxy trial")]
     rows = []
     try:
-        from nas.study import open_storage
+        from nas.study import open_study
         with tempfile.TemporaryDirectory(prefix=f"meme-bench-{engine}-") as tmp:
             s = _engine_settings(engine, o.space, o.engine_trials, Path(tmp), dev)
-            storage = open_storage(s.storage_url)
+            storage, study = open_study(s, resume=False)
             if engine == "optuna":
                 from nas import optuna_engine
                 t0 = time.perf_counter()
-                optuna_engine.run(s, storage)
+                optuna_engine.run(s, study)
                 wall = time.perf_counter() - t0
             else:
                 from nas import ray_engine
@@ -135,7 +136,7 @@ def bench_engine(engine: str, o: BenchOptions, dev: torch.device, log: Callable[
                 rows.append(Row("search", "engine_ray", "startup", startup, "s", shape=label,
                                 note="ray.init (once per search, not per trial)"))
                 t0 = time.perf_counter()
-                ray_engine.run(s, storage, o.engine_trials)
+                ray_engine.run(s, study, o.engine_trials)
                 wall = time.perf_counter() - t0
                 import ray
                 ray.shutdown()
@@ -143,10 +144,9 @@ def bench_engine(engine: str, o: BenchOptions, dev: torch.device, log: Callable[
             if hasattr(storage, "engine"):
                 storage.engine.dispose()    # release the SQLite file before the folder goes
     except Exception as exc:  # the search is still being built: report, do not invent
-        msg = str(exc).strip().splitlines()
+        from meme.errors import one_line
         return rows + [Row("search", f"engine_{engine}", "overhead", PENDING, "%", shape=label,
-                           target="<= 5% of a proxy trial",
-                           note=f"{type(exc).__name__}: {msg[0] if msg else ''}"[:200])]
+                           target="<= 5% of a proxy trial", note=one_line(exc, typed=True)[:200])]
     if not times.bodies:
         return rows + [Row("search", f"engine_{engine}", "overhead", PENDING, "%", shape=label,
                            target="<= 5% of a proxy trial", note="no trial recorded wall_s")]

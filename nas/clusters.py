@@ -31,7 +31,8 @@ from typing import Any, Optional
 import torch
 
 from meme.checkpoint import atomic_write_json
-from meme.cli import main_guard, pick_device, setup_logging
+from meme.cli import main_guard, setup_logging
+from meme.device import pick_device
 from meme.config import MemeConfig
 from meme.diffusion import Diffusion
 from meme.experts import SoftExpertSampler, build_denoiser
@@ -40,7 +41,7 @@ from meme.timestep_clusters import boundaries_from_runs, gradient_profile, segme
 from meme.train import draw_batch, train_step, warmup_lr
 from nas.proxy import proxy_config
 from nas.space import SearchSpace, load_space
-from nas.trial import eval_timesteps, heldout_images, heldout_noise, proxy_dataset
+from nas.proxy_data import eval_timesteps, heldout_images, heldout_noise, proxy_dataset
 
 log = logging.getLogger("nas.clusters")
 GRID = 40            # timesteps profiled

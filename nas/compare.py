@@ -232,14 +232,14 @@ def main(argv=None) -> int:
         raise UserError("--seeds must be >= 2: a difference means nothing without the seed spread")
     study = open_study(args.study, args.storage, args.name)
     space = study_space(study)
-    if space is None or space.reference_config() is None:
+    if space is None or space.reference is None:
         raise UserError(f"study {study.study_name}: its space (or the space's hand-designed reference) cannot be "
                         f"loaded, so there is no hand design to compare with")
     protocol = make_protocol(args, space)
     inits = [x.strip() for x in args.inits.split(",") if x.strip()]
     if not inits or set(inits) - set(INITS):
         raise UserError(f"--init must list scratch and/or branch, got {args.inits!r}")
-    designs = crossover.with_inits(baseline_designs(space.reference_config()) + search_designs(args.study, study, args.top),
+    designs = crossover.with_inits(baseline_designs(space.reference) + search_designs(args.study, study, args.top),
                                    inits, args.designs.split(",") if args.designs else None)
     for d in designs:
         check_target_data(d.cfg, protocol.data)

@@ -15,6 +15,7 @@ import optuna
 
 from meme.cli import UserError, main_guard
 from meme.config import MemeConfig
+from nas.report import ranked
 
 
 def open_study(study_dir: Path, storage: Optional[str] = None, name: Optional[str] = None) -> optuna.Study:
@@ -35,8 +36,6 @@ def open_study(study_dir: Path, storage: Optional[str] = None, name: Optional[st
 
 def trial_config(study: optuna.Study, rank: Optional[int] = None, number: Optional[int] = None) -> tuple[MemeConfig, int]:
     """(config, trial number) of the rank-th best trial or of trial ``number``."""
-    from nas.report import ranked
-
     if number is not None:
         trials = [t for t in study.get_trials(deepcopy=False) if t.number == number]
         if not trials or "config_yaml" not in trials[0].user_attrs:
@@ -44,7 +43,7 @@ def trial_config(study: optuna.Study, rank: Optional[int] = None, number: Option
         t = trials[0]
     else:
         order = ranked(study)
-        rank = rank or 1
+        rank = 1 if rank is None else rank
         if not 1 <= rank <= len(order):
             raise UserError(f"--rank {rank}: study {study.study_name} has {len(order)} feasible, fully trained trials")
         t = order[rank - 1]
@@ -67,9 +66,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 @main_guard
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.rank is not None and args.rank < 1:
+        raise UserError(f"--rank must be >= 1 (1 = best), got {args.rank}")
     study = open_study(args.study, args.storage, args.name)
     cfg, number = trial_config(study, args.rank, args.trial)
-    tag = f"trial{args.trial}" if args.trial is not None else f"rank{args.rank or 1}"
+    tag = f"trial{args.trial}" if args.trial is not None else f"rank{1 if args.rank is None else args.rank}"
     cfg = MemeConfig.from_dict({**cfg.to_dict(), "name": f"{study.study_name}-{tag}"}, "export")
     out = cfg.save(args.out or Path(args.study) / f"{tag}.yaml")
     print(f"trial {number} -> {out}")

@@ -272,7 +272,7 @@ def top_designs(study: optuna.Study, k: int) -> list[Design]:
 def reference_design(study_dir: Path, space: Optional[SearchSpace]) -> Optional[Design]:
     """The hand design trained beside the search, if the space still defines the same one."""
     rec_path = Path(study_dir) / "reference.json"
-    cfg = space.reference_config() if space else None
+    cfg = space.reference if space else None
     if cfg is None or not rec_path.is_file():
         return None
     rec = json.loads(rec_path.read_text())

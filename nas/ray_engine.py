@@ -11,6 +11,9 @@ trial and tells it the outcome, so both engines write the same study:
   returns at once for them, so no compute is spent), failures FAIL with a reason;
 * measurements (wall time, memory, device, training compute) become user attrs.
 
+Every outcome is turned into a ``nas.record.Outcome`` and recorded by
+``nas.record.finish``, as under the plain Optuna engine.
+
 The trainable wraps :func:`nas.trial.run_trial`; that function knows nothing of Ray.
 """
 from __future__ import annotations
@@ -18,18 +21,26 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import optuna
-from optuna.trial import TrialState
 
-from meme.cli import UserError
-from nas.record import log_trial, prepare, status_text, values_for
-from nas.study import Deadline, Settings, make_sampler
+import meme
+import nas
+from meme.compute import train_gflops_per_step, training_gflops
+from meme.config import MemeConfig
+from meme.device import pick_device
+from meme.errors import UserError, one_line
+from nas import record
+from nas.heartbeat import Heartbeat
+from nas.proxy import proxy_config
+from nas.settings import Deadline, Settings
+from nas.trial import peak_memory_mb, run_trial
 
-log = logging.getLogger("nas.search")
+log = logging.getLogger(__name__)
 METRIC = "objective"
 PROGRESS_ATTRS = ("trained_steps", "train_steps_total", "train_gflops_total", "wall_s", "peak_mem_mb", "device",
                   "params_proxy", "seed", "node")
@@ -41,7 +52,7 @@ def init_ray(address: Optional[str]) -> bool:
     Returns True when this call connected (so the caller should shut Ray down), False
     when Ray was already initialised in this process (e.g. by a test fixture).
     """
-    import ray
+    import ray  # optional dependency: only the Ray engine needs it
 
     if ray.is_initialized():
         return False
@@ -52,8 +63,7 @@ def init_ray(address: Optional[str]) -> bool:
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING,
                      runtime_env=code_runtime_env())
         except Exception as exc:  # ConnectionError, RuntimeError, TimeoutError...
-            msg = str(exc).strip().splitlines()
-            raise UserError(f"cannot join Ray cluster at {address}: {msg[0] if msg else type(exc).__name__}") from None
+            raise UserError(f"cannot join Ray cluster at {address}: {one_line(exc)}") from None
         return True
     ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING, configure_logging=True)
@@ -66,9 +76,6 @@ def code_runtime_env() -> dict[str, Any]:
     A worker node then needs only Python, the dependencies and the proxy's data; it
     runs exactly the code the driver runs, whatever (if anything) is installed there.
     """
-    import meme
-    import nas
-
     dirs = [str(Path(m.__file__).resolve().parent) for m in (meme, nas)]
     return {"py_modules": dirs, "excludes": ["__pycache__", "*.pyc"]}
 
@@ -76,7 +83,7 @@ def code_runtime_env() -> dict[str, Any]:
 def default_gpus_per_trial(requested: Optional[float]) -> float:
     """Half a GPU per trial when the *cluster* has GPUs (a CPU-only head must still use
     its workers' GPUs), none otherwise; an explicit value wins."""
-    import ray
+    import ray  # optional dependency
 
     if requested is not None:
         return requested
@@ -85,8 +92,6 @@ def default_gpus_per_trial(requested: Optional[float]) -> float:
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
     """Fail in seconds, not minutes: ray.init keeps retrying an address nobody answers."""
-    import socket
-
     if address in ("auto", "local"):
         return
     hostport = address.split("://", 1)[-1].rsplit("/", 1)[0]
@@ -102,14 +107,8 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 def trainable(config: dict, proxy=None, objective: str = "loss", device: Optional[str] = None,
               multi: bool = False, threads: int = 1) -> None:
     """One Tune trial: run_trial on the candidate, reporting to Tune; never raises."""
+    import ray  # optional dependency: this runs inside a Ray worker
     from ray import tune
-
-    from meme.cli import pick_device
-    from meme.config import MemeConfig
-    from nas.record import one_line
-    from nas.proxy import proxy_config
-    from meme.compute import train_gflops_per_step, training_gflops
-    from nas.trial import peak_memory_mb, run_trial
 
     if not config["feasible"]:  # over budget: nothing is trained
         tune.report({"infeasible": 1, "trained_steps": 0})
@@ -117,8 +116,6 @@ def trainable(config: dict, proxy=None, objective: str = "loss", device: Optiona
     if config.get("duplicate_of") is not None:  # result reused from an identical trial
         tune.report({"duplicate": 1, "trained_steps": 0})
         return
-    import ray
-
     node = ray.get_runtime_context().get_node_id()[:12]  # which cluster node trained it
     t0 = time.perf_counter()
     dev = pick_device(device)
@@ -143,55 +140,54 @@ def trainable(config: dict, proxy=None, objective: str = "loss", device: Optiona
         step_gflops += train_gflops_per_step(proxy_config(cfg, proxy), proxy.batch_size)
         run_trial(cfg, proxy, report, objective=objective, device=device, threads=threads)
     except Exception as exc:  # recorded FAIL with the reason; the search goes on
-        tune.report({"fail_reason": one_line(exc), "trained_steps": steps[0], "node": node})
+        tune.report({"fail_reason": one_line(exc, typed=True), "trained_steps": steps[0], "node": node})
 
 
 def _make_searcher_class():
-    from ray.tune.search import Searcher
+    from ray.tune.search import Searcher  # optional dependency: defined once Ray is imported
 
     class StudySearcher(Searcher):
         """Tune searcher over one Optuna study (public APIs of both libraries only)."""
 
-        def __init__(self, settings: Settings, storage, bar=None, metric=None, mode=None, beat=None):
+        def __init__(self, settings: Settings, study: optuna.Study, bar=None, metric=None, mode=None,
+                     beat: Optional[Heartbeat] = None, deadline: Optional[Deadline] = None):
             super().__init__(metric=metric, mode=mode)
             self.settings = settings
             self.bar = bar
-            self.beat = beat  # nas.study.Heartbeat: stamps the trials in flight
-            self.study = optuna.create_study(storage=storage, study_name=settings.study_name,
-                                             sampler=make_sampler(settings), directions=settings.directions,
-                                             load_if_exists=True)
+            self.beat = beat  # stamps the trials in flight
+            self.study = study
             self.live: dict[str, optuna.Trial] = {}
-            self.meta: dict[str, dict[str, Any]] = {}
+            self.cands: dict[str, record.Candidate] = {}
             self.reported: dict[str, int] = {}
-            self.deadline = Deadline(settings.time_budget)
+            self.deadline = deadline or Deadline(settings.time_budget)
             self.deadline_said = False
 
         def __getstate__(self) -> dict:
-            """Tune pickles its searcher into the experiment state: the heartbeat thread
-            and the progress bar stay with the live driver."""
+            """Tune pickles its searcher into the experiment state: the heartbeat thread,
+            the progress bar and the deadline (its reserve is a closure) stay with the live driver."""
             state = self.__dict__.copy()
-            state["beat"] = state["bar"] = None
+            state["beat"] = state["bar"] = state["deadline"] = None
             return state
 
         def set_search_properties(self, metric, mode, config, **spec) -> bool:
             return True  # the space is the study's define-by-run function, not a Tune config
 
+        def write(self, line: str) -> None:
+            (self.bar.write if self.bar else print)(line)
+
         def suggest(self, trial_id: str):
             if self.deadline.passed():  # no new trial; running ones finish normally
                 if not self.deadline_said:
                     self.deadline_said = True
-                    (self.bar.write if self.bar else print)(
-                        f"time budget of {self.settings.time_budget:.0f} s used up: no new trial")
+                    self.write("time budget reached (time kept for the re-rank included): no new trial")
                 return Searcher.FINISHED
             trial = self.study.ask()
             if self.beat is not None:
                 self.beat.add(trial.number)
-            cand = prepare(trial, self.settings)
-            params = {"config_yaml": cand.config.to_yaml(), "feasible": cand.feasible, "gflops": cand.gflops,
-                      "optuna_number": trial.number, "num_experts_": cand.config.num_experts,
-                      "duplicate_of": cand.duplicate_of, "duplicate_values": cand.duplicate_values}
-            self.live[trial_id], self.meta[trial_id] = trial, params
-            return params
+            cand = record.prepare(trial, self.settings)
+            self.live[trial_id], self.cands[trial_id] = trial, cand
+            return {"config_yaml": cand.config.to_yaml(), "feasible": cand.feasible, "gflops": cand.gflops,
+                    "num_experts_": cand.config.num_experts, "duplicate_of": cand.duplicate_of}
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
             ot = self.live.get(trial_id)
@@ -200,57 +196,42 @@ def _make_searcher_class():
             step = int(result.get("step", 0))
             ot.report(float(result[METRIC]), step)
             self.reported[trial_id] = step
-            record_progress(ot, result)
+            for k, v in progress_attrs(result).items():
+                ot.set_user_attr(k, v)
 
         def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
             ot = self.live.pop(trial_id, None)
             if ot is None:
                 return
-            meta = self.meta.pop(trial_id, {})
-            result = result or {}
-            n, g = meta.get("num_experts_"), meta.get("gflops")
-            values, state, value, extra = None, TrialState.FAIL, None, ""
-            if not meta.get("feasible", True):
-                state, extra = TrialState.PRUNED, "REJECTED (over budget, not trained)"
-                status = status_text("rejected", over=g - self.settings.budget.gflops)
-            elif meta.get("duplicate_of") is not None:
-                state, values, value = TrialState.COMPLETE, meta["duplicate_values"], meta["duplicate_values"][0]
-                extra = f"COMPLETE  (duplicate of trial {meta['duplicate_of']}: result reused)"
-                status = status_text("duplicate", twin=meta["duplicate_of"])
-            elif error or "fail_reason" in result or METRIC not in result:
-                reason = result.get("fail_reason") or ("trial errored in Ray (its worker or node died)" if error
-                                                      else "no result reported")
-                ot.set_user_attr("fail_reason", reason)
-                record_progress(ot, result)
-                extra, status = f"FAIL  {reason}", status_text("failed", reason=reason)
-            else:
-                value = float(result[METRIC])
-                step = int(result.get("step", 0))
-                early = step < self.settings.space.proxy.steps
-                record_progress(ot, result)
-                ot.set_user_attr("stopped_early", early)
-                if not self.settings.multi and self.reported.get(trial_id) != step and math.isfinite(value):
-                    ot.report(value, step)  # the result ASHA stopped on never reached on_trial_result
-                if not math.isfinite(value):
-                    ot.set_user_attr("fail_reason", f"objective is {value}")
-                    extra, status = f"FAIL  objective is {value}", status_text("failed", reason=f"objective is {value}")
-                elif early:
-                    state, extra = TrialState.PRUNED, f"PRUNED at step {step}  ({float(result.get('wall_s', 0)):.0f} s)"
-                    status = status_text("stopped", step=step)
-                else:
-                    state, values = TrialState.COMPLETE, values_for(value, g, self.settings)
-                    extra, status = f"COMPLETE  ({float(result.get('wall_s', 0)):.0f} s)", status_text("trained")
-            self.reported.pop(trial_id, None)
+            cand = self.cands.pop(trial_id)
+            reported = self.reported.pop(trial_id, None)
+            outcome = self.outcome(ot, cand, result or {}, error, reported)
             try:
-                ot.set_user_attr("status", status)
-                self.study.tell(ot, values, state=state)
+                record.finish(self.study, ot, outcome, cand, write=self.write)
             except Exception as exc:  # never lose the run over one bookkeeping error
-                log.warning("could not record trial %s: %s", ot.number, exc)
+                log.warning("could not record trial %s: %s", ot.number, one_line(exc))
             if self.beat is not None:
                 self.beat.discard(ot.number)
-            log_trial(ot.number, n, g, value, extra, write=self.bar.write if self.bar else print)
-            if self.bar is not None and state != TrialState.FAIL:
+            if self.bar is not None and outcome.kind != "failed":
                 self.bar.update(1)
+
+        def outcome(self, ot: optuna.Trial, cand: record.Candidate, result: dict, error: bool,
+                    reported: Optional[int]) -> record.Outcome:
+            """Tune's last result for a trial -> its Outcome."""
+            s = self.settings
+            if not cand.feasible:
+                return record.rejected(cand, s)
+            if cand.duplicate_of is not None:
+                return record.duplicate(cand)
+            if error or "fail_reason" in result or METRIC not in result:
+                reason = result.get("fail_reason") or ("trial errored in Ray (its worker or node died)" if error
+                                                      else "no result reported")
+                return record.failed(reason, progress_attrs(result))
+            value, step = float(result[METRIC]), int(result.get("step", 0))
+            if not s.multi and reported != step and math.isfinite(value):
+                ot.report(value, step)  # the result ASHA stopped on never reached on_trial_result
+            return record.judged(value, step, step < s.space.proxy.steps, float(result.get("wall_s", 0)), cand, s,
+                                 progress_attrs(result))
 
         # Tune checkpoints searchers; the study lives in the RDB storage and --resume
         # reads it from there, so there is nothing else to save.
@@ -263,20 +244,19 @@ def _make_searcher_class():
     return StudySearcher
 
 
-def record_progress(ot, result: dict) -> None:
+def progress_attrs(result: dict) -> dict[str, Any]:
     """Measurements a trial reported -> user attrs (same names as the Optuna engine)."""
-    for k in PROGRESS_ATTRS:
-        if k in result:
-            v = result[k]
-            ot.set_user_attr(k, round(v, 2) if isinstance(v, float) else v)
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in result.items() if k in PROGRESS_ATTRS}
 
 
-def run(s: Settings, storage: optuna.storages.BaseStorage, remaining: int, bar=None,
-        reference_job=None, beat=None) -> Any:
-    """Run ``remaining`` more trials through Ray Tune; returns the reference job's result."""
+def run(s: Settings, study: optuna.Study, remaining: int, bar=None, reference_job=None,
+        beat: Optional[Heartbeat] = None, deadline: Optional[Deadline] = None) -> Any:
+    """Run ``remaining`` more trials through Ray Tune; returns the reference job's result.
+
+    ``study`` comes from ``nas.study.open_study`` (its sampler attached)."""
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # infeasible/failed report no metric
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    import ray
+    import ray  # optional dependency
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -284,7 +264,7 @@ def run(s: Settings, storage: optuna.storages.BaseStorage, remaining: int, bar=N
     proxy = s.space.proxy
     mode = ["min", "min"] if s.multi else "min"
     metric = [METRIC, "gflops"] if s.multi else METRIC
-    search = StudySearcher(s, storage, bar=bar, metric=metric, mode=mode, beat=beat)
+    search = StudySearcher(s, study, bar=bar, metric=metric, mode=mode, beat=beat, deadline=deadline)
     scheduler = None
     if not s.multi:  # rungs from proxy.first_rung(): past warm-up and a third of the budget
         scheduler = ASHAScheduler(time_attr="step", metric=METRIC, mode="min", max_t=proxy.steps,

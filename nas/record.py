@@ -1,5 +1,25 @@
 """How a trial is drawn, judged and recorded: the same under both engines.
 
+Each engine turns its own events into an :class:`Outcome` and calls :func:`finish`, the
+one place a trial's state, values, ``status`` and attributes reach the study.
+
+How each outcome looks in the study (and in optuna-dashboard's state column):
+
+==============  ==========  ================================================================
+outcome         state       why
+==============  ==========  ================================================================
+trained         COMPLETE    its objective (and GFLOPs for a Pareto search)
+duplicate       COMPLETE    the result of the identical trial it names (``duplicate_of``)
+stopped         PRUNED      the scheduler (ASHA) or pruner stopped it at a rung
+rejected        PRUNED      over budget, never trained; ``constraint`` > 0, ``status``
+                            ``rejected: ...``. PRUNED because TPE and NSGA-II read the
+                            budget constraint only from COMPLETE and PRUNED trials (a FAIL
+                            would hide the infeasible region from the sampler); the dashboard
+                            draws these as "Infeasible Trial" in its plots and shows
+                            ``status`` beside the state in the trial table
+failed          FAIL        ``fail_reason``: one line
+==============  ==========  ================================================================
+
 User attributes of every trial (what ``trials.csv`` and the dashboard show):
 
 ========================  ==========================================================
@@ -31,7 +51,7 @@ User attributes of every trial (what ``trials.csv`` and the dashboard show):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import optuna
@@ -39,8 +59,8 @@ from optuna.trial import TrialState
 
 from meme.config import MemeConfig
 from nas.budget import cost_of
+from nas.settings import Settings
 from nas.space import build_config
-from nas.study import Settings, set_constraint
 from nas.trial import TrialResult
 
 
@@ -51,6 +71,16 @@ class Candidate:
     feasible: bool
     duplicate_of: Optional[int] = None      # an identical, fully trained earlier trial
     duplicate_values: Optional[list[float]] = None
+
+
+def constraint_of(trial: optuna.trial.FrozenTrial) -> list[float]:
+    """GFLOPs over budget (<= 0: feasible); trials without the attr count as feasible."""
+    return [float(trial.user_attrs.get("constraint", 0.0))]
+
+
+def set_constraint(trial: Any, value: float) -> None:
+    """Record how far over budget a candidate is; the sampler reads it through constraint_of."""
+    trial.set_user_attr("constraint", value)
 
 
 def find_duplicate(study: optuna.Study, config_hash: str) -> Optional[optuna.trial.FrozenTrial]:
@@ -109,6 +139,67 @@ def status_text(kind: str, *, over: float = 0.0, twin: Optional[int] = None, ste
             "failed": f"failed: {reason}"}[kind]
 
 
+STATES = {"trained": TrialState.COMPLETE, "duplicate": TrialState.COMPLETE, "stopped": TrialState.PRUNED,
+          "rejected": TrialState.PRUNED, "failed": TrialState.FAIL}
+
+
+@dataclass
+class Outcome:
+    """How one trial ended, in the terms of the study (the table in this module's docstring)."""
+
+    kind: str                                   # a key of STATES
+    status: str                                 # the ``status`` attr (status_text)
+    note: str                                   # the tail of the trial's log line
+    values: Optional[list[float]] = None        # told to the study (COMPLETE only)
+    value: Optional[float] = None               # the objective, for the log line
+    attrs: dict[str, Any] = field(default_factory=dict)  # measurements -> user attrs
+
+    @property
+    def state(self) -> TrialState:
+        return STATES[self.kind]
+
+
+def rejected(cand: Candidate, s: Settings) -> Outcome:
+    return Outcome("rejected", status_text("rejected", over=cand.gflops - s.budget.gflops),
+                   "REJECTED (over budget, not trained)")
+
+
+def duplicate(cand: Candidate) -> Outcome:
+    return Outcome("duplicate", status_text("duplicate", twin=cand.duplicate_of),
+                   f"COMPLETE  (duplicate of trial {cand.duplicate_of}: result reused)",
+                   values=list(cand.duplicate_values or []),
+                   value=cand.duplicate_values[0] if cand.duplicate_values else None)
+
+
+def failed(reason: str, attrs: Optional[dict[str, Any]] = None, value: Optional[float] = None) -> Outcome:
+    return Outcome("failed", status_text("failed", reason=reason), f"FAIL  {reason}", value=value,
+                   attrs={**(attrs or {}), "fail_reason": reason})
+
+
+def judged(value: float, step: int, stopped_early: bool, wall_s: float, cand: Candidate, s: Settings,
+           attrs: dict[str, Any]) -> Outcome:
+    """A trial that trained and reported ``value`` at budget step ``step``."""
+    attrs = {**attrs, "stopped_early": stopped_early}
+    if not math.isfinite(value):
+        return failed(f"objective is {value}", attrs, value)
+    if stopped_early:
+        return Outcome("stopped", status_text("stopped", step=step), f"PRUNED at step {step}  ({wall_s:.0f} s)",
+                       value=value, attrs=attrs)
+    return Outcome("trained", status_text("trained"), f"COMPLETE  ({wall_s:.0f} s)",
+                   values=values_for(value, cand.gflops, s), value=value, attrs=attrs)
+
+
+def finish(study: optuna.Study, trial: optuna.Trial, outcome: Outcome, cand: Optional[Candidate],
+           write: Callable[[str], None] = print) -> None:
+    """Record ``outcome`` for ``trial``: attributes, status, state and values; one log line."""
+    for k, v in outcome.attrs.items():
+        trial.set_user_attr(k, v)
+    trial.set_user_attr("status", outcome.status)
+    study.tell(trial, outcome.values, state=outcome.state)
+    log_trial(trial.number, cand.config.num_experts if cand else None, cand.gflops if cand else None,
+              outcome.value, outcome.note, write=write)
+
+
 def result_attrs(res: TrialResult) -> dict[str, Any]:
     return {"trained_steps": res.steps, "train_steps_total": res.steps, "train_gflops_total": round(res.train_gflops, 1),
             "seed": res.seed, "stopped_early": res.stopped_early, "wall_s": round(res.wall_s, 2),
@@ -118,11 +209,6 @@ def result_attrs(res: TrialResult) -> dict[str, Any]:
 
 def values_for(objective: float, gflops: float, s: Settings) -> list[float]:
     return [objective, gflops] if s.multi else [objective]
-
-
-def one_line(exc: BaseException) -> str:
-    msg = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {msg[0] if msg else ''}"[:500]
 
 
 def log_trial(number: int, n_experts: Optional[int], gflops: Optional[float], value: Optional[float],

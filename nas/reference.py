@@ -11,14 +11,14 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from meme.errors import one_line
+from nas.budget import cost_of
+from nas.trial import run_trial
+
 
 def run_reference(cfg, proxy, objective: str, budget_mode: str, device: Optional[str] = None,
                   threads: Optional[int] = None) -> dict[str, Any]:
     """Train the reference on the proxy; a JSON-ready record (never raises)."""
-    from nas.budget import cost_of
-    from nas.record import one_line
-    from nas.trial import run_trial
-
     c = cost_of(cfg, budget_mode)
     rec: dict[str, Any] = {"name": cfg.name, "config_hash": cfg.hash(), "gflops": c.gflops, "gflops_mean": c.gflops_mean,
                            "gflops_max": c.gflops_max, "gflops_per_expert": c.gflops_per_expert,
@@ -30,7 +30,7 @@ def run_reference(cfg, proxy, objective: str, budget_mode: str, device: Optional
         rec.update(objective=res.objective, trained_steps=res.steps, wall_s=round(res.wall_s, 2),
                    peak_mem_mb=round(res.peak_mem_mb, 1), device=res.device, history=res.history)
     except Exception as exc:
-        rec.update(objective=None, fail_reason=one_line(exc))
+        rec.update(objective=None, fail_reason=one_line(exc, typed=True))
     return rec
 
 

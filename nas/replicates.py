@@ -19,8 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+import torch
+from tqdm import tqdm
+
 from meme.config import MemeConfig
+from meme.device import pick_device
+from meme.errors import one_line
+from nas.settings import Deadline
 from nas.space import ProxySpec
+from nas.trial import run_trial
 
 
 @dataclass(frozen=True)
@@ -41,9 +48,6 @@ class Run:
 
 def train_one(run: Run, device: Optional[str] = None, threads: int = 1) -> dict[str, Any]:
     """Train one run; a JSON-ready record (failures recorded, never raised)."""
-    from nas.record import one_line
-    from nas.trial import run_trial
-
     rec: dict[str, Any] = {"key": run.key(), "label": run.label, "config_hash": run.config.hash(),
                            "seed": run.seed, "objective_name": run.objective}
     try:
@@ -53,7 +57,7 @@ def train_one(run: Run, device: Optional[str] = None, threads: int = 1) -> dict[
                    wall_s=round(res.wall_s, 2), device=res.device, history=res.history,
                    elapsed=res.elapsed)
     except Exception as exc:
-        rec.update(objective=None, fail_reason=one_line(exc))
+        rec.update(objective=None, fail_reason=one_line(exc, typed=True))
     return rec
 
 
@@ -82,25 +86,24 @@ def _append(path: Optional[Path], rec: dict[str, Any]) -> None:
 
 
 def _init_worker() -> None:
-    import torch
-
     torch.set_num_threads(1)
 
 
 def default_jobs(device: Optional[str]) -> int:
     """One run per core on a CPU; one at a time on a single GPU."""
-    from meme.cli import pick_device
-
     if pick_device(device).type == "cuda":
         return 1
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def run_all(runs: Iterable[Run], *, jobs: int = 1, device: Optional[str] = None, cache: Optional[Path] = None,
-            progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Train every run not in ``cache``; returns records by run key (cached ones included)."""
-    from tqdm import tqdm
+            progress: bool = True, deadline: Optional[Deadline] = None) -> dict[str, dict[str, Any]]:
+    """Train every run not in ``cache``, in order; returns records by run key (cached ones included).
 
+    No run starts once ``deadline`` has passed (those running finish); the runs left out
+    have no record.
+    """
+    deadline = deadline or Deadline(None)
     runs = list(runs)
     done = load_cache(cache)
     todo = [r for r in dict((r.key(), r) for r in runs).values() if r.key() not in done]
@@ -119,14 +122,24 @@ def run_all(runs: Iterable[Run], *, jobs: int = 1, device: Optional[str] = None,
 
     if jobs <= 1 or len(todo) <= 1:
         for r in todo:
+            if deadline.passed():
+                break
             finish(train_one(r, device, threads=1))
     else:
         ctx = multiprocessing.get_context("spawn")
+        queue = list(reversed(todo))
         with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker) as pool:
-            pending = {pool.submit(train_one, r, device, 1) for r in todo}
-            while pending:
+            pending: set = set()
+            while queue or pending:
+                while queue and len(pending) < jobs and not deadline.passed():
+                    pending.add(pool.submit(train_one, queue.pop(), device, 1))
+                if not pending:
+                    break
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in finished:
                     finish(fut.result())
+    left = sum(r.key() not in done for r in todo)
+    if left:
+        bar.write(f"time budget reached: {left} run(s) not started")
     bar.close()
     return done

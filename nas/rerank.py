@@ -21,7 +21,10 @@ from typing import Any, Optional, Sequence
 from meme.checkpoint import atomic_write_json
 from meme.cli import UserError, main_guard
 from meme.config import MemeConfig
+from meme.references import resolve
+from nas.budget import cost_of
 from nas.replicates import Run, default_jobs, run_all
+from nas.settings import Deadline
 from nas.space import SearchSpace, load_space
 from nas.stats import ALPHA, summarize, welch
 
@@ -30,8 +33,6 @@ TEST = f"Welch t-test (unequal variances), two-sided, alpha {ALPHA}"
 
 def resolve_design(spec: str, space: SearchSpace) -> MemeConfig:
     """A YAML path, a reference name, or 'reference' (the space's hand design)."""
-    from meme.references import resolve
-
     if spec == "reference":
         if space.reference is None:
             raise UserError(f"space {space.name} has no reference design")
@@ -46,15 +47,19 @@ def default_seeds(k: int, search_seed: int) -> list[int]:
 
 def rerank(designs: Sequence[tuple[str, MemeConfig]], space: SearchSpace, seeds: Sequence[int], *,
            objective: str = "loss", budget_mode: str = "mean", jobs: Optional[int] = None,
-           device: Optional[str] = None, cache: Optional[Path] = None, progress: bool = True) -> dict[str, Any]:
-    """Train every design with every seed; statistics vs the first design, JSON-ready."""
-    from nas.budget import cost_of
+           device: Optional[str] = None, cache: Optional[Path] = None, progress: bool = True,
+           deadline: Optional[Deadline] = None) -> dict[str, Any]:
+    """Train every design with every seed; statistics vs the first design, JSON-ready.
 
+    Seed by seed (every design's first seed, then every design's second...), so a
+    ``deadline`` that stops new runs leaves each design with as many seeds as it can.
+    """
     if len(designs) < 1 or len(seeds) < 1:
         raise UserError("rerank needs at least one design and one seed")
     proxy = space.proxy.from_scratch()  # re-ranking trains: never a shared score
-    runs = [Run(name, cfg, proxy, s, objective) for name, cfg in designs for s in seeds]
-    recs = run_all(runs, jobs=jobs or default_jobs(device), device=device, cache=cache, progress=progress)
+    runs = [Run(name, cfg, proxy, s, objective) for s in seeds for name, cfg in designs]
+    recs = run_all(runs, jobs=jobs or default_jobs(device), device=device, cache=cache, progress=progress,
+                   deadline=deadline)
     rows = []
     for name, cfg in designs:
         mine = [recs.get(Run(name, cfg, proxy, s, objective).key()) for s in seeds]
@@ -63,6 +68,7 @@ def rerank(designs: Sequence[tuple[str, MemeConfig]], space: SearchSpace, seeds:
         row = {"name": name, "config_hash": cfg.hash(), "num_experts": cfg.num_experts, "gflops": c.gflops,
                "params": c.params, "seeds": [r["seed"] for r in ok], "values": [r["objective"] for r in ok],
                "failed": [{"seed": r["seed"], "reason": r.get("fail_reason")} for r in mine if r and r not in ok],
+               "not_run": [s for s, r in zip(seeds, mine) if r is None],
                "train_steps_total": sorted({r["train_steps_total"] for r in ok}),
                "train_gflops_total": [r["train_gflops_total"] for r in ok],
                "wall_s": [r["wall_s"] for r in ok], "config_yaml": cfg.to_yaml()}
@@ -85,7 +91,8 @@ def table_lines(result: dict[str, Any]) -> list[str]:
              f"  {'design':<28} {'N':>2} {'GFLOPs':>7} {'mean':>9} {'std':>8} {'n':>2}  vs {base}"]
     for row in result["designs"]:
         if not row.get("n"):
-            lines.append(f"  {row['name']:<28} {row['num_experts']:>2} {row['gflops']:>7.2f}  every seed failed")
+            why = "not run (time budget)" if len(row.get("not_run", [])) == len(result["seeds"]) else "every seed failed"
+            lines.append(f"  {row['name']:<28} {row['num_experts']:>2} {row['gflops']:>7.2f}  {why}")
             continue
         cmp = row.get("vs_first")
         vs = "(baseline)" if row["name"] == base else (

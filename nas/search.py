@@ -13,22 +13,35 @@ import contextlib
 import dataclasses
 import importlib.util
 import logging
+import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-from meme.cli import UserError, main_guard
-from nas.cli import package_version
-from nas import reference as ref_mod
-from nas.budget import check_feasible, reference_costs, resolve_budget
-from nas.space import DEFAULT_SPACE, clustered_boundaries, load_space
-from nas.supernet import load_index
-from nas.study import (Heartbeat, Settings, check_compatible, counted, fail_stale_running, name_metrics,
-                       open_storage, storage_url_for, study_attrs)
+import optuna
+import sqlalchemy.exc
+from optuna.trial import TrialState
+from sqlalchemy.engine import make_url
+from tqdm import tqdm
 
-log = logging.getLogger("nas.search")
+from meme.checkpoint import atomic_write_json
+from meme.cli import UserError, main_guard
+from meme.config import MemeConfig
+from meme.errors import one_line
+from nas import optuna_engine, report
+from nas import reference as ref_mod
+from nas import rerank as rr
+from nas.budget import check_feasible, reference_costs, resolve_budget
+from nas.cli import package_version
+from nas.heartbeat import Heartbeat
+from nas.replicates import default_jobs
+from nas.settings import STALE_AFTER_S, Deadline, Settings
+from nas.space import DEFAULT_SPACE, clustered_boundaries, load_space
+from nas.study import counted, open_study, storage_url_for
+from nas.supernet import load_index
 EXECUTORS = ("ray", "optuna")
 
 
@@ -54,7 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="'mean' (interval-weighted, default) or 'max' (every expert)")
     r = p.add_argument_group("run")
     r.add_argument("--trials", type=int, default=None, help="trials in the study, rejected ones included (default: space's)")
-    r.add_argument("--time-budget", type=float, default=None, help="seconds after which no new trial starts")
+    r.add_argument("--time-budget", type=float, default=None,
+                   help="seconds for the whole job, re-rank included: new trials stop early enough for the "
+                        "re-rank to fit (default: the space's)")
     r.add_argument("--objective", default="loss", choices=("loss", "fid"),
                    help="'loss' (held-out denoising loss, default) or 'fid'")
     r.add_argument("--evaluator", default=None, choices=("scratch", "supernet"),
@@ -80,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     c.add_argument("--gpus-per-trial", type=float, default=None,
                    help="fractions allowed (default 0.5 when the Ray cluster has GPUs, on any node)")
     c.add_argument("--address", default=None, help="Ray cluster to join (default $RAY_ADDRESS, else local)")
+    c.add_argument("--stale-after", type=float, default=STALE_AFTER_S,
+                   help="seconds a RUNNING trial of another driver may go unstamped before it is failed as "
+                        "lost (default %(default)s)")
     c.add_argument("--storage", default=None, help="Optuna RDB URL (postgresql://..., mysql://...); default sqlite in OUT/<study>")
     return p.parse_args(argv)
 
@@ -96,35 +114,55 @@ def dashboard_command(url: str, out: Path) -> str:
     return f"python -m nas.dashboard {out if url.startswith('sqlite') else url}"
 
 
-def main_impl(argv=None) -> int:
+@main_guard
+def main(argv=None) -> int:
     """Check the request, open the study, run the trials, then write outputs and re-rank."""
     t_start = time.perf_counter()
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     executor = choose_executor(args)
     s, refs = make_settings(args)
+    job = Deadline(s.time_budget)  # the whole job: trials, reference and re-rank
     storage, study = open_study(s, args.resume)
     done = counted(study)
     print(f"study {s.study_name}: {done}/{s.trials} trials done; executor {executor}; "
           f"objective{'s' if s.multi else ''} {','.join(s.objectives)}; {describe_proxy(s)}")
     print(f"watch it:  {dashboard_command(s.storage_url, s.out)}")
 
-    ref_cfg = None if args.no_reference else s.space.reference_config()
-    with storage_errors(s.storage_url), Heartbeat(storage, s.study_name) as beat:
-        reference = run_trials(s, storage, executor, ref_cfg, remaining=max(0, s.trials - done), beat=beat)
+    ref_cfg = None if args.no_reference else s.space.reference
+    rerank_on = args.rerank_top > 0 and args.rerank_seeds > 0
+    runs = rerank_runs(args.rerank_top, ref_cfg is not None, args.rerank_seeds) if rerank_on else 0
+    trials_deadline = job.holding_back(lambda: rerank_reserve(study, runs, default_jobs(s.device)))
+    with storage_errors(s.storage_url), Heartbeat(storage, s.study_name, stale_after=s.stale_after) as beat:
+        reference = run_trials(s, study, executor, ref_cfg, remaining=max(0, s.trials - done), beat=beat,
+                               deadline=trials_deadline)
         beat.wait_for_others(study)  # trials a killed driver left RUNNING: failed once stale
         if beat.cleaned:
             print(f"{len(beat.cleaned)} trial(s) left RUNNING by a stopped driver marked FAIL: {beat.cleaned}")
-    study = optuna.load_study(study_name=s.study_name, storage=storage)
     _outputs(study, s, reference, refs)
-    if args.rerank_top > 0 and args.rerank_seeds > 0:
-        _rerank(study, s, ref_cfg, args.rerank_top, args.rerank_seeds)
+    if rerank_on:
+        _rerank(study, s, ref_cfg, args.rerank_top, args.rerank_seeds, job)
     print(f"wall time {time.perf_counter() - t_start:.0f} s")
     print(f"open the study:  {dashboard_command(s.storage_url, s.out)}")
     return 0
+
+
+def rerank_runs(top: int, with_reference: bool, seeds: int) -> int:
+    return (top + int(with_reference)) * seeds
+
+
+def rerank_reserve(study: optuna.Study, runs: int, jobs: int, margin: float = 1.25) -> float:
+    """Seconds to keep back for the re-rank and for the trials still running when the last
+    one starts: waves of ``jobs`` runs, each as long as the study's median trained trial
+    (same proxy, same steps; measured on this machine under its present load)."""
+    walls = [float(t.user_attrs["wall_s"]) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+             if "wall_s" in t.user_attrs and t.user_attrs.get("duplicate_of") is None]
+    if not walls:
+        return 0.0
+    per_run = statistics.median(walls)
+    return margin * per_run * (math.ceil(runs / max(1, jobs)) + 1)
 
 
 def choose_executor(args) -> str:
@@ -133,7 +171,7 @@ def choose_executor(args) -> str:
     if executor == "ray" and not ray_available():
         raise UserError("--executor ray: Ray Tune is not installed here; use --executor optuna")
     if executor == "ray" and (args.address or os.environ.get("RAY_ADDRESS")):
-        from nas.ray_engine import check_reachable
+        from nas.ray_engine import check_reachable  # Ray is optional: imported only when asked for
         check_reachable(args.address or os.environ["RAY_ADDRESS"])
     return executor
 
@@ -163,6 +201,8 @@ def make_settings(args) -> tuple[Settings, dict]:
             print(f"  clustered boundaries for N={n}: {list(clustered_boundaries(space, n))} (nas.clusters)")
 
     time_budget = args.time_budget if args.time_budget is not None else space.defaults.get("time_budget")
+    if args.stale_after <= 0:
+        raise UserError(f"--stale-after must be > 0 seconds, got {args.stale_after}")
     if time_budget is not None and float(time_budget) <= 0:
         raise UserError(f"--time-budget must be > 0 seconds, got {time_budget}")
     study_name = args.study or f"{space.name}-b{budget.gflops:g}" + ("" if budget.mode == "mean" else "-max")
@@ -175,7 +215,7 @@ def make_settings(args) -> tuple[Settings, dict]:
                  seed=args.seed if args.seed is not None else space.proxy.seed,
                  time_budget=float(time_budget) if time_budget else None, device=args.device,
                  cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus, address=args.address,
-                 progress=not args.quiet)
+                 progress=not args.quiet, stale_after=args.stale_after)
     return s, refs
 
 
@@ -204,28 +244,6 @@ def with_evaluator(space, args):
     return dataclasses.replace(space, proxy=proxy)
 
 
-def open_study(s: Settings, resume: bool):
-    """The study in its RDB storage; an existing one only with --resume, and only if compatible."""
-    import optuna
-
-    storage = open_storage(s.storage_url)
-    existing = _existing_trials(storage, s.study_name)
-    if existing and not resume:
-        raise UserError(f"study {s.study_name!r} already has {existing} trials in {s.storage_url}: pass --resume "
-                        f"to continue it, or --study NAME for a new one")
-    if resume:  # other live drivers' trials are stamped and left alone
-        failed = fail_stale_running(storage, s.study_name)
-        if failed:
-            print(f"resume: {len(failed)} trial(s) left RUNNING by an interrupted run marked FAIL: {failed}")
-    study = optuna.create_study(storage=storage, study_name=s.study_name, directions=s.directions,
-                                load_if_exists=True)
-    check_compatible(study, s)
-    name_metrics(study, s.objectives)
-    for k, v in study_attrs(s).items():
-        study.set_user_attr(k, v)
-    return storage, study
-
-
 def describe_proxy(s: Settings) -> str:
     p = s.space.proxy
     if p.evaluator == "supernet":
@@ -251,34 +269,29 @@ def storage_errors(url: str):
         if not found:
             raise
         cause = found[-1]  # the deepest one says why (Optuna's wrapper only says a commit failed)
-        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-        raise UserError(f"lost the study storage {_safe_url(url)} ({first}); when it is back, continue with "
+        raise UserError(f"lost the study storage {_safe_url(url)} ({one_line(cause)}); when it is back, continue with "
                         f"--resume (finished trials are kept)") from None
 
 
 def _safe_url(url: str) -> str:
     """The storage URL with any password shown as ***."""
-    from sqlalchemy.engine import make_url
-
     return make_url(url).render_as_string(hide_password=True)
 
 
 def _is_storage_error(exc: BaseException) -> bool:
-    import optuna
-    import sqlalchemy.exc
-
     return isinstance(exc, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
                             optuna.exceptions.StorageInternalError))
 
 
-def run_trials(s: Settings, storage, executor: str, ref_cfg, remaining: int, beat: Optional[Heartbeat] = None):
+def run_trials(s: Settings, study: optuna.Study, executor: str, ref_cfg, remaining: int,
+               beat: Optional[Heartbeat] = None, deadline: Optional[Deadline] = None):
     """The trials (Ray Tune or the plain Optuna loop) and the reference beside them; its record."""
     ref_path = s.out / "reference.json"
     reference = None if ref_cfg is None else ref_mod.load(ref_path, ref_cfg, s.space.proxy, s.quality)
     need_ref = ref_cfg is not None and reference is None
     threads = max(1, int(s.cpus_per_trial))
     if executor == "ray":
-        import ray
+        import ray  # optional dependency, with the engine that needs it
 
         from nas import ray_engine
         started_ray = ray_engine.init_ray(s.address)
@@ -289,7 +302,8 @@ def run_trials(s: Settings, storage, executor: str, ref_cfg, remaining: int, bea
                 .remote(ref_cfg, s.space.proxy, s.quality, s.budget.mode, s.device, threads)
             print(f"training the reference {ref_cfg.name} on the proxy (in parallel with the trials)")
         bar = _bar(s, s.trials - remaining)
-        got = ray_engine.run(s, storage, remaining, bar=bar, reference_job=job, beat=beat) if remaining else None
+        got = (ray_engine.run(s, study, remaining, bar=bar, reference_job=job, beat=beat, deadline=deadline)
+               if remaining else None)
         if job is not None and got is None:
             got = ray.get(job)
         if bar is not None:
@@ -298,13 +312,12 @@ def run_trials(s: Settings, storage, executor: str, ref_cfg, remaining: int, bea
         if started_ray:
             ray.shutdown()  # frees the cores for the re-rank
     else:
-        from nas import optuna_engine
         if need_ref:
             print(f"training the reference {ref_cfg.name} on the proxy first")
             reference = ref_mod.run_reference(ref_cfg, s.space.proxy, s.quality, s.budget.mode, s.device,
                                               threads=threads)
         if remaining:
-            optuna_engine.run(s, storage, beat)
+            optuna_engine.run(s, study, beat, deadline=deadline)
     if need_ref and reference is not None:
         ref_mod.save(ref_path, reference)
         if reference.get("objective") is None:
@@ -312,15 +325,10 @@ def run_trials(s: Settings, storage, executor: str, ref_cfg, remaining: int, bea
     return reference
 
 
-def _rerank(study, s: Settings, ref_cfg, top: int, n_seeds: int) -> None:
+def _rerank(study, s: Settings, ref_cfg, top: int, n_seeds: int, deadline: Optional[Deadline] = None) -> None:
     """Top-K trials and the reference on fresh seeds: the only basis for 'beats the reference'."""
-    from meme.checkpoint import atomic_write_json
-    from meme.config import MemeConfig
-    from nas import rerank as rr
-    from nas.report import ranked, rerank_verdict
-
     designs = [] if ref_cfg is None else [(ref_cfg.name, ref_cfg)]
-    for t in ranked(study)[:top]:
+    for t in report.ranked(study)[:top]:
         designs.append((f"trial {t.number}", MemeConfig.from_yaml(t.user_attrs["config_yaml"], f"trial {t.number}")))
     if len(designs) < 2:
         print("re-rank skipped: no fully trained trial" + ("" if ref_cfg is not None else " or no reference"))
@@ -329,31 +337,20 @@ def _rerank(study, s: Settings, ref_cfg, top: int, n_seeds: int) -> None:
     print(f"\nre-ranking {len(designs) - (ref_cfg is not None)} best trial(s)"
           f"{' and the reference' if ref_cfg is not None else ''} on seeds {seeds} (not the search's seed {s.seed})")
     result = rr.rerank(designs, s.space, seeds, objective=s.quality, budget_mode=s.budget.mode, device=s.device,
-                       cache=s.out / "rerank.runs.jsonl", progress=s.progress)
+                       cache=s.out / "rerank.runs.jsonl", progress=s.progress, deadline=deadline)
     atomic_write_json(result, s.out / "rerank.json")
-    for line in rr.table_lines(result) + rerank_verdict(result):
+    for line in rr.table_lines(result) + report.rerank_verdict(result):
         print(line)
-
-
-def _existing_trials(storage, name: str) -> int:
-    try:
-        sid = storage.get_study_id_from_name(name)
-    except KeyError:
-        return 0
-    return len(storage.get_all_trials(sid, deepcopy=False))
 
 
 def _bar(s: Settings, done: int):
     if not s.progress:
         return None
-    from tqdm import tqdm
     # disable=None: a bar on a terminal, plain log lines when stdout is a file
     return tqdm(total=s.trials, initial=done, desc="trials", unit="trial", file=sys.stdout, disable=None)
 
 
 def _outputs(study, s: Settings, reference, refs) -> None:
-    from nas import report
-
     df = report.trials_frame(study)
     df.to_csv(s.out / "trials.csv", index=False)
     report.plot_pareto(study, s.out / "pareto.png", s.budget.gflops, reference,
@@ -366,11 +363,6 @@ def _outputs(study, s: Settings, reference, refs) -> None:
           + (", best.yaml" if best else "") + (", reference.json" if reference else ""))
     if best:
         print(f"train the winner at full scale:  python -m meme.train --config {best}")
-
-
-@main_guard
-def main(argv=None) -> int:
-    return main_impl(argv)
 
 
 if __name__ == "__main__":

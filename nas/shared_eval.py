@@ -40,7 +40,7 @@ from nas.proxy import proxy_config
 from nas.space import ProxySpec, load_space
 from nas.supernet import load_index, load_supernet, macro_name, macro_of
 from meme.compute import train_gflops_per_step
-from nas.trial import eval_timesteps, heldout_images, heldout_noise, proxy_dataset
+from nas.proxy_data import eval_timesteps, heldout_images, heldout_noise, proxy_dataset
 
 SCORES = "scores.jsonl"
 

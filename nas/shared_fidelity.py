@@ -44,7 +44,7 @@ from nas.shared_eval import SharedScorer
 from fractions import Fraction
 
 from nas.space import SearchSpace, load_space, ratio_choices
-from nas.trial import proxy_dataset
+from nas.proxy_data import proxy_dataset
 from nas.stats import rank_correlation, summarize
 
 # Single-expert chains of the default space's base-128 macro (all legal under its rules).

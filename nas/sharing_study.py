@@ -37,7 +37,9 @@ from typing import Any, Optional
 from tqdm import tqdm
 
 from meme.checkpoint import atomic_write_json
-from meme.cli import UserError, main_guard, markdown_table, setup_logging
+from meme.cli import main_guard, setup_logging
+from meme.errors import UserError
+from meme.markdown import markdown_table
 from meme.config import ConfigError, MemeConfig, ShareConfig
 from meme.macs import cost_of_meme
 from nas.clusters import boundaries_for

@@ -255,9 +255,6 @@ class SearchSpace:
     promote: PromoteRecipe = field(default_factory=PromoteRecipe)  # full-training recipe at the target
     share: tuple[ShareConfig, ...] = (ShareConfig(),)  # what experts may hold in common (searched if > 1)
 
-    def reference_config(self) -> Optional[MemeConfig]:
-        return self.reference
-
     @property
     def num_stages(self) -> int:
         return self.template.num_stages
@@ -684,7 +681,7 @@ def check_space(space: SearchSpace) -> None:
         largest = MemeConfig(name=f"{n} experts of base {base} x {blocks} blocks", experts=(small,) * n,
                              data=space.proxy.shape(), diffusion=space.proxy.diffusion or space.diffusion)
         check_fits(largest.validate(), space.proxy.batch_size, pick_device(None), what=f"{src}: proxy")
-    ref = space.reference_config()
+    ref = space.reference
     if ref is not None:
         require(ref.data == space.data, f"{src}: reference {ref.name} has data {ref.data}, the target is {space.data}")
         proxy_config(ref, space.proxy)

@@ -1,64 +1,32 @@
-"""What every engine shares: the study's storage, sampler, metric names, and resume rules.
+"""The study every engine writes: its storage, sampler, metric names, attributes and resume rules.
 
 One Optuna RDB storage per study (``results/<study>/optuna.db`` or a PostgreSQL/MySQL
-URL); how each trial is drawn and recorded lives in ``nas.record``, so optuna-dashboard,
-``trials.csv`` and ``--resume`` see one format whichever engine ran the trial.
+URL), opened once per run by :func:`open_study` and handed to the engine; how each trial
+is drawn and recorded lives in ``nas.record``, so optuna-dashboard, ``trials.csv`` and
+``--resume`` see one format whichever engine ran the trial.
 """
 from __future__ import annotations
 
-import importlib
 import logging
-import os
-import threading
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import optuna
+import sqlalchemy.exc
 from optuna.trial import TrialState
 
-from nas.budget import Budget
-from nas.space import SearchSpace
+from meme.errors import UserError
+from nas.heartbeat import fail_stale_running
+from nas.record import constraint_of
+from nas.settings import Settings
+from nas.space import SPACES_DIR
 from nas.supernet import load_index
 
-log = logging.getLogger("nas.search")
+log = logging.getLogger(__name__)
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # toward --trials (infeasible ones are PRUNED)
-
-
-@dataclass
-class Settings:
-    """Everything a search run needs, resolved from the CLI."""
-
-    space: SearchSpace
-    budget: Budget
-    objectives: tuple[str, ...]        # ('loss',), ('fid',), or with 'gflops' second: Pareto search
-    trials: int                        # total counted trials wanted in the study
-    study_name: str
-    out: Path                          # results/<study>
-    storage_url: str
-    seed: int = 0
-    time_budget: Optional[float] = None  # seconds; no new trial starts after it
-    device: Optional[str] = None       # torch device for trials ('auto' when None)
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: Optional[float] = None  # None: 0.5 when the Ray cluster has GPUs
-    address: Optional[str] = None      # Ray cluster address
-    progress: bool = True
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def quality(self) -> str:
-        return self.objectives[0]
-
-    @property
-    def multi(self) -> bool:
-        return len(self.objectives) > 1
-
-    @property
-    def directions(self) -> list[str]:
-        return ["minimize"] * len(self.objectives)
 
 
 # ---- storage and study ---------------------------------------------------------------
@@ -74,8 +42,6 @@ def open_storage(url: str, attempts: int = 4) -> optuna.storages.RDBStorage:
     PostgreSQL the loser gets a duplicate-type error): the loser tries again, and then
     finds the schema made.
     """
-    import sqlalchemy.exc
-
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     for attempt in range(attempts):
         try:
@@ -88,14 +54,13 @@ def open_storage(url: str, attempts: int = 4) -> optuna.storages.RDBStorage:
     raise AssertionError("unreachable")
 
 
-def constraint_of(trial: optuna.trial.FrozenTrial) -> list[float]:
-    """GFLOPs over budget (<= 0: feasible); trials without the attr count as feasible."""
-    return [float(trial.user_attrs.get("constraint", 0.0))]
-
-
-def set_constraint(trial: Any, value: float) -> None:
-    """Record how far over budget a candidate is; the sampler reads it through constraint_of."""
-    trial.set_user_attr("constraint", value)
+def make_pruner(s: Settings) -> optuna.pruners.BasePruner:
+    """Successive halving for the plain Optuna engine (Ray's ASHA prunes under Ray)."""
+    if s.multi:  # Optuna cannot prune multi-objective trials
+        return optuna.pruners.NopPruner()
+    proxy = s.space.proxy  # first rung past warm-up and a third of the budget (proxy.first_rung)
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource=proxy.first_rung(),
+                                                  reduction_factor=proxy.reduction_factor)
 
 
 def make_sampler(s: Settings) -> optuna.samplers.BaseSampler:
@@ -131,118 +96,8 @@ def counted(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=COUNTED))
 
 
-# A driver stamps every trial it runs this often; a RUNNING trial unstamped for
-# STALE_AFTER_S belongs to a driver that died (kill -9, lost node, lost network).
-HEARTBEAT_S = 5.0
-STALE_AFTER_S = float(os.environ.get("MEME_NAS_STALE_AFTER_S", 30.0))  # tests shorten it
-ALIVE_ATTR = "alive_at"  # unix time of the last stamp (a user attr: visible in the dashboard)
-
-
-def fail_stale_running(storage: optuna.storages.BaseStorage, study_name: str,
-                       stale_after: float = STALE_AFTER_S) -> list[int]:
-    """RUNNING trials no live driver has stamped for ``stale_after`` s -> FAIL, with the reason.
-
-    Safe beside other live drivers (distributed search): their trials are stamped every
-    ``HEARTBEAT_S`` s and are left alone. Returns the numbers of the trials failed.
-    """
-    try:
-        sid = storage.get_study_id_from_name(study_name)
-    except KeyError:
-        return []
-    from nas.record import status_text
-
-    now, failed = time.time(), []
-    for t in storage.get_all_trials(sid, deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-        started = t.datetime_start.timestamp() if t.datetime_start else 0.0
-        if now - float(t.user_attrs.get(ALIVE_ATTR, started)) < stale_after:
-            continue
-        tid = storage.get_trial_id_from_study_id_trial_number(sid, t.number)
-        try:
-            storage.set_trial_user_attr(tid, "fail_reason", "interrupted: its driver stopped (killed or lost)")
-            storage.set_trial_user_attr(tid, "status", status_text("failed", reason="interrupted"))
-            storage.set_trial_state_values(tid, TrialState.FAIL)
-        except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
-            continue  # finished meanwhile: its driver was alive after all
-        failed.append(t.number)
-    return failed
-
-
-class Heartbeat:
-    """Stamps the trials this driver runs, and fails those dead drivers left RUNNING.
-
-    A background thread; storage errors (a database restart) are logged, never raised,
-    so a short outage costs stamps, not the search.
-    """
-
-    def __init__(self, storage: optuna.storages.BaseStorage, study_name: str, interval: float = HEARTBEAT_S,
-                 stale_after: float = STALE_AFTER_S):
-        self.storage, self.study_name = storage, study_name
-        self.study_id = storage.get_study_id_from_name(study_name)  # the study exists: the driver opened it
-        self.interval, self.stale_after = interval, stale_after
-        self.live: set[int] = set()
-        self.cleaned: list[int] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="trial-heartbeat", daemon=True)
-        importlib.import_module("nas.record")  # here, not in the thread: a slow first import would delay stamps
-
-    def add(self, number: int) -> None:
-        with self._lock:
-            self.live.add(number)
-        self._stamp(number)
-
-    def discard(self, number: int) -> None:
-        with self._lock:
-            self.live.discard(number)
-
-    def _stamp(self, number: int) -> None:
-        try:
-            tid = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
-            self.storage.set_trial_user_attr(tid, ALIVE_ATTR, time.time())
-        except optuna.exceptions.UpdateFinishedTrialError:
-            self.discard(number)
-        except Exception as exc:  # database down: keep trying, the trials keep running
-            log.warning("heartbeat of trial %d not recorded: %s", number, str(exc).splitlines()[0] if str(exc) else exc)
-
-    def sweep(self) -> None:
-        try:
-            self.cleaned += fail_stale_running(self.storage, self.study_name, self.stale_after)
-        except Exception as exc:
-            log.warning("stale-trial clean-up skipped: %s", str(exc).splitlines()[0] if str(exc) else exc)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            with self._lock:
-                live = sorted(self.live)
-            for n in live:
-                self._stamp(n)
-            self.sweep()
-
-    def wait_for_others(self, study: optuna.Study, limit: Optional[float] = None) -> None:
-        """Before the final outputs: give trials other drivers left RUNNING the time to
-        finish or to go stale (then they are failed), at most ``limit`` seconds."""
-        deadline = time.time() + (self.stale_after + self.interval if limit is None else limit)
-        while time.time() < deadline:
-            running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                       if t.number not in self.live]
-            if not running:
-                return
-            time.sleep(min(self.interval, max(0.0, deadline - time.time())))
-            self.sweep()
-
-    def __enter__(self) -> "Heartbeat":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=self.interval + 5)
-
-
 def portable_space_ref(source: str) -> str:
     """A shipped space by its name (loads on any install), any other by its absolute path."""
-    from nas.space import SPACES_DIR
-
     path = Path(source).resolve()
     return path.stem if path.parent == SPACES_DIR.resolve() else str(path)
 
@@ -266,8 +121,6 @@ def supernet_attrs(proxy) -> dict[str, Any]:
 
 def check_compatible(study: optuna.Study, s: Settings) -> None:
     """--resume with another budget/space/objective would mix incomparable trials."""
-    from meme.cli import UserError
-
     old = study.user_attrs
     if not old:
         return
@@ -278,12 +131,35 @@ def check_compatible(study: optuna.Study, s: Settings) -> None:
                             f"use another --study or the same settings")
 
 
-class Deadline:
-    def __init__(self, seconds: Optional[float]):
-        self.end = None if not seconds else time.monotonic() + seconds
+def existing_trials(storage: optuna.storages.BaseStorage, name: str) -> int:
+    try:
+        sid = storage.get_study_id_from_name(name)
+    except KeyError:
+        return 0
+    return len(storage.get_all_trials(sid, deepcopy=False))
 
-    def passed(self) -> bool:
-        return self.end is not None and time.monotonic() >= self.end
 
-    def left(self) -> Optional[float]:
-        return None if self.end is None else max(0.0, self.end - time.monotonic())
+def open_study(s: Settings, resume: bool, storage: Optional[optuna.storages.BaseStorage] = None
+               ) -> tuple[optuna.storages.BaseStorage, optuna.Study]:
+    """The run's one study object (sampler and pruner attached) in its RDB storage.
+
+    An existing study only with ``resume``, and only if compatible; on resume, trials an
+    interrupted run left RUNNING are failed (other live drivers' trials are stamped and
+    left alone).
+    """
+    storage = storage or open_storage(s.storage_url)
+    existing = existing_trials(storage, s.study_name)
+    if existing and not resume:
+        raise UserError(f"study {s.study_name!r} already has {existing} trials in {s.storage_url}: pass --resume "
+                        f"to continue it, or --study NAME for a new one")
+    if resume:
+        failed = fail_stale_running(storage, s.study_name, s.stale_after)
+        if failed:
+            print(f"resume: {len(failed)} trial(s) left RUNNING by an interrupted run marked FAIL: {failed}")
+    study = optuna.create_study(storage=storage, study_name=s.study_name, sampler=make_sampler(s),
+                                pruner=make_pruner(s), directions=s.directions, load_if_exists=True)
+    check_compatible(study, s)
+    name_metrics(study, s.objectives)
+    for k, v in study_attrs(s).items():
+        study.set_user_attr(k, v)
+    return storage, study

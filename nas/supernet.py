@@ -51,7 +51,7 @@ from meme.supernet import INDEX, SuperNet, SupernetSpec, arch_key, load_index, l
 from meme.train import NonFiniteLoss, warmup_lr
 from nas.proxy import proxy_arch
 from nas.space import SearchSpace, _pick, load_space, ratio_choices
-from nas.trial import proxy_dataset
+from nas.proxy_data import proxy_dataset
 
 
 

@@ -28,16 +28,23 @@ from typing import Callable, Optional
 
 import torch
 
-from meme.cli import pick_device
+from meme.autoencoder import load_decoder
 from meme.compute import train_gflops_per_step, training_gflops
-from meme.config import DataShape, MemeConfig
+from meme.config import MemeConfig
+from meme.device import pick_device
 from meme.diffusion import Diffusion
+from meme.evaluate import evaluate_samples
 from meme.experts import MultiExpertDenoiser, SoftExpertSampler, build_denoiser
 from meme.fastpath import FastPath, fast_path
+from meme.images import decode, to_uint8
+from meme.latents import image_reference, is_latent_file, latent_info, require_latent_info
 from meme.networks import count_params
 from meme.resources import check_fits
+from meme.sample import SamplingPlan, generate
 from meme.train import NonFiniteLoss, draw_batch, train_step, warmup_lr
 from nas.proxy import proxy_config
+from nas.proxy_data import eval_timesteps, heldout_images, heldout_losses, proxy_dataset
+from nas.shared_eval import scorer_for
 from nas.space import ProxySpec
 
 Report = Callable[[int, float], bool]   # (step, objective) -> True: stop now
@@ -64,56 +71,6 @@ class TrialResult:
     extra: dict = field(default_factory=dict)  # evaluator-specific attributes (recorded as trial attrs)
 
 
-@lru_cache(maxsize=4)
-def proxy_dataset(spec: Optional[str], shape: DataShape, split: str, limit: Optional[int]) -> torch.Tensor:
-    """Proxy data, loaded once per process (a Ray worker reused across trials keeps it)."""
-    from meme.data import load_data
-
-    x = load_data(None if spec in (None, "fashion-mnist") else spec, shape, split)
-    return x[:limit] if limit else x
-
-
-def eval_timesteps(T: int, k: int) -> list[int]:
-    """k uniformly spaced t: centres of k equal bins of [0, T)."""
-    return [min(T - 1, int((i + 0.5) * T / k)) for i in range(k)]
-
-
-def heldout_images(proxy: ProxySpec) -> torch.Tensor:
-    """The fixed held-out images every evaluator scores on (``proxy.seed``'s, whatever the training seed)."""
-    val = proxy_dataset(proxy.data, proxy.shape(), "val", None)
-    g_val = torch.Generator().manual_seed(proxy.seed + 99)
-    return val[torch.randperm(len(val), generator=g_val)[: proxy.eval_batch]]
-
-
-def heldout_noise(val: torch.Tensor, seed: int) -> torch.Tensor:
-    """The fixed noise added to the held-out images at every t of the grid."""
-    return torch.randn(val.shape, generator=torch.Generator().manual_seed(seed + 12345))
-
-
-def heldout_loss(model: MultiExpertDenoiser, diffusion: Diffusion, val: torch.Tensor,
-                 timesteps: list[int], seed: int, device: torch.device, fp: FastPath) -> float:
-    """Mean over the t grid of eps-MSE on fixed held-out images and fixed noise."""
-    per_t = heldout_losses(model, diffusion, val, timesteps, seed, device, fp)
-    return sum(per_t) / len(per_t)
-
-
-@torch.no_grad()
-def heldout_losses(model: MultiExpertDenoiser, diffusion: Diffusion, val: torch.Tensor,
-                   timesteps: list[int], seed: int, device: torch.device, fp: FastPath) -> list[float]:
-    """eps-MSE at each t of the grid on fixed held-out images and fixed noise (the owner of t denoises)."""
-    model.eval()
-    noise = heldout_noise(val, seed)
-    x0 = fp.input(val, device)
-    noise = fp.input(noise, device)
-    out = []
-    with fp.autocast():
-        for t in timesteps:
-            tt = torch.full((len(x0),), t, dtype=torch.long, device=device)
-            out.append(float(diffusion.training_loss(model, x0, tt, noise)))
-    model.train()
-    return out
-
-
 def sample_fid(model: MultiExpertDenoiser, diffusion: Diffusion, proxy: ProxySpec, device: torch.device,
                fp: FastPath, latent_target: bool = False) -> float:
     """FID of proxy.fid_samples DDIM samples (meme.sample.generate) against the held-out split.
@@ -122,11 +79,6 @@ def sample_fid(model: MultiExpertDenoiser, diffusion: Diffusion, proxy: ProxySpe
     scores them against the encoded images' held-out split (same indices, same split).
     A latent target proxied on latents without autoencoder metadata is refused.
     """
-    from meme.evaluate import evaluate_samples
-    from meme.images import decode, to_uint8
-    from meme.latents import image_reference, is_latent_file, latent_info, require_latent_info
-    from meme.sample import SamplingPlan, generate
-
     decoder = None
     if is_latent_file(proxy.data) and (latent_target or latent_info(proxy.data)):
         decoder = _decoder(require_latent_info(proxy.data, "--objective fid"), str(device))
@@ -143,8 +95,6 @@ def sample_fid(model: MultiExpertDenoiser, diffusion: Diffusion, proxy: ProxySpe
 @lru_cache(maxsize=2)
 def _decoder(info, device: str):
     """One first-stage decoder per process: every measurement of every trial reuses it."""
-    from meme.latents import load_decoder
-
     return load_decoder(info, device)
 
 
@@ -183,8 +133,6 @@ def run_trial(config: MemeConfig, proxy: ProxySpec, report: Report, *, objective
 
 def _score_shared(config: MemeConfig, proxy: ProxySpec, report: Report, device: Optional[str]) -> TrialResult:
     """The weight-shared evaluator: one report (budget step 0: nothing trained but any fine-tune)."""
-    from nas.shared_eval import scorer_for
-
     if not proxy.supernet:
         raise ValueError("proxy.evaluator is 'supernet' but no supernet directory is given (--supernet DIR)")
     scorer = scorer_for(str(proxy.supernet), proxy, device)

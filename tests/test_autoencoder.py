@@ -15,13 +15,14 @@ from PIL import Image
 
 pytest.importorskip("diffusers")
 
-from meme import autoencoder, evaluate, sample  # noqa: E402
+from meme import autoencoder_cli as autoencoder  # noqa: E402  (the encode/train command line)
+from meme import evaluate, sample  # noqa: E402
 from meme import train as meme_train  # noqa: E402
-from meme.autoencoder import encode_images, load_autoencoder  # noqa: E402
+from meme.autoencoder import encode_images, load_autoencoder, load_decoder  # noqa: E402
 from meme.cli import UserError  # noqa: E402
 from meme.config import ArchConfig, DataShape, DiffusionConfig, MemeConfig  # noqa: E402
 from meme.data import load_data  # noqa: E402
-from meme.latents import LatentInfo, latent_info, load_decoder  # noqa: E402
+from meme.latents import LatentInfo, latent_info  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 N_IMAGES = 100          # 5 held-out: enough for k=3 precision/recall in the FID objective
@@ -224,13 +225,34 @@ def test_encode_train_sample_decode_fid_end_to_end(tmp_path, capsys, latents, im
 
 
 def test_fid_objective_of_a_search_decodes_latent_proxies(latents, image_dir):
+    """A latent proxy's FID objective is the FID of its samples *decoded* by the file's
+    autoencoder, scored against the images that were encoded: checked against the same
+    measurement done by hand (DDIM samples -> load_decoder -> FID)."""
+    from meme.diffusion import Diffusion
+    from meme.experts import build_denoiser
+    from meme.fastpath import fast_path
+    from meme.images import to_uint8
+    from meme.sample import SamplingPlan, generate
+    from nas.proxy import proxy_config
     from nas.space import ProxySpec
-    from nas.trial import run_trial
+    from nas.trial import run_trial, sample_fid
 
     proxy = ProxySpec(data=str(latents), resolution=8, channels=2, width_mult=1, steps=2, eval_every=2,
                       fid_samples=6, fid_steps=2, eval_batch=4, limit_data=None, precision="fp32")
     result = run_trial(latent_cfg(), proxy, lambda step, value: False, objective="fid", device="cpu", threads=1)
     assert np.isfinite(result.objective) and result.objective > 0
+
+    torch.manual_seed(0)
+    model = build_denoiser(proxy_config(latent_cfg(), proxy))
+    diffusion = Diffusion(proxy_config(latent_cfg(), proxy).diffusion)
+    plan = SamplingPlan(n=proxy.fid_samples, steps=proxy.fid_steps, seed=proxy.seed + 777, batch_size=64)
+    raw = generate(model, diffusion, (2, 8, 8), plan, "cpu", precision="fp32")
+    images = to_uint8(load_decoder(latent_info(latents))(raw))
+    assert images.shape == (6, 16, 16, 1)                  # decoded pictures, not 2x8x8 latents
+    by_hand = evaluate.evaluate_samples(images, ref=str(image_dir.resolve()), n_ref=1000, split="val",
+                                        device="cpu")["fid"]
+    got = sample_fid(model, diffusion, proxy, torch.device("cpu"), fast_path("cpu", "fp32", model), latent_target=True)
+    assert got == pytest.approx(by_hand, rel=1e-6)
 
 
 def test_pixel_path_never_imports_diffusers():

@@ -28,7 +28,7 @@ def test_fashion_mnist_split_sizes_range_and_determinism():
     assert train.min().item() == -1.0 and train.max().item() == 1.0
     # same split on a second call, and train/val are disjoint (compare exact pixel rows)
     torch.testing.assert_close(load_data(None, shape, "val"), val, rtol=0, atol=0)
-    raw = data._idx_images(str(data.FASHION_MNIST_DIR), data._stamp(data.FASHION_MNIST_DIR))
+    raw = data._idx_images(str(data.FASHION_MNIST_DIR), data.file_stamp(data.FASHION_MNIST_DIR))
     assert raw.shape == (70_000, 28, 28)
     # first val item is a fixed raw image scaled to [-1, 1]
     perm = np.random.RandomState(0).permutation(70_000)

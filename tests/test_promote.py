@@ -38,13 +38,19 @@ def tiny_study(tmp_path_factory):
     return out / "s"
 
 
+@pytest.fixture(scope="module")
+def promoted(tiny_study) -> Path:
+    """The study's best trial and its reference promoted once; the tests below read or reuse it."""
+    assert promote.main(["--study", str(tiny_study), "--top", "1", "--jobs", "2"]) == 0
+    return tiny_study / "promoted"
+
+
 def _trained_steps(run: Path) -> int:
     return int(pd.read_csv(run / "metrics.csv").step.max())
 
 
-def test_promote_trains_samples_and_scores_on_the_target_data(tiny_study):
-    out = tiny_study / "promoted"
-    assert promote.main(["--study", str(tiny_study), "--top", "1", "--jobs", "2"]) == 0
+def test_promote_trains_samples_and_scores_on_the_target_data(promoted):
+    out = promoted
     runs = pd.read_csv(out / "promoted.csv")
     assert sorted(runs.design) == ["rank1", "reference-tiny-hand"]
     for row in runs.itertuples():
@@ -60,14 +66,15 @@ def test_promote_trains_samples_and_scores_on_the_target_data(tiny_study):
     assert "fid_mean" in (out / "promoted.md").read_text()
 
 
-def test_promote_resumes_without_redoing_finished_stages(tiny_study):
-    logs = sorted((tiny_study / "promoted").glob("*/seed1/promote.log"))
+def test_promote_resumes_without_redoing_finished_stages(tiny_study, promoted):
+    logs = sorted(promoted.glob("*/seed1/promote.log"))
+    assert len(logs) == 2  # rank1 and the reference
     before = [p.read_text() for p in logs]
     assert promote.main(["--study", str(tiny_study), "--top", "1"]) == 0
     assert [p.read_text() for p in logs] == before  # no stage ran again
 
 
-def test_promote_refuses_a_run_trained_with_other_settings(tiny_study, capsys):
+def test_promote_refuses_a_run_trained_with_other_settings(tiny_study, promoted, capsys):
     assert promote.main(["--study", str(tiny_study), "--top", "1", "--steps", str(STEPS + 1)]) == 2
     assert "was trained with other settings" in capsys.readouterr().err
 
@@ -84,7 +91,7 @@ def test_latent_target_without_latent_data_is_refused_before_anything_is_written
 
 
 def test_latent_target_refuses_images_and_latents_it_cannot_decode(tmp_path):
-    cfg = load_space("meme_ffhq256").reference_config()
+    cfg = load_space("meme_ffhq256").reference
     with pytest.raises(UserError, match="not a latent file"):
         check_target_data(cfg, "fashion-mnist")
     import numpy as np
@@ -121,7 +128,7 @@ def test_compare_four_designs_at_equal_cost(tiny_study):
 
 
 def test_compare_refuses_unequal_cost_and_a_single_seed(tiny_study, capsys):
-    hand = TINY.reference_config()
+    hand = TINY.reference
     wide = MemeConfig.from_dict({**hand.to_dict(), "name": "wide",
                                  "experts": [{**e, "base_channels": 64} for e in hand.to_dict()["experts"]]}, "t")
     with pytest.raises(UserError, match="not at equal per-step cost"):
@@ -199,7 +206,7 @@ def test_equal_compute_check_charges_an_outside_source_in_full(tmp_path):
     from nas import crossover
     from nas.promote import Protocol
     from nas.space import PromoteRecipe
-    hand = TINY.reference_config()
+    hand = TINY.reference
     (tmp_path / "supernet.json").write_text(json.dumps({"train_gflops_total": 5000.0}))
     proto = Protocol(data="fashion-mnist", recipe=PromoteRecipe(steps=6, batch_size=8, init_from=str(tmp_path)))
     designs = [Design("hand", hand, init="scratch"), Design("hand+branch", hand, init="branch")]

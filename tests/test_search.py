@@ -278,7 +278,8 @@ def test_kill_9_then_resume_keeps_finished_trials(tmp_path):
 
 def test_heartbeat_keeps_live_trials_and_fails_stale_ones(tmp_path):
     """Another driver's live trial is never failed; one nobody stamps is, once stale."""
-    from nas.study import Heartbeat, fail_stale_running, open_storage
+    from nas.heartbeat import Heartbeat, fail_stale_running
+    from nas.study import open_storage
 
     storage = open_storage(f"sqlite:///{tmp_path / 'hb.db'}")
     study = optuna.create_study(storage=storage, study_name="hb")

@@ -18,7 +18,7 @@ from nas.proxy import proxy_arch
 from nas.shared_eval import SharedScorer
 from nas.space import FixedTrial, build_config, encode, load_space
 from nas.supernet import StageCostTable, load_index, load_supernet, spec_for, train_all
-from nas.trial import eval_timesteps, heldout_images, heldout_loss
+from nas.proxy_data import eval_timesteps, heldout_images, heldout_loss
 from meme.diffusion import Diffusion
 from meme.experts import MultiExpertDenoiser
 from meme.fastpath import fast_path
@@ -159,6 +159,6 @@ def test_experts_start_from_a_trained_supernet_at_its_shape(tiny_supernet, tmp_p
         assert all(torch.equal(e.state_dict()[k], want[k]) and torch.equal(ema_e.state_dict()[k], want[k])
                    for k in want)
     assert source_tflops(str(tiny_supernet)) == pytest.approx(load_index(tiny_supernet)["train_gflops_total"] / 1e3)
-    target = load_space("tiny").reference_config()       # the target's width: no supernet of that shape here
+    target = load_space("tiny").reference       # the target's width: no supernet of that shape here
     with pytest.raises(UserError, match="no trained supernet serves"):
         Trainer(target, opts, tmp_path / "run2")
