@@ -212,6 +212,9 @@ class Trainer:
         self.timesteps = SoftExpertSampler(cfg)
         self.gen = torch.Generator().manual_seed(opts.seed + 1)
         self.gens = distributed.expert_generators(opts.seed, cfg.num_experts) if opts.expert_parallel else None
+        if opts.expert_parallel and opts.schedule != "interleaved":
+            raise UserError("--expert-parallel needs --schedule interleaved: sequential blocks train one expert at a "
+                            "time, so the groups would wait for each other at every log row and checkpoint")
         self.data = load_data(opts.data, cfg.data, "train")
         if opts.limit_data:
             self.data = self.data[: opts.limit_data]
