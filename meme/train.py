@@ -32,13 +32,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from meme import checkpoint
+from meme import checkpoint, distributed
 from meme.branching import (SPLIT_OPTIMIZERS, AllTimesteps, BranchPlan, activate, carried_optimizer_state,
                             expert_state, init_from_source, load_experts, parent_network, split_step)
 from meme.cli import UserError, main_guard, pick_device, setup_logging
@@ -54,6 +54,7 @@ from meme.latents import latent_info, load_decoder
 from meme.references import resolve
 from meme.resources import check_fits
 from meme.sample import SamplingPlan, generate
+from meme.supernet import SuperNet
 
 log = logging.getLogger("meme.train")
 SCHEDULES = ("interleaved", "sequential")
@@ -74,13 +75,17 @@ class NonFiniteLoss(ArithmeticError):
 # ---- the training step (shared by meme.train and every search trial) ----------------------
 
 def draw_batch(data: torch.Tensor, timesteps: SoftExpertSampler, expert: int, batch_size: int,
-               gen: torch.Generator, fast: FastPath, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Images, soft-expert timesteps and noise for one step of one expert, in that RNG order."""
+               gen: torch.Generator, fast: FastPath, device: torch.device,
+               rows: slice = slice(None)) -> tuple[torch.Tensor, ...]:
+    """Images, soft-expert timesteps and noise for one step of one expert, in that RNG order.
+
+    ``rows``: the part of the batch this rank keeps; the whole batch is drawn whatever the
+    part, so the stream is the same on any number of ranks (``meme.distributed``).
+    """
     idx = torch.randint(len(data), (batch_size,), generator=gen)
-    x0 = fast.input(data[idx], device)
-    t = timesteps.sample(expert, batch_size, generator=gen).to(device)
-    noise = fast.input(torch.randn(x0.shape, generator=gen), device)
-    return x0, t, noise
+    t = timesteps.sample(expert, batch_size, generator=gen)
+    noise = torch.randn((batch_size, *data.shape[1:]), generator=gen)
+    return fast.input(data[idx[rows]], device), t[rows].to(device), fast.input(noise[rows], device)
 
 
 def train_step(net: torch.nn.Module,                    # the expert's training forward (maybe compiled)
@@ -89,6 +94,7 @@ def train_step(net: torch.nn.Module,                    # the expert's training 
                diffusion: Diffusion, opt: torch.optim.Optimizer, fast: FastPath,
                lr: float,                               # this step's learning rate (warm-up applied)
                grad_clip: float,                        # max global grad norm (0 = off)
+               loss_mean: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,  # over the ranks (DDP)
                ) -> float:
     """One optimizer step on the eps-MSE loss; NonFiniteLoss before any update if it is NaN/inf."""
     for g in opt.param_groups:
@@ -96,7 +102,7 @@ def train_step(net: torch.nn.Module,                    # the expert's training 
     opt.zero_grad(set_to_none=True)
     with fast.autocast():
         loss = diffusion.training_loss(net, *batch)
-    value = float(loss.detach())
+    value = float(loss_mean(loss.detach()) if loss_mean else loss.detach())  # every rank decides alike
     if not math.isfinite(value):
         raise NonFiniteLoss(value)
     loss.backward()
@@ -149,6 +155,8 @@ class TrainOptions:
                                             "several budgets")
     init_from: Optional[str] = _opt(None, "experts' initial weights: a trained supernet directory, or a run of "
                                           "one network of the experts' architecture")
+    expert_parallel: bool = _opt(False, "under torchrun: split the ranks into groups that train different experts "
+                                        "at once, each expert on its own data stream (meme.distributed)")
 
     def snapshot_steps(self) -> set[int]:
         try:
@@ -180,26 +188,33 @@ class Trainer:
 
     def __init__(self, cfg: MemeConfig, opts: TrainOptions, out: Path):
         self.cfg, self.opts, self.out = cfg, opts, Path(out)
-        self.device = pick_device(opts.device)
+        self.par = distributed.setup(pick_device(opts.device), cfg.num_experts, opts.expert_parallel)
+        self.device = self.par.device
+        distributed.check_batch(self.par.layout, opts.batch_size)
         if opts.precision not in PRECISIONS:
             raise UserError(f"--precision must be one of {list(PRECISIONS)}, got {opts.precision!r}")
         if opts.threads is not None:
             if opts.threads < 1:
                 raise UserError(f"--threads must be >= 1, got {opts.threads}")
             torch.set_num_threads(opts.threads)
-        check_fits(cfg, opts.batch_size, self.device, training=True)
+        check_fits(cfg, len(range(opts.batch_size)[self.par.rows(opts.batch_size)]), self.device, training=True)
         torch.manual_seed(opts.seed)
         self.model = build_denoiser(cfg)
         self.fast = fast_path(self.device, opts.precision, self.model)
         self.fast.prepare(self.model, self.device)
-        # Compiled wrappers share the experts' parameters: optimizer, EMA and checkpoints
-        # keep working on self.model; only the training forward goes through them.
-        self.train_nets = [torch.compile(e) if opts.compile else e for e in self.model.experts]
         self.ema = AveragedModel(self.model, multi_avg_fn=_ema_update(opts.ema_decay))
+        # Compiled and DDP wrappers share the experts' parameters: optimizer, EMA and checkpoints
+        # keep working on self.model; only the training forward goes through them.
+        self.train_nets = [self._forward(self.par.wrap(e, n) if self.par.owns(n) else e)
+                           for n, e in enumerate(self.model.experts)]
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
         self.diffusion = Diffusion(cfg.diffusion)
         self.timesteps = SoftExpertSampler(cfg)
         self.gen = torch.Generator().manual_seed(opts.seed + 1)
+        self.gens = distributed.expert_generators(opts.seed, cfg.num_experts) if opts.expert_parallel else None
+        if opts.expert_parallel and opts.schedule != "interleaved":
+            raise UserError("--expert-parallel needs --schedule interleaved: sequential blocks train one expert at a "
+                            "time, so the groups would wait for each other at every log row and checkpoint")
         self.data = load_data(opts.data, cfg.data, "train")
         if opts.limit_data:
             self.data = self.data[: opts.limit_data]
@@ -211,13 +226,20 @@ class Trainer:
             self.init_source = init_from_source(self.model.experts, self.ema.module.experts, cfg,
                                                 self.branch.source, self.device)
         # The parent phase: one network for all t, trained until the split (meme.branching).
-        self.parent = self.parent_ema = self.parent_opt = None
+        self.parent = self.parent_ema = self.parent_opt = self.parent_net = None
         if self.branch.has_parent_phase:
+            if opts.expert_parallel:
+                raise UserError("--expert-parallel trains the experts apart, and a --branch-at parent phase is one "
+                                "network: use data-parallel ranks (no --expert-parallel) or --init-from")
             self.parent = parent_network(cfg)
             self.fast.prepare(self.parent, self.device)
             self.parent_ema = AveragedModel(self.parent, multi_avg_fn=_ema_update(opts.ema_decay))
             self.parent_opt = torch.optim.AdamW(self.parent.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
             self.all_t = AllTimesteps(cfg.diffusion.timesteps)
+            self.parent_net = self.par.wrap(self.parent, find_unused=isinstance(self.parent, SuperNet))
+
+    def _forward(self, net: torch.nn.Module) -> torch.nn.Module:
+        return torch.compile(net) if self.opts.compile else net
 
     # ---- paths -------------------------------------------------------------------
     @property
@@ -237,22 +259,31 @@ class Trainer:
 
     def step(self) -> tuple[int, float]:
         """One optimizer step; returns (expert whose architecture was trained, loss)."""
-        s, n = self.step_count, self.cfg.num_experts
+        s, n, rows = self.step_count, self.cfg.num_experts, self.par.rows(self.opts.batch_size)
+        group: Optional[int] = None   # the parent trains on every rank
         if self.in_parent_phase:  # parent step s: expert s mod N's sub-network, t over all of [0, T)
             e = s % n
-            net, params, opt = activate(self.parent, self.cfg.experts[e]), self.parent.parameters(), self.parent_opt
-            batch = draw_batch(self.data, self.all_t, 0, self.opts.batch_size, self.gen, self.fast, self.device)
+            activate(self.parent, self.cfg.experts[e])
+            net, params, opt = self.parent_net, self.parent.parameters(), self.parent_opt
+            batch = draw_batch(self.data, self.all_t, 0, self.opts.batch_size, self.gen, self.fast, self.device, rows)
         else:
-            e = expert_after_split(s, n, self.opts.steps, self.opts.schedule, self.branch.at)
+            e = group = expert_after_split(s, n, self.opts.steps, self.opts.schedule, self.branch.at)
+            if not self.par.owns(e):  # expert-parallel: another group trains this step; the EMA still ticks
+                return self._tick(e, None)
             net, params, opt = self.train_nets[e], self.model.experts[e].parameters(), self.opt
-            batch = draw_batch(self.data, self.timesteps, e, self.opts.batch_size, self.gen, self.fast, self.device)
+            gen = self.gens[e] if self.gens else self.gen
+            batch = draw_batch(self.data, self.timesteps, e, self.opts.batch_size, gen, self.fast, self.device, rows)
         try:
             loss_value = train_step(net, params, batch, self.diffusion, opt, self.fast, self.lr_at(s),
-                                    self.opts.grad_clip)
+                                    self.opts.grad_clip, lambda v: self.par.mean(v, group))
         except NonFiniteLoss as exc:
             where = self.ckpt_path if self.ckpt_path.exists() else "none written yet"
             raise TrainingDiverged(f"loss is {exc.value} at step {s} (expert {e}); stopped. "
                                    f"Last good checkpoint: {where}") from None
+        return self._tick(e, loss_value)
+
+    def _tick(self, e: int, loss_value: Optional[float]) -> tuple[int, Optional[float]]:
+        """After step ``step_count`` (trained here or by another group): EMA, count, maybe the split."""
         if self.in_parent_phase:
             self.parent_ema.update_parameters(self.parent)
         else:
@@ -272,7 +303,7 @@ class Trainer:
                                                              self.cfg, self.opt))
         log.info("step %d: the parent split into %d experts (%s optimizer)", self.step_count, self.cfg.num_experts,
                  self.branch.optimizer)
-        self.parent = self.parent_ema = self.parent_opt = None
+        self.parent = self.parent_ema = self.parent_opt = self.parent_net = None
 
     def _experts_cut_from(self, parent) -> dict:
         """The experts' state dict a split now would give (parent-phase checkpoints stay samplable)."""
@@ -283,7 +314,9 @@ class Trainer:
     def state(self) -> dict:
         common = {"step": self.step_count, "rng": checkpoint.rng_state(), "data_gen": self.gen.get_state(),
                   "config": self.cfg.to_dict(), "options": dataclasses.asdict(self.opts),
-                  "branch": dataclasses.asdict(self.branch)}
+                  "branch": dataclasses.asdict(self.branch),
+                  "parallel": {"world_size": self.par.world, "expert_parallel": self.opts.expert_parallel,
+                               "expert_gens": [g.get_state() for g in self.gens or ()]}}
         if self.in_parent_phase:  # model/ema: the experts as a split now would cut them (meme.sample reads them)
             return {**common, "phase": "parent", "model": self._experts_cut_from(self.parent),
                     "ema": self._experts_cut_from(self.parent_ema.module), "ema_n": self.parent_ema.n_averaged.clone(),
@@ -293,7 +326,10 @@ class Trainer:
                 "ema_n": self.ema.n_averaged.clone(), "opt": self.opt.state_dict()}
 
     def save(self, path: Optional[Path] = None) -> Path:
-        return checkpoint.atomic_save(self.state(), path or self.ckpt_path)
+        """Rank 0 writes (after gathering the experts other groups train); every rank must call it."""
+        self.par.collect_experts(self.model.experts, self.ema.module.experts, self.opt, self.gens or ())
+        path = path or self.ckpt_path
+        return checkpoint.atomic_save(self.state(), path) if self.par.is_main else path
 
     def snapshot_path(self, step: int) -> Path:
         return self.out / "checkpoints" / f"step{step:07d}.pt"
@@ -306,14 +342,20 @@ class Trainer:
             raise UserError(f"{self.ckpt_path} was trained with other branching ({saved_branch}, now "
                             f"{dataclasses.asdict(self.branch)}); keep --steps, --branch-at, --split-optimizer and "
                             f"--init-from, or use a new --out")
+        parallel = ck.get("parallel", {})
+        note = distributed.resume_note(parallel, self.par.layout, self.opts.batch_size, self.ckpt_path)
+        if note and self.par.is_main:
+            log.warning(note)
         with checkpoint.applying(self.ckpt_path):
+            for g, state in zip(self.gens or (), parallel.get("expert_gens", ())):
+                g.set_state(state.cpu())
             if ck.get("phase") == "parent":
                 self.parent.load_state_dict(ck["parent"])
                 self.parent_ema.module.load_state_dict(ck["parent_ema"])
                 self.parent_ema.n_averaged.copy_(ck["ema_n"])
                 self.parent_opt.load_state_dict(ck["opt"])
             else:
-                self.parent = self.parent_ema = self.parent_opt = None   # past the split
+                self.parent = self.parent_ema = self.parent_opt = self.parent_net = None   # past the split
                 self.model.load_state_dict(ck["model"])
                 self.ema.module.load_state_dict(ck["ema"])
                 self.ema.n_averaged.copy_(ck["ema_n"])
@@ -323,7 +365,11 @@ class Trainer:
             self.gen.set_state(ck["data_gen"].cpu())
 
     # ---- samples -----------------------------------------------------------------------
-    def sample_grid(self, n: int = 64) -> Path:
+    def sample_grid(self, n: int = 64) -> Optional[Path]:
+        """Rank 0 samples the EMA model (after gathering it); every rank must call it."""
+        self.par.collect_experts(self.model.experts, self.ema.module.experts, self.opt, self.gens or ())
+        if not self.par.is_main:
+            return None
         shape = (self.cfg.data.channels, self.cfg.data.resolution, self.cfg.data.resolution)
         plan = SamplingPlan(n=n, steps=self.opts.sample_steps, seed=1234, batch_size=n,
                             clip_x0=not self.cfg.data.latent)
@@ -381,34 +427,41 @@ def train(cfg: MemeConfig, opts: TrainOptions, out: Path, resume: bool = False, 
             raise UserError(f"{out} already holds a checkpoint: pass --resume to continue or choose a new --out")
         trainer.load()
         log.info("resumed %s at step %d", out, trainer.step_count)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / "config.yaml")
-    (out / "options.json").write_text(json.dumps(dataclasses.asdict(opts), indent=2))
-    metrics = MetricsLog(out / "metrics.csv", trainer.step_count)
-    atomic_write_json(training_compute(cfg, opts, trainer.branch).to_dict(), out / "compute.json")
+    main = trainer.par.is_main   # only rank 0 writes
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.yaml")
+        (out / "options.json").write_text(json.dumps(dataclasses.asdict(opts), indent=2))
+        atomic_write_json(training_compute(cfg, opts, trainer.branch).to_dict(), out / "compute.json")
+    metrics = MetricsLog(out / "metrics.csv", trainer.step_count) if main else None
     if trainer.branch.has_parent_phase:
         log.info("parent phase: steps [0, %d) train one shared network on all t, then it splits (%s optimizer)",
                  trainer.branch.at, trainer.branch.optimizer)
     if trainer.init_source:
         log.info("experts start from %s", trainer.init_source)
     n_params = sum(p.numel() for p in trainer.model.parameters())
-    log.info("training %s: %d experts, %.2fM params, %d images, %s schedule, on %s (%s%s, %d threads)",
+    log.info("training %s: %d experts, %.2fM params, %d images, %s schedule, on %s (%s%s, %d threads)%s",
              cfg.name, cfg.num_experts, n_params / 1e6, len(trainer.data), opts.schedule, trainer.device,
-             trainer.fast.describe(), ", compiled" if opts.compile else "", torch.get_num_threads())
+             trainer.fast.describe(), ", compiled" if opts.compile else "", torch.get_num_threads(),
+             distributed.describe(trainer.par.layout, opts.batch_size))
     snapshots = opts.snapshot_steps()
-    bar = tqdm(total=opts.steps, initial=trainer.step_count, disable=not progress, desc="train", unit="step")
+    bar = tqdm(total=opts.steps, initial=trainer.step_count, disable=not (progress and main), desc="train",
+               unit="step")
     t_window, imgs, losses, t_start = time.perf_counter(), 0, [], time.perf_counter()
     while trainer.step_count < opts.steps:
         e, loss = trainer.step()
-        losses.append(loss)
+        if loss is not None:   # None: another group trained this step
+            losses.append(loss)
         imgs += opts.batch_size
         s = trainer.step_count
         bar.update(1)
         if s % opts.log_every == 0 or s == opts.steps:
+            mean_loss = trainer.par.window_loss(losses)
             now = time.perf_counter()
-            row = {"step": s, "expert": e, "loss": sum(losses) / len(losses), "lr": trainer.lr_at(s - 1),
+            row = {"step": s, "expert": e, "loss": mean_loss, "lr": trainer.lr_at(s - 1),
                    "img_per_s": imgs / max(now - t_window, 1e-9), "wall_s": now - t_start}
-            metrics.write(row)
+            if metrics:
+                metrics.write(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.1f}")
             t_window, imgs, losses = now, 0, []
         if s % opts.ckpt_every == 0 or s == opts.steps:
@@ -438,7 +491,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainOptions]:
         kind = {"steps": int, "batch_size": int, "warmup": int, "seed": int, "ckpt_every": int,
                 "sample_every": int, "sample_steps": int, "log_every": int, "limit_data": int, "threads": int,
                 "lr": float, "weight_decay": float, "ema_decay": float, "grad_clip": float, "branch_at": float,
-                "compile": bool}.get(f.name, str)
+                "compile": bool, "expert_parallel": bool}.get(f.name, str)
         help_text, choices = f.metadata["help"], f.metadata["choices"]
         if kind is bool:
             p.add_argument(flag, action="store_true", help=f"{help_text} (off by default)")
@@ -453,10 +506,14 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainOptions]:
 @main_guard
 def main(argv=None) -> int:
     setup_logging()
+    distributed.quiet_other_ranks()
     args, opts = parse_args(argv)
     cfg = resolve(args.config)
     out = args.out or Path("results") / "train" / cfg.name
     trainer = train(cfg, opts, out, resume=args.resume)
+    trainer.par.close()
+    if not trainer.par.is_main:
+        return 0
     print(f"done: {trainer.step_count} steps; checkpoint {trainer.ckpt_path}; "
           f"sample with: python -m meme.sample --run {out}")
     return 0

@@ -27,11 +27,12 @@ from typing import Callable, Optional
 
 import torch
 
-
+from meme.scaling import bench_scaling, unmeasured_gpu_rows
 from meme.bench import (COLUMNS, ENGINES, NOT_MEASURED, PENDING, SECTIONS, BenchOptions, Model, Row, bench_compile, bench_fast_paths, bench_memory, bench_sampling,
                         bench_training, default_options, device_name, dtype_name, format_table, matmul_peak_flops,
                         median, peak_dtypes, update_markdown, write_csv)
 
+OPTIONAL_SECTIONS = ("scaling",)            # only with --only (several training runs of their own)
 PROXY_ITEM = "search-proxy"                 # meme-table4's first expert as a default-space trial trains it
 
 
@@ -279,7 +280,7 @@ def run_bench(o: BenchOptions, log: Callable[[str], None] = print) -> tuple[list
     name = device_name(dev)
     meta = {"device": name, "device_type": dev.type, "torch": torch.__version__,
             "threads": str(torch.get_num_threads()), "date": _dt.date.today().isoformat(),
-            "mode": "quick" if o.quick else "full",
+            "mode": "quick" if o.quick else "full", "only": "" if o.only == SECTIONS else ",".join(o.only),
             "load": " ".join(f"{x:.1f}" for x in os.getloadavg())}
     rows: list[Row] = []
     peaks = {}
@@ -310,19 +311,26 @@ def run_bench(o: BenchOptions, log: Callable[[str], None] = print) -> tuple[list
         for e in ENGINES:
             rows += bench_engine(e, o, dev, log)
         rows += bench_evaluators(o, dev, log)
+    if "scaling" in o.only:
+        log("scaling ...")
+        rows += bench_scaling(o.device, max(o.train_steps, 4) * 6, o.train_batch, log=log)
+        rows += unmeasured_gpu_rows()
     if o.compile:
         log("compile ...")
         rows += bench_compile(o, dev, eager_ips, log)
-    rows += target_rows(rows, dev, name)
+    if set(o.only) - set(OPTIONAL_SECTIONS):
+        rows += target_rows(rows, dev, name)
     return rows, meta
 
 
 def markdown_section(rows: list[Row], meta: dict[str, str], command: str) -> tuple[str, str]:
     from meme.cli import markdown_table
 
-    key = f"{meta['device_type']}: {meta['device']}" + (" (quick)" if meta["mode"] == "quick" else "")
+    key = (f"{meta['device_type']}: {meta['device']}" + (" (quick)" if meta["mode"] == "quick" else "")
+           + (f" ({meta['only']})" if meta.get("only") else ""))
     table = markdown_table(COLUMNS, ([r.as_dict()[c] for c in COLUMNS] for r in rows)).rstrip()
     body = (f"<!-- bench:{key} -->\n## {meta['device']}" + (" -- quick mode" if meta["mode"] == "quick" else "")
+            + (f" -- {meta['only']} only" if meta.get("only") else "")
             + f"\n\n- date: {meta['date']}\n- torch {meta['torch']}, {meta['threads']} threads\n"
             f"- load average at start (1/5/15 min): {meta['load']} -- a shared machine makes CPU timings noisy\n"
             f"- command: `{command}`\n\n{table}\n<!-- /bench -->\n")
@@ -337,7 +345,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--md", type=Path, default=Path("results/BENCHMARKS.md"), help="markdown file to update")
     p.add_argument("--no-md", action="store_true", help="do not touch the markdown file")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd experts (not with --quick)")
-    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of {','.join(SECTIONS)}")
+    p.add_argument("--only", default=",".join(SECTIONS),
+                   help=f"comma list of {','.join(SECTIONS)}, or {','.join(OPTIONAL_SECTIONS)} (not in the default: "
+                        f"1 vs 2 processes of meme.train)")
     p.add_argument("--engines", default=",".join(ENGINES), help="trial engines to time (optuna,ray)")
     p.add_argument("--space", default="tiny", help="search space whose proxy trial the engines run")
     for flag, kind in (("resolution", int), ("batch", int), ("steps", int), ("repeats", int), ("warmup", int),
@@ -356,9 +366,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError(f"--device {device} asked for, but CUDA is not available here")
         only = tuple(s.strip() for s in args.only.split(",") if s.strip())
-        bad = [s for s in only if s not in SECTIONS]
+        bad = [s for s in only if s not in SECTIONS + OPTIONAL_SECTIONS]
         if bad:
-            raise UserError(f"--only: unknown section(s) {bad}; choose from {list(SECTIONS)}")
+            raise UserError(f"--only: unknown section(s) {bad}; choose from {list(SECTIONS + OPTIONAL_SECTIONS)}")
         engines = tuple(s.strip() for s in args.engines.split(",") if s.strip())
         if any(e not in ENGINES for e in engines):
             raise UserError(f"--engines: choose from {list(ENGINES)}")

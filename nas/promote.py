@@ -41,6 +41,7 @@ from meme.config import MemeConfig
 from meme.data import LATENT_SUFFIXES
 from meme.latents import is_latent_file, require_latent_info
 from meme.branching import SPLIT_OPTIMIZERS
+from nas.ray_train import RayWorkers, train_on_workers
 from nas.space import INITS, PromoteRecipe, SearchSpace
 
 log = logging.getLogger("nas.promote")
@@ -72,6 +73,7 @@ class Protocol:
     threads: Optional[int] = None     # CPU threads per process (1 when pipelines share the cores)
     fid: bool = True                  # sample and score FID (off: train and held-out loss only; a later
                                       # pass with it on adds FID to the same runs)
+    ray_workers: Optional[RayWorkers] = None  # train on several Ray Train workers (a run resumes under any K)
 
     def digest(self, recipe: Optional[PromoteRecipe] = None) -> dict[str, Any]:
         return {"data": self.data, "recipe": (recipe or self.recipe).digest(), "train_args": list(self.train_args)}
@@ -136,9 +138,14 @@ def run_pipeline(design: Design, seed: int, out: Path, protocol: Protocol) -> di
                "--sample-every", "0", "--ckpt-every", str(max(rec.steps // 10, 1))]
         if protocol.threads:
             cmd += ["--threads", str(protocol.threads)]
-        if (run / "checkpoints" / "last.pt").exists():
-            cmd.append("--resume")
-        _stage(cmd + list(protocol.train_args), log_path, env)
+        if protocol.ray_workers and protocol.ray_workers.workers > 1:   # it passes --resume itself
+            with _PRINT:
+                print(f"$ {protocol.ray_workers.workers} Ray Train workers: " + " ".join(cmd), flush=True)
+            train_on_workers(cmd[3:] + list(protocol.train_args), protocol.ray_workers, run, log_path)
+        else:
+            if (run / "checkpoints" / "last.pt").exists():
+                cmd.append("--resume")
+            _stage(cmd + list(protocol.train_args), log_path, env)
         (run / "train.done").write_text("ok\n")
     result = {"design": design.tag, "seed": seed, "run": str(run), **design.info}
     if not (run / "heldout.json").exists():
@@ -172,6 +179,7 @@ class RayPlacement:
     cpus_per_run: float = 1.0
     gpus_per_run: float = 0.0
     retries: int = 2               # a task whose node dies runs again elsewhere, resuming its checkpoint
+    workers_per_run: int = 1       # > 1: each training on that many Ray Train workers (DDP), cpus/gpus each
 
 
 Work = tuple[Design, int, Path, Protocol]   # one pipeline: design, seed, output folder, protocol
@@ -209,9 +217,12 @@ def _run_on_ray(work: Sequence[Work], place: RayPlacement) -> list[dict]:
         threads = max(1, int(place.cpus_per_run))
         task = ray.remote(nas.promote._pipeline_on_node).options(num_cpus=place.cpus_per_run, num_gpus=place.gpus_per_run,
                                                      max_retries=place.retries, retry_exceptions=False)
+        workers = (RayWorkers(place.workers_per_run, place.cpus_per_run, place.gpus_per_run, place.retries)
+                   if place.workers_per_run > 1 else None)
         refs = [task.remote(d, s, Path(out).resolve(),
                             dataclasses.replace(protocol, threads=None if place.gpus_per_run else threads,
-                                                device="cuda" if place.gpus_per_run else protocol.device))
+                                                device="cuda" if place.gpus_per_run else protocol.device,
+                                                ray_workers=workers))
                 for d, s, out, protocol in work]
         return ray.get(refs)
     finally:
@@ -330,6 +341,10 @@ def add_protocol_flags(p: argparse.ArgumentParser) -> None:
     r.add_argument("--address", default=None, help="Ray cluster to join (default $RAY_ADDRESS, else local)")
     r.add_argument("--cpus-per-run", type=float, default=1.0, help="CPU cores per Ray task (default %(default)s)")
     r.add_argument("--gpus-per-run", type=float, default=0.0, help="GPUs per Ray task (default %(default)s)")
+    r.add_argument("--workers-per-run", type=int, default=1,
+                   help="ray: train each design on K Ray Train workers (data-parallel, --cpus/--gpus-per-run each; "
+                        "a dead worker restarts all K from the run's checkpoint); 1: one Ray task trains it "
+                        "(default %(default)s)")
     g.add_argument("train_args", nargs="*", help="extra meme.train flags after --, e.g. -- --grad-clip 0.5")
 
 
@@ -347,10 +362,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def ray_placement(args: argparse.Namespace) -> Optional[RayPlacement]:
     if args.executor != "ray":
+        if args.workers_per_run != 1:
+            raise UserError("--workers-per-run needs --executor ray (on one machine, train with torchrun: "
+                            "torchrun --nproc-per-node K -m meme.train ...)")
         return None
-    if args.cpus_per_run <= 0 or args.gpus_per_run < 0:
-        raise UserError("--cpus-per-run must be > 0 and --gpus-per-run >= 0")
-    return RayPlacement(args.address, args.cpus_per_run, args.gpus_per_run)
+    if args.cpus_per_run <= 0 or args.gpus_per_run < 0 or args.workers_per_run < 1:
+        raise UserError("--cpus-per-run must be > 0, --gpus-per-run >= 0 and --workers-per-run >= 1")
+    return RayPlacement(args.address, args.cpus_per_run, args.gpus_per_run, workers_per_run=args.workers_per_run)
 
 
 def check_counts(args: argparse.Namespace) -> None:
