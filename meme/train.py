@@ -212,6 +212,12 @@ class Trainer:
         self.timesteps = SoftExpertSampler(cfg)
         self.gen = torch.Generator().manual_seed(opts.seed + 1)
         self.gens = distributed.expert_generators(opts.seed, cfg.num_experts) if opts.expert_parallel else None
+        if opts.expert_parallel and cfg.share.any:
+            raise UserError(f"--expert-parallel trains the experts apart, and {cfg.name} shares parts between them "
+                            f"(share: {cfg.share.describe()}), which need every expert's steps")
+        if self.par.world > 1 and cfg.share.any:   # one DDP per expert would reduce a shared part's gradient twice
+            raise UserError(f"{cfg.name} shares parts between experts (share: {cfg.share.describe()}): "
+                            f"training it on several ranks is not supported yet; run one process")
         if opts.expert_parallel and opts.schedule != "interleaved":
             raise UserError("--expert-parallel needs --schedule interleaved: sequential blocks train one expert at a "
                             "time, so the groups would wait for each other at every log row and checkpoint")

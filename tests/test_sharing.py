@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from meme.config import ArchConfig, ConfigError, DataShape, DiffusionConfig, MemeConfig, ShareConfig
+from meme.errors import UserError
 from meme.diffusion import Diffusion
 from meme.experts import build_denoiser
 from meme.macs import cost_of_meme
@@ -151,3 +152,9 @@ def test_branching_with_shared_parts_carries_one_moment_per_parameter(tmp_path, 
     assert len(tr.opt.state) == len(list(tr.model.parameters()))   # every unique parameter, once
     assert int(tr.opt.state[shared]["step"]) == 3
     tr.step()
+
+
+def test_expert_parallel_refuses_experts_that_share_parts(tmp_path, blobs):
+    """Expert-parallel groups train experts apart; a shared part needs every expert's steps."""
+    with pytest.raises(UserError, match="shares parts between them"):
+        Trainer(meme(A, B, share=DEC), opts(blobs, expert_parallel=True), tmp_path)
