@@ -260,6 +260,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--bases", default=",".join(BASES), help="multi-expert rows to vary (default %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per run (default %(default)s)")
     p.add_argument("--out", type=Path, default=None, help="folder (default results/sharing-SPACE)")
+    p.add_argument("--only", default=None, help="train only these rows (comma-separated tags); the report "
+                                                "still lists every row")
     p.add_argument("--report-only", action="store_true",
                    help="write the summary of the runs finished so far, train nothing")
     args = p.parse_args(argv)
@@ -271,8 +273,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     gflops = check_equal_cost(rows_)
     out = args.out or Path("results") / f"sharing-{space.name}"
     t0 = time.perf_counter()
-    runs = run(space, rows_, list(range(args.first_seed, args.first_seed + args.seeds)), args.grid, out,
-               args.threads, train=not args.report_only)
+    only = {t.strip() for t in args.only.split(",")} if args.only else None
+    if only and only - {r.tag for r in rows_}:
+        raise UserError(f"--only: no such rows {sorted(only - {r.tag for r in rows_})}; rows: {[r.tag for r in rows_]}")
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    if not args.report_only:
+        run(space, [r for r in rows_ if only is None or r.tag in only], seeds, args.grid, out, args.threads)
+    runs = run(space, rows_, seeds, args.grid, out, train=False)
     res = summary(space, rows_, runs, gflops)
     res["command"] = "python -m nas.sharing_study " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     atomic_write_json(res, out / "sharing.json")
