@@ -213,7 +213,8 @@ def _count_arch(arch: ArchConfig, data: DataShape) -> NetCost:
 
 # ---- caching ----------------------------------------------------------------------
 
-def _source_fingerprint() -> str:
+def source_fingerprint() -> str:
+    """Hash of the network code: an edit there changes what a config builds (and how fast it runs)."""
     here = Path(__file__).parent
     h = hashlib.sha1()
     for name in _NETWORK_SOURCES:
@@ -228,7 +229,7 @@ def cost_key(arch: ArchConfig, data: DataShape) -> str:
     import ptflops
     payload = json.dumps({
         "arch": dataclasses.asdict(arch), "data": dataclasses.asdict(data),
-        "counter": COUNTER_VERSION, "src": _source_fingerprint(),
+        "counter": COUNTER_VERSION, "src": source_fingerprint(),
         "torch": torch.__version__, "ptflops": getattr(ptflops, "__version__", "?"),
     }, sort_keys=True)
     return hashlib.sha1(payload.encode()).hexdigest()[:20]
