@@ -112,8 +112,15 @@ def default_options(device: str, quick: bool) -> BenchOptions:
 
 # ---- timing --------------------------------------------------------------------------
 
-def time_runs(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> list[float]:
-    """Seconds of each timed call: CUDA events on a GPU, perf_counter on a CPU."""
+def time_runs(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int,
+              cpu_clock: bool = False) -> list[float]:
+    """Seconds of each timed call: CUDA events on a GPU, perf_counter on a CPU.
+
+    ``cpu_clock``: on a CPU, the calling thread's CPU time instead (``time.thread_time``).
+    With one torch thread that is the wall time the call takes on an idle machine, less
+    the time a loaded machine's scheduler kept it waiting (``meme.latency``).
+    """
+    clock = time.thread_time if cpu_clock else time.perf_counter
     for _ in range(warmup):
         fn()
     out = []
@@ -127,9 +134,9 @@ def time_runs(fn: Callable[[], object], device: torch.device, repeats: int, warm
             end.synchronize()
             out.append(start.elapsed_time(end) / 1e3)
         else:
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            out.append(time.perf_counter() - t0)
+            out.append(clock() - t0)
     return out
 
 

@@ -9,13 +9,17 @@ batch 1 and at a sampling batch, and gives the interval-weighted per-step figure
 ``meme.macs`` gives GFLOPs.
 
 Each figure is the median of ``repeats`` timed forwards after ``warmup`` untimed ones;
-the spread is the interquartile range over the repeats. On a shared machine the
-spread is the honest error bar, and only ratios measured in one run compare designs.
+the spread is the interquartile range over the repeats. On a CPU with one torch thread
+the clock is the thread's CPU time (``clock='auto'``): on an idle machine it equals the
+wall time, and on a shared one it leaves out the time the scheduler kept the step
+waiting, which is the other users' cost, not the design's (contention for caches and
+memory bandwidth stays in). The spread is the honest error bar; only ratios measured in
+one run compare designs.
 
 Results are cached on disk (``$MEME_LATENCY_CACHE``, ``0``/``off`` disables; default
 ``~/.cache/meme-nas/latency``), keyed by the architecture, the data shape, the device
 name (CPU model and thread count on a CPU), the batch, the precision the fast path
-resolves to, compilation, the torch version and a hash of the network code.
+resolves to, compilation, the clock, the torch version and a hash of the network code.
 """
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ log = logging.getLogger(__name__)
 LATENCY_VERSION = 1           # bump when what is timed changes: invalidates the disk cache
 SAMPLING_BATCH = 8            # the second batch the CLI times by default (a small sampling batch)
 TIMESTEP = 500                # any t: a network's time does not depend on it
+CLOCKS = ("auto", "wall", "cpu")
 
 
 @dataclass(frozen=True)
@@ -58,12 +63,21 @@ class Setting:
     compile: bool = False       # torch.compile with frozen weights (meme.fastpath.compile_for_inference)
     repeats: int = 5            # timed forwards (median reported)
     warmup: int = 2             # untimed forwards first
+    clock: str = "auto"         # 'wall', 'cpu' (thread CPU time), 'auto': 'cpu' on a CPU with one torch thread
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.batch < 1 or self.repeats < 1 or self.warmup < 0:
             raise ValueError("batch and repeats must be >= 1 and warmup >= 0")
+        if self.clock not in CLOCKS:
+            raise ValueError(f"clock must be one of {CLOCKS}, got {self.clock!r}")
+
+    def resolved_clock(self) -> str:
+        """'cpu' only where it equals idle-machine wall time: a CPU device and one torch thread."""
+        if self.clock != "auto":
+            return self.clock
+        return "cpu" if torch.device(self.device).type == "cpu" and torch.get_num_threads() == 1 else "wall"
 
 
 @dataclass(frozen=True)
@@ -128,7 +142,7 @@ def latency_key(arch: ArchConfig, data: DataShape, setting: Setting) -> str:
     payload = json.dumps({
         "arch": dataclasses.asdict(arch), "data": dataclasses.asdict(data),
         "device": device_label(setting.device), "batch": setting.batch,
-        "precision": precision_of(arch, setting), "compile": setting.compile,
+        "precision": precision_of(arch, setting), "compile": setting.compile, "clock": setting.resolved_clock(),
         "torch": torch.__version__, "src": source_fingerprint(), "version": LATENCY_VERSION,
     }, sort_keys=True)
     return hashlib.sha1(payload.encode()).hexdigest()[:20]
@@ -180,7 +194,8 @@ def time_module(module: nn.Module, inputs: tuple[torch.Tensor, ...], setting: Se
         with torch.no_grad(), fp.autocast():
             return run(*xs).float()
 
-    return Timing.of(time_runs(forward, dev, setting.repeats, setting.warmup))
+    return Timing.of(time_runs(forward, dev, setting.repeats, setting.warmup,
+                               cpu_clock=setting.resolved_clock() == "cpu" and dev.type == "cpu"))
 
 
 def time_network(net: nn.Module, arch: ArchConfig, data: DataShape, setting: Setting) -> Timing:
@@ -224,8 +239,8 @@ def measure_meme(cfg: MemeConfig, setting: Setting = Setting()) -> MemeLatency:
 def format_table(name: str, lat: dict[int, MemeLatency], gflops: list[float], setting: Setting) -> Iterator[str]:
     first = next(iter(lat.values()))
     yield (f"{name}: one denoising step (network forward) on {first.device}, {first.precision}"
-           f"{' + compile' if setting.compile else ''} + channels_last; median of {setting.repeats} after "
-           f"{setting.warmup} warm-up, spread = interquartile range")
+           f"{' + compile' if setting.compile else ''} + channels_last; {setting.resolved_clock()} clock, median of "
+           f"{setting.repeats} after {setting.warmup} warm-up, spread = interquartile range")
     yield f"{'expert':>6} {'interval':>11} {'GFLOPs':>8} " + " ".join(
         f"{f'b{b} ms':>10} {'spread':>7} {'ms/img':>8}" for b in lat)
     for i, (g, iv) in enumerate(zip(gflops, first.intervals)):
@@ -255,6 +270,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.add_argument("--repeats", type=int, default=5, help="timed forwards per figure (median; default 5)")
         p.add_argument("--warmup", type=int, default=2, help="untimed forwards first (default 2)")
         p.add_argument("--threads", type=int, default=None, help="CPU threads torch uses (default: torch's)")
+        p.add_argument("--clock", default="auto", choices=CLOCKS,
+                       help="'wall', 'cpu' (thread CPU time) or 'auto' (cpu on a CPU with one thread; default)")
         p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
         args = p.parse_args(argv)
         if args.threads is not None:
@@ -264,7 +281,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         try:
             batches = [int(b) for b in args.batch.split(",") if b.strip()]
             settings = {b: Setting(str(pick_device(args.device)), b, args.precision, args.compile,
-                                   args.repeats, args.warmup) for b in batches}
+                                   args.repeats, args.warmup, args.clock) for b in batches}
         except ValueError as exc:
             raise UserError(f"--batch/--repeats/--warmup: {exc}") from None
         cfg = resolve(args.config)
