@@ -24,6 +24,7 @@ resolves to, compilation, the clock, the torch version and a hash of the network
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -64,12 +65,13 @@ class Setting:
     repeats: int = 5            # timed forwards (median reported)
     warmup: int = 2             # untimed forwards first
     clock: str = "auto"         # 'wall', 'cpu' (thread CPU time), 'auto': 'cpu' on a CPU with one torch thread
+    threads: int = 1            # torch CPU threads while timing (a CPU's figures belong to a thread count)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.batch < 1 or self.repeats < 1 or self.warmup < 0:
-            raise ValueError("batch and repeats must be >= 1 and warmup >= 0")
+        if self.batch < 1 or self.repeats < 1 or self.warmup < 0 or self.threads < 1:
+            raise ValueError("batch, repeats and threads must be >= 1 and warmup >= 0")
         if self.clock not in CLOCKS:
             raise ValueError(f"clock must be one of {CLOCKS}, got {self.clock!r}")
 
@@ -77,7 +79,29 @@ class Setting:
         """'cpu' only where it equals idle-machine wall time: a CPU device and one torch thread."""
         if self.clock != "auto":
             return self.clock
-        return "cpu" if torch.device(self.device).type == "cpu" and torch.get_num_threads() == 1 else "wall"
+        return "cpu" if self.on_cpu and self.threads == 1 else "wall"
+
+    @property
+    def on_cpu(self) -> bool:
+        return torch.device(self.device).type == "cpu"
+
+    def label(self) -> str:
+        """The device a time belongs to: GPU name, or CPU model and the thread count."""
+        name = device_name(torch.device(self.device))
+        return f"{name}, {self.threads} thread{'s' if self.threads > 1 else ''}" if self.on_cpu else name
+
+
+@contextlib.contextmanager
+def threads_of(setting: Setting) -> Iterator[None]:
+    """torch's CPU thread count set to the setting's while timing, restored afterwards."""
+    old = torch.get_num_threads()
+    if setting.on_cpu and old != setting.threads:
+        torch.set_num_threads(setting.threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != old:
+            torch.set_num_threads(old)
 
 
 @dataclass(frozen=True)
@@ -111,7 +135,7 @@ class MemeLatency:
     experts: list[Timing]
     intervals: list[tuple[int, int]]
     weights: list[float]                # fraction of sampling steps each expert serves
-    device: str                         # device_label of where it was measured
+    device: str                         # Setting.label() of where it was measured
     precision: str                      # 'bf16' or 'fp32' per expert ('mixed' when they differ)
 
     @property
@@ -124,13 +148,6 @@ class MemeLatency:
         return max(e.median_ms for e in self.experts)
 
 
-def device_label(device: str | torch.device) -> str:
-    """The device a time belongs to: GPU name, or CPU model and the threads torch uses."""
-    dev = torch.device(device)
-    name = device_name(dev)
-    return name if dev.type == "cuda" else f"{name}, {torch.get_num_threads()} threads"
-
-
 def precision_of(arch: ArchConfig, setting: Setting) -> str:
     """'bf16' or 'fp32': what the fast path runs this network in on the setting's device."""
     fp = fast_path_for_width(setting.device, setting.precision, arch.base_channels)
@@ -141,7 +158,7 @@ def latency_key(arch: ArchConfig, data: DataShape, setting: Setting) -> str:
     """Disk-cache key: arch, shape, device name, batch, precision, compile, torch, network code."""
     payload = json.dumps({
         "arch": dataclasses.asdict(arch), "data": dataclasses.asdict(data),
-        "device": device_label(setting.device), "batch": setting.batch,
+        "device": setting.label(), "batch": setting.batch,
         "precision": precision_of(arch, setting), "compile": setting.compile, "clock": setting.resolved_clock(),
         "torch": torch.__version__, "src": source_fingerprint(), "version": LATENCY_VERSION,
     }, sort_keys=True)
@@ -194,8 +211,9 @@ def time_module(module: nn.Module, inputs: tuple[torch.Tensor, ...], setting: Se
         with torch.no_grad(), fp.autocast():
             return run(*xs).float()
 
-    return Timing.of(time_runs(forward, dev, setting.repeats, setting.warmup,
-                               cpu_clock=setting.resolved_clock() == "cpu" and dev.type == "cpu"))
+    with threads_of(setting):
+        return Timing.of(time_runs(forward, dev, setting.repeats, setting.warmup,
+                                   cpu_clock=setting.resolved_clock() == "cpu" and dev.type == "cpu"))
 
 
 def time_network(net: nn.Module, arch: ArchConfig, data: DataShape, setting: Setting) -> Timing:
@@ -230,7 +248,7 @@ def measure_meme(cfg: MemeConfig, setting: Setting = Setting()) -> MemeLatency:
     timings = [measure_network(a, cfg.data, setting) for a in cfg.experts]  # identical experts: cache hits
     precisions = {precision_of(a, setting) for a in cfg.experts}
     return MemeLatency(experts=timings, intervals=cfg.intervals(), weights=cfg.interval_weights(),
-                       device=device_label(setting.device),
+                       device=setting.label(),
                        precision=precisions.pop() if len(precisions) == 1 else "mixed")
 
 
@@ -269,19 +287,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.add_argument("--compile", action="store_true", help="time torch.compile'd experts (frozen weights)")
         p.add_argument("--repeats", type=int, default=5, help="timed forwards per figure (median; default 5)")
         p.add_argument("--warmup", type=int, default=2, help="untimed forwards first (default 2)")
-        p.add_argument("--threads", type=int, default=None, help="CPU threads torch uses (default: torch's)")
+        p.add_argument("--threads", type=int, default=1, help="CPU threads torch times with (default 1)")
         p.add_argument("--clock", default="auto", choices=CLOCKS,
                        help="'wall', 'cpu' (thread CPU time) or 'auto' (cpu on a CPU with one thread; default)")
         p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
         args = p.parse_args(argv)
-        if args.threads is not None:
-            if args.threads < 1:
-                raise UserError(f"--threads must be >= 1, got {args.threads}")
-            torch.set_num_threads(args.threads)
         try:
             batches = [int(b) for b in args.batch.split(",") if b.strip()]
             settings = {b: Setting(str(pick_device(args.device)), b, args.precision, args.compile,
-                                   args.repeats, args.warmup, args.clock) for b in batches}
+                                   args.repeats, args.warmup, args.clock, args.threads) for b in batches}
         except ValueError as exc:
             raise UserError(f"--batch/--repeats/--warmup: {exc}") from None
         cfg = resolve(args.config)

@@ -39,7 +39,7 @@ from meme.blocks import IFormerBlock
 from meme.checkpoint import atomic_write_json
 from meme.config import ArchConfig, DataShape, MemeConfig
 from meme.iunet import IFormerSpec, iformer_specs
-from meme.latency import (LATENCY_VERSION, Setting, build_timed, cache_dir, device_label, precision_of,
+from meme.latency import (LATENCY_VERSION, Setting, build_timed, cache_dir, precision_of,
                           time_module, time_network)
 from meme.macs import source_fingerprint
 
@@ -48,7 +48,7 @@ TABLE_VERSION = 1
 
 def table_meta(setting: Setting) -> dict:
     """What a table's figures depend on, besides the blocks themselves."""
-    return {"device": device_label(setting.device), "batch": setting.batch, "precision": setting.precision,
+    return {"device": setting.label(), "batch": setting.batch, "precision": setting.precision,
             "compile": setting.compile, "clock": setting.resolved_clock(), "torch": torch.__version__, "src": source_fingerprint(),
             "version": [LATENCY_VERSION, TABLE_VERSION]}
 

@@ -24,6 +24,9 @@ from typing import Optional
 
 from meme.cli import UserError
 from meme.config import MemeConfig
+from meme.latency import precision_of
+from meme.iunet import iformer_specs
+from meme.latency_model import LatencyTable, Priced, block_key, macro_key
 from meme.macs import cost_of_meme, cost_of_network
 
 MODES = ("mean", "max")
@@ -36,10 +39,48 @@ class Budget:
     mode: str = "mean"     # 'mean' (interval-weighted) or 'max' (every expert)
     source: str = "flag"   # 'flag' or the reference name it was taken from
 
+    @property
+    def bounded(self) -> bool:
+        """False when only a time budget (``--budget-ms``) bounds the search."""
+        return math.isfinite(self.gflops)
+
     def describe(self) -> str:
         how = "interval-weighted mean over experts" if self.mode == "mean" else "every expert"
+        if not self.bounded:
+            return f"no GFLOPs bound ({how} for the time budget)"
         src = "" if self.source == "flag" else f" (= {self.source})"
         return f"{self.gflops:.2f} GFLOPs per denoising step, {how}{src}"
+
+
+@dataclass
+class LatencyBudget:
+    """Milliseconds per sampling step on one device, priced by a latency table
+    (``meme.latency_model``); ``ms`` None: time is an objective, not a bound."""
+
+    ms: Optional[float]
+    mode: str                        # as Budget.mode
+    table: LatencyTable
+    table_path: str
+
+    @property
+    def device(self) -> str:
+        return self.table.meta["device"]
+
+    def describe(self) -> str:
+        bound = "no bound" if self.ms is None else f"{self.ms:g} ms per denoising step"
+        how = "interval-weighted mean over experts" if self.mode == "mean" else "every expert"
+        return (f"{bound}, {how}, on {self.device} at batch {self.table.setting.batch} (latency table "
+                f"{self.table_path}: {len(self.table.blocks)} blocks, {self.table.build_s:.0f} s of measuring)")
+
+    def price(self, cfg: MemeConfig) -> Priced:
+        """The candidate's step time from the table (entries it lacks are measured now)."""
+        for arch in dict.fromkeys(cfg.experts):
+            if self.table.missing(arch, cfg.data):
+                self.table.ensure(arch, cfg.data)
+        return self.table.price_meme(cfg)
+
+    def cost(self, priced: Priced) -> float:
+        return priced.ms_mean if self.mode == "mean" else priced.ms_max
 
 
 @dataclass(frozen=True)
@@ -62,14 +103,18 @@ def cost_of(cfg: MemeConfig, mode: str = "mean") -> Cost:
                 paper_units=c.paper_units_mean)
 
 
-def resolve_budget(gflops: Optional[float], like: Optional[str], mode: str) -> Budget:
-    """--budget-gflops B or --budget-like NAME (exactly one) -> Budget."""
+def resolve_budget(gflops: Optional[float], like: Optional[str], mode: str, ms: Optional[float] = None) -> Budget:
+    """--budget-gflops B or --budget-like NAME (exactly one, or neither beside --budget-ms) -> Budget."""
     from meme.references import resolve
 
     if mode not in MODES:
         raise UserError(f"--budget-mode must be one of {list(MODES)}, got {mode!r}")
+    if ms is not None and (not math.isfinite(ms) or ms <= 0):
+        raise UserError(f"--budget-ms must be a positive number, got {ms}")
+    if ms is not None and gflops is None and like is None:
+        return Budget(math.inf, mode, "none")
     if (gflops is None) == (like is None):
-        raise UserError("give exactly one of --budget-gflops B or --budget-like NAME")
+        raise UserError("give exactly one of --budget-gflops B or --budget-like NAME (or --budget-ms X)")
     if like is not None:
         return Budget(cost_of(resolve(like), mode).gflops, mode, like)
     if not math.isfinite(gflops) or gflops <= 0:
@@ -178,3 +223,45 @@ def check_feasible(space, budget: Budget) -> float:
                         f"{math.ceil(cmin * 100) / 100:.2f} or widen the space")
     return cmin
 
+
+
+def cheapest_ms(space, lb: LatencyBudget) -> float:
+    """The least step time any candidate of the space can have, by the table.
+
+    A step's time is rest + overhead of its macro plus a sum of per-stage iFormer terms,
+    so the same dynamic programme as for GFLOPs finds the exact minimum per macro.
+    """
+    import itertools
+
+    table, best = lb.table, math.inf
+    for base, blocks, pools in itertools.product(space.macro.base_channels, space.macro.num_res_blocks,
+                                                 space.macro.pool_strides):
+        grids = [space.stage_grid(base, s) for s in range(space.num_stages)]
+        top = [g[-1] for g in grids]
+        arch = space.arch(base, blocks, tuple(pools), tuple(str(r) for r in top))
+        lb.price(MemeConfig(name="probe", experts=(arch,), data=space.data, diffusion=space.diffusion))
+        const = table.macros[macro_key(arch, space.data)]
+        tables = []
+        for s, grid in enumerate(grids):
+            row = {}
+            for r in grid:
+                ratios = list(top)
+                ratios[s] = r
+                probe = space.arch(base, blocks, tuple(pools), tuple(str(x) for x in ratios))
+                lb.price(MemeConfig(name="probe", experts=(probe,), data=space.data, diffusion=space.diffusion))
+                spec = iformer_specs(probe, space.data)[s * blocks]
+                row[r] = blocks * table.blocks[block_key(spec, precision_of(probe, table.setting))]
+            tables.append(row)
+        ms, _ = _cheapest_chain(space, tables)
+        best = min(best, const.rest_ms + const.overhead_ms + ms)
+    return best
+
+
+def check_feasible_ms(space, lb: LatencyBudget) -> float:
+    """Raise a one-line UserError when no candidate meets the time budget; else the least ms."""
+    cmin = cheapest_ms(space, lb)
+    if lb.ms is not None and cmin > lb.ms:
+        raise UserError(f"budget {lb.ms:g} ms is below the fastest candidate in {space.source} on {lb.device} "
+                        f"({cmin:.2f} ms per step by the latency table): raise --budget-ms to at least "
+                        f"{math.ceil(cmin * 100) / 100:.2f} or widen the space")
+    return cmin

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import optuna
-import torch
 from scipy.stats import spearmanr
 
 from meme.cli import UserError, main_guard, pick_device
@@ -298,12 +297,9 @@ def setting_args(p: argparse.ArgumentParser) -> None:
 
 
 def setting_from(args) -> Setting:
-    if args.threads < 1:
-        raise UserError(f"--threads must be >= 1, got {args.threads}")
-    torch.set_num_threads(args.threads)
     try:
         return Setting(str(pick_device(args.device)), args.batch, args.precision, False, args.repeats, args.warmup,
-                       args.clock)
+                       args.clock, args.threads)
     except ValueError as exc:
         raise UserError(str(exc)) from None
 
@@ -316,6 +312,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     r = sub.add_parser("report", help="model and GFLOPs against measured time on random candidates")
     setting_args(r)
     r.add_argument("--n", type=int, default=30, help="random candidates (default 30)")
+    r.add_argument("--passes", type=int, default=2, choices=(1, 2),
+                   help="time the candidates before and after building the table (2, default: a steady drift in "
+                        "the machine's load cancels) or only before (1)")
     r.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
     r.add_argument("--out", type=Path, default=None, help="folder (default results/latency-<space>)")
     args = p.parse_args(argv)
@@ -333,7 +332,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     before = time_experts(cands, setting, "whole networks, pass 1", log)
     table = build_space_table(space, LatencyTable.empty(setting), log)      # fresh: measured in this run
     path = table.save(args.table or default_table_path(setting) or Path(args.out or ".") / "table.json")
-    after = time_experts(cands, setting, "whole networks, pass 2", log)
+    after = time_experts(cands, setting, "whole networks, pass 2", log) if args.passes == 2 else before
     pts = measure_points(cands, table, before, after)
     drift = statistics.median(after[a].median_ms / before[a].median_ms for a in before)
     command = "python -m nas.latency " + " ".join(argv if argv is not None else sys.argv[1:])

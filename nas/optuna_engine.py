@@ -46,7 +46,7 @@ def run(s: Settings, storage: optuna.storages.BaseStorage, beat: Optional[Heartb
         try:
             cand = prepare(trial, s)
             if not cand.feasible:
-                trial.set_user_attr("status", status_text("rejected", over=cand.gflops - s.budget.gflops))
+                trial.set_user_attr("status", status_text("rejected", reason=cand.rejection))
                 study.tell(trial, state=TrialState.PRUNED)
                 log_trial(trial.number, cand.config.num_experts, cand.gflops, None,
                           "REJECTED (over budget, not trained)", write=bar.write)
@@ -86,7 +86,7 @@ def run(s: Settings, storage: optuna.storages.BaseStorage, beat: Optional[Heartb
             state = f"PRUNED at step {res.steps}"
         else:
             trial.set_user_attr("status", status_text("trained"))
-            study.tell(trial, values_for(res.objective, cand.gflops, s))
+            study.tell(trial, values_for(res.objective, cand.pareto_cost(s), s))
             state = "COMPLETE"
         log_trial(trial.number, cand.config.num_experts, cand.gflops, res.objective,
                   f"{state}  ({res.wall_s:.0f} s)", write=bar.write)

@@ -134,7 +134,7 @@ def trainable(config: dict, proxy=None, objective: str = "loss", device: Optiona
                "wall_s": time.perf_counter() - t0, "peak_mem_mb": peak_memory_mb(dev), "device": dev_name,
                "seed": proxy.seed, "stopped_early": False, "node": node}
         if multi:
-            row["gflops"] = config["gflops"]
+            row["cost"] = config["cost"]
         tune.report(row)
         return False  # Tune stops a trial by not resuming it
 
@@ -188,6 +188,8 @@ def _make_searcher_class():
                 self.beat.add(trial.number)
             cand = prepare(trial, self.settings)
             params = {"config_yaml": cand.config.to_yaml(), "feasible": cand.feasible, "gflops": cand.gflops,
+                      "cost": cand.pareto_cost(self.settings) if self.settings.multi else cand.gflops,
+                      "rejection": cand.rejection,
                       "optuna_number": trial.number, "num_experts_": cand.config.num_experts,
                       "duplicate_of": cand.duplicate_of, "duplicate_values": cand.duplicate_values}
             self.live[trial_id], self.meta[trial_id] = trial, params
@@ -212,7 +214,7 @@ def _make_searcher_class():
             values, state, value, extra = None, TrialState.FAIL, None, ""
             if not meta.get("feasible", True):
                 state, extra = TrialState.PRUNED, "REJECTED (over budget, not trained)"
-                status = status_text("rejected", over=g - self.settings.budget.gflops)
+                status = status_text("rejected", reason=meta.get("rejection", ""))
             elif meta.get("duplicate_of") is not None:
                 state, values, value = TrialState.COMPLETE, meta["duplicate_values"], meta["duplicate_values"][0]
                 extra = f"COMPLETE  (duplicate of trial {meta['duplicate_of']}: result reused)"
@@ -238,7 +240,7 @@ def _make_searcher_class():
                     state, extra = TrialState.PRUNED, f"PRUNED at step {step}  ({float(result.get('wall_s', 0)):.0f} s)"
                     status = status_text("stopped", step=step)
                 else:
-                    state, values = TrialState.COMPLETE, values_for(value, g, self.settings)
+                    state, values = TrialState.COMPLETE, values_for(value, meta.get("cost", g), self.settings)
                     extra, status = f"COMPLETE  ({float(result.get('wall_s', 0)):.0f} s)", status_text("trained")
             self.reported.pop(trial_id, None)
             try:
@@ -283,7 +285,7 @@ def run(s: Settings, storage: optuna.storages.BaseStorage, remaining: int, bar=N
     StudySearcher = _make_searcher_class()
     proxy = s.space.proxy
     mode = ["min", "min"] if s.multi else "min"
-    metric = [METRIC, "gflops"] if s.multi else METRIC
+    metric = [METRIC, "cost"] if s.multi else METRIC
     search = StudySearcher(s, storage, bar=bar, metric=metric, mode=mode, beat=beat)
     scheduler = None
     if not s.multi:  # rungs from proxy.first_rung(): past warm-up and a third of the budget

@@ -7,7 +7,11 @@ User attributes of every trial (what ``trials.csv`` and the dashboard show):
 ``gflops_mean/_max``      both figures; ``gflops_per_expert`` the list
 ``params``                parameters of all experts at the target shape
 ``paper_units``           the paper's "MACs" column (3 x ptflops hook GMACs)
-``constraint``            gflops - B (> 0: infeasible, never trained)
+``constraint``            gflops - B (> 0: infeasible, never trained); with --budget-ms the larger
+                          of that and latency_ms - X (each in its own unit)
+``latency_ms``            step time by the latency table (mean or max per --budget-mode), with
+                          --budget-ms or objective 'latency'; ``latency_ms_mean/_max/_per_expert``,
+                          ``latency_device`` (whose table); ``latency_measured_ms`` for finalists
 ``config_yaml``           the candidate as MemeConfig YAML (target scale)
 ``trained_steps``         proxy optimizer steps actually run (0 for infeasible)
 ``train_steps_total``     the same (all experts together): equal for every fully trained trial
@@ -49,6 +53,12 @@ class Candidate:
     feasible: bool
     duplicate_of: Optional[int] = None      # an identical, fully trained earlier trial
     duplicate_values: Optional[list[float]] = None
+    latency_ms: Optional[float] = None      # by the latency table (mean or max per --budget-mode)
+    rejection: str = ""                     # why it is over budget, e.g. 'over budget by 1.20 GFLOPs'
+
+    def pareto_cost(self, s: Settings) -> float:
+        """The second objective of a Pareto search: GFLOPs or milliseconds per step."""
+        return self.latency_ms if s.objectives[-1] == "latency" else self.gflops
 
 
 def find_duplicate(study: optuna.Study, config_hash: str) -> Optional[optuna.trial.FrozenTrial]:
@@ -69,10 +79,21 @@ def prepare(trial: Any, s: Settings) -> Candidate:
              "num_experts": cfg.num_experts, "config_yaml": cfg.to_yaml(), "config_hash": cfg.hash(),
              "trained_steps": 0, "stopped_early": False, **readable_attrs(cfg, c.params),
              "status": "running"}
+    overs = [(c.gflops - s.budget.gflops, "GFLOPs")] if s.budget.bounded else []
+    cand = Candidate(cfg, c.gflops, True)
+    if s.latency is not None:
+        priced = s.latency.price(cfg)
+        cand.latency_ms = s.latency.cost(priced)
+        attrs.update(latency_ms=cand.latency_ms, latency_ms_mean=priced.ms_mean, latency_ms_max=priced.ms_max,
+                     latency_ms_per_expert=priced.experts_ms, latency_device=s.latency.device)
+        if s.latency.ms is not None:
+            overs.append((cand.latency_ms - s.latency.ms, "ms"))
     for k, v in attrs.items():
         trial.set_user_attr(k, v)
-    set_constraint(trial, c.gflops - s.budget.gflops)
-    cand = Candidate(cfg, c.gflops, c.gflops <= s.budget.gflops)
+    over, unit = max(overs, key=lambda x: x[0]) if overs else (0.0, "")
+    set_constraint(trial, over)
+    cand.feasible = over <= 0
+    cand.rejection = f"over budget by {over:.2f} {unit}"
     dup = find_duplicate(trial.study, cfg.hash()) if cand.feasible else None
     if dup is not None:  # TPE re-proposed a trained design: reuse, do not retrain
         cand.duplicate_of, cand.duplicate_values = dup.number, list(dup.values)
@@ -100,7 +121,7 @@ def status_text(kind: str, *, over: float = 0.0, twin: Optional[int] = None, ste
                 reason: str = "") -> str:
     """The ``status`` attr: what happened to a trial, in words (same under both engines)."""
     return {"trained": "trained",
-            "rejected": f"rejected: over budget by {over:.2f} GFLOPs",
+            "rejected": f"rejected: {reason or f'over budget by {over:.2f} GFLOPs'}",
             "duplicate": f"duplicate of #{twin}",
             "stopped": f"stopped early at step {step}",
             "failed": f"failed: {reason}"}[kind]
@@ -113,8 +134,9 @@ def result_attrs(res: TrialResult) -> dict[str, Any]:
             **res.extra}
 
 
-def values_for(objective: float, gflops: float, s: Settings) -> list[float]:
-    return [objective, gflops] if s.multi else [objective]
+def values_for(objective: float, cost: float, s: Settings) -> list[float]:
+    """Values told to the study: the objective, and in a Pareto search its cost (``Candidate.pareto_cost``)."""
+    return [objective, cost] if s.multi else [objective]
 
 
 def one_line(exc: BaseException) -> str:
