@@ -36,10 +36,10 @@ from meme.macs import cost_of_meme
 from nas.space import SearchSpace, build_config, load_space
 
 
-def calibration_archs(space: SearchSpace, base: int, blocks: int, pools: tuple[int, ...]) -> list:
-    """Three networks of one macro: every stage at the top of its grid, at the bottom, and between."""
+def calibration_archs(space: SearchSpace, base: int, blocks: int, pools: tuple[int, ...], k: int = 3) -> list:
+    """Up to three networks of one macro: every stage at the top of its grid, at the bottom, between."""
     grids = [space.stage_grid(base, s) for s in range(space.num_stages)]
-    chains = [[g[-1] for g in grids], [g[0] for g in grids], [g[len(g) // 2] for g in grids]]
+    chains = [[g[-1] for g in grids], [g[0] for g in grids], [g[len(g) // 2] for g in grids]][:k]
     return [space.arch(base, blocks, pools, tuple(str(r) for r in c)) for c in chains]
 
 
@@ -57,12 +57,14 @@ def probe_archs(space: SearchSpace):
                                      tuple(str(x) for x in ratios))
 
 
-def build_space_table(space: SearchSpace, table: LatencyTable, log: Callable[[str], None] = print) -> LatencyTable:
-    """Fill ``table`` with everything ``space`` can need (entries it has are kept)."""
+def build_space_table(space: SearchSpace, table: LatencyTable, log: Callable[[str], None] = print,
+                      calibrations: int = 3) -> LatencyTable:
+    """Fill ``table`` with everything ``space`` can need (entries it has are kept);
+    ``calibrations`` networks per macro give its rest and overhead."""
     t0 = time.perf_counter()
     n0 = len(table.blocks)
     for base, blocks in itertools.product(space.macro.base_channels, space.macro.num_res_blocks):
-        archs = calibration_archs(space, base, blocks, tuple(space.macro.pool_strides[0]))
+        archs = calibration_archs(space, base, blocks, tuple(space.macro.pool_strides[0]), calibrations)
         if macro_key(archs[0], space.data) not in table.macros:
             t1 = time.perf_counter()
             table.calibrate(archs, space.data)
@@ -312,6 +314,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     r = sub.add_parser("report", help="model and GFLOPs against measured time on random candidates")
     setting_args(r)
     r.add_argument("--n", type=int, default=30, help="random candidates (default 30)")
+    r.add_argument("--calibrations", type=int, default=3, choices=(1, 2, 3),
+                   help="calibration networks per macro shape (default 3)")
     r.add_argument("--passes", type=int, default=2, choices=(1, 2),
                    help="time the candidates before and after building the table (2, default: a steady drift in "
                         "the machine's load cancels) or only before (1)")
@@ -330,7 +334,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise UserError("--n must be >= 3")
     cands = random_candidates(space, args.n, args.seed)
     before = time_experts(cands, setting, "whole networks, pass 1", log)
-    table = build_space_table(space, LatencyTable.empty(setting), log)      # fresh: measured in this run
+    table = build_space_table(space, LatencyTable.empty(setting), log, args.calibrations)  # fresh: this run
     path = table.save(args.table or default_table_path(setting) or Path(args.out or ".") / "table.json")
     after = time_experts(cands, setting, "whole networks, pass 2", log) if args.passes == 2 else before
     pts = measure_points(cands, table, before, after)

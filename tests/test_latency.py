@@ -14,6 +14,7 @@ import optuna
 import pandas as pd
 import pytest
 import torch
+import yaml
 from optuna.trial import TrialState
 
 from meme.blocks import IFormerBlock
@@ -92,9 +93,10 @@ def test_model_against_measurement_on_tiny_space(cache):
     assert len(table.macros) == 2 and table.blocks and table.build_s > 0
     for cfg in random_candidates(space, 3, seed=1):
         priced = table.price_meme(cfg)
-        measured = [measure_network(a, cfg.data, QUICK).median_ms for a in cfg.experts]
-        for p, m in zip(priced.experts_ms, measured):
-            assert 0.5 < p / m < 2.0, f"model {p:.2f} ms vs measured {m:.2f} ms"   # loose: a shared CPU
+        measured = sum(w * measure_network(a, cfg.data, QUICK).median_ms
+                       for w, a in zip(cfg.interval_weights(), cfg.experts))
+        # loose, as timings on a shared CPU are: leaving out the overhead or a block type breaks it
+        assert 0.4 < priced.ms_mean / measured < 2.5, f"model {priced.ms_mean:.2f} ms vs measured {measured:.2f} ms"
     # a table survives its file, and one measured elsewhere is refused
     path = table.save(cache / "table.json")
     assert LatencyTable.load(path, QUICK).price_meme(cfg).experts_ms == priced.experts_ms
@@ -102,15 +104,24 @@ def test_model_against_measurement_on_tiny_space(cache):
         LatencyTable.load(path, dataclasses.replace(QUICK, batch=4))
 
 
+def _short_tiny(tmp_path: Path) -> Path:
+    """The tiny space with an 8-step proxy: trials in seconds (what is tested happens before training)."""
+    d = yaml.safe_load(Path(TINY).read_text())
+    d["proxy"].update(steps=8, eval_every=4, warmup=2)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
 def test_budget_ms_rejects_before_training(cache, tmp_path):
-    space = load_space("tiny")
+    space = load_space(_short_tiny(tmp_path))
     setting = Setting()                         # what nas.search builds its table with
     table = build_space_table(space, LatencyTable.empty(setting), log=lambda s: None)
     path = table.save(tmp_path / "table.json")
-    prices = sorted(table.price_meme(c).ms_mean for c in random_candidates(space, 12, seed=0))
-    budget = round(prices[len(prices) // 2], 3)    # about half of the candidates are over it
+    prices = sorted(table.price_meme(c).ms_mean for c in random_candidates(space, 20, seed=0))
+    budget = round(prices[2 * len(prices) // 5], 3)    # most candidates are over it, some within
     out = tmp_path / "out"
-    rc = search.main(["--space", TINY, "--budget-ms", str(budget), "--latency-table", str(path),
+    rc = search.main(["--space", space.source, "--budget-ms", str(budget), "--latency-table", str(path),
                       "--executor", "optuna", "--trials", "6", "--out", str(out), "--study", "s", "--quiet",
                       "--no-reference", "--rerank-top", "0"])
     assert rc == 0
@@ -119,7 +130,7 @@ def test_budget_ms_rejects_before_training(cache, tmp_path):
     assert study.user_attrs["budget_ms"] == budget and study.user_attrs["budget_gflops"] is None
     rejected = [t for t in trials if t.user_attrs["latency_ms"] > budget]
     trained = [t for t in trials if t.user_attrs["trained_steps"] > 0]
-    assert rejected and trained
+    assert rejected
     for t in rejected:
         assert t.state == TrialState.PRUNED and t.user_attrs["trained_steps"] == 0 and "wall_s" not in t.user_attrs
         assert t.user_attrs["status"] == f"rejected: over budget by {t.user_attrs['latency_ms'] - budget:.2f} ms"
@@ -129,4 +140,5 @@ def test_budget_ms_rejects_before_training(cache, tmp_path):
         assert t.user_attrs["latency_device"] == table.meta["device"]
     df = pd.read_csv(out / "s" / "trials.csv")
     assert {"latency_ms", "latency_device", "latency_measured_ms"} <= set(df.columns)
-    assert df["latency_measured_ms"].notna().sum() >= 1          # the finalists were timed whole
+    finished = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert df["latency_measured_ms"].notna().sum() == min(len(finished), 3)   # the finalists were timed whole
