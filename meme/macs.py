@@ -178,12 +178,12 @@ def count_module(net: nn.Module, input_shape: tuple[int, ...], *, takes_t: bool 
     """
     from ptflops import get_model_complexity_info
 
-    from meme.blocks import ScaledDotProductAttention
+    from meme.blocks import ScaledDotProductAttention, reference_mixers
 
     model = _on_cpu(_WithTimestep(net) if takes_t else net)
     attention = AttentionTally()
     sink = io.StringIO()
-    with _LOCK, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), \
+    with _LOCK, reference_mixers(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), \
             sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as torch_count, torch.no_grad():
         total, _ = get_model_complexity_info(
             model, tuple(input_shape), as_strings=False, print_per_layer_stat=False,
