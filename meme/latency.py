@@ -28,8 +28,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import logging
-import os
 import statistics
 import sys
 from dataclasses import dataclass
@@ -41,12 +39,10 @@ import torch
 from torch import nn
 
 from meme.bench import device_name, time_runs
-from meme.checkpoint import atomic_write_json
 from meme.config import ArchConfig, DataShape, MemeConfig
 from meme.fastpath import PRECISIONS, compile_for_inference, fast_path_for_width
-from meme.macs import source_fingerprint
+from meme.macs import disk_get, disk_put, env_cache_dir, source_fingerprint
 
-log = logging.getLogger(__name__)
 
 LATENCY_VERSION = 1           # bump when what is timed changes: invalidates the disk cache
 SAMPLING_BATCH = 8            # the second batch the CLI times by default (a small sampling batch)
@@ -167,30 +163,7 @@ def latency_key(arch: ArchConfig, data: DataShape, setting: Setting) -> str:
 
 def cache_dir() -> Optional[Path]:
     """``$MEME_LATENCY_CACHE`` (``0``/``off`` disables), else ``~/.cache/meme-nas/latency``."""
-    env = os.environ.get("MEME_LATENCY_CACHE")
-    if env is not None and env.strip().lower() in ("", "0", "off", "none", "false"):
-        return None
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "meme-nas" / "latency"
-
-
-def _disk_get(key: str) -> Optional[Timing]:
-    d = cache_dir()
-    if d is None:
-        return None
-    try:
-        return Timing(**json.loads((d / f"{key}.json").read_text()))
-    except (OSError, ValueError, TypeError):
-        return None
-
-
-def _disk_put(key: str, timing: Timing) -> None:
-    d = cache_dir()
-    if d is None:
-        return
-    try:
-        atomic_write_json(dataclasses.asdict(timing), d / f"{key}.json")
-    except OSError as exc:
-        log.debug("latency cache not written (%s)", exc)
+    return env_cache_dir("MEME_LATENCY_CACHE", "latency")
 
 
 # ---- timing ---------------------------------------------------------------------------
@@ -236,10 +209,10 @@ def build_timed(arch: ArchConfig, data: DataShape) -> nn.Module:
 def measure_network(arch: ArchConfig, data: DataShape, setting: Setting = Setting()) -> Timing:
     """Step time of one expert (cached on disk and in-process)."""
     key = latency_key(arch, data, setting)
-    timing = _disk_get(key)
+    timing = disk_get(cache_dir(), key, Timing)
     if timing is None:
         timing = time_network(build_timed(arch, data), arch, data, setting)
-        _disk_put(key, timing)
+        disk_put(cache_dir(), key, timing)
     return timing
 
 

@@ -235,42 +235,47 @@ def cost_key(arch: ArchConfig, data: DataShape) -> str:
     return hashlib.sha1(payload.encode()).hexdigest()[:20]
 
 
-def cache_dir() -> Path | None:
-    """``$MEME_MACS_CACHE`` (``0``/``off`` disables), else ``~/.cache/meme-nas/macs``."""
-    env = os.environ.get("MEME_MACS_CACHE")
+def env_cache_dir(variable: str, default: str) -> Path | None:
+    """``$variable`` (``0``/``off`` disables), else ``~/.cache/meme-nas/<default>``."""
+    env = os.environ.get(variable)
     if env is not None and env.strip().lower() in ("", "0", "off", "none", "false"):
         return None
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "meme-nas" / "macs"
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "meme-nas" / default
 
 
-def _disk_get(key: str) -> NetCost | None:
-    d = cache_dir()
+def cache_dir() -> Path | None:
+    """``$MEME_MACS_CACHE`` (``0``/``off`` disables), else ``~/.cache/meme-nas/macs``."""
+    return env_cache_dir("MEME_MACS_CACHE", "macs")
+
+
+def disk_get(d: Path | None, key: str, cls: type):
+    """The dataclass ``cls`` stored as ``d/key.json``; None when absent, unreadable or off (d None)."""
     if d is None:
         return None
     try:
-        return NetCost(**json.loads((d / f"{key}.json").read_text()))
+        return cls(**json.loads((d / f"{key}.json").read_text()))
     except (OSError, ValueError, TypeError):
         return None
 
 
-def _disk_put(key: str, cost: NetCost) -> None:
-    d = cache_dir()
+def disk_put(d: Path | None, key: str, value) -> None:
+    """Store a dataclass as ``d/key.json`` (atomically: parallel trials may race); no-op when off."""
     if d is None:
         return
     try:
-        atomic_write_json(dataclasses.asdict(cost), d / f"{key}.json")  # parallel trials may race
+        atomic_write_json(dataclasses.asdict(value), d / f"{key}.json")
     except OSError as exc:
-        log.debug("MACs cache not written (%s)", exc)
+        log.debug("cache %s not written (%s)", d, exc)
 
 
 @lru_cache(maxsize=512)
 def cost_of_network(arch: ArchConfig, data: DataShape) -> NetCost:
     """Params and MACs of one expert at batch 1 at ``data``'s shape (cached)."""
     key = cost_key(arch, data)
-    cost = _disk_get(key)
+    cost = disk_get(cache_dir(), key, NetCost)
     if cost is None:
         cost = _count_arch(arch, data)
-        _disk_put(key, cost)
+        disk_put(cache_dir(), key, cost)
     return cost
 
 

@@ -74,10 +74,12 @@ class LatencyBudget:
 
     def price(self, cfg: MemeConfig) -> Priced:
         """The candidate's step time from the table (entries it lacks are measured now)."""
-        for arch in dict.fromkeys(cfg.experts):
-            if self.table.missing(arch, cfg.data):
-                self.table.ensure(arch, cfg.data)
-        return self.table.price_meme(cfg)
+        return Priced([self.price_arch(a, cfg.data) for a in cfg.experts], cfg.interval_weights())
+
+    def price_arch(self, arch, data) -> float:
+        if self.table.missing(arch, data):
+            self.table.ensure(arch, data)
+        return self.table.price(arch, data)
 
     def cost(self, priced: Priced) -> float:
         return priced.ms_mean if self.mode == "mean" else priced.ms_max
@@ -130,13 +132,18 @@ def reference_costs(mode: str = "mean") -> dict[str, Cost]:
 
 # ---- the cheapest point of a space ----------------------------------------------------
 
-def _stage_tables(space, base: int, blocks: int, pools: tuple[int, ...]) -> tuple[float, list[dict[Fraction, float]]]:
-    """Cost at the all-top corner, and per stage: value -> cost change from the top."""
+def _stage_tables(space, base: int, blocks: int, pools: tuple[int, ...],
+                  cost_of_arch=None) -> tuple[float, list[dict[Fraction, float]]]:
+    """Cost at the all-top corner, and per stage: value -> cost change from the top.
+
+    ``cost_of_arch(arch)``: GFLOPs by default; any cost that is a sum of per-stage terms.
+    """
     grids = [space.stage_grid(base, s) for s in range(space.num_stages)]
     top = [g[-1] for g in grids]
+    cost_of_arch = cost_of_arch or (lambda arch: cost_of_network(arch, space.data).gflops)
 
     def cost(ratios: list[Fraction]) -> float:
-        return cost_of_network(space.arch(base, blocks, pools, tuple(str(r) for r in ratios)), space.data).gflops
+        return cost_of_arch(space.arch(base, blocks, pools, tuple(str(r) for r in ratios)))
 
     c_top = cost(top)
     tables = []
@@ -228,32 +235,16 @@ def check_feasible(space, budget: Budget) -> float:
 def cheapest_ms(space, lb: LatencyBudget) -> float:
     """The least step time any candidate of the space can have, by the table.
 
-    A step's time is rest + overhead of its macro plus a sum of per-stage iFormer terms,
+    A step's time is its macro's rest + overhead plus a sum of per-stage iFormer terms,
     so the same dynamic programme as for GFLOPs finds the exact minimum per macro.
     """
     import itertools
 
-    table, best = lb.table, math.inf
+    best = math.inf
     for base, blocks, pools in itertools.product(space.macro.base_channels, space.macro.num_res_blocks,
                                                  space.macro.pool_strides):
-        grids = [space.stage_grid(base, s) for s in range(space.num_stages)]
-        top = [g[-1] for g in grids]
-        arch = space.arch(base, blocks, tuple(pools), tuple(str(r) for r in top))
-        lb.price(MemeConfig(name="probe", experts=(arch,), data=space.data, diffusion=space.diffusion))
-        const = table.macros[macro_key(arch, space.data)]
-        tables = []
-        for s, grid in enumerate(grids):
-            row = {}
-            for r in grid:
-                ratios = list(top)
-                ratios[s] = r
-                probe = space.arch(base, blocks, tuple(pools), tuple(str(x) for x in ratios))
-                lb.price(MemeConfig(name="probe", experts=(probe,), data=space.data, diffusion=space.diffusion))
-                spec = iformer_specs(probe, space.data)[s * blocks]
-                row[r] = blocks * table.blocks[block_key(spec, precision_of(probe, table.setting))]
-            tables.append(row)
-        ms, _ = _cheapest_chain(space, tables)
-        best = min(best, const.rest_ms + const.overhead_ms + ms)
+        c_top, tables = _stage_tables(space, base, blocks, tuple(pools), lambda a: lb.price_arch(a, space.data))
+        best = min(best, c_top + _cheapest_chain(space, tables)[0])
     return best
 
 

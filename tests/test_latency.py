@@ -142,3 +142,15 @@ def test_budget_ms_rejects_before_training(cache, tmp_path):
     assert {"latency_ms", "latency_device", "latency_measured_ms"} <= set(df.columns)
     finished = [t for t in trials if t.state == TrialState.COMPLETE]
     assert df["latency_measured_ms"].notna().sum() == min(len(finished), 3)   # the finalists were timed whole
+
+
+def test_impossible_budget_ms_is_one_line(cache, tmp_path, capsys):
+    space = load_space("tiny")
+    table = build_space_table(space, LatencyTable.empty(Setting()), log=lambda s: None)
+    path = table.save(tmp_path / "table.json")
+    fastest = min(table.price_meme(c).ms_mean for c in random_candidates(space, 12, seed=0))
+    rc = search.main(["--space", TINY, "--budget-ms", f"{fastest / 10:.4f}", "--latency-table", str(path),
+                      "--executor", "optuna", "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "is below the fastest candidate" in err[0]
+    assert search.main(["--space", TINY, "--budget-ms", "-1"]) == 2
