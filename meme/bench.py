@@ -112,8 +112,15 @@ def default_options(device: str, quick: bool) -> BenchOptions:
 
 # ---- timing --------------------------------------------------------------------------
 
-def time_runs(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> list[float]:
-    """Seconds of each timed call: CUDA events on a GPU, perf_counter on a CPU."""
+def time_runs(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int,
+              cpu_clock: bool = False) -> list[float]:
+    """Seconds of each timed call: CUDA events on a GPU, perf_counter on a CPU.
+
+    ``cpu_clock``: on a CPU, the calling thread's CPU time instead (``time.thread_time``).
+    With one torch thread that is the wall time the call takes on an idle machine, less
+    the time a loaded machine's scheduler kept it waiting (``meme.latency``).
+    """
+    clock = time.thread_time if cpu_clock else time.perf_counter
     for _ in range(warmup):
         fn()
     out = []
@@ -127,9 +134,9 @@ def time_runs(fn: Callable[[], object], device: torch.device, repeats: int, warm
             end.synchronize()
             out.append(start.elapsed_time(end) / 1e3)
         else:
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            out.append(time.perf_counter() - t0)
+            out.append(clock() - t0)
     return out
 
 
@@ -452,6 +459,100 @@ def bench_fast_paths(o: BenchOptions, dev: torch.device, log: Callable[[str], No
                         times[(ref_name, v.name)] / times[(iu, v.name)], "x", "", macs[ref_name] / macs[iu],
                         "", label, "how much of the MACs ratio this path realises"))
     return rows
+
+
+def iformer_macs_share(net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> float:
+    """Fraction of a forward's matmul/conv MACs inside IFormerBlocks (attention counted: SDPA math)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from meme.blocks import IFormerBlock, reference_mixers
+
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), reference_mixers(), FlopCounterMode(display=False) as fc:
+        net(x, t)
+    counts = fc.get_flop_counts()
+    root = type(net).__name__
+    inside = sum(sum(counts.get(f"{root}.{n}", {}).values()) for n, m in net.named_modules()
+                 if isinstance(m, IFormerBlock))
+    return inside / fc.get_total_flops()
+
+
+def bench_iformer(o: BenchOptions, dev: torch.device, log: Callable[[str], None]) -> list[Row]:
+    """iFormer blocks' share of a Table 4 expert's time against their share of its MACs, for the
+    fast mixer (``InceptionMixer.fast_forward``) and the reference one, and the expert's
+    forward against LDM-L's, at batch 1 on the default fast path.
+
+    The variants are interleaved: each round times every one once, so a change in the
+    machine's load reaches all of them alike; medians over the rounds.
+    """
+    from meme.blocks import IFormerBlock, reference_mixers
+    from meme.fastpath import fast_path
+    from meme.networks import build_network, wake_zero_init
+    from meme.references import resolve
+
+    t4 = at_resolution(resolve("meme-table4"), o.resolution)
+    ref_cfg = at_resolution(resolve(REFERENCE), o.resolution)
+    torch.manual_seed(0)
+    nets = {"meme-table4 expert 1": wake_zero_init(build_network(t4.experts[0], t4.data)).eval(),
+            REFERENCE: wake_zero_init(build_network(ref_cfg.experts[0], ref_cfg.data)).eval()}
+    x = torch.randn(1, t4.data.channels, t4.data.resolution, t4.data.resolution)
+    t = torch.full((1,), 500, dtype=torch.long)
+    share_macs = iformer_macs_share(nets["meme-table4 expert 1"], x, t)
+    # one torch thread on a CPU: the thread's CPU time, which leaves out waits a loaded machine imposes
+    cpu_clock = dev.type == "cpu" and torch.get_num_threads() == 1
+    clock = time.thread_time if cpu_clock else time.perf_counter
+    inside = [0.0]
+    starts: dict[int, float] = {}
+    expert = nets["meme-table4 expert 1"]
+    for m in expert.modules():
+        if isinstance(m, IFormerBlock):
+            m.register_forward_pre_hook(lambda mod, args: starts.__setitem__(id(mod), clock()))
+            m.register_forward_hook(lambda mod, args, out: inside.__setitem__(0, inside[0] + clock() - starts[id(mod)]))
+    paths = {name: fast_path(dev, "auto", net) for name, net in nets.items()}
+    for name, net in nets.items():
+        paths[name].prepare(net, dev)
+    xs = {name: paths[name].input(x, dev) for name in nets}
+    variants = [("fast", "meme-table4 expert 1"), ("reference", "meme-table4 expert 1"),
+                ("fast", REFERENCE)]
+    times: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
+    shares: dict[str, list[float]] = {"fast": [], "reference": []}
+    for r in range(o.warmup + o.repeats):
+        for mixer, name in variants:
+            inside[0] = 0.0
+            ctx = reference_mixers() if mixer == "reference" else contextlib.nullcontext()
+            with ctx, torch.no_grad(), paths[name].autocast():
+                s = time_runs(lambda: nets[name](xs[name], t.to(dev)), dev, 1, 0, cpu_clock=cpu_clock)[0]
+            if r >= o.warmup:
+                times[(mixer, name)].append(s)
+                if name != REFERENCE:
+                    shares[mixer].append(inside[0] / s)
+    ms = {v: 1e3 * median(times[v]) for v in variants}
+    share = {k: median(v) for k, v in shares.items()}
+    gm_t4, gm_ref = gmacs_mean(MemeConfig(name="e1", experts=(t4.experts[0],), data=t4.data,
+                                          diffusion=t4.diffusion)), gmacs_mean(ref_cfg)
+    label = shape_label(t4, 1)
+    prec = paths["meme-table4 expert 1"].describe()
+    for mixer in ("fast", "reference"):
+        log(f"  iformer {mixer:<9}: expert {ms[(mixer, 'meme-table4 expert 1')]:.1f} ms, iFormer time share "
+            f"{100 * share[mixer]:.0f}% vs MACs share {100 * share_macs:.0f}%")
+    e = "meme-table4 expert 1"
+    return [
+        Row("iformer", e, "ms_fast_mixer", ms[("fast", e)], "ms", ms[("reference", e)] / ms[("fast", e)],
+            shape=label, note=f"one forward, {prec}; vs_ref = reference mixer / fast mixer, interleaved rounds; "
+                              f"{'thread CPU time (1 thread)' if cpu_clock else 'wall'} clock"),
+        Row("iformer", e, "ms_reference_mixer", ms[("reference", e)], "ms", shape=label,
+            note="InceptionMixer.reference_forward (meme.blocks.reference_mixers)"),
+        Row("iformer", e, "macs_share", 100 * share_macs, "%", shape=label,
+            note="IFormerBlocks' matmul/conv MACs over the network's (attention included)"),
+        Row("iformer", e, "time_share_fast", 100 * share[("fast")], "%", share["fast"] / share_macs, "",
+            "<= 1.5x the MACs share", label, "vs_ref = time share / MACs share; forward hooks on every IFormerBlock"),
+        Row("iformer", e, "time_share_reference", 100 * share["reference"], "%", share["reference"] / share_macs,
+            shape=label, note="vs_ref = time share / MACs share, reference mixer"),
+        Row("iformer", f"{e}/{REFERENCE}", "speed_ratio_fast", ms[("fast", REFERENCE)] / ms[("fast", e)], "x", "",
+            gm_ref / gm_t4, "", label, "LDM-L ms / expert ms, both on their default fast path, batch 1"),
+        Row("iformer", f"{e}/{REFERENCE}", "speed_ratio_reference", ms[("fast", REFERENCE)] / ms[("reference", e)],
+            "x", "", gm_ref / gm_t4, "", label, "the same with the reference mixer"),
+    ]
 
 
 COMPILE_MODELS = ("meme-table4", REFERENCE)

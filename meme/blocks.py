@@ -19,6 +19,7 @@ batch in Python.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -278,10 +279,63 @@ class InceptionMixer(nn.Module):
         self.proj = nn.Conv2d(cat, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or torch.is_grad_enabled() or not _FAST_MIXER[0]:
+            return self.reference_forward(x)
+        return self.fast_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The mixer as the paper writes it, one module per operation (training, MACs counting)."""
         # Paper eq 7: Y_c = Concat(Y_h1, Y_h2, Y_l).
         yl = self.low(x[:, self.d_h:])
         yc = torch.cat([self.high(x[:, :self.d_h]), yl], dim=1) if self.high is not None else yl
         return self.proj(yc + self.fuse_dw(yc))
+
+    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function with fewer memory-bound passes (inference: eval and no_grad).
+
+        * both high branches' 1x1 convs are one grouped conv over [Z_h2 | MP(Z_h1)]
+          (equal groups: half -> 2 half each; the conv branch has no bias, so its half of
+          the bias is zero), which replaces their two outputs' concatenation by one of
+          their half-sized inputs;
+        * the conv branch's depthwise 3x3 runs over both branches' outputs, with an exact
+          identity kernel on the pool branch's, so one GELU covers both and no slice is taken;
+        * the fusion residual Y_c + D-Conv(Y_c) is one depthwise conv whose centre tap
+          carries the + 1.
+        Fused weights are rebuilt from the parameters on every call (a few KB), so weights
+        loaded or averaged into an eval model are always the ones used. Outputs equal
+        ``reference_forward`` up to rounding (``tests/test_fast_paths.py``).
+        """
+        yl = self.low(x[:, self.d_h:])
+        if self.high is not None:
+            hm, half = self.high, self.high.half
+            w = torch.cat([hm.conv_fc.weight, hm.pool_fc.weight])
+            b = torch.cat([torch.zeros_like(hm.pool_fc.bias), hm.pool_fc.bias])
+            z = torch.cat([x[:, :half], hm.pool(x[:, half:self.d_h])], dim=1)
+            y = F.conv2d(z, w, b, groups=2)
+            identity = torch.zeros_like(hm.conv_dw.weight)
+            identity[:, 0, 1, 1] = 1
+            y = F.conv2d(y, torch.cat([hm.conv_dw.weight, identity]), None, padding=1, groups=4 * half)
+            yc = torch.cat([hm.act(y), yl], dim=1)
+        else:
+            yc = yl
+        fuse = self.fuse_dw.weight.clone()
+        fuse[:, 0, 1, 1] += 1
+        return self.proj(F.conv2d(yc, fuse, None, padding=1, groups=yc.shape[1]))
+
+
+_FAST_MIXER = [True]    # InceptionMixer.fast_forward in inference; off inside reference_mixers()
+
+
+@contextlib.contextmanager
+def reference_mixers():
+    """Every InceptionMixer runs its reference (one module per operation) forward inside:
+    module-hook MAC counters see the convs of the fast path as functional calls."""
+    old = _FAST_MIXER[0]
+    _FAST_MIXER[0] = False
+    try:
+        yield
+    finally:
+        _FAST_MIXER[0] = old
 
 
 class FeedForward(nn.Module):

@@ -91,13 +91,19 @@ def fast_path(device: torch.device | str, precision: str = "auto", model: nn.Mod
     least ``CPU_BF16_MIN_WIDTH`` wide (no model given: treated as wide). 'bf16' and
     'fp32' force the choice.
     """
+    return fast_path_for_width(device, precision, None if model is None else network_width(model))
+
+
+def fast_path_for_width(device: torch.device | str, precision: str = "auto", width: int | None = None) -> FastPath:
+    """``fast_path`` for a network of base ``width`` channels, known before it is built
+    (``meme.latency`` keys its cache by the precision a network will run in)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     kind = torch.device(device).type
     if kind not in ("cuda", "cpu"):
         return FastPath(kind, bf16=False, channels_last=False)
     if precision == "auto":
-        wide = model is None or network_width(model) >= CPU_BF16_MIN_WIDTH
+        wide = width is None or width >= CPU_BF16_MIN_WIDTH
         bf16 = kind == "cuda" or (cpu_has_fast_bf16() and wide)
     else:
         bf16 = precision == "bf16"

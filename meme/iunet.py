@@ -42,6 +42,7 @@ experts (paper 90.4G): within 2.5%, and falling with more attention as in the pa
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -53,6 +54,27 @@ from meme.unet import InputConv, TimeEmbedding, UNetDecoder
 
 # Encoder entries whose output is not a skip connection (suffix of the ModuleDict key).
 _NO_SKIP = "_res"
+
+
+@dataclass(frozen=True)
+class IFormerSpec:
+    """What one encoder iFormer block of an iU-Net is: all its cost depends on."""
+
+    width: int                  # d
+    high: int                   # d_h
+    resolution: int             # H = W of its input
+    pool_stride: int            # attention avg-pool stride
+    emb: int                    # timestep embedding width
+    head_channels: int
+    dropout: float
+
+
+def iformer_specs(arch: ArchConfig, data: DataShape) -> list[IFormerSpec]:
+    """The encoder's iFormer blocks in build order (``IUNet`` builds exactly these)."""
+    highs, emb = arch.high_channels(), 4 * arch.base_channels
+    return [IFormerSpec(width, highs[s], data.resolution // 2 ** s, arch.pool_strides[s], emb,
+                        arch.head_channels, arch.dropout)
+            for s, width in enumerate(arch.stage_channels()) for _ in range(arch.num_res_blocks)]
 
 
 class IUNet(nn.Module):

@@ -185,12 +185,12 @@ def count_module(net: nn.Module, input_shape: tuple[int, ...], *, takes_t: bool 
     """
     from ptflops import get_model_complexity_info
 
-    from meme.blocks import ScaledDotProductAttention
+    from meme.blocks import ScaledDotProductAttention, reference_mixers
 
     model = _on_cpu(_WithTimestep(net) if takes_t else net)
     attention = AttentionTally()
     sink = io.StringIO()
-    with _LOCK, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), \
+    with _LOCK, reference_mixers(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), \
             sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as torch_count, torch.no_grad():
         total, _ = get_model_complexity_info(
             model, tuple(input_shape), as_strings=False, print_per_layer_stat=False,
@@ -220,7 +220,8 @@ def _count_arch(arch: ArchConfig, data: DataShape) -> NetCost:
 
 # ---- caching ----------------------------------------------------------------------
 
-def _source_fingerprint() -> str:
+def source_fingerprint() -> str:
+    """Hash of the network code: an edit there changes what a config builds (and how fast it runs)."""
     here = Path(__file__).parent
     h = hashlib.sha1()
     for name in _NETWORK_SOURCES:
@@ -235,48 +236,53 @@ def cost_key(arch: ArchConfig, data: DataShape) -> str:
     import ptflops
     payload = json.dumps({
         "arch": dataclasses.asdict(arch), "data": dataclasses.asdict(data),
-        "counter": COUNTER_VERSION, "src": _source_fingerprint(),
+        "counter": COUNTER_VERSION, "src": source_fingerprint(),
         "torch": torch.__version__, "ptflops": getattr(ptflops, "__version__", "?"),
     }, sort_keys=True)
     return hashlib.sha1(payload.encode()).hexdigest()[:20]
 
 
-def cache_dir() -> Path | None:
-    """``$MEME_MACS_CACHE`` (``0``/``off`` disables), else ``~/.cache/meme-nas/macs``."""
-    env = os.environ.get("MEME_MACS_CACHE")
+def env_cache_dir(variable: str, default: str) -> Path | None:
+    """``$variable`` (``0``/``off`` disables), else ``~/.cache/meme-nas/<default>``."""
+    env = os.environ.get(variable)
     if env is not None and env.strip().lower() in ("", "0", "off", "none", "false"):
         return None
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "meme-nas" / "macs"
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "meme-nas" / default
 
 
-def _disk_get(key: str) -> NetCost | None:
-    d = cache_dir()
+def cache_dir() -> Path | None:
+    """``$MEME_MACS_CACHE`` (``0``/``off`` disables), else ``~/.cache/meme-nas/macs``."""
+    return env_cache_dir("MEME_MACS_CACHE", "macs")
+
+
+def disk_get(d: Path | None, key: str, cls: type):
+    """The dataclass ``cls`` stored as ``d/key.json``; None when absent, unreadable or off (d None)."""
     if d is None:
         return None
     try:
-        return NetCost(**json.loads((d / f"{key}.json").read_text()))
+        return cls(**json.loads((d / f"{key}.json").read_text()))
     except (OSError, ValueError, TypeError):
         return None
 
 
-def _disk_put(key: str, cost: NetCost) -> None:
-    d = cache_dir()
+def disk_put(d: Path | None, key: str, value) -> None:
+    """Store a dataclass as ``d/key.json`` (atomically: parallel trials may race); no-op when off."""
     if d is None:
         return
     try:
-        atomic_write_json(dataclasses.asdict(cost), d / f"{key}.json")  # parallel trials may race
+        atomic_write_json(dataclasses.asdict(value), d / f"{key}.json")
     except OSError as exc:
-        log.debug("MACs cache not written (%s)", exc)
+        log.debug("cache %s not written (%s)", d, exc)
 
 
 @lru_cache(maxsize=512)
 def cost_of_network(arch: ArchConfig, data: DataShape) -> NetCost:
     """Params and MACs of one expert at batch 1 at ``data``'s shape (cached)."""
     key = cost_key(arch, data)
-    cost = _disk_get(key)
+    cost = disk_get(cache_dir(), key, NetCost)
     if cost is None:
         cost = _count_arch(arch, data)
-        _disk_put(key, cost)
+        disk_put(cache_dir(), key, cost)
     return cost
 
 

@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import torch
 
 from meme.scaling import bench_scaling, unmeasured_gpu_rows
-from meme.bench import (COLUMNS, ENGINES, NOT_MEASURED, PENDING, SECTIONS, BenchOptions, Model, Row, bench_compile, bench_fast_paths, bench_memory, bench_sampling,
+from meme.bench import (COLUMNS, ENGINES, NOT_MEASURED, PENDING, SECTIONS, BenchOptions, Model, Row, bench_compile, bench_fast_paths, bench_iformer, bench_memory, bench_sampling,
                         bench_training, default_options, device_name, dtype_name, format_table, matmul_peak_flops,
                         median, peak_dtypes, update_markdown, write_csv)
 
@@ -240,7 +240,7 @@ def target_rows(rows: list[Row], dev: torch.device, device_name: str) -> list[Ro
     here = "cuda" if dev.type == "cuda" else "cpu"
     s = find("sampling", "meme-table4", "img_per_s")
     out.append(Row("target", "meme-table4/ldm-l sampling", f"img_per_s_ratio ({here})",
-                   s.vs_ref if s else "not run", "x", "", s.macs_ratio if s else "", ">= 3.2 on GPU",
+                   s.vs_ref if s else "not run", "x", "", s.macs_ratio if s else "", ">= 3.2 (this CPU and GPU)",
                    s.shape if s else "", "eager, default fast path"))
     c = find("compile", "meme-table4/ldm-l", "img_per_s_ratio_compiled")
     if c is not None:
@@ -254,6 +254,9 @@ def target_rows(rows: list[Row], dev: torch.device, device_name: str) -> list[Ro
                        target=">= 3.2", shape="3x64x64 b32 50 steps", note="needs a GPU run"))
         out.append(Row("target", "iU-Net expert training", "mfu (H100/H200 bf16)", NOT_MEASURED, "%",
                        target=">= 35%", shape="3x64x64 b64", note="needs a GPU run"))
+    f = find("iformer", "meme-table4 expert 1", "time_share_fast")
+    out.append(Row("target", "iFormer blocks", f"time_share/macs_share ({here})", f.vs_ref if f else "not run", "x",
+                   target="<= 1.5", shape=f.shape if f else "", note="fast mixer; iformer section"))
     c = find("search", "macs_check", "s_per_candidate")
     out.append(Row("target", "MACs check", "s_per_candidate", c.value if c else "not run", "s", target="<= 1 s",
                    shape=c.shape if c else ""))
@@ -294,6 +297,7 @@ def run_bench(o: BenchOptions, log: Callable[[str], None] = print) -> tuple[list
     if "fastpath" in o.only:
         log("fast paths ...")
         rows += bench_fast_paths(o, dev, log, extra=[search_proxy_model()])
+        rows += bench_iformer(o, dev, log)
     if "sampling" in o.only:
         log("sampling ...")
         r = bench_sampling(o, dev, log)

@@ -17,6 +17,7 @@ satisfies every rule, and no mix of experts is cheaper in mean or max mode.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -24,6 +25,7 @@ from typing import Optional
 
 from meme.cli import UserError
 from meme.config import MemeConfig
+from meme.latency_model import LatencyTable, Priced
 from meme.macs import cost_of_meme, cost_of_network
 
 MODES = ("mean", "max")
@@ -36,10 +38,50 @@ class Budget:
     mode: str = "mean"     # 'mean' (interval-weighted) or 'max' (every expert)
     source: str = "flag"   # 'flag' or the reference name it was taken from
 
+    @property
+    def bounded(self) -> bool:
+        """False when only a time budget (``--budget-ms``) bounds the search."""
+        return math.isfinite(self.gflops)
+
     def describe(self) -> str:
         how = "interval-weighted mean over experts" if self.mode == "mean" else "every expert"
+        if not self.bounded:
+            return f"no GFLOPs bound ({how} for the time budget)"
         src = "" if self.source == "flag" else f" (= {self.source})"
         return f"{self.gflops:.2f} GFLOPs per denoising step, {how}{src}"
+
+
+@dataclass
+class LatencyBudget:
+    """Milliseconds per sampling step on one device, priced by a latency table
+    (``meme.latency_model``); ``ms`` None: time is an objective, not a bound."""
+
+    ms: Optional[float]
+    mode: str                        # as Budget.mode
+    table: LatencyTable
+    table_path: str
+
+    @property
+    def device(self) -> str:
+        return self.table.meta["device"]
+
+    def describe(self) -> str:
+        bound = "no bound" if self.ms is None else f"{self.ms:g} ms per denoising step"
+        how = "interval-weighted mean over experts" if self.mode == "mean" else "every expert"
+        return (f"{bound}, {how}, on {self.device} at batch {self.table.setting.batch} (latency table "
+                f"{self.table_path}: {len(self.table.blocks)} blocks, {self.table.build_s:.0f} s of measuring)")
+
+    def price(self, cfg: MemeConfig) -> Priced:
+        """The candidate's step time from the table (entries it lacks are measured now)."""
+        return Priced([self.price_arch(a, cfg.data) for a in cfg.experts], cfg.interval_weights())
+
+    def price_arch(self, arch, data) -> float:
+        if self.table.missing(arch, data):
+            self.table.ensure(arch, data)
+        return self.table.price(arch, data)
+
+    def cost(self, priced: Priced) -> float:
+        return priced.ms_mean if self.mode == "mean" else priced.ms_max
 
 
 @dataclass(frozen=True)
@@ -63,14 +105,18 @@ def cost_of(cfg: MemeConfig, mode: str = "mean") -> Cost:
                 params_unique=c.params_unique, paper_units=c.paper_units_mean)
 
 
-def resolve_budget(gflops: Optional[float], like: Optional[str], mode: str) -> Budget:
-    """--budget-gflops B or --budget-like NAME (exactly one) -> Budget."""
+def resolve_budget(gflops: Optional[float], like: Optional[str], mode: str, ms: Optional[float] = None) -> Budget:
+    """--budget-gflops B or --budget-like NAME (exactly one, or neither beside --budget-ms) -> Budget."""
     from meme.references import resolve
 
     if mode not in MODES:
         raise UserError(f"--budget-mode must be one of {list(MODES)}, got {mode!r}")
+    if ms is not None and (not math.isfinite(ms) or ms <= 0):
+        raise UserError(f"--budget-ms must be a positive number, got {ms}")
+    if ms is not None and gflops is None and like is None:
+        return Budget(math.inf, mode, "none")
     if (gflops is None) == (like is None):
-        raise UserError("give exactly one of --budget-gflops B or --budget-like NAME")
+        raise UserError("give exactly one of --budget-gflops B or --budget-like NAME (or --budget-ms X)")
     if like is not None:
         return Budget(cost_of(resolve(like), mode).gflops, mode, like)
     if not math.isfinite(gflops) or gflops <= 0:
@@ -86,13 +132,18 @@ def reference_costs(mode: str = "mean") -> dict[str, Cost]:
 
 # ---- the cheapest point of a space ----------------------------------------------------
 
-def _stage_tables(space, base: int, blocks: int, pools: tuple[int, ...]) -> tuple[float, list[dict[Fraction, float]]]:
-    """Cost at the all-top corner, and per stage: value -> cost change from the top."""
+def _stage_tables(space, base: int, blocks: int, pools: tuple[int, ...],
+                  cost_of_arch=None) -> tuple[float, list[dict[Fraction, float]]]:
+    """Cost at the all-top corner, and per stage: value -> cost change from the top.
+
+    ``cost_of_arch(arch)``: GFLOPs by default; any cost that is a sum of per-stage terms.
+    """
     grids = [space.stage_grid(base, s) for s in range(space.num_stages)]
     top = [g[-1] for g in grids]
+    cost_of_arch = cost_of_arch or (lambda arch: cost_of_network(arch, space.data).gflops)
 
     def cost(ratios: list[Fraction]) -> float:
-        return cost_of_network(space.arch(base, blocks, pools, tuple(str(r) for r in ratios)), space.data).gflops
+        return cost_of_arch(space.arch(base, blocks, pools, tuple(str(r) for r in ratios)))
 
     c_top = cost(top)
     tables = []
@@ -179,3 +230,26 @@ def check_feasible(space, budget: Budget) -> float:
                         f"{math.ceil(cmin * 100) / 100:.2f} or widen the space")
     return cmin
 
+
+def cheapest_ms(space, lb: LatencyBudget) -> float:
+    """The least step time any candidate of the space can have, by the table.
+
+    A step's time is its macro's rest + overhead plus a sum of per-stage iFormer terms,
+    so the same dynamic programme as for GFLOPs finds the exact minimum per macro.
+    """
+    best = math.inf
+    for base, blocks, pools in itertools.product(space.macro.base_channels, space.macro.num_res_blocks,
+                                                 space.macro.pool_strides):
+        c_top, tables = _stage_tables(space, base, blocks, tuple(pools), lambda a: lb.price_arch(a, space.data))
+        best = min(best, c_top + _cheapest_chain(space, tables)[0])
+    return best
+
+
+def check_feasible_ms(space, lb: LatencyBudget) -> float:
+    """Raise a one-line UserError when no candidate meets the time budget; else the least ms."""
+    cmin = cheapest_ms(space, lb)
+    if lb.ms is not None and cmin > lb.ms:
+        raise UserError(f"budget {lb.ms:g} ms is below the fastest candidate in {space.source} on {lb.device} "
+                        f"({cmin:.2f} ms per step by the latency table): raise --budget-ms to at least "
+                        f"{math.ceil(cmin * 100) / 100:.2f} or widen the space")
+    return cmin

@@ -39,7 +39,7 @@ def run(s: Settings, study: optuna.Study, beat: Optional[Heartbeat] = None,
         try:
             cand = record.prepare(trial, s)
             if not cand.feasible:
-                outcome = record.rejected(cand, s)
+                outcome = record.rejected(cand)
             elif cand.duplicate_of is not None:
                 outcome = record.duplicate(cand)
             else:

@@ -131,7 +131,7 @@ def trainable(config: dict, proxy=None, objective: str = "loss", device: Optiona
                "wall_s": time.perf_counter() - t0, "peak_mem_mb": peak_memory_mb(dev), "device": dev_name,
                "seed": proxy.seed, "stopped_early": False, "node": node}
         if multi:
-            row["gflops"] = config["gflops"]
+            row["cost"] = config["cost"]
         tune.report(row)
         return False  # Tune stops a trial by not resuming it
 
@@ -186,7 +186,8 @@ def _make_searcher_class():
                 self.beat.add(trial.number)
             cand = record.prepare(trial, self.settings)
             self.live[trial_id], self.cands[trial_id] = trial, cand
-            return {"config_yaml": cand.config.to_yaml(), "feasible": cand.feasible, "gflops": cand.gflops,
+            return {"config_yaml": cand.config.to_yaml(), "feasible": cand.feasible,
+                    "cost": cand.pareto_cost(self.settings),  # a Pareto search's second value (trainable reports it)
                     "num_experts_": cand.config.num_experts, "duplicate_of": cand.duplicate_of}
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -220,7 +221,7 @@ def _make_searcher_class():
             """Tune's last result for a trial -> its Outcome."""
             s = self.settings
             if not cand.feasible:
-                return record.rejected(cand, s)
+                return record.rejected(cand)
             if cand.duplicate_of is not None:
                 return record.duplicate(cand)
             if error or "fail_reason" in result or METRIC not in result:
@@ -263,7 +264,7 @@ def run(s: Settings, study: optuna.Study, remaining: int, bar=None, reference_jo
     StudySearcher = _make_searcher_class()
     proxy = s.space.proxy
     mode = ["min", "min"] if s.multi else "min"
-    metric = [METRIC, "gflops"] if s.multi else METRIC
+    metric = [METRIC, "cost"] if s.multi else METRIC
     search = StudySearcher(s, study, bar=bar, metric=metric, mode=mode, beat=beat, deadline=deadline)
     scheduler = None
     if not s.multi:  # rungs from proxy.first_rung(): past warm-up and a third of the budget

@@ -8,7 +8,7 @@ How each outcome looks in the study (and in optuna-dashboard's state column):
 ==============  ==========  ================================================================
 outcome         state       why
 ==============  ==========  ================================================================
-trained         COMPLETE    its objective (and GFLOPs for a Pareto search)
+trained         COMPLETE    its objective (and GFLOPs or ms per step for a Pareto search)
 duplicate       COMPLETE    the result of the identical trial it names (``duplicate_of``)
 stopped         PRUNED      the scheduler (ASHA) or pruner stopped it at a rung
 rejected        PRUNED      over budget, never trained; ``constraint`` > 0, ``status``
@@ -29,7 +29,11 @@ User attributes of every trial (what ``trials.csv`` and the dashboard show):
 ``params_unique``         the same with parts the experts share counted once
 ``share``                 what the experts hold in common (``ShareConfig.describe``: none, dec3...)
 ``paper_units``           the paper's "MACs" column (3 x ptflops hook GMACs)
-``constraint``            gflops - B (> 0: infeasible, never trained)
+``constraint``            gflops - B (> 0: infeasible, never trained); with --budget-ms the larger
+                          of that and latency_ms - X (each in its own unit)
+``latency_ms``            step time by the latency table (mean or max per --budget-mode), with
+                          --budget-ms or objective 'latency'; ``latency_ms_mean/_max/_per_expert``,
+                          ``latency_device`` (whose table); ``latency_measured_ms`` for finalists
 ``config_yaml``           the candidate as MemeConfig YAML (target scale)
 ``trained_steps``         proxy optimizer steps actually run (0 for infeasible)
 ``train_steps_total``     the same (all experts together): equal for every fully trained trial
@@ -71,10 +75,16 @@ class Candidate:
     feasible: bool
     duplicate_of: Optional[int] = None      # an identical, fully trained earlier trial
     duplicate_values: Optional[list[float]] = None
+    latency_ms: Optional[float] = None      # by the latency table (mean or max per --budget-mode)
+    rejection: str = ""                     # why it is over budget, e.g. 'over budget by 1.20 GFLOPs'
+
+    def pareto_cost(self, s: Settings) -> float:
+        """The second objective of a Pareto search: GFLOPs or milliseconds per step."""
+        return self.latency_ms if s.objectives[-1] == "latency" else self.gflops
 
 
 def constraint_of(trial: optuna.trial.FrozenTrial) -> list[float]:
-    """GFLOPs over budget (<= 0: feasible); trials without the attr count as feasible."""
+    """Over budget, in the budget's unit (<= 0: feasible); trials without the attr count as feasible."""
     return [float(trial.user_attrs.get("constraint", 0.0))]
 
 
@@ -102,10 +112,21 @@ def prepare(trial: Any, s: Settings) -> Candidate:
              "num_experts": cfg.num_experts, "config_yaml": cfg.to_yaml(), "config_hash": cfg.hash(),
              "trained_steps": 0, "stopped_early": False, **readable_attrs(cfg, c.params),
              "status": "running"}
+    overs = [(c.gflops - s.budget.gflops, "GFLOPs")] if s.budget.bounded else []
+    cand = Candidate(cfg, c.gflops, True)
+    if s.latency is not None:
+        priced = s.latency.price(cfg)
+        cand.latency_ms = s.latency.cost(priced)
+        attrs.update(latency_ms=cand.latency_ms, latency_ms_mean=priced.ms_mean, latency_ms_max=priced.ms_max,
+                     latency_ms_per_expert=priced.experts_ms, latency_device=s.latency.device)
+        if s.latency.ms is not None:
+            overs.append((cand.latency_ms - s.latency.ms, "ms"))
     for k, v in attrs.items():
         trial.set_user_attr(k, v)
-    set_constraint(trial, c.gflops - s.budget.gflops)
-    cand = Candidate(cfg, c.gflops, c.gflops <= s.budget.gflops)
+    over, unit = max(overs, key=lambda x: x[0]) if overs else (0.0, "")
+    set_constraint(trial, over)
+    cand.feasible = over <= 0
+    cand.rejection = f"over budget by {over:.2f} {unit}"
     dup = find_duplicate(trial.study, cfg.hash()) if cand.feasible else None
     if dup is not None:  # TPE re-proposed a trained design: reuse, do not retrain
         cand.duplicate_of, cand.duplicate_values = dup.number, list(dup.values)
@@ -129,11 +150,10 @@ def readable_attrs(cfg: MemeConfig, params: int) -> dict[str, Any]:
     return out
 
 
-def status_text(kind: str, *, over: float = 0.0, twin: Optional[int] = None, step: Optional[int] = None,
-                reason: str = "") -> str:
+def status_text(kind: str, *, twin: Optional[int] = None, step: Optional[int] = None, reason: str = "") -> str:
     """The ``status`` attr: what happened to a trial, in words (same under both engines)."""
     return {"trained": "trained",
-            "rejected": f"rejected: over budget by {over:.2f} GFLOPs",
+            "rejected": f"rejected: {reason}",
             "duplicate": f"duplicate of #{twin}",
             "stopped": f"stopped early at step {step}",
             "failed": f"failed: {reason}"}[kind]
@@ -159,8 +179,8 @@ class Outcome:
         return STATES[self.kind]
 
 
-def rejected(cand: Candidate, s: Settings) -> Outcome:
-    return Outcome("rejected", status_text("rejected", over=cand.gflops - s.budget.gflops),
+def rejected(cand: Candidate) -> Outcome:
+    return Outcome("rejected", status_text("rejected", reason=cand.rejection),
                    "REJECTED (over budget, not trained)")
 
 
@@ -186,7 +206,7 @@ def judged(value: float, step: int, stopped_early: bool, wall_s: float, cand: Ca
         return Outcome("stopped", status_text("stopped", step=step), f"PRUNED at step {step}  ({wall_s:.0f} s)",
                        value=value, attrs=attrs)
     return Outcome("trained", status_text("trained"), f"COMPLETE  ({wall_s:.0f} s)",
-                   values=values_for(value, cand.gflops, s), value=value, attrs=attrs)
+                   values=values_for(value, cand.pareto_cost(s), s), value=value, attrs=attrs)
 
 
 def finish(study: optuna.Study, trial: optuna.Trial, outcome: Outcome, cand: Optional[Candidate],
@@ -207,8 +227,9 @@ def result_attrs(res: TrialResult) -> dict[str, Any]:
             **res.extra}
 
 
-def values_for(objective: float, gflops: float, s: Settings) -> list[float]:
-    return [objective, gflops] if s.multi else [objective]
+def values_for(objective: float, cost: float, s: Settings) -> list[float]:
+    """Values told to the study: the objective, and in a Pareto search its cost (``Candidate.pareto_cost``)."""
+    return [objective, cost] if s.multi else [objective]
 
 
 def log_trial(number: int, n_experts: Optional[int], gflops: Optional[float], value: Optional[float],

@@ -15,8 +15,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from meme.config import MemeConfig
 
-CSV_ATTRS = ("num_experts", "gflops", "gflops_mean", "gflops_max", "constraint", "params", "params_unique", "share",
-             "paper_units",
+CSV_ATTRS = ("num_experts", "gflops", "gflops_mean", "gflops_max", "latency_ms", "latency_ms_mean", "latency_ms_max",
+             "latency_measured_ms", "latency_device", "constraint", "params", "params_unique", "share", "paper_units",
              "trained_steps", "train_steps_total", "train_gflops_total", "seed", "stopped_early", "wall_s", "peak_mem_mb", "device", "duplicate_of", "fail_reason")
 
 
@@ -54,10 +54,11 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per trial: Optuna's frame plus the recorded attributes (YAML summarised)."""
     df = study.trials_dataframe(attrs=("number", "value", "values", "state", "params", "duration"), multi_index=False)
     rows = []
+    measured = study.user_attrs.get("latency_measured_ms", {})   # finalists' measured step time (nas.search)
     for t in study.get_trials(deepcopy=False):
         row: dict[str, Any] = {"number": t.number, "status": status(t), "detail": t.user_attrs.get("status")}
         for k in CSV_ATTRS:
-            v = t.user_attrs.get(k)
+            v = t.user_attrs.get(k, measured.get(str(t.number)) if k == "latency_measured_ms" else None)
             row[k] = ",".join(f"{x:.3f}" for x in v) if isinstance(v, list) else v
         row["gflops_per_expert"] = ",".join(f"{x:.2f}" for x in t.user_attrs.get("gflops_per_expert", []))
         row["ratios"] = ratios_summary(t.user_attrs.get("config_yaml"))
@@ -122,7 +123,8 @@ def plot_pareto(study: optuna.Study, path: Path, budget: float, reference: Optio
     if reference and reference.get("objective") is not None:
         ax.scatter([reference["gflops"]], [reference["objective"]], c="tab:orange", marker="*", s=220,
                    label=f"{reference['name']} (hand design, same proxy)", zorder=4)
-    ax.axvline(budget, c="k", ls="--", lw=1, label=f"budget {budget:.1f} GFLOPs")
+    if math.isfinite(budget):
+        ax.axvline(budget, c="k", ls="--", lw=1, label=f"budget {budget:.1f} GFLOPs")
     for name, g in references_cost.items():
         ax.axvline(g, c="gray", ls=":", lw=1)
         ax.text(g, ax.get_ylim()[1], f" {name}", rotation=90, va="top", fontsize=8, color="gray")

@@ -30,13 +30,16 @@ from tqdm import tqdm
 from meme.checkpoint import atomic_write_json
 from meme.cli import UserError, main_guard
 from meme.config import MemeConfig
+from meme.device import pick_device
 from meme.errors import one_line
+from meme.latency import Setting, measure_meme
 from nas import optuna_engine, report
 from nas import reference as ref_mod
 from nas import rerank as rr
-from nas.budget import check_feasible, reference_costs, resolve_budget
+from nas.budget import LatencyBudget, check_feasible, check_feasible_ms, reference_costs, resolve_budget
 from nas.cli import package_version
 from nas.heartbeat import Heartbeat
+from nas.latency import space_table
 from nas.replicates import default_jobs
 from nas.settings import STALE_AFTER_S, Deadline, Settings
 from nas.space import DEFAULT_SPACE, clustered_boundaries, load_space
@@ -65,6 +68,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     b.add_argument("--budget-like", default=None, help="take the budget from a reference config (ldm-s, meme-table4, ...)")
     b.add_argument("--budget-mode", default="mean", choices=("mean", "max"),
                    help="'mean' (interval-weighted, default) or 'max' (every expert)")
+    b.add_argument("--budget-ms", type=float, default=None,
+                   help="milliseconds per denoising step at batch 1 on the trial device, priced by its latency "
+                        "table (alone or beside a GFLOPs budget)")
+    b.add_argument("--latency-table", default=None,
+                   help="latency table JSON (python -m nas.latency table); default: the one in the latency cache "
+                        "for this device, built now when missing")
     r = p.add_argument_group("run")
     r.add_argument("--trials", type=int, default=None, help="trials in the study, rejected ones included (default: space's)")
     r.add_argument("--time-budget", type=float, default=None,
@@ -78,7 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--supernet", default=None, help="trained supernet directory (python -m nas.supernet train)")
     r.add_argument("--finetune-steps", type=int, default=None,
                    help="supernet evaluator: fine-tune steps in all before scoring (default: the space's, 0)")
-    r.add_argument("--objectives", default=None, help="multi-objective, e.g. 'loss,gflops' (NSGA-II, Pareto front)")
+    r.add_argument("--objectives", default=None,
+                   help="multi-objective, 'loss,gflops' or 'loss,latency' (NSGA-II, Pareto front)")
     r.add_argument("--executor", default=None, choices=EXECUTORS, help="'ray' (default when installed) or 'optuna'")
     r.add_argument("--study", default=None, help="study name (default <space>-b<budget>)")
     r.add_argument("--out", default="results", help="results root; the study lives in OUT/<study> (default %(default)s)")
@@ -104,8 +114,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def parse_objectives(args) -> tuple[str, ...]:
     objs = tuple(o.strip() for o in (args.objectives or args.objective).split(",") if o.strip())
-    if not objs or objs[0] not in ("loss", "fid") or len(objs) > 2 or (len(objs) == 2 and objs[1] != "gflops"):
-        raise UserError(f"objectives must be 'loss' or 'fid', optionally followed by ',gflops'; got {','.join(objs)!r}")
+    if not objs or objs[0] not in ("loss", "fid") or len(objs) > 2 or (len(objs) == 2 and objs[1] not in
+                                                                       ("gflops", "latency")):
+        raise UserError(f"objectives must be 'loss' or 'fid', optionally followed by ',gflops' or ',latency'; "
+                        f"got {','.join(objs)!r}")
     return objs
 
 
@@ -187,15 +199,22 @@ def make_settings(args) -> tuple[Settings, dict]:
     if args.seed is not None:
         space = dataclasses.replace(space, proxy=dataclasses.replace(space.proxy, seed=args.seed))
     space = with_evaluator(space, args)
-    budget = resolve_budget(args.budget_gflops, args.budget_like, args.budget_mode)
+    budget = resolve_budget(args.budget_gflops, args.budget_like, args.budget_mode, args.budget_ms)
+    latency = latency_budget(space, args, budget.mode, objectives)
 
     refs = reference_costs(budget.mode)
     print(f"budget: {budget.describe()}")
     print("  reference costs (GFLOPs per step, attention included; paper 'MACs' column = 3 x hook GMACs):")
     for name, c in refs.items():
         print(f"    {name:<12} {c.gflops:>8.2f} GFLOPs  {c.params / 1e6:>7.1f}M params  paper {c.paper_units:>6.1f}G")
-    cmin = check_feasible(space, budget)
-    print(f"space {space.name} ({space.source}): cheapest candidate {cmin:.2f} GFLOPs -- budget is feasible")
+    if budget.bounded:
+        cmin = check_feasible(space, budget)
+        print(f"space {space.name} ({space.source}): cheapest candidate {cmin:.2f} GFLOPs -- budget is feasible")
+    if latency is not None:
+        print(f"time budget: {latency.describe()}")
+        fastest = check_feasible_ms(space, latency)
+        print(f"space {space.name}: fastest candidate {fastest:.2f} ms per step by the table"
+              + (" -- time budget is feasible" if latency.ms is not None else ""))
     if space.boundaries.mode == "cluster":   # once, before any trial: workers then read the cached result
         for n in sorted(n for n in space.num_experts if n > 1):
             print(f"  clustered boundaries for N={n}: {list(clustered_boundaries(space, n))} (nas.clusters)")
@@ -205,7 +224,9 @@ def make_settings(args) -> tuple[Settings, dict]:
         raise UserError(f"--stale-after must be > 0 seconds, got {args.stale_after}")
     if time_budget is not None and float(time_budget) <= 0:
         raise UserError(f"--time-budget must be > 0 seconds, got {time_budget}")
-    study_name = args.study or f"{space.name}-b{budget.gflops:g}" + ("" if budget.mode == "mean" else "-max")
+    cost_tag = (f"b{budget.gflops:g}" if budget.bounded else "") + (
+        f"{'-' if budget.bounded else ''}ms{latency.ms:g}" if latency is not None and latency.ms is not None else "")
+    study_name = args.study or f"{space.name}-{cost_tag}" + ("" if budget.mode == "mean" else "-max")
     out = Path(args.out) / study_name
     out.mkdir(parents=True, exist_ok=True)
     gpus = args.gpus_per_trial  # None: decided from the cluster's resources once Ray is up
@@ -215,8 +236,22 @@ def make_settings(args) -> tuple[Settings, dict]:
                  seed=args.seed if args.seed is not None else space.proxy.seed,
                  time_budget=float(time_budget) if time_budget else None, device=args.device,
                  cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus, address=args.address,
-                 progress=not args.quiet, stale_after=args.stale_after)
+                 progress=not args.quiet, stale_after=args.stale_after, latency=latency)
     return s, refs
+
+
+def latency_budget(space, args, mode: str, objectives: tuple[str, ...]) -> Optional[LatencyBudget]:
+    """--budget-ms or objective 'latency': the trial device's latency table for the space (built when missing).
+
+    The table is of the device trials run on (``--device``; batch 1, one thread on a CPU),
+    so a budget in ms is a step's time there.
+    """
+    if args.budget_ms is None and "latency" not in objectives:
+        return None
+    setting = Setting(device=str(pick_device(args.device)))
+    path = Path(args.latency_table) if args.latency_table else None
+    table, out = space_table(space, setting, path, log=lambda line: print(line, flush=True))
+    return LatencyBudget(args.budget_ms, mode, table, str(out))
 
 
 def with_evaluator(space, args):
@@ -351,6 +386,8 @@ def _bar(s: Settings, done: int):
 
 
 def _outputs(study, s: Settings, reference, refs) -> None:
+    if s.latency is not None:
+        measure_finalists(study, s)
     df = report.trials_frame(study)
     df.to_csv(s.out / "trials.csv", index=False)
     report.plot_pareto(study, s.out / "pareto.png", s.budget.gflops, reference,
@@ -363,6 +400,20 @@ def _outputs(study, s: Settings, reference, refs) -> None:
           + (", best.yaml" if best else "") + (", reference.json" if reference else ""))
     if best:
         print(f"train the winner at full scale:  python -m meme.train --config {best}")
+
+
+def measure_finalists(study, s: Settings, k: int = 3) -> None:
+    """Time the k best trials whole on the table's device (``meme.latency``), beside the table's price:
+    a study attr ``latency_measured_ms`` {trial number: ms} that trials.csv and the dashboard show."""
+    measured = dict(study.user_attrs.get("latency_measured_ms", {}))
+    for t in report.ranked(study)[:k]:
+        if str(t.number) in measured:
+            continue
+        lat = measure_meme(MemeConfig.from_yaml(t.user_attrs["config_yaml"], "trial"), s.latency.table.setting)
+        measured[str(t.number)] = lat.ms_mean if s.latency.mode == "mean" else lat.ms_max
+        print(f"trial {t.number}: measured {measured[str(t.number)]:.2f} ms per step on {lat.device} "
+              f"(table: {t.user_attrs.get('latency_ms', float('nan')):.2f} ms)")
+    study.set_user_attr("latency_measured_ms", measured)
 
 
 if __name__ == "__main__":

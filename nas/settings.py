@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
 if TYPE_CHECKING:  # annotations only
-    from nas.budget import Budget
+    from nas.budget import Budget, LatencyBudget
     from nas.space import SearchSpace
 
 STALE_AFTER_S = 30.0  # default --stale-after: a RUNNING trial unstamped this long lost its driver
@@ -23,7 +23,7 @@ class Settings:
 
     space: "SearchSpace"
     budget: "Budget"
-    objectives: tuple[str, ...]        # ('loss',), ('fid',), or with 'gflops' second: Pareto search
+    objectives: tuple[str, ...]        # ('loss',), ('fid',), or with 'gflops'/'latency' second: Pareto search
     trials: int                        # total counted trials wanted in the study
     study_name: str
     out: Path                          # results/<study>
@@ -36,6 +36,7 @@ class Settings:
     address: Optional[str] = None      # Ray cluster address
     progress: bool = True
     stale_after: float = STALE_AFTER_S  # seconds before another driver's unstamped RUNNING trial is failed
+    latency: Optional["LatencyBudget"] = None  # --budget-ms / objective 'latency': the time budget and its table
 
     @property
     def quality(self) -> str:

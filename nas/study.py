@@ -82,7 +82,7 @@ def make_sampler(s: Settings) -> optuna.samplers.BaseSampler:
                                           multivariate=True, group=True, constraints_func=constraint_of)
 
 
-METRIC_NAMES = {"loss": "held-out loss", "fid": "FID", "gflops": "GFLOPs per step"}
+METRIC_NAMES = {"loss": "held-out loss", "fid": "FID", "gflops": "GFLOPs per step", "latency": "ms per step"}
 
 
 def name_metrics(study: optuna.Study, objectives: tuple[str, ...]) -> None:
@@ -104,10 +104,18 @@ def portable_space_ref(source: str) -> str:
 
 def study_attrs(s: Settings) -> dict[str, Any]:
     """Study-level user attrs: what this study searched and under which budget."""
-    return {"space": portable_space_ref(s.space.source), "space_name": s.space.name, "budget_gflops": s.budget.gflops,
+    return {"space": portable_space_ref(s.space.source), "space_name": s.space.name,
+            "budget_gflops": s.budget.gflops if s.budget.bounded else None,
             "budget_mode": s.budget.mode, "budget_source": s.budget.source,
             "objectives": list(s.objectives), "proxy": s.space.proxy.digest(), "seed": s.seed,
-            "evaluator": s.space.proxy.evaluator, **supernet_attrs(s.space.proxy)}
+            "evaluator": s.space.proxy.evaluator, **supernet_attrs(s.space.proxy), **latency_attrs(s)}
+
+
+def latency_attrs(s: Settings) -> dict[str, Any]:
+    """The time budget and the device whose latency table priced the trials."""
+    if s.latency is None:
+        return {}
+    return {"budget_ms": s.latency.ms, "latency_device": s.latency.device, "latency_table": s.latency.table_path}
 
 
 def supernet_attrs(proxy) -> dict[str, Any]:
@@ -124,7 +132,8 @@ def check_compatible(study: optuna.Study, s: Settings) -> None:
     old = study.user_attrs
     if not old:
         return
-    for key in ("space_name", "budget_gflops", "budget_mode", "objectives", "proxy", "supernet_digest"):
+    for key in ("space_name", "budget_gflops", "budget_mode", "objectives", "proxy", "supernet_digest",
+                "budget_ms", "latency_device"):
         new = study_attrs(s).get(key)
         if key in old and old[key] != new:
             raise UserError(f"study {s.study_name!r} was run with {key}={old[key]!r}, not {new!r}: "

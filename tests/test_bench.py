@@ -36,6 +36,11 @@ def expected_keys() -> set[tuple[str, str, str]]:
                                                                         "s_per_candidate_warm"),
              ("search", "evaluator_supernet", "one_time_train_gflops_per_step"),
              ("target", "supernet evaluator", "speedup_per_candidate")}
+    e = "meme-table4 expert 1"
+    keys |= {("iformer", e, k) for k in ("ms_fast_mixer", "ms_reference_mixer", "macs_share", "time_share_fast",
+                                         "time_share_reference")}
+    keys |= {("iformer", f"{e}/ldm-l", k) for k in ("speed_ratio_fast", "speed_ratio_reference")}
+    keys |= {("target", "iFormer blocks", "time_share/macs_share (cpu)")}
     keys |= {("target", "meme-table4/ldm-l sampling", "img_per_s_ratio (cpu)"),
              ("target", "meme-table4/ldm-l sampling", "img_per_s_ratio (H100/H200)"),
              ("target", "iU-Net expert training", "mfu (cpu)"),
@@ -87,6 +92,10 @@ def test_quick_run_writes_every_row_and_column(quick_run):
         for (sec, item, metric), r in by.items():
             if sec == "fastpath" and item == m and metric.startswith("ms_"):
                 assert float(r["vs_ref"]) == pytest.approx(fp32 / float(r["value"]), rel=0.01, abs=0.006)  # the CSV rounds ratios to 2 decimals
+    share = by[("iformer", "meme-table4 expert 1", "time_share_fast")]
+    macs_share = float(by[("iformer", "meme-table4 expert 1", "macs_share")]["value"])
+    assert 0 < macs_share < 100 and 0 < float(share["value"]) < 100
+    assert float(share["vs_ref"]) == pytest.approx(float(share["value"]) / macs_share, rel=0.01, abs=0.006)
     ref = by[("sampling", "ldm-l", "img_per_s")]
     mine = by[("sampling", "meme-table4", "img_per_s")]
     assert float(mine["vs_ref"]) == pytest.approx(float(mine["value"]) / float(ref["value"]), rel=0.01, abs=0.006)  # the CSV rounds ratios to 2 decimals

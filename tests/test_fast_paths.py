@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from meme.blocks import GroupNorm32
+from meme.blocks import GroupNorm32, InceptionMixer, reference_mixers
 from meme.config import ArchConfig, DataShape, MemeConfig
 from meme.diffusion import Diffusion
 from meme.experts import build_denoiser
@@ -104,6 +104,56 @@ def test_fast_forward_matches_fp32(kind, channels_last, bf16):
             y = net(fp.input(x, "cpu"), t)
     assert ref.abs().max() > 0
     assert rel_err(y, ref) < (3e-2 if bf16 else 1e-5)
+
+
+# ---- the fast iFormer mixer -------------------------------------------------------------
+
+def woken_mixer(d: int, high: int, stride: int) -> InceptionMixer:
+    torch.manual_seed(0)
+    m = InceptionMixer(d, high, 8, stride)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    return m
+
+
+@pytest.mark.parametrize("d,high,stride", [(32, 16, 2), (32, 24, 1), (48, 0, 2), (64, 8, 1)])
+def test_fast_mixer_matches_reference(d, high, stride):
+    m = woken_mixer(d, high, stride).eval()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, d, 12, 12, generator=g)
+    with torch.no_grad():
+        ref = m.reference_forward(x)
+        assert torch.equal(m(x), m.fast_forward(x))              # eval + no_grad takes the fast path
+        torch.testing.assert_close(m.fast_forward(x), ref, rtol=1e-5, atol=1e-5)
+        m.to(memory_format=torch.channels_last)
+        xl = x.to(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast_bf16, ref_bf16 = m.fast_forward(xl), m.reference_forward(xl)
+    # within bf16 tolerance of the reference: no further from fp32 than the reference's own bf16 run
+    assert rel_err(fast_bf16, ref) < max(2 * rel_err(ref_bf16, ref), 1e-2)
+
+
+def test_fast_mixer_only_in_inference():
+    m = woken_mixer(32, 16, 2)
+    x = torch.randn(2, 32, 8, 8)
+    assert torch.equal(m(x), m.reference_forward(x))             # training mode: the reference
+    m.eval()
+    assert torch.equal(m(x), m.reference_forward(x))             # gradients on: the reference
+    with torch.no_grad(), reference_mixers():
+        assert torch.equal(m(x), m.reference_forward(x))         # MACs counting: the reference
+    # same parameters, same state-dict keys: checkpoints of the reference load unchanged
+    assert list(m.state_dict()) == list(woken_mixer(32, 16, 2).state_dict())
+
+
+def test_fast_mixer_network_matches_reference():
+    net = woken("iunet").eval()
+    x, t = batch()
+    with torch.no_grad():
+        y = net(x, t)
+        with reference_mixers():
+            ref = net(x, t)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", sorted(ARCHS))
