@@ -199,7 +199,7 @@ def common_traits(pairs: list[tuple[Point, Point, float]]) -> list[str]:
 
 def write_report(space: SearchSpace, pts: list[Point], table: LatencyTable, table_path: Optional[Path],
                  out: Path, command: str, wall_s: float, seed: int = 0,
-                 drift: float = 1.0) -> Path:
+                 drift: float = 1.0, passes: int = 2) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -247,9 +247,11 @@ def write_report(space: SearchSpace, pts: list[Point], table: LatencyTable, tabl
         "machine: timings are noisy; every figure is a median of repeats, the table and the candidates were "
         "measured in this one run",
         f"- {len(pts)} random candidates (optuna RandomSampler, seed {seed}) of the space; each expert "
-        f"timed whole: median of {s.repeats} forwards after {s.warmup} warm-up, once before and once after the "
-        f"table was built (measured = the mean of the two; median after/before ratio {drift:.3f}: how far the "
-        "machine's load moved meanwhile); per-step figure = interval-weighted mean over experts, as the GFLOPs budget",
+        f"timed whole: median of {s.repeats} forwards after {s.warmup} warm-up, "
+        + (f"once before and once after the table was built (measured = the mean of the two; median after/before "
+           f"ratio {drift:.3f}: how far the machine's load moved meanwhile)" if passes == 2 else
+           "once, before the table was built (--passes 1)")
+        + "; per-step figure = interval-weighted mean over experts, as the GFLOPs budget",
         f"- table: {len(table.blocks)} iFormer blocks + {len(table.macros)} macro calibrations, "
         f"{table.build_s:.0f} s of measuring (file: `{table_path}`)",
         f"- pricing one candidate from the table: median {sorted(p.price_ms for p in pts)[len(pts) // 2]:.3f} ms, "
@@ -340,7 +342,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     drift = statistics.median(after[a].median_ms / before[a].median_ms for a in before)
     command = "python -m nas.latency " + " ".join(argv if argv is not None else sys.argv[1:])
     out = write_report(space, pts, table, path, args.out or Path("results") / f"latency-{space.name}",
-                       command.strip(), time.perf_counter() - t0, args.seed, drift)
+                       command.strip(), time.perf_counter() - t0, args.seed, drift, args.passes)
     print(out.read_text())
     return 0
 
