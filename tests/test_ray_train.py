@@ -9,33 +9,25 @@ from meme import checkpoint
 from meme.train import train
 from nas.promote import Design, Protocol, RayPlacement, run_dir, run_pipelines
 from nas.space import PromoteRecipe
-from tests.test_cluster import RAY, RAY_TOKEN, RayCluster
+from tests.test_cluster import RAY_TOKEN, ray_cluster  # noqa: F401 (a head and one worker node)
 from tests.test_train import opts, tiny_cfg
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600), pytest.mark.usefixtures("one_thread")]
 
 
-@pytest.fixture
-def two_nodes(monkeypatch):
-    if not RAY.exists():
-        pytest.skip(f"{RAY} not found: Ray is not installed in this environment")
+@pytest.fixture(autouse=True)
+def _driver_env(monkeypatch):
+    """This process is the Ray driver: it presents the cluster's token, on loopback."""
     for key, value in {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": RAY_TOKEN, "OMP_NUM_THREADS": "1",
                        "RAY_USAGE_STATS_ENABLED": "0", "GLOO_SOCKET_IFNAME": "lo"}.items():
-        monkeypatch.setenv(key, value)   # the driver (this process) and the nodes it starts
-    cluster = RayCluster()
-    try:
-        cluster.start_head()
-        cluster.add_worker("worker1")
-        yield cluster
-    finally:
-        cluster.stop()
+        monkeypatch.setenv(key, value)
 
 
-def test_promote_trains_one_run_on_two_ray_train_workers(two_nodes, tmp_path, blobs):
+def test_promote_trains_one_run_on_two_ray_train_workers(ray_cluster, tmp_path, blobs):
     cfg = tiny_cfg()
     recipe = PromoteRecipe(steps=4, batch_size=8, lr=1e-3, warmup=2, ema_decay=0.999)
     protocol = Protocol(data=str(blobs), recipe=recipe, device="cpu", fid=False)
-    place = RayPlacement(two_nodes.address, cpus_per_run=0.5, workers_per_run=2)
+    place = RayPlacement(ray_cluster.address, cpus_per_run=0.5, workers_per_run=2)
     [row] = run_pipelines([(Design("tiny", cfg), 1, tmp_path, protocol)], ray=place)
     run = run_dir(tmp_path, Design("tiny", cfg), 1)
     assert row["heldout_loss"] > 0 and "data-parallel over 2 ranks" in (run / "promote.log").read_text()
