@@ -47,8 +47,8 @@ def test_promote_trains_one_run_on_two_ray_train_workers(ray_cluster, tmp_path, 
 
 def test_a_dead_ray_train_worker_costs_a_restart_from_the_checkpoint(ray_cluster, tmp_path, blobs):
     """kill -9 one Ray Train worker mid-run: FailureConfig restarts both, the run resumes
-    from its last checkpoint and ends with every step logged once."""
-    cfg, steps = tiny_cfg(), 150
+    from its last checkpoint and ends with every logged step once."""
+    cfg, steps = tiny_cfg(), 600
     protocol = Protocol(data=str(blobs), recipe=PromoteRecipe(steps=steps, batch_size=8, lr=1e-3, warmup=2),
                         device="cpu", fid=False)
     place = RayPlacement(ray_cluster.address, cpus_per_run=0.5, workers_per_run=2)
@@ -61,14 +61,15 @@ def test_a_dead_ray_train_worker_costs_a_restart_from_the_checkpoint(ray_cluster
     while not (run / "checkpoints" / "last.pt").exists():
         assert driver.is_alive() and time.monotonic() < deadline, "no checkpoint before the deadline"
         time.sleep(0.1)
-    ours = set(_descendants([p for port in ray_cluster.nodes.values()
-                             for p in _pids_with(f"node-manager-port={port}")]))
+    ours = set(_descendants([p for port in ray_cluster.nodes.values() for needle in ("node-manager-port",
+                             "node_manager_port") for p in _pids_with(f"{needle}={port}")]))
     workers = sorted(set(_pids_with("RayTrainWorker")) & ours)
     assert workers, "no Ray Train worker process found on the cluster's nodes"
     os.kill(workers[-1], signal.SIGKILL)
     driver.join(timeout=400)
     assert not driver.is_alive() and done.get("rows"), "the run did not finish after the worker died"
     log = (run / "promote.log").read_text()
-    assert "resumed" in log and int(log.split("resumed", 1)[1].split("at step", 1)[1].split()[0]) > 0
-    assert list(pd.read_csv(run / "metrics.csv").step) == list(range(1, steps + 1))
+    assert "resumed" in log, log[-3000:]
+    assert int(log.split("resumed", 1)[1].split("at step", 1)[1].split()[0]) > 0
+    assert list(pd.read_csv(run / "metrics.csv").step) == list(range(50, steps + 1, 50))   # every 50th, once
     assert checkpoint.load_training(run / "checkpoints" / "last.pt")["step"] == steps
