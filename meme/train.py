@@ -20,6 +20,10 @@ network on all t for the first F of the steps, then splits it into the N experts
 (``--split-optimizer carry|fresh``); ``--init-from SOURCE`` starts every expert from a
 trained supernet or a run of one network. A run writes ``compute.json``: its training
 TFLOPs, charged in full and amortised (``meme.compute``).
+
+Under ``torchrun`` (or Ray Train) the same command trains on many processes: data-parallel
+ranks, or ``--expert-parallel`` groups that train different experts at once
+(``meme.distributed``); only rank 0 writes.
 """
 from __future__ import annotations
 
@@ -128,7 +132,7 @@ class TrainOptions:
 
     data: Optional[str] = _opt(None, "dataset spec for meme.data.load_data (None = Fashion-MNIST)")
     steps: int = _opt(20_000, "total optimizer steps over all experts")
-    batch_size: int = _opt(64, "images per step")
+    batch_size: int = _opt(64, "images per step (under torchrun: the global batch, split over the ranks)")
     lr: float = _opt(2e-4, "AdamW peak learning rate")
     warmup: int = _opt(500, "linear warm-up steps")
     weight_decay: float = _opt(0.0, "AdamW decoupled weight decay")

@@ -385,6 +385,7 @@ def main(argv=None) -> int:
     setup_logging()
     args = parse_args(argv)
     check_counts(args)
+    place = ray_placement(args)
     if args.top < 1:
         raise UserError(f"--top must be >= 1, got {args.top}")
     study = open_study(args.study, args.storage, args.name)
@@ -398,7 +399,7 @@ def main(argv=None) -> int:
     out = args.out or Path(args.study) / "promoted"
     log.info("promoting %d designs x %d seeds on %s, %d steps each, %d at a time -> %s", len(designs), args.seeds,
              protocol.data, protocol.recipe.steps, args.jobs, out)
-    rows = run_all(designs, range(1, args.seeds + 1), out, protocol, args.jobs, ray_placement(args))
+    rows = run_all(designs, range(1, args.seeds + 1), out, protocol, args.jobs, place)
     runs = pd.DataFrame(rows)
     summary = summary_frame(rows)
     out.mkdir(parents=True, exist_ok=True)

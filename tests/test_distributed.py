@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from meme.cli import UserError
 from meme.distributed import Layout, check_batch, plan_layout, resume_note
 from meme.sample import load_run
 from meme.train import train
+from tests.test_cluster import _free_port
 from tests.test_train import opts, tiny_cfg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,12 +87,6 @@ def test_expert_parallel_in_one_process_gives_each_expert_its_own_stream(tmp_pat
 
 
 # ---- real torchrun, gloo on loopback -----------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
