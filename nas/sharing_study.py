@@ -197,7 +197,8 @@ def markdown(res: dict) -> str:
     for r in res["rows"]:
         q = [f"{m:.4f}" for m in r["quarters_mean"]]
         body.append([r["tag"], r["num_experts"], r["share"], r["boundaries"], f"{r['gflops']:.3f}",
-                     f"{r['params_unique_M']:.2f}", f"{r['mean']:.5f} +- {r['std']:.5f} (n={r['n']})", *q,
+                     f"{r['params_unique_M']:.2f}", f"{r['mean']:.5f} +- {r['std']:.5f} (n={r['n']})" if r["n"] > 1
+                     else f"{r['mean']:.5f} (n=1)", *q,
                      _verdict(r.get("vs_single")), _verdict(r.get("vs_unshared")) if r["tag"] != r.get(
                          "vs_unshared", {}).get("against") else ""])
     return (f"# Sharing and clustered boundaries on {res['space']}\n\n"
