@@ -280,7 +280,7 @@ def test_cli_json(tmp_path):
     res = _cli(str(path), "--json")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
-    assert set(out) == {"experts", "gmacs_mean", "gflops_mean", "params_total"}
+    assert set(out) == {"experts", "gmacs_mean", "gflops_mean", "params_total", "params_unique"}
     assert [e["interval"] for e in out["experts"]] == [[0, 500], [500, 1000]]
     assert set(out["experts"][0]) == {"params", "gmacs", "gflops", "paper_units", "interval"}
     expect = cost_of_network(TINY_UNET, TINY_DATA)
