@@ -182,6 +182,11 @@ class ArchConfig:
             require(p in (1, 2, 4), f"{where}.pool_strides[{s}] must be 1, 2 or 4, got {p}")
 
 
+def uniform_boundaries(T: int, n: int) -> list[int]:
+    """N+1 boundaries cutting [0, T) into n equal intervals (the default when none are given)."""
+    return [round(i * T / n) for i in range(n + 1)]
+
+
 def is_head_step(ratio: Fraction, width: int, head_channels: int) -> bool:
     """``ratio in head_step_grid(width, head_channels)``, without listing the grid."""
     d_h = ratio * width
@@ -341,8 +346,7 @@ class MemeConfig:
     def resolved_boundaries(self) -> list[int]:
         if self.boundaries:
             return list(self.boundaries)
-        T, n = self.diffusion.timesteps, self.num_experts
-        return [round(i * T / n) for i in range(n + 1)]
+        return uniform_boundaries(self.diffusion.timesteps, self.num_experts)
 
     def resolved_probs(self) -> list[float]:
         return list(self.expert_probs) if self.expert_probs else [1.0] * self.num_experts

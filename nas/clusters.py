@@ -33,7 +33,7 @@ import torch
 from meme.checkpoint import atomic_write_json
 from meme.cli import main_guard, setup_logging
 from meme.device import pick_device
-from meme.config import MemeConfig
+from meme.config import MemeConfig, uniform_boundaries
 from meme.diffusion import Diffusion
 from meme.experts import SoftExpertSampler, build_denoiser
 from meme.fastpath import fast_path
@@ -81,7 +81,8 @@ def profile(space: SearchSpace, grid: int = GRID, device: Optional[str] = None) 
     t0 = time.perf_counter()
     proxy = space.proxy
     dev = pick_device(device)
-    cfg = proxy_config(reference_network(space), proxy)
+    reference = reference_network(space)
+    cfg = proxy_config(reference, proxy)
     torch.manual_seed(proxy.seed)
     model = build_denoiser(cfg)
     fp = fast_path(dev, "fp32", model)
@@ -105,10 +106,9 @@ def profile(space: SearchSpace, grid: int = GRID, device: Optional[str] = None) 
     for n in sorted(set(space.num_experts) | {2, 3, 4}):
         if 1 < n <= grid:
             found[str(n)] = list(boundaries_from_runs(ts, segment(feats, n), T))
-    uniform = {str(n): MemeConfig(name="u", experts=cfg.experts * n, diffusion=cfg.diffusion).resolved_boundaries()
-               for n in map(int, found)}
+    uniform = {n: uniform_boundaries(T, int(n)) for n in found}
     return {"space": space.name, "timesteps": ts, "boundaries": found, "uniform": uniform,
-            "similarity": (feats @ feats.T).tolist(), "reference": reference_network(space).to_dict()["experts"][0],
+            "similarity": (feats @ feats.T).tolist(), "reference": reference.to_dict()["experts"][0],
             "proxy_steps": proxy.steps, "seconds": round(time.perf_counter() - t0, 1), "version": VERSION}
 
 

@@ -35,7 +35,7 @@ from meme.cli import pick_device
 from meme.resources import check_fits
 from meme.config import (ArchConfig, ConfigError, DataShape, DiffusionConfig, MemeConfig, ShareConfig, check_keys,
                          coerce_fields, coerce_value, from_mapping, head_step_grid, parse_fraction, parse_yaml,
-                         require)
+                         require, uniform_boundaries)
 
 def _spaces_dir() -> Path:
     """The shipped spaces: search_spaces/ in a checkout, the package data nas.spaces when installed."""
@@ -431,8 +431,8 @@ def encode(cfg: MemeConfig, space: SearchSpace) -> dict[str, Any]:
         idx.append(i)
     if space.boundaries.mode == "cluster" and cfg.num_experts > 1:
         clustered = list(clustered_boundaries(space, cfg.num_experts))
-        require(not cfg.boundaries or cfg.resolved_boundaries() in (clustered, MemeConfig(
-            name="u", experts=cfg.experts, diffusion=cfg.diffusion).resolved_boundaries()),
+        require(not cfg.boundaries or cfg.resolved_boundaries() in (
+            clustered, uniform_boundaries(cfg.diffusion.timesteps, cfg.num_experts)),
             f"{where} (boundaries {cfg.resolved_boundaries()} are neither uniform nor the clustered {clustered})")
         params["boundaries"] = "cluster" if cfg.boundaries and cfg.resolved_boundaries() == clustered else "uniform"
     elif space.boundaries.mode == "searchable":
