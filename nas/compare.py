@@ -258,7 +258,7 @@ def main(argv=None) -> int:
         protocol = dataclasses.replace(protocol, fid=False)
     if study_mode:
         all_rows = crossover.run_budgets(designs, budgets, args.seeds, small_seeds, out, protocol, args.jobs,
-                                         ray_placement(args), args.fid_budgets)
+                                         ray_placement(args), args.fid_budgets, crossover.load_recorded(out))
         rows = [r for r in all_rows if r["budget_steps"] == max(budgets)]
         protocol = crossover.at_budget(protocol, max(budgets))
         runs_root = out / f"steps{max(budgets)}"
@@ -289,7 +289,7 @@ def main(argv=None) -> int:
     print(f"table: {out / 'comparison.md'}; plot: {out / 'comparison.png'}")
     if study_mode:
         every = pd.DataFrame(all_rows)
-        every.to_csv(out / "crossover_runs.csv", index=False)
+        every.to_csv(out / crossover.RUNS_FILE, index=False)
         cross_table = crossover.summary(every)
         found = crossover.write(out, every, cross_table, protocol, budgets, command, _records)
         print(cross_table.to_string(index=False))

@@ -128,21 +128,85 @@ def derive_prefix_run(src: Path, dst: Path, steps: int, design: Design, protocol
 Task = tuple[Design, int, Path, Protocol, int]     # design, seed, budget folder, protocol, budget
 
 
-def run_tasks(tasks: Sequence[Task], jobs: int, ray: Optional[RayPlacement]) -> list[dict[str, Any]]:
-    """Pipelines of different budgets and protocols in one pool (no core idles between groups)."""
-    rows = run_pipelines([t[:4] for t in tasks], jobs, ray)
-    return [{**r, "budget_steps": t[4]} for r, t in zip(rows, tasks)]
+Recorded = dict[tuple[str, int, int], dict[str, Any]]   # (design tag, seed, budget steps) -> finished row
+RUNS_FILE = "crossover_runs.csv"
+
+
+def load_recorded(out: Path) -> Recorded:
+    """The rows of an earlier ``crossover_runs.csv`` in ``out``, by (design, seed, budget).
+
+    Run directories (checkpoints, samples) are not committed; their rows are. So a clone
+    of a committed study can resume it (an FID pass left half done, say) without
+    retraining the runs whose numbers are already on record.
+    """
+    path = out / RUNS_FILE
+    if not path.is_file():
+        return {}
+    frame = pd.read_csv(path)
+    rows = frame.astype(object).where(frame.notna(), None).to_dict("records")
+    for r in rows:
+        if isinstance(r.get("heldout_bins"), str):
+            r["heldout_bins"] = json.loads(r["heldout_bins"])
+    return {(r["design"], int(r["seed"]), int(r["budget_steps"])): r for r in rows}
+
+
+def from_record(task: Task, recorded: Recorded) -> Optional[dict[str, Any]]:
+    """The recorded row that stands in for a task, or None if the task must run.
+
+    Only where the run directory was never started here (no ``train.done``): a run that
+    exists is always resumed from its own files. A row stands in when it has everything
+    the task asks for: held-out loss, and FID where the protocol scores it.
+    """
+    design, seed, folder, protocol, steps = task
+    if (run_dir(folder, design, seed) / "train.done").exists():
+        return None
+    row = recorded.get((design.tag, seed, steps))
+    if row is None or row.get("heldout_loss") is None or (protocol.fid and row.get("fid") is None):
+        return None
+    return dict(row)
+
+
+def check_reproduced(rows: Sequence[dict[str, Any]], recorded: Recorded, rel: float = 1e-4) -> None:
+    """A retrained run should give its recorded held-out loss again (same seed, same recipe)."""
+    for r in rows:
+        old = recorded.get((r["design"], int(r["seed"]), int(r["budget_steps"])))
+        if old is None or old.get("heldout_loss") is None:
+            continue
+        a, b = float(r["heldout_loss"]), float(old["heldout_loss"])
+        if abs(a - b) > rel * abs(b):
+            log.warning("%s seed %d at %d steps: held-out loss %.6g retrained, %.6g on record (%+.2f%%)",
+                        r["design"], r["seed"], r["budget_steps"], a, b, 100 * (a - b) / b)
+
+
+def run_tasks(tasks: Sequence[Task], jobs: int, ray: Optional[RayPlacement],
+              recorded: Optional[Recorded] = None) -> list[dict[str, Any]]:
+    """Pipelines of different budgets and protocols in one pool (no core idles between groups).
+
+    Tasks with a standing row in ``recorded`` are not run (``from_record``).
+    """
+    recorded = recorded or {}
+    stand_in = [from_record(t, recorded) for t in tasks]
+    todo = [t for t, r in zip(tasks, stand_in) if r is None]
+    if len(todo) < len(tasks):
+        log.info("%d of %d runs taken from %s (their run folders are not here)", len(tasks) - len(todo),
+                 len(tasks), RUNS_FILE)
+    ran = iter([{**r, "budget_steps": t[4]} for r, t in zip(run_pipelines([t[:4] for t in todo], jobs, ray), todo)]
+               if todo else [])
+    rows = [r if r is not None else next(ran) for r in stand_in]
+    check_reproduced([r for r, s in zip(rows, stand_in) if s is None], recorded)
+    return rows
 
 
 def run_budgets(designs: Sequence[Design], budgets: Sequence[int], seeds: int, small_seeds: int, out: Path,
                 protocol: Protocol, jobs: int, ray: Optional[RayPlacement],
-                fid_budgets: str = "all") -> list[dict[str, Any]]:
+                fid_budgets: str = "all", recorded: Optional[Recorded] = None) -> list[dict[str, Any]]:
     """Every (design, budget, seed) pipeline; from-scratch designs score smaller budgets from snapshots.
 
     Order: every training and held-out loss first, FID last and seed by seed (every
     design's seed 1, then seed 2...), so an interrupted study has its cheap, precise
     numbers and an equal number of FID seeds per design. ``fid_budgets``: 'all', or
     'largest' (FID at the largest budget only: on a CPU FID costs more than the trainings).
+    ``recorded``: finished rows of an earlier run of the study (``load_recorded``).
     """
     big, small = max(budgets), [s for s in budgets if s < max(budgets)]
     reuse = [d for d in designs if prefix_reusable(d, protocol)]
@@ -160,19 +224,21 @@ def run_budgets(designs: Sequence[Design], budgets: Sequence[int], seeds: int, s
         for d in reuse:
             for seed in range(1, small_seeds + 1):
                 dst = run_dir(out / f"steps{steps}", d, seed)
-                if not (dst / "train.done").exists():
+                if from_record(task(d, seed, steps, fid), recorded or {}) is None and not (dst / "train.done").exists():
                     derive_prefix_run(run_dir(out / f"steps{big}", d, seed), dst, steps, d, proto(d, steps, fid))
                 tasks.append(task(d, seed, steps, fid))
         return tasks
 
     own_small = [task(d, seed, s, False) for s in small for d in designs if d not in reuse
                  for seed in range(1, small_seeds + 1)]
-    run_tasks([task(d, seed, big, False) for d in designs for seed in range(1, seeds + 1)] + own_small, jobs, ray)
-    run_tasks([t for s in small for t in derived(s, False)], jobs, ray)
+    run_tasks([task(d, seed, big, False) for d in designs for seed in range(1, seeds + 1)] + own_small, jobs, ray,
+              recorded)
+    run_tasks([t for s in small for t in derived(s, False)], jobs, ray, recorded)
     fid_small = protocol.fid and fid_budgets == "all"
-    rows = run_tasks([task(d, seed, big, protocol.fid) for seed in range(1, seeds + 1) for d in designs], jobs, ray)
+    rows = run_tasks([task(d, seed, big, protocol.fid) for seed in range(1, seeds + 1) for d in designs], jobs, ray,
+                     recorded)
     rows += run_tasks([task(d, seed, s, fid_small) for s in small for seed in range(1, small_seeds + 1)
-                       for d in designs], jobs, ray)
+                       for d in designs], jobs, ray, recorded)
     return rows
 
 

@@ -200,6 +200,29 @@ def test_crossover_study_scores_every_budget_at_equal_compute(tiny_study):
     assert (table[(table.budget_steps == 3) & (table.design != "single")].fid_verdict == "not measured").all()
     assert not (out / "steps3" / "hand" / "seed1" / "samples").exists()       # no FID asked for there
     assert (out / "crossover.png").is_file() and "Beats single from" in (out / "crossover.md").read_text()
+    _resumes_from_the_committed_rows(tiny_study, out, runs)
+
+
+def _resumes_from_the_committed_rows(tiny_study, out: Path, before: pd.DataFrame):
+    """A clone has crossover_runs.csv but no run folders: finished rows stand, only the missing FID is run."""
+    import shutil
+    for steps in (3, 6):
+        shutil.rmtree(out / f"steps{steps}" / "hand")
+    every = pd.read_csv(out / "crossover_runs.csv")
+    lost = (every.design == "hand") & (every.seed == 2) & (every.budget_steps == 6)
+    every.loc[lost, "fid"] = None                   # an FID pass stopped before this run
+    every.to_csv(out / "crossover_runs.csv", index=False)
+    assert compare.main(["--study", str(tiny_study), "--seeds", "2", "--budgets", "3,6", "--init", "scratch,branch",
+                         "--designs", "single,hand,hand+branch", "--jobs", "2", "--tolerance", "10",
+                         "--fid-budgets", "largest", "--out", str(out)]) == 0
+    assert not (out / "steps6" / "hand" / "seed1").exists() and not (out / "steps3" / "hand").exists()
+    assert (out / "steps6" / "hand" / "seed2" / "eval.json").is_file()      # retrained and scored: FID was missing
+    after = pd.DataFrame(json.loads((out / "crossover.json").read_text())["runs"])
+    key = ["design", "seed", "budget_steps"]
+    merged = before.merge(after, on=key, suffixes=("", "_now"))
+    assert len(merged) == len(before) == 12
+    assert merged.heldout_loss.tolist() == pytest.approx(merged.heldout_loss_now.tolist(), rel=1e-6)
+    assert merged.fid_now.notna().sum() == merged.fid.notna().sum()
 
 
 def test_equal_compute_check_charges_an_outside_source_in_full(tmp_path):
