@@ -34,7 +34,6 @@ import math
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -43,8 +42,8 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from meme import checkpoint, distributed
-from meme.branching import (SPLIT_OPTIMIZERS, AllTimesteps, BranchPlan, activate, carried_optimizer_state,
-                            expert_state, init_from_source, load_experts, parent_network, split_step)
+from meme.branching import (AllTimesteps, BranchPlan, activate, carried_optimizer_state,
+                            expert_state, init_from_source, load_experts, parent_network)
 from meme.cli import UserError, main_guard, pick_device, setup_logging
 from meme.checkpoint import atomic_write_json
 from meme.compute import expert_after_split, run_compute, source_tflops
@@ -59,6 +58,7 @@ from meme.references import resolve
 from meme.resources import check_fits
 from meme.sample import SamplingPlan, generate
 from meme.supernet import SuperNet
+from meme.train_options import TrainOptions, add_option_flags, options_from
 
 log = logging.getLogger("meme.train")
 SCHEDULES = ("interleaved", "sequential")
@@ -119,61 +119,6 @@ def train_step(net: torch.nn.Module,                    # the expert's training 
 def warmup_lr(base: float, step: int, warmup: int) -> float:
     """Linear warm-up to ``base`` over ``warmup`` steps, then constant."""
     return base * min(1.0, (step + 1) / max(warmup, 1))
-
-
-def _opt(default: Any, help: str, choices: Optional[tuple] = None) -> Any:
-    """A TrainOptions field whose help (and choices) the CLI flag reuses."""
-    return field(default=default, metadata={"help": help, "choices": choices})
-
-
-@dataclass
-class TrainOptions:
-    """Everything about a run that is not the model itself (saved beside the checkpoints)."""
-
-    data: Optional[str] = _opt(None, "dataset spec for meme.data.load_data (None = Fashion-MNIST)")
-    steps: int = _opt(20_000, "total optimizer steps over all experts")
-    batch_size: int = _opt(64, "images per step (under torchrun: the global batch, split over the ranks)")
-    lr: float = _opt(2e-4, "AdamW peak learning rate")
-    warmup: int = _opt(500, "linear warm-up steps")
-    weight_decay: float = _opt(0.0, "AdamW decoupled weight decay")
-    ema_decay: float = _opt(0.999, "EMA decay (warmed up as min(decay, (1+n)/(10+n)))")
-    grad_clip: float = _opt(1.0, "max global grad norm (0 = off)")
-    schedule: str = _opt("interleaved", "expert training order: interleaved or sequential (the paper's)",
-                         ("interleaved", "sequential"))
-    seed: int = _opt(0, "model init, data order, timesteps and noise")
-    ckpt_every: int = _opt(1000, "steps between checkpoints")
-    sample_every: int = _opt(2000, "steps between sample grids (0 = off)")
-    sample_steps: int = _opt(50, "DDIM steps for the grids")
-    log_every: int = _opt(50, "steps between CSV rows / bar updates")
-    limit_data: Optional[int] = _opt(None, "use only the first N training images")
-    device: str = _opt("auto", "'auto', 'cpu', 'cuda', 'cuda:1'...")
-    precision: str = _opt("auto", "auto (meme.fastpath decides), bf16 or fp32", ("auto", "bf16", "fp32"))
-    threads: Optional[int] = _opt(None, "CPU threads (default: torch's); set it when sharing the cores")
-    compile: bool = _opt(False, "torch.compile each expert's training forward (pays on long runs)")
-    branch_at: float = _opt(0.0, "fraction of --steps trained as one shared parent on all t before it splits "
-                                 "into the experts (0 = experts from the start)")
-    split_optimizer: str = _opt("carry", "at the split: carry the parent's AdamW moments, or a fresh optimizer "
-                                         "and warm-up", SPLIT_OPTIMIZERS)
-    snapshot_at: Optional[str] = _opt(None, "also keep checkpoints/stepNNNNNNN.pt at these steps (e.g. 250,1000): "
-                                            "an interleaved run's prefix is a shorter run, so one run scores "
-                                            "several budgets")
-    init_from: Optional[str] = _opt(None, "experts' initial weights: a trained supernet directory, or a run of "
-                                          "one network of the experts' architecture")
-    expert_parallel: bool = _opt(False, "under torchrun: split the ranks into groups that train different experts "
-                                        "at once, each expert on its own data stream (meme.distributed)")
-
-    def snapshot_steps(self) -> set[int]:
-        try:
-            steps = {int(x) for x in str(self.snapshot_at).split(",") if x.strip()} if self.snapshot_at else set()
-        except ValueError:
-            raise UserError(f"--snapshot-at must be comma-separated steps, got {self.snapshot_at!r}") from None
-        if any(not 1 <= s <= self.steps for s in steps):
-            raise UserError(f"--snapshot-at: every step must lie in [1, --steps={self.steps}], got {sorted(steps)}")
-        return steps
-
-    def branch_plan(self) -> BranchPlan:
-        return BranchPlan(at=split_step(self.branch_at, self.steps), optimizer=self.split_optimizer,
-                          source=self.init_from).validate(self.steps)
 
 
 def _ema_update(decay: float):
@@ -495,22 +440,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, TrainOptions]:
     p.add_argument("--config", required=True, help="reference name (ldm-s, meme-table4, ...) or YAML path")
     p.add_argument("--out", type=Path, default=None, help="run directory (default results/train/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
-    defaults = TrainOptions()
-    for f in dataclasses.fields(TrainOptions):
-        flag = "--" + f.name.replace("_", "-")
-        kind = {"steps": int, "batch_size": int, "warmup": int, "seed": int, "ckpt_every": int,
-                "sample_every": int, "sample_steps": int, "log_every": int, "limit_data": int, "threads": int,
-                "lr": float, "weight_decay": float, "ema_decay": float, "grad_clip": float, "branch_at": float,
-                "compile": bool, "expert_parallel": bool}.get(f.name, str)
-        help_text, choices = f.metadata["help"], f.metadata["choices"]
-        if kind is bool:
-            p.add_argument(flag, action="store_true", help=f"{help_text} (off by default)")
-            continue
-        p.add_argument(flag, type=kind, default=getattr(defaults, f.name), choices=choices,
-                       help=f"{help_text} (default %(default)s)")
+    add_option_flags(p)
     args = p.parse_args(argv)
-    opts = TrainOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions)})
-    return args, opts
+    return args, options_from(args)
 
 
 @main_guard

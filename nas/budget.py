@@ -27,6 +27,7 @@ from meme.cli import UserError
 from meme.config import MemeConfig
 from meme.latency_model import LatencyTable, Priced
 from meme.macs import cost_of_meme, cost_of_network
+from meme.references import resolve
 
 MODES = ("mean", "max")
 REFERENCE_NAMES = ("ldm-s", "meme-table4", "ldm-l")
@@ -107,8 +108,6 @@ def cost_of(cfg: MemeConfig, mode: str = "mean") -> Cost:
 
 def resolve_budget(gflops: Optional[float], like: Optional[str], mode: str, ms: Optional[float] = None) -> Budget:
     """--budget-gflops B or --budget-like NAME (exactly one, or neither beside --budget-ms) -> Budget."""
-    from meme.references import resolve
-
     if mode not in MODES:
         raise UserError(f"--budget-mode must be one of {list(MODES)}, got {mode!r}")
     if ms is not None and (not math.isfinite(ms) or ms <= 0):
@@ -125,8 +124,6 @@ def resolve_budget(gflops: Optional[float], like: Optional[str], mode: str, ms: 
 
 
 def reference_costs(mode: str = "mean") -> dict[str, Cost]:
-    from meme.references import resolve
-
     return {name: cost_of(resolve(name), mode) for name in REFERENCE_NAMES}
 
 

@@ -148,7 +148,7 @@ def plot(res: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ts, T = res["timesteps"], res["uniform"][next(iter(res["uniform"]))][-1]
+    T = res["uniform"][next(iter(res["uniform"]))][-1]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [1, 1.2]})
     ax = axes[0]
     im = ax.imshow(res["similarity"], extent=(0, T, T, 0), cmap="viridis", vmin=-1, vmax=1)

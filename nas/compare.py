@@ -34,14 +34,20 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
+from meme.bench import time_runs
 from meme.checkpoint import atomic_write_json
 from meme.cli import UserError, main_guard, markdown_table, setup_logging
 from meme.config import MemeConfig
+from meme.diffusion import Diffusion
+from meme.experts import build_denoiser
 from meme.macs import cost_of_meme
+from meme.sample import SamplingPlan, generate
 from nas import crossover
+from nas.export import open_study
 from nas.space import INITS
-from nas.promote import (Design, Protocol, add_protocol_flags, check_counts, check_target_data, make_protocol,
+from nas.promote import (Design, PromoteProtocol, add_protocol_flags, check_counts, check_target_data, make_protocol,
                          ray_placement, run_all, run_dir, study_space, top_designs)
 from nas.stats import Summary, summarize, welch
 
@@ -100,13 +106,6 @@ def sampling_rate(cfg: MemeConfig, steps: int, n: int = 32, device: str = "cpu",
     """Images per second for a whole ``steps``-step DDIM trajectory: the best of ``repeats``
     timed runs after a full warm-up run, one process, measured after the trainings so that
     no other work of ours shares the cores."""
-    import torch
-
-    from meme.bench import time_runs
-    from meme.diffusion import Diffusion
-    from meme.experts import build_denoiser
-    from meme.sample import SamplingPlan, generate
-
     den, diffusion = build_denoiser(cfg), Diffusion(cfg.diffusion)
     plan = SamplingPlan(n=n, steps=steps, batch_size=n, clip_x0=not cfg.data.latent)
     shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
@@ -114,7 +113,7 @@ def sampling_rate(cfg: MemeConfig, steps: int, n: int = 32, device: str = "cpu",
     return n / min(time_runs(lambda: generate(den, diffusion, shape, plan, dev), dev, repeats, warmup=1))
 
 
-def table(designs: list[Design], rows: list[dict[str, Any]], gflops: dict[str, float], protocol: Protocol,
+def table(designs: list[Design], rows: list[dict[str, Any]], gflops: dict[str, float], protocol: PromoteProtocol,
           rates: dict[str, float]) -> pd.DataFrame:
     """One row per design: FID mean +- std over seeds, cost, compute, and the test against hand."""
     runs = pd.DataFrame(rows)
@@ -169,7 +168,7 @@ def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
 
 
-def write_report(out: Path, df: pd.DataFrame, runs: pd.DataFrame, designs: list[Design], protocol: Protocol,
+def write_report(out: Path, df: pd.DataFrame, runs: pd.DataFrame, designs: list[Design], protocol: PromoteProtocol,
                  command: str) -> None:
     rec = protocol.recipe
     cols = ["design", "N", "fid_mean", "fid_std", "seeds", "vs_hand_fid_pct", "p_value", "verdict", "precision",
@@ -223,8 +222,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 @main_guard
 def main(argv=None) -> int:
-    from nas.export import open_study
-
     setup_logging()
     args = parse_args(argv)
     check_counts(args)

@@ -36,7 +36,8 @@ from meme.cli import UserError, markdown_table
 from meme.compute import TrainingCompute
 from meme.train import parse_args as parse_train_args
 from meme.train import training_compute
-from nas.promote import Design, Protocol, RayPlacement, run_dir, run_pipelines
+from meme.train_options import to_argv
+from nas.promote import Design, PromoteProtocol, RayPlacement, run_dir, run_pipelines
 from nas.stats import summarize, welch
 
 log = logging.getLogger("nas.crossover")
@@ -78,18 +79,18 @@ def reference_tag(tags: Sequence[str]) -> str:
     return "hand" if "hand" in tags else tags[0]
 
 
-def at_budget(protocol: Protocol, steps: int) -> Protocol:
+def at_budget(protocol: PromoteProtocol, steps: int) -> PromoteProtocol:
     return dataclasses.replace(protocol, recipe=dataclasses.replace(protocol.recipe, steps=steps))
 
 
-def charged_compute(design: Design, protocol: Protocol) -> TrainingCompute:
+def charged_compute(design: Design, protocol: PromoteProtocol) -> TrainingCompute:
     """The design's training compute at the protocol's budget, its source charged in full."""
-    flags = [*design.recipe(protocol).train_flags(), *protocol.train_args]
-    _, opts = parse_train_args(["--config", design.cfg.name, *flags])   # meme.train's own reading of the flags
+    flags = [*to_argv(design.recipe(protocol).train_options()), *protocol.train_args]
+    _, opts = parse_train_args(["--config", design.cfg.name, *flags])   # meme.train's own reading of extra flags
     return training_compute(design.cfg, opts, opts.branch_plan())       # what the run will record
 
 
-def check_equal_compute(designs: Sequence[Design], protocol: Protocol, budgets: Sequence[int],
+def check_equal_compute(designs: Sequence[Design], protocol: PromoteProtocol, budgets: Sequence[int],
                         tolerance: float) -> dict[tuple[str, int], TrainingCompute]:
     """Charged-in-full training compute of every design at every budget; refuses one off the hand design's."""
     out = {(d.tag, s): charged_compute(d, at_budget(protocol, s)) for d in designs for s in budgets}
@@ -105,14 +106,14 @@ def check_equal_compute(designs: Sequence[Design], protocol: Protocol, budgets: 
     return out
 
 
-def prefix_reusable(design: Design, protocol: Protocol) -> bool:
+def prefix_reusable(design: Design, protocol: PromoteProtocol) -> bool:
     """A from-scratch interleaved run's prefix is a shorter run (no split, no sequential blocks)."""
     args = list(protocol.train_args)
     sequential = "--schedule" in args and args[args.index("--schedule") + 1:][:1] == ["sequential"]
     return design.recipe(protocol).init == "scratch" and not sequential
 
 
-def derive_prefix_run(src: Path, dst: Path, steps: int, design: Design, protocol: Protocol) -> None:
+def derive_prefix_run(src: Path, dst: Path, steps: int, design: Design, protocol: PromoteProtocol) -> None:
     """A run directory of ``steps`` made of a longer run's snapshot (training marked done)."""
     snap = src / "checkpoints" / f"step{steps:07d}.pt"
     if not snap.is_file():
@@ -125,7 +126,7 @@ def derive_prefix_run(src: Path, dst: Path, steps: int, design: Design, protocol
     (dst / "train.done").write_text(f"prefix of {src} (step {steps})\n")
 
 
-Task = tuple[Design, int, Path, Protocol, int]     # design, seed, budget folder, protocol, budget
+Task = tuple[Design, int, Path, PromoteProtocol, int]     # design, seed, budget folder, protocol, budget
 
 
 Recorded = dict[tuple[str, int, int], dict[str, Any]]   # (design tag, seed, budget steps) -> finished row
@@ -198,7 +199,7 @@ def run_tasks(tasks: Sequence[Task], jobs: int, ray: Optional[RayPlacement],
 
 
 def run_budgets(designs: Sequence[Design], budgets: Sequence[int], seeds: int, small_seeds: int, out: Path,
-                protocol: Protocol, jobs: int, ray: Optional[RayPlacement],
+                protocol: PromoteProtocol, jobs: int, ray: Optional[RayPlacement],
                 fid_budgets: str = "all", recorded: Optional[Recorded] = None) -> list[dict[str, Any]]:
     """Every (design, budget, seed) pipeline; from-scratch designs score smaller budgets from snapshots.
 
@@ -212,7 +213,7 @@ def run_budgets(designs: Sequence[Design], budgets: Sequence[int], seeds: int, s
     reuse = [d for d in designs if prefix_reusable(d, protocol)]
     snap = ("--snapshot-at", ",".join(str(s) for s in small)) if small else ()
 
-    def proto(d: Design, steps: int, fid: bool) -> Protocol:
+    def proto(d: Design, steps: int, fid: bool) -> PromoteProtocol:
         p = dataclasses.replace(at_budget(protocol, steps), fid=fid)
         return dataclasses.replace(p, train_args=tuple(p.train_args) + snap) if d in reuse and steps == big else p
 
@@ -318,7 +319,7 @@ def plot(table: pd.DataFrame, runs: pd.DataFrame, path: Path, title: str) -> Non
     plt.close(fig)
 
 
-def write(out: Path, runs: pd.DataFrame, table: pd.DataFrame, protocol: Protocol, budgets: Sequence[int],
+def write(out: Path, runs: pd.DataFrame, table: pd.DataFrame, protocol: PromoteProtocol, budgets: Sequence[int],
           command: str, records) -> dict[str, Optional[int]]:
     cross = {"fid": crossover_points(table, "fid"), "heldout": crossover_points(table, "heldout")}
     rec = protocol.recipe

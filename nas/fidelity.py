@@ -27,14 +27,19 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import optuna
 import yaml
 
 from meme.checkpoint import atomic_write_json
 from meme.cli import UserError, main_guard
+from meme.compute import train_gflops_per_step, training_gflops
 from meme.config import MemeConfig
 from nas import shared_fidelity
+from nas.budget import cost_of
 from nas.replicates import Run, default_jobs, run_all
-from nas.space import ProxySpec, SearchSpace, build_config, load_space, parse_proxy
+from nas.space import SearchSpace, load_space, parse_proxy
+from nas.sampling import build_config
+from nas.proxy import ProxySpec, proxy_config
 from nas.stats import rank_correlation, summarize
 
 TARGET_SPEARMAN = 0.6
@@ -51,10 +56,6 @@ def pick_architectures(space: SearchSpace, k: int, *, budget: Optional[float] = 
     within ``budget``, then takes the N groups in turn and, inside a group, GFLOPs at
     evenly spaced quantiles, so the set covers both axes the search trades off.
     """
-    import optuna
-
-    from nas.budget import cost_of
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     by_n: dict[int, list[tuple[MemeConfig, float]]] = {}
@@ -154,9 +155,6 @@ def within_n_pairs(archs: list[tuple[str, MemeConfig, float]], seeds: list[int],
 def run_study(space: SearchSpace, archs: list[tuple[str, MemeConfig, float]], seeds: list[int], high: ProxySpec,
               proxy_max: ProxySpec, variants: dict[str, ProxySpec], *, jobs: int, device: Optional[str],
               out: Path, progress: bool = True) -> dict[str, Any]:
-    from nas.proxy import proxy_config
-    from meme.compute import train_gflops_per_step, training_gflops
-
     fidelities = {"high": high, "proxy": proxy_max, **variants}
     runs = [Run(name, cfg, p, s) for p in fidelities.values() for name, cfg, _ in archs for s in seeds]
     recs = run_all(runs, jobs=jobs, device=device, cache=out / "runs.jsonl", progress=progress)

@@ -31,7 +31,8 @@ from meme.supernet import SupernetSpec
 from nas.proxy import proxy_arch
 from nas.shared_eval import SharedScorer
 from nas.supernet import StageCostTable
-from nas.space import FixedTrial, SearchSpace, load_space, ratio_choices, sample_boundaries
+from nas.space import SearchSpace, load_space
+from nas.sampling import FixedTrial, ratio_choices, sample_boundaries
 
 Chain = tuple[Fraction, ...]
 

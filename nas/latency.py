@@ -32,7 +32,8 @@ from meme.config import MemeConfig
 from meme.latency import CLOCKS, Setting, build_timed, precision_of, time_network
 from meme.latency_model import LatencyTable, default_table_path, load_or_new, macro_key
 from meme.macs import cost_of_meme
-from nas.space import SearchSpace, build_config, load_space
+from nas.space import SearchSpace, load_space
+from nas.sampling import build_config
 
 
 def calibration_archs(space: SearchSpace, base: int, blocks: int, pools: tuple[int, ...], k: int = 3) -> list:
@@ -258,7 +259,7 @@ def write_report(space: SearchSpace, pts: list[Point], table: LatencyTable, tabl
         f"max {max(p.price_ms for p in pts):.3f} ms (target <= 50 ms)",
         f"- whole report run: {wall_s:.0f} s", "",
         "## Latency model against measurement", "",
-        f"| metric | value | target |", "|---|---|---|",
+        "| metric | value | target |", "|---|---|---|",
         f"| MAPE | {err:.1f}% | <= 10% |",
         f"| Spearman (model, measured) | {rho_model:.3f} | >= 0.9 |",
         f"| Spearman (GFLOPs, measured) | {rho_gflops:.3f} | (what MACs alone give) |",

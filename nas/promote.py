@@ -40,9 +40,12 @@ from meme.cli import UserError, main_guard, markdown_table, setup_logging
 from meme.config import MemeConfig
 from meme.data import LATENT_SUFFIXES
 from meme.latents import is_latent_file, require_latent_info
+from meme.train_options import to_argv
 from meme.branching import SPLIT_OPTIMIZERS
 from nas.ray_train import RayWorkers, train_on_workers
-from nas.space import INITS, PromoteRecipe, SearchSpace
+from nas.export import open_study
+from nas.report import quality, ranked
+from nas.space import INITS, PromoteRecipe, SearchSpace, load_space
 
 log = logging.getLogger("nas.promote")
 
@@ -56,14 +59,14 @@ class Design:
     info: dict = field(default_factory=dict)  # trial number, proxy objective, role ...
     init: Optional[str] = None  # 'scratch' | 'branch' for this design; None: the protocol's recipe
 
-    def recipe(self, protocol: "Protocol") -> PromoteRecipe:
+    def recipe(self, protocol: "PromoteProtocol") -> PromoteRecipe:
         """The protocol's recipe with this design's init (one network never branches)."""
         rec = protocol.recipe if self.init is None else dataclasses.replace(protocol.recipe, init=self.init)
         return dataclasses.replace(rec, init="scratch") if self.cfg.num_experts == 1 else rec
 
 
 @dataclass(frozen=True)
-class Protocol:
+class PromoteProtocol:
     """What every promoted run shares: data, recipe, devices (a run records its digest)."""
 
     data: Optional[str]      # meme.data spec of the target's training data
@@ -116,7 +119,7 @@ def _stage(cmd: list[str], log_path: Path, env: dict[str, str]) -> None:
         raise UserError(f"{cmd[2]} failed (exit {rc}): {tail[0]} -- full log {log_path}")
 
 
-def run_pipeline(design: Design, seed: int, out: Path, protocol: Protocol) -> dict[str, Any]:
+def run_pipeline(design: Design, seed: int, out: Path, protocol: PromoteProtocol) -> dict[str, Any]:
     """Train, sample and score one (design, seed); stages already done are skipped."""
     run = run_dir(out, design, seed)
     run.mkdir(parents=True, exist_ok=True)
@@ -133,11 +136,9 @@ def run_pipeline(design: Design, seed: int, out: Path, protocol: Protocol) -> di
     py, log_path = sys.executable, run / "promote.log"
     yaml_path = design.cfg.save(run / "design.yaml")
     if not (run / "train.done").exists():
-        cmd = [py, "-m", "meme.train", "--config", str(yaml_path), "--out", str(run), "--seed", str(seed),
-               "--data", str(protocol.data), "--device", protocol.device, *rec.train_flags(),
-               "--sample-every", "0", "--ckpt-every", str(max(rec.steps // 10, 1))]
-        if protocol.threads:
-            cmd += ["--threads", str(protocol.threads)]
+        opts = rec.train_options(data=protocol.data, seed=seed, device=protocol.device, threads=protocol.threads,
+                                 sample_every=0, ckpt_every=max(rec.steps // 10, 1))
+        cmd = [py, "-m", "meme.train", "--config", str(yaml_path), "--out", str(run), *to_argv(opts)]
         if protocol.ray_workers and protocol.ray_workers.workers > 1:   # it passes --resume itself
             with _PRINT:
                 print(f"$ {protocol.ray_workers.workers} Ray Train workers: " + " ".join(cmd), flush=True)
@@ -182,10 +183,10 @@ class RayPlacement:
     workers_per_run: int = 1       # > 1: each training on that many Ray Train workers (DDP), cpus/gpus each
 
 
-Work = tuple[Design, int, Path, Protocol]   # one pipeline: design, seed, output folder, protocol
+Work = tuple[Design, int, Path, PromoteProtocol]   # one pipeline: design, seed, output folder, protocol
 
 
-def run_all(designs: Sequence[Design], seeds: Sequence[int], out: Path, protocol: Protocol,
+def run_all(designs: Sequence[Design], seeds: Sequence[int], out: Path, protocol: PromoteProtocol,
             jobs: int = 1, ray: Optional[RayPlacement] = None) -> list[dict[str, Any]]:
     """Every (design, seed) pipeline under one protocol, ``jobs`` at a time (or as Ray tasks)."""
     return run_pipelines([(d, s, out, protocol) for d in designs for s in seeds], jobs, ray)
@@ -207,10 +208,10 @@ def run_pipelines(work: Sequence[Work], jobs: int = 1, ray: Optional[RayPlacemen
 def _run_on_ray(work: Sequence[Work], place: RayPlacement) -> list[dict]:
     """Pipelines as Ray tasks spread over the cluster's nodes. Each folder must be a path every
     node sees (a shared file system): a retried task resumes from the run's checkpoint."""
-    import ray
+    import ray  # optional dependency, with the placement that needs it
 
     import nas.promote  # by reference: under `python -m nas.promote` this module is __main__
-    from nas.ray_engine import init_ray
+    from nas.ray_engine import init_ray  # imports ray
 
     started = init_ray(place.address)
     try:
@@ -230,7 +231,7 @@ def _run_on_ray(work: Sequence[Work], place: RayPlacement) -> list[dict]:
             ray.shutdown()
 
 
-def _pipeline_on_node(design: Design, seed: int, out: Path, protocol: Protocol) -> dict[str, Any]:
+def _pipeline_on_node(design: Design, seed: int, out: Path, protocol: PromoteProtocol) -> dict[str, Any]:
     import ray
 
     result = run_pipeline(design, seed, out, protocol)
@@ -253,8 +254,6 @@ def summary_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 def study_space(study: optuna.Study) -> Optional[SearchSpace]:
     """The space the study searched (by shipped name or path), or None if it is gone."""
-    from nas.space import load_space
-
     ref = study.user_attrs.get("space")
     if not ref:
         return None
@@ -267,8 +266,6 @@ def study_space(study: optuna.Study) -> Optional[SearchSpace]:
 
 def top_designs(study: optuna.Study, k: int) -> list[Design]:
     """The k best feasible, fully trained trials at the target shape, best first."""
-    from nas.report import quality, ranked
-
     designs = []
     for rank, t in enumerate(ranked(study)[:k], 1):
         cfg = MemeConfig.from_yaml(t.user_attrs["config_yaml"], f"trial {t.number}")
@@ -294,7 +291,7 @@ def reference_design(study_dir: Path, space: Optional[SearchSpace]) -> Optional[
                                                  "params": rec["params"], "proxy_objective": rec.get("objective")})
 
 
-def make_protocol(args: argparse.Namespace, space: Optional[SearchSpace]) -> Protocol:
+def make_protocol(args: argparse.Namespace, space: Optional[SearchSpace]) -> PromoteProtocol:
     """The space's recipe with command-line overrides; jobs > 1 on a CPU: one thread each."""
     recipe = space.promote if space else PromoteRecipe()
     overrides = {"steps": args.steps, "fid_samples": args.n, "fid_reference": args.n_ref,
@@ -305,7 +302,7 @@ def make_protocol(args: argparse.Namespace, space: Optional[SearchSpace]) -> Pro
     recipe.check("nas.promote")
     data = args.data or (space.dataset if space else None)
     threads = 1 if args.jobs > 1 and not str(args.device).startswith("cuda") else None
-    return Protocol(data=data, recipe=recipe, train_args=tuple(args.train_args), device=args.device, threads=threads)
+    return PromoteProtocol(data=data, recipe=recipe, train_args=tuple(args.train_args), device=args.device, threads=threads)
 
 
 def add_protocol_flags(p: argparse.ArgumentParser) -> None:
@@ -380,8 +377,6 @@ def check_counts(args: argparse.Namespace) -> None:
 
 @main_guard
 def main(argv=None) -> int:
-    from nas.export import open_study
-
     setup_logging()
     args = parse_args(argv)
     check_counts(args)

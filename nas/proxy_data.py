@@ -16,7 +16,7 @@ from meme.data import load_data
 from meme.diffusion import Diffusion
 from meme.experts import MultiExpertDenoiser
 from meme.fastpath import FastPath
-from nas.space import ProxySpec
+from nas.proxy import ProxySpec
 
 
 @lru_cache(maxsize=4)

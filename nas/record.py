@@ -64,7 +64,7 @@ from optuna.trial import TrialState
 from meme.config import MemeConfig
 from nas.budget import cost_of
 from nas.settings import Settings
-from nas.space import build_config
+from nas.sampling import build_config
 from nas.trial import TrialResult
 
 

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from meme.checkpoint import atomic_write_json
 from meme.errors import one_line
 from nas.budget import cost_of
 from nas.trial import run_trial
@@ -46,6 +47,4 @@ def load(path: Path, cfg, proxy, objective: str) -> Optional[dict[str, Any]]:
 
 
 def save(path: Path, rec: dict[str, Any]) -> None:
-    from meme.checkpoint import atomic_write_json
-
     atomic_write_json(rec, path)

@@ -26,7 +26,7 @@ from meme.config import MemeConfig
 from meme.device import pick_device
 from meme.errors import one_line
 from nas.settings import Deadline
-from nas.space import ProxySpec
+from nas.proxy import ProxySpec
 from nas.trial import run_trial
 
 

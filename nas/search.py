@@ -33,6 +33,7 @@ from meme.config import MemeConfig
 from meme.device import pick_device
 from meme.errors import one_line
 from meme.latency import Setting, measure_meme
+from meme.supernet import load_index
 from nas import optuna_engine, report
 from nas import reference as ref_mod
 from nas import rerank as rr
@@ -42,9 +43,9 @@ from nas.heartbeat import Heartbeat
 from nas.latency import space_table
 from nas.replicates import default_jobs
 from nas.settings import STALE_AFTER_S, Deadline, Settings
-from nas.space import DEFAULT_SPACE, clustered_boundaries, load_space
+from nas.space import DEFAULT_SPACE, load_space
+from nas.sampling import clustered_boundaries
 from nas.study import counted, open_study, storage_url_for
-from nas.supernet import load_index
 EXECUTORS = ("ray", "optuna")
 
 

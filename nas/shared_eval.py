@@ -34,11 +34,11 @@ from meme.experts import SoftExpertSampler
 from meme.fastpath import fast_path
 from meme.iunet import IUNet
 from meme.networks import count_params
-from meme.supernet import SuperNet, arch_key
+from meme.supernet import SuperNet, arch_key, load_index, load_supernet
 from meme.train import draw_batch, train_step, warmup_lr
-from nas.proxy import proxy_config
-from nas.space import ProxySpec, load_space
-from nas.supernet import load_index, load_supernet, macro_name, macro_of
+from nas.proxy import proxy_config, ProxySpec
+from nas.space import load_space
+from nas.supernet import macro_name, macro_of
 from meme.compute import train_gflops_per_step
 from nas.proxy_data import eval_timesteps, heldout_images, heldout_noise, proxy_dataset
 

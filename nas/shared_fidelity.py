@@ -43,9 +43,10 @@ from nas.proxy import proxy_config
 from nas.shared_eval import SharedScorer
 from fractions import Fraction
 
-from nas.space import SearchSpace, load_space, ratio_choices
+from nas.space import SearchSpace, load_space
+from nas.sampling import ratio_choices
 from nas.proxy_data import proxy_dataset
-from nas.stats import rank_correlation, summarize
+from nas.stats import rank_correlation
 
 # Single-expert chains of the default space's base-128 macro (all legal under its rules).
 RATIO_DESIGNS = {

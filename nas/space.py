@@ -1,70 +1,45 @@
-"""Search spaces: a YAML file -> :class:`SearchSpace`, and ``build_config(trial, space)``.
+"""Search spaces: a YAML file -> :class:`SearchSpace`, validated (``load_space``).
 
-The space is conditional (N changes how many experts exist), so it is written as an
-Optuna *define-by-run* function: :func:`build_config` calls ``trial.suggest_*`` and
-returns a validated :class:`MemeConfig` at the TARGET shape.
-
-Structural rules hold by construction, never by sample-and-reject:
-
-* d_h/d non-increasing with depth and with expert index: every ratio is drawn as a
-  *position* in [0, 1) among the legal values between its upper bound (the previous
-  stage of the same expert, the same stage of the previous expert, the grid's top) and
-  its lower bound (``max_drop_depth`` / ``max_drop_experts`` below the upper one, the
-  grid's floor). A uniform position is a uniform draw among the legal values, so random
-  start-up trials spread over the space instead of piling onto its floor;
-* p_n non-increasing: the same, over the choices at or below p_{n-1}
-  (at most ``max_decrement`` choice steps below).
-
-Parameter names do not depend on N (``e{n}_s{s}`` is the same parameter for every N
-that has expert n), so TPE pools what trials with different N learn about shared
-experts. The schema is documented in ``search_spaces/README.md``.
+A space names the target (data shape, expert template, diffusion), what is searched
+(``search:`` rules), how a trial trains (``proxy:``, a :class:`nas.proxy.ProxySpec`) and
+how a winner is promoted (``promote:``). Drawing candidates from a loaded space is
+``nas.sampling``'s job. The schema is documented in ``search_spaces/README.md``.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
+from importlib.resources import files
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Optional, Protocol
-
+from typing import Any, Optional
 
 from meme.branching import SPLIT_OPTIMIZERS
-from meme.cli import pick_device
+from meme.device import pick_device
 from meme.resources import check_fits
 from meme.config import (ArchConfig, ConfigError, DataShape, DiffusionConfig, MemeConfig, ShareConfig, check_keys,
                          coerce_fields, coerce_value, from_mapping, head_step_grid, parse_fraction, parse_yaml,
-                         require, uniform_boundaries)
+                         require)
+from meme.fastpath import PRECISIONS
+from meme.references import reference_names, resolve
+from meme.train_options import TrainOptions
+from nas.proxy import EVALUATORS, ProxySpec, proxy_arch, proxy_config
+
 
 def _spaces_dir() -> Path:
     """The shipped spaces: search_spaces/ in a checkout, the package data nas.spaces when installed."""
     checkout = Path(__file__).resolve().parent.parent / "search_spaces"
     if checkout.is_dir():
         return checkout
-    from importlib.resources import files
-
     return Path(str(files("nas.spaces")))
 
 
 SPACES_DIR = _spaces_dir()
-EVALUATORS = ("scratch", "supernet")
 INITS = ("scratch", "branch")       # promote.init: how a promoted design's experts start
 DEFAULT_SPACE = "meme_ffhq256"
 BOUNDARY_MODES = ("uniform", "searchable", "cluster")
 BOUNDARY_CHOICES = ("uniform", "cluster")   # what a trial picks from in mode 'cluster'
-
-
-class TrialLike(Protocol):
-    """What build_config needs from an Optuna trial (real, Ray's captor, or a fixed dict)."""
-
-    number: int
-
-    def suggest_int(self, name: str, low: int, high: int) -> int: ...
-
-    def suggest_float(self, name: str, low: float, high: float) -> float: ...
-
-    def suggest_categorical(self, name: str, choices: list) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -109,85 +84,6 @@ class Macro:
 
 
 @dataclass(frozen=True)
-class ProxySpec:
-    """Where and how long a trial trains: a small, fast stand-in for the target.
-
-    The candidate is scaled to ``channels x resolution x resolution`` and every width
-    (base channels AND head channels) is multiplied by ``width_mult``, so each stage
-    keeps its number of heads and every target d_h/d is a legal head step at the proxy.
-    """
-
-    data: Optional[str] = "fashion-mnist"  # meme.data spec (None/'fashion-mnist' = embedded default)
-    resolution: int = 32                   # proxy side in pixels
-    channels: int = 1                      # proxy image channels
-    width_mult: Fraction = Fraction(1, 4)  # proxy widths = target widths x this
-    diffusion: Optional[DiffusionConfig] = None  # None = the target's schedule
-    steps: int = 240                       # training budget: optimizer steps in all, whatever N
-                                           # (equal training compute for every candidate, as the paper
-                                           # compares designs and as a promoted winner is trained)
-    steps_per_expert: bool = False         # True: N x steps (more training for larger N: ranks budgets,
-                                           # not architectures; kept as an explicit option)
-    batch_size: int = 32                   # images per step
-    lr: float = 5e-4                       # AdamW learning rate (after warm-up)
-    warmup: int = 20                       # linear warm-up steps
-    grad_clip: float = 1.0                 # max global grad norm (0 = off)
-    eval_every: int = 20                   # budget steps between objective reports
-    prune_from: Optional[int] = None       # first pruning rung (budget step; grace period); None:
-                                           # the first report at or after max(steps/3, warmup)
-    reduction_factor: int = 3              # successive halving / ASHA: keep 1 in this many per rung
-    eval_batch: int = 64                   # held-out images per evaluated t
-    eval_timesteps: int = 10               # size of the fixed, uniformly spaced t grid
-    fid_samples: int = 256                 # --objective fid: generated samples
-    fid_steps: int = 25                    # --objective fid: DDIM steps
-    limit_data: Optional[int] = 10000      # use only the first N training images
-    seed: int = 0                          # init, data order, t and noise: same for every trial
-    precision: str = "auto"                # meme.fastpath: 'auto' (bf16 on GPU; fp32 for narrow CPU proxies),
-                                           # 'bf16' or 'fp32'
-    evaluator: str = "scratch"             # 'scratch': train every candidate for `steps`; 'supernet': score its
-                                           # experts as sub-networks of a trained supernet (nas.shared_eval)
-    supernet: Optional[str] = None         # evaluator 'supernet': the directory nas.supernet train wrote
-    finetune_steps: int = 0                # evaluator 'supernet': fine-tune steps in all before scoring (0: none)
-
-    def total_steps(self, num_experts: int) -> int:
-        """Optimizer steps a candidate with N experts trains for."""
-        return self.steps * (num_experts if self.steps_per_expert else 1)
-
-    def steps_per_budget_step(self, num_experts: int) -> int:
-        """Optimizer steps in one budget step (reports and rungs count budget steps)."""
-        return num_experts if self.steps_per_expert else 1
-
-    def first_rung(self) -> int:
-        """Budget step of the first pruning rung: past warm-up and a third of the budget.
-
-        Earlier rungs rank how fast a model leaves the initial loss, not where it ends.
-        """
-        if self.prune_from is not None:
-            return int(self.prune_from)
-        start = max(math.ceil(self.steps / 3), self.warmup)
-        return min(self.steps, math.ceil(start / self.eval_every) * self.eval_every)
-
-    def shape(self) -> DataShape:
-        return DataShape(channels=self.channels, resolution=self.resolution, latent=False)
-
-    def digest(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["width_mult"] = str(self.width_mult)
-        d["diffusion"] = dataclasses.asdict(self.diffusion) if self.diffusion else None
-        return d
-
-    def training_digest(self) -> dict[str, Any]:
-        """What determines a full training run from scratch (the pruning schedule and evaluator do not)."""
-        d = self.digest()
-        for key in ("prune_from", "reduction_factor", "evaluator", "supernet", "finetune_steps"):
-            d.pop(key)
-        return d
-
-    def from_scratch(self) -> "ProxySpec":
-        """This proxy with the from-scratch evaluator (re-ranking always trains)."""
-        return dataclasses.replace(self, evaluator="scratch", supernet=None, finetune_steps=0)
-
-
-@dataclass(frozen=True)
 class PromoteRecipe:
     """How ``nas.promote`` / ``nas.compare`` train and score a design at the target.
 
@@ -208,16 +104,18 @@ class PromoteRecipe:
     split_optimizer: str = "carry"   # branch: at the split, carry the parent's AdamW moments or start fresh
     init_from: Optional[str] = None  # branch: experts cut from this supernet / one-network run instead
 
-    def train_flags(self) -> list[str]:
-        """meme.train flags (``nas.promote.Design.recipe`` keeps one network, N = 1, from scratch)."""
-        flags = ["--steps", str(self.steps), "--batch-size", str(self.batch_size), "--lr", str(self.lr),
-                 "--warmup", str(self.warmup), "--ema-decay", str(self.ema_decay)]
-        if self.init == "branch":
-            if self.init_from:
-                flags += ["--init-from", str(self.init_from)]
-            else:
-                flags += ["--branch-at", str(self.branch_at), "--split-optimizer", self.split_optimizer]
-        return flags
+    def train_options(self, **run: Any) -> TrainOptions:
+        """The meme.train options of this recipe, plus ``run``'s (data, seed, device...).
+
+        (``nas.promote.Design.recipe`` keeps one network, N = 1, from scratch.)
+        """
+        opts = TrainOptions(steps=self.steps, batch_size=self.batch_size, lr=self.lr, warmup=self.warmup,
+                            ema_decay=self.ema_decay, **run)
+        if self.init != "branch":
+            return opts
+        if self.init_from:
+            return dataclasses.replace(opts, init_from=str(self.init_from))
+        return dataclasses.replace(opts, branch_at=float(self.branch_at), split_optimizer=self.split_optimizer)
 
     def digest(self) -> dict[str, Any]:
         """What a promoted run is stamped with (a from-scratch recipe: as before branching existed)."""
@@ -280,199 +178,6 @@ class SearchSpace:
 # allowed drop below that), so a uniform u is a uniform draw among the legal values.
 # Decrements drawn from a fixed range and clipped at the grid's floor would instead
 # pile random draws (TPE's start-up trials) onto the all-minimum corner.
-
-def _pick(choices: list, u: float) -> Any:
-    """The value at position u in [0, 1]: equal-width bins, one per choice."""
-    return choices[min(len(choices) - 1, max(0, int(float(u) * len(choices))))]
-
-
-def _position(choices: list, value: Any) -> float:
-    """Inverse of _pick: the centre of value's bin."""
-    return (choices.index(value) + 0.5) / len(choices)
-
-
-def ratio_choices(space: SearchSpace, base: int, stage: int, above: Optional[Fraction],
-                  previous_expert: Optional[Fraction]) -> list[Fraction]:
-    """Legal d_h/d of one stage given the stage above and the previous expert (ascending)."""
-    rules, grid = space.ratios, space.stage_grid(base, stage)
-    hi, drop = grid[-1], None
-    if rules.monotone_depth and above is not None:
-        hi, drop = min(hi, above), rules.max_drop_depth
-    if rules.monotone_experts and previous_expert is not None:
-        hi, drop = min(hi, previous_expert), rules.max_drop_experts
-    lo = grid[0] if drop is None else hi - drop
-    legal = [g for g in grid if lo <= g <= hi]
-    return legal or [max([g for g in grid if g <= hi], default=grid[0])]
-
-
-def prob_choices(space: SearchSpace, previous: Optional[int]) -> list[int]:
-    """Legal indices into probs.choices given p_{n-1}'s index."""
-    top = len(space.probs.choices) - 1
-    if not space.probs.monotone or previous is None:
-        return list(range(top + 1))
-    return list(range(max(0, previous - space.probs.max_decrement), previous + 1))
-
-
-def sample_ratios(trial: TrialLike, space: SearchSpace, n_experts: int, base: int,
-                  shared_stages: int = 0) -> list[tuple[str, ...]]:
-    """Per-expert, per-stage d_h/d; monotone rules hold by construction.
-
-    The first ``shared_stages`` stages are one module for all experts (``MemeConfig.share``),
-    so expert 1 draws them and the others take its values (equal values keep every rule).
-    """
-    out: list[list[Fraction]] = []
-    for n in range(n_experts):
-        row: list[Fraction] = []
-        for s in range(space.num_stages):
-            if n and s < shared_stages:
-                row.append(out[0][s])
-                continue
-            legal = ratio_choices(space, base, s, row[s - 1] if s else None, out[n - 1][s] if n else None)
-            row.append(_pick(legal, trial.suggest_float(f"e{n}_s{s}", 0.0, 1.0)))
-        out.append(row)
-    return [tuple(str(r) for r in row) for row in out]
-
-
-def sample_probs(trial: TrialLike, space: SearchSpace, n_experts: int) -> tuple[float, ...]:
-    idx: list[int] = []
-    for n in range(n_experts):
-        idx.append(_pick(prob_choices(space, idx[-1] if idx else None), trial.suggest_float(f"p{n}", 0.0, 1.0)))
-    return tuple(space.probs.choices[i] for i in idx)
-
-
-def sample_boundaries(trial: TrialLike, space: SearchSpace, n_experts: int) -> tuple[int, ...]:
-    if space.boundaries.mode == "uniform":
-        return ()
-    if space.boundaries.mode == "cluster":
-        if n_experts == 1 or trial.suggest_categorical("boundaries", list(BOUNDARY_CHOICES)) == "uniform":
-            return ()
-        return clustered_boundaries(space, n_experts)
-    T = space.diffusion.timesteps
-    w = [trial.suggest_int(f"w{n}", 1, space.boundaries.weight_levels) for n in range(n_experts)]
-    total, acc, b = sum(w), 0, [0]
-    for x in w:
-        acc += x
-        b.append(round(T * acc / total))
-    return tuple(b)
-
-
-def clustered_boundaries(space: SearchSpace, n_experts: int) -> tuple[int, ...]:
-    """Boundaries of N intervals from timestep clustering (``nas.clusters``; cached per space and N)."""
-    from nas.clusters import boundaries_for  # local: nas.clusters trains with nas.trial, which imports this module
-
-    return boundaries_for(space, n_experts)
-
-
-def build_config(trial: TrialLike, space: SearchSpace, name: Optional[str] = None) -> MemeConfig:
-    """Define-by-run: draw one candidate from the space (target shape), validated."""
-    n_experts = trial.suggest_categorical("num_experts", list(space.num_experts))
-    base = _maybe(trial, "base_channels", space.macro.base_channels)
-    blocks = _maybe(trial, "num_res_blocks", space.macro.num_res_blocks)
-    pools = tuple(int(p) for p in str(_maybe(trial, "pool_strides",
-                                              tuple(_strides_str(p) for p in space.macro.pool_strides))).split(","))
-    share = sample_share(trial, space, n_experts)
-    ratios = sample_ratios(trial, space, n_experts, base, share.encoder_stages)
-    probs = sample_probs(trial, space, n_experts)
-    bounds = sample_boundaries(trial, space, n_experts)
-    cfg = MemeConfig(name=name or f"{space.name}-t{getattr(trial, 'number', 0)}",
-                     experts=tuple(space.arch(base, blocks, pools, r) for r in ratios),
-                     data=space.data, diffusion=space.diffusion, boundaries=bounds, expert_probs=probs,
-                     share=share)
-    return cfg.validate()
-
-
-def sample_share(trial: TrialLike, space: SearchSpace, n_experts: int) -> ShareConfig:
-    """What the experts hold in common: one of the space's choices (none for one expert)."""
-    if n_experts == 1:
-        return ShareConfig()
-    words = _maybe(trial, "share", tuple(c.describe() for c in space.share))
-    return ShareConfig.parse(words).fit(space.num_stages)
-
-
-def encode(cfg: MemeConfig, space: SearchSpace) -> dict[str, Any]:
-    """The study parameters that draw ``cfg`` (inverse of build_config), e.g. to enqueue it.
-
-    Raises ConfigError if cfg is not in the space (wrong macro shape, a rule broken).
-    """
-    e0 = cfg.experts[0]
-    params: dict[str, Any] = {"num_experts": cfg.num_experts}
-    where = f"{cfg.name}: not in space {space.name}"
-    require(cfg.num_experts in space.num_experts, f"{where} (N={cfg.num_experts})")
-    require(all(dataclasses.replace(e, high_ratios=e0.high_ratios) == e0 for e in cfg.experts),
-          f"{where} (experts differ in macro shape)")
-    for key, choices in (("base_channels", space.macro.base_channels), ("num_res_blocks", space.macro.num_res_blocks),
-                         ("pool_strides", tuple(_strides_str(p) for p in space.macro.pool_strides))):
-        value = _strides_str(e0.pool_strides) if key == "pool_strides" else getattr(e0, key)
-        require(value in choices, f"{where} ({key}={value})")
-        if len(choices) > 1:
-            params[key] = value
-    if cfg.num_experts > 1:
-        share_words = [c.describe() for c in space.share]
-        require(cfg.share.describe() in share_words, f"{where} (share {cfg.share.describe()} not in {share_words})")
-        if len(share_words) > 1:
-            params["share"] = cfg.share.describe()
-    else:
-        require(not cfg.share.any, f"{where} (one expert shares nothing)")
-    rows = [[Fraction(r) for r in e.high_ratios] for e in cfg.experts]
-    for n, row in enumerate(rows):
-        for s, r in enumerate(row):
-            if n and s < cfg.share.encoder_stages:
-                continue   # a shared stage: expert 1's value (MemeConfig.validate checked they agree)
-            legal = ratio_choices(space, e0.base_channels, s, row[s - 1] if s else None, rows[n - 1][s] if n else None)
-            require(r in legal, f"{where} (expert {n + 1} stage {s + 1}: {r} not in {[str(x) for x in legal]})")
-            params[f"e{n}_s{s}"] = _position(legal, r)
-    idx: list[int] = []
-    for n, p in enumerate(cfg.resolved_probs()):
-        require(p in space.probs.choices, f"{where} (p_{n + 1}={p})")
-        legal = prob_choices(space, idx[-1] if idx else None)
-        i = space.probs.choices.index(p)
-        require(i in legal, f"{where} (p_{n + 1}={p} breaks the p_n rule)")
-        params[f"p{n}"] = _position(legal, i)
-        idx.append(i)
-    if space.boundaries.mode == "cluster" and cfg.num_experts > 1:
-        clustered = list(clustered_boundaries(space, cfg.num_experts))
-        require(not cfg.boundaries or cfg.resolved_boundaries() in (
-            clustered, uniform_boundaries(cfg.diffusion.timesteps, cfg.num_experts)),
-            f"{where} (boundaries {cfg.resolved_boundaries()} are neither uniform nor the clustered {clustered})")
-        params["boundaries"] = "cluster" if cfg.boundaries and cfg.resolved_boundaries() == clustered else "uniform"
-    elif space.boundaries.mode == "searchable":
-        levels = range(1, space.boundaries.weight_levels + 1)
-        for w in itertools.product(levels, repeat=cfg.num_experts):
-            trial = FixedTrial({**params, **{f"w{n}": x for n, x in enumerate(w)}})
-            if list(sample_boundaries(trial, space, cfg.num_experts)) == cfg.resolved_boundaries():
-                params.update({f"w{n}": x for n, x in enumerate(w)})
-                break
-        else:
-            raise ConfigError(f"{where} (boundaries {cfg.resolved_boundaries()})")
-    elif space.boundaries.mode == "uniform":
-        require(not cfg.boundaries, f"{where} (the space's boundaries are uniform)")
-    return params
-
-
-def _maybe(trial: TrialLike, name: str, choices: tuple) -> Any:
-    """A categorical only when there is a choice (fixed knobs stay out of the study)."""
-    return choices[0] if len(choices) == 1 else trial.suggest_categorical(name, list(choices))
-
-
-def _strides_str(p: tuple[int, ...]) -> str:
-    return ",".join(str(x) for x in p)
-
-
-class FixedTrial:
-    """Replays a dict of parameters (missing ones: int low, position 1 = largest legal value, first choice)."""
-
-    def __init__(self, params: dict[str, Any], number: int = 0):
-        self.params, self.number = dict(params), number
-
-    def suggest_int(self, name: str, low: int, high: int) -> int:
-        return int(min(max(self.params.get(name, low), low), high))
-
-    def suggest_float(self, name: str, low: float, high: float) -> float:
-        return float(min(max(self.params.get(name, high), low), high))
-
-    def suggest_categorical(self, name: str, choices: list) -> Any:
-        return self.params.get(name, choices[0])
-
 
 # ---- loading ----------------------------------------------------------------------
 
@@ -591,13 +296,11 @@ def parse_reference(x: Any, path: Path, data: DataShape) -> Optional[MemeConfig]
     """
     src = f"{path}: reference"
     if x is None:
-        from meme.references import resolve
         table4 = resolve("meme-table4")
         return table4 if table4.data == data else None
     if isinstance(x, dict):
         return MemeConfig.from_dict({"name": "reference", **x}, src)
     require(isinstance(x, str), f"{src} must be a reference name, a YAML path or a config mapping")
-    from meme.references import reference_names, resolve
     if x in reference_names():  # built-in references and the configs shipped in meme/configs
         return resolve(x)
     return MemeConfig.load(path.parent / x)
@@ -643,7 +346,6 @@ def parse_proxy(d: Any, src: str) -> ProxySpec:
               f"{src}: proxy.prune_from must lie between warmup ({proxy.warmup}) and steps ({proxy.steps}), "
               f"got {proxy.prune_from}: an earlier rung ranks warm-up, not the design")
     require(0 < proxy.width_mult <= 1, f"{src}: proxy.width_mult must lie in (0, 1], got {proxy.width_mult}")
-    from meme.fastpath import PRECISIONS
     require(proxy.evaluator in EVALUATORS, f"{src}: proxy.evaluator must be one of {list(EVALUATORS)}, "
                                          f"got {proxy.evaluator!r}")
     require(int(proxy.finetune_steps) >= 0, f"{src}: proxy.finetune_steps must be >= 0, got {proxy.finetune_steps}")
@@ -674,7 +376,6 @@ def check_space(space: SearchSpace) -> None:
                       f"{src}: search.ratios.min: a stage-{st} ratio leaves no legal stage-{st + 1} ratio "
                       f"below it at base {base}; use min: step")
         # the proxy keeps every target head step exact
-        from nas.proxy import proxy_arch, proxy_config  # local: proxy imports this module
         small = proxy_arch(arch, space.proxy, where=f"{src}: proxy (base {base})")
         # the largest candidate of this macro must fit where its trials will train
         n = max(space.num_experts)

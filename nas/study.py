@@ -18,11 +18,11 @@ import sqlalchemy.exc
 from optuna.trial import TrialState
 
 from meme.errors import UserError
+from meme.supernet import load_index
 from nas.heartbeat import fail_stale_running
 from nas.record import constraint_of
 from nas.settings import Settings
 from nas.space import SPACES_DIR
-from nas.supernet import load_index
 
 log = logging.getLogger(__name__)
 

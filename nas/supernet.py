@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import hashlib
 import json
 import math
@@ -43,14 +42,15 @@ import torch
 from meme.checkpoint import applying, atomic_save, atomic_write_json
 from meme.checkpoint import load as load_file
 from meme.cli import UserError, main_guard, pick_device
-from meme.config import ArchConfig, ConfigError, MemeConfig
+from meme.config import ArchConfig, MemeConfig
 from meme.diffusion import Diffusion
 from meme.fastpath import fast_path
 from meme.macs import cost_of_network
-from meme.supernet import INDEX, SuperNet, SupernetSpec, arch_key, load_index, load_supernet
+from meme.supernet import INDEX, SuperNet, SupernetSpec
 from meme.train import NonFiniteLoss, warmup_lr
 from nas.proxy import proxy_arch
-from nas.space import SearchSpace, _pick, load_space, ratio_choices
+from nas.space import SearchSpace, load_space
+from nas.sampling import pick, ratio_choices
 from nas.proxy_data import proxy_dataset
 
 
@@ -81,7 +81,7 @@ def sample_chain(space: SearchSpace, base: int, gen: torch.Generator, position: 
     for s in range(space.num_stages):
         legal = ratio_choices(space, base, s, row[s - 1] if s else None, None)
         u = position if position is not None else float(torch.rand((), generator=gen))
-        row.append(_pick(legal, u))
+        row.append(pick(legal, u))
     pools = space.macro.pool_strides[int(torch.randint(len(space.macro.pool_strides), (), generator=gen))]
     return tuple(str(r) for r in row), tuple(pools)
 

@@ -42,10 +42,9 @@ from meme.networks import count_params
 from meme.resources import check_fits
 from meme.sample import SamplingPlan, generate
 from meme.train import NonFiniteLoss, draw_batch, train_step, warmup_lr
-from nas.proxy import proxy_config
+from nas.proxy import proxy_config, ProxySpec
 from nas.proxy_data import eval_timesteps, heldout_images, heldout_losses, proxy_dataset
 from nas.shared_eval import scorer_for
-from nas.space import ProxySpec
 
 Report = Callable[[int, float], bool]   # (step, objective) -> True: stop now
 OBJECTIVES = ("loss", "fid")

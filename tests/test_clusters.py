@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import optuna
 import pytest
@@ -14,7 +13,8 @@ from meme.config import ConfigError, DiffusionConfig
 from meme.diffusion import Diffusion
 from meme.timestep_clusters import boundaries_from_runs, gradient_profile, segment
 from nas import clusters
-from nas.space import SPACES_DIR, FixedTrial, build_config, encode, load_space
+from nas.space import SPACES_DIR, load_space
+from nas.sampling import FixedTrial, build_config, encode
 
 
 def test_segmentation_is_exact_on_blocks_of_known_directions():

@@ -21,7 +21,7 @@ import torch
 
 from meme import checkpoint
 from meme.cli import UserError
-from meme.distributed import Layout, check_batch, plan_layout, resume_note
+from meme.distributed import check_batch, plan_layout, resume_note
 from meme.sample import load_run
 from meme.train import train
 from tests.test_cluster import _free_port

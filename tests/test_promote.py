@@ -227,11 +227,11 @@ def _resumes_from_the_committed_rows(tiny_study, out: Path, before: pd.DataFrame
 
 def test_equal_compute_check_charges_an_outside_source_in_full(tmp_path):
     from nas import crossover
-    from nas.promote import Protocol
+    from nas.promote import PromoteProtocol
     from nas.space import PromoteRecipe
     hand = TINY.reference
     (tmp_path / "supernet.json").write_text(json.dumps({"train_gflops_total": 5000.0}))
-    proto = Protocol(data="fashion-mnist", recipe=PromoteRecipe(steps=6, batch_size=8, init_from=str(tmp_path)))
+    proto = PromoteProtocol(data="fashion-mnist", recipe=PromoteRecipe(steps=6, batch_size=8, init_from=str(tmp_path)))
     designs = [Design("hand", hand, init="scratch"), Design("hand+branch", hand, init="branch")]
     with pytest.raises(UserError, match="not at equal training compute"):
         crossover.check_equal_compute(designs, proto, [6], 0.05)

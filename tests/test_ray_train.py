@@ -14,7 +14,7 @@ import torch
 
 from meme import checkpoint
 from meme.train import train
-from nas.promote import Design, Protocol, RayPlacement, run_dir, run_pipelines
+from nas.promote import Design, PromoteProtocol, RayPlacement, run_dir, run_pipelines
 from nas.space import PromoteRecipe
 from tests.test_cluster import RAY_TOKEN, _descendants, _pids_with, ray_cluster  # noqa: F401 (the fixture)
 from tests.test_train import opts, tiny_cfg
@@ -33,7 +33,7 @@ def _driver_env(monkeypatch):
 def test_promote_trains_one_run_on_two_ray_train_workers(ray_cluster, tmp_path, blobs):
     cfg = tiny_cfg()
     recipe = PromoteRecipe(steps=4, batch_size=8, lr=1e-3, warmup=2, ema_decay=0.999)
-    protocol = Protocol(data=str(blobs), recipe=recipe, device="cpu", fid=False)
+    protocol = PromoteProtocol(data=str(blobs), recipe=recipe, device="cpu", fid=False)
     place = RayPlacement(ray_cluster.address, cpus_per_run=0.5, workers_per_run=2)
     [row] = run_pipelines([(Design("tiny", cfg), 1, tmp_path, protocol)], ray=place)
     run = run_dir(tmp_path, Design("tiny", cfg), 1)
@@ -49,7 +49,7 @@ def test_a_dead_ray_train_worker_costs_a_restart_from_the_checkpoint(ray_cluster
     """kill -9 one Ray Train worker mid-run: FailureConfig restarts both, the run resumes
     from its last checkpoint and ends with every logged step once."""
     cfg, steps = tiny_cfg(), 600
-    protocol = Protocol(data=str(blobs), recipe=PromoteRecipe(steps=steps, batch_size=8, lr=1e-3, warmup=2),
+    protocol = PromoteProtocol(data=str(blobs), recipe=PromoteRecipe(steps=steps, batch_size=8, lr=1e-3, warmup=2),
                         device="cpu", fid=False)
     place = RayPlacement(ray_cluster.address, cpus_per_run=0.5, workers_per_run=2)
     run = run_dir(tmp_path, Design("tiny", cfg), 1)

@@ -379,3 +379,22 @@ def test_reproposed_design_is_not_retrained(tmp_path):
     assert len({t.user_attrs["config_hash"] for t in study.trials if "duplicate_of" not in t.user_attrs
                 and t.state == TrialState.COMPLETE}) == len([t for t in study.trials if "duplicate_of" not in t.user_attrs
                                                             and t.state == TrialState.COMPLETE])
+
+
+def test_trials_stop_early_enough_for_the_rerank():
+    """The whole job fits the time budget: the trials' deadline keeps back the re-rank's waves."""
+    from nas.settings import Deadline
+    study = optuna.create_study()
+    for wall, dup in ((10.0, None), (20.0, None), (30.0, None), (500.0, 1)):   # a duplicate did not train
+        t = study.ask()
+        t.set_user_attr("wall_s", wall)
+        if dup is not None:
+            t.set_user_attr("duplicate_of", dup)
+        study.tell(t, 1.0)
+    # median trained trial 20 s; 4 re-rank runs on 2 cores = 2 waves, plus the trials still running: 3 x 20 x 1.25
+    assert search.rerank_reserve(study, runs=4, jobs=2) == pytest.approx(75.0)
+    assert search.rerank_reserve(optuna.create_study(), runs=4, jobs=2) == 0.0    # nothing measured yet
+    job = Deadline(100.0)
+    trials = job.holding_back(lambda: search.rerank_reserve(study, runs=4, jobs=2))
+    assert trials.left() == pytest.approx(25.0, abs=1.0) and job.left() == pytest.approx(100.0, abs=1.0)
+    assert Deadline(None).left() is None

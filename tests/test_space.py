@@ -11,7 +11,8 @@ from meme.config import ConfigError, MemeConfig, head_step_grid
 from meme.references import TABLE4_HIGH_RATIOS
 from nas.proxy import proxy_config
 from meme.references import resolve
-from nas.space import FixedTrial, build_config, encode, load_space
+from nas.space import load_space
+from nas.sampling import FixedTrial, build_config, encode
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

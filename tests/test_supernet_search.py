@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import itertools
 import random
 
 import optuna
@@ -10,14 +9,15 @@ import pytest
 import torch
 
 from meme.macs import cost_of_network
-from meme.supernet import SuperNet
+from meme.supernet import SuperNet, load_index, load_supernet
 from nas import search
 from nas.budget import cost_of
-from nas.interval_opt import _config, all_chains, boundary_choices, chains_after, optimise
+from nas.interval_opt import _config, boundary_choices, chains_after, optimise
 from nas.proxy import proxy_arch
 from nas.shared_eval import SharedScorer
-from nas.space import FixedTrial, build_config, encode, load_space
-from nas.supernet import StageCostTable, load_index, load_supernet, spec_for, train_all
+from nas.space import load_space
+from nas.sampling import FixedTrial, build_config, encode
+from nas.supernet import StageCostTable, spec_for, train_all
 from nas.proxy_data import eval_timesteps, heldout_images, heldout_loss
 from meme.diffusion import Diffusion
 from meme.experts import MultiExpertDenoiser
