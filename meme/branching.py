@@ -51,6 +51,7 @@ from torch import nn
 from meme import checkpoint
 from meme.cli import UserError
 from meme.config import ArchConfig, MemeConfig
+from meme.errors import one_line
 from meme.networks import build_network
 from meme.supernet import INDEX, SuperNet, SupernetSpec, supernet_for
 
@@ -107,7 +108,7 @@ def parent_spec(cfg: MemeConfig) -> Optional[SupernetSpec]:
         for a in archs:
             spec.check(a)
     except Exception as exc:
-        raise UserError(f"{cfg.name}: its experts cannot share one parent: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"{cfg.name}: its experts cannot share one parent: {one_line(exc)}") from None
     return spec
 
 

@@ -44,6 +44,7 @@ from torch.serialization import get_unsafe_globals_in_checkpoint, safe_globals
 
 from meme.cli import UserError, main_guard
 from meme.config import ConfigError, MemeConfig
+from meme.errors import one_line
 
 # What a training checkpoint holds (meme.train.Trainer.state); load_training checks it.
 TRAINING_KEYS = ("model", "ema", "ema_n", "opt", "step", "rng", "data_gen", "config", "options")
@@ -97,11 +98,6 @@ def atomic_write_json(obj: Any, path: str | Path) -> Path:
 
 # ---- reading files from anywhere --------------------------------------------------------
 
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _check_container(path: Path, what: str) -> None:
     """A complete zip (torch.save's format) whose every member matches its CRC-32."""
     if not zipfile.is_zipfile(path):
@@ -110,7 +106,7 @@ def _check_container(path: Path, what: str) -> None:
         with zipfile.ZipFile(path) as z:
             bad = z.testzip()
     except Exception as exc:  # any damage to the container: zlib, struct, bad headers...
-        raise UserError(f"{path}: damaged {what}: {first_line(exc)}") from None
+        raise UserError(f"{path}: damaged {what}: {one_line(exc)}") from None
     if bad is not None:
         raise UserError(f"{path}: damaged {what}: member {bad} fails its CRC-32 check (a corrupt or partial copy)")
 
@@ -145,7 +141,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", what: str =
     except pickle.UnpicklingError:
         raise UserError(_refusal(path, what)) from None
     except Exception as exc:  # bytes from elsewhere can break the reader anywhere: one line, not a traceback
-        raise UserError(f"{path}: cannot read {what}: {first_line(exc)}") from None
+        raise UserError(f"{path}: cannot read {what}: {one_line(exc)}") from None
 
 
 def load_training(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -190,7 +186,7 @@ def applying(path: str | Path, what: str = "checkpoint") -> Iterator[None]:
     except UserError:
         raise
     except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
-        raise UserError(f"{path}: {what} does not fit this model: {first_line(exc)}") from None
+        raise UserError(f"{path}: {what} does not fit this model: {one_line(exc)}") from None
 
 
 # ---- RNG state in plain forms ---------------------------------------------------------------
@@ -241,7 +237,7 @@ def convert(old: str | Path, new: str | Path) -> Path:
     except pickle.UnpicklingError:
         raise UserError(_refusal(old, "checkpoint").split("; convert")[0]) from None
     except Exception as exc:
-        raise UserError(f"{old}: cannot read checkpoint: {first_line(exc)}") from None
+        raise UserError(f"{old}: cannot read checkpoint: {one_line(exc)}") from None
     rng = ck.get("rng") if isinstance(ck, dict) else None
     legacy = rng.get("numpy") if isinstance(rng, dict) else None
     if isinstance(legacy, tuple) and len(legacy) == 5:

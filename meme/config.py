@@ -18,6 +18,10 @@ Values from YAML are converted to the type each field declares (:func:`coerce_fi
 capped (``MAX_WIDTH`` channels, ``MAX_RESOLUTION``, ``MAX_TIMESTEPS``...): a config from
 elsewhere with 10^9 channels is refused here in one line, before anything is allocated.
 What a config within the caps would cost on this machine is ``meme.resources``' job.
+
+Longer than the project's other modules (~520 lines) on purpose: this file *is* the
+config schema, every dataclass beside the validation and YAML coercion of its fields, so
+what a YAML key means, which values it takes and why one is refused are read in one place.
 """
 from __future__ import annotations
 

@@ -53,6 +53,7 @@ from PIL import Image
 from meme import checkpoint
 from meme.cli import UserError
 from meme.config import DataShape
+from meme.errors import one_line
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +228,7 @@ def _read_npy(p: Path) -> np.ndarray:
                              f"the file has {p.stat().st_size - offset} bytes of data")
         return np.load(p, allow_pickle=False)
     except (OSError, ValueError, EOFError, TypeError, SyntaxError) as exc:
-        raise UserError(f"cannot read latents {p}: {checkpoint.first_line(exc)}") from None
+        raise UserError(f"cannot read latents {p}: {one_line(exc)}") from None
 
 
 def _check_latents(arr: torch.Tensor, shape: DataShape, path: Path) -> None:

