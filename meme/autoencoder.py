@@ -2,8 +2,9 @@
 
 The library half: load an autoencoder, encode images in resumable chunks, measure the
 scaling factor, and decode stored latents (:func:`load_decoder`). Its command line
-(``python -m meme.autoencoder encode|train``, ``meme-nas autoencoder``) lives in
-``meme.autoencoder_cli``.
+(``python -m meme.autoencoder_cli encode|train``, ``meme-nas autoencoder``) lives at the
+edge, in ``meme.autoencoder_cli``: the CLI imports this module, never the other way, so
+the library (sampling, training, FID) never loads the command line.
 
 Autoencoders load with ``from_pretrained`` from a local directory or a hub id; a hub id
 is read offline when its files are cached. diffusers is imported here only, inside the
@@ -155,6 +156,6 @@ def data_spec_for_record(spec: str) -> str:
     return str(Path(spec).expanduser().resolve())
 
 
-if __name__ == "__main__":  # `python -m meme.autoencoder`: the command line lives at the edge
-    from meme.autoencoder_cli import main
-    raise SystemExit(main())
+if __name__ == "__main__":  # an old habit: say where the command line went instead of doing nothing
+    raise SystemExit("the autoencoder's command line is `python -m meme.autoencoder_cli encode|train` "
+                     "(or `meme-nas autoencoder`)")

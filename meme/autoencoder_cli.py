@@ -1,7 +1,7 @@
-"""The autoencoder's command line: ``python -m meme.autoencoder encode|train`` (``meme-nas autoencoder``).
+"""The autoencoder's command line: ``python -m meme.autoencoder_cli encode|train`` (``meme-nas autoencoder``).
 
-    python -m meme.autoencoder encode --vae PATH_OR_ID --data IMAGES --out latents.pt
-    python -m meme.autoencoder train  --data fashion-mnist --out runs/ae
+    python -m meme.autoencoder_cli encode --vae PATH_OR_ID --data IMAGES --out latents.pt
+    python -m meme.autoencoder_cli train  --data fashion-mnist --out runs/ae
 
 ``encode`` writes ``{'latents': scaling_factor * z, 'autoencoder': LatentInfo}``, so that
 training, sampling and FID all know which autoencoder decodes the file. z is the
@@ -72,7 +72,7 @@ def encode(args: argparse.Namespace) -> LatentInfo:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m meme.autoencoder", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m meme.autoencoder_cli", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("encode", help="encode images into a latent .pt file for meme.train --data")
     e.add_argument("--vae", required=True, help="diffusers AutoencoderKL/VQModel: local directory or hub id")

@@ -1,4 +1,4 @@
-"""Training a small first-stage AutoencoderKL: ``python -m meme.autoencoder train``.
+"""Training a small first-stage AutoencoderKL: ``python -m meme.autoencoder_cli train``.
 
 Sized for one CPU core in minutes (Fashion-MNIST 1x32x32 -> 4x8x8 by default, f=4 as
 LDM's KL-f4). The loss is LDM's without its perceptual and GAN terms: per-image summed
@@ -166,7 +166,7 @@ def _save(vae, metrics: dict, grid: torch.Tensor, out: Path, save_grid) -> None:
 
 
 def add_train_parser(sub) -> None:
-    """The ``train`` subcommand of ``python -m meme.autoencoder``; flags mirror AETrainOptions."""
+    """The ``train`` subcommand of ``python -m meme.autoencoder_cli``; flags mirror AETrainOptions."""
     d = AETrainOptions()
     t = sub.add_parser("train", help="train a small AutoencoderKL and report MSE, PSNR and rFID")
     t.add_argument("--data", default=d.data, help="images: 'fashion-mnist' or a folder (default %(default)s)")

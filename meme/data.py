@@ -14,7 +14,7 @@
   ``shape.resolution``; RGB if ``shape.channels == 3``, otherwise grey repeated to
   ``shape.channels``. Values in [-1, 1].
 * a ``.npy`` / ``.pt`` file of pre-encoded latents N x C x H x W (a ``.pt`` may also hold
-  a dict with a ``'latents'`` entry; ``python -m meme.autoencoder encode`` adds an
+  a dict with a ``'latents'`` entry; ``python -m meme.autoencoder_cli encode`` adds an
   ``'autoencoder'`` record there, see ``meme.latents``). C, H and W must match ``shape``. Latents are
   returned **as stored**: the file must already hold ``scale_factor * z`` (LDM's
   ``scale_factor``, e.g. 1/std of the first-stage latents, so the diffusion sees roughly
@@ -78,7 +78,7 @@ def load_data(spec: Optional[str | Path],    # None/'fashion-mnist', image folde
     if shape.latent and kind != "latents":
         raise UserError(f"{spec or 'fashion-mnist'} is images, but the config's data is latent "
                         f"({shape.channels}x{shape.resolution}x{shape.resolution}): encode them first with "
-                        f"`python -m meme.autoencoder encode --vae AE --data {spec or 'fashion-mnist'} "
+                        f"`python -m meme.autoencoder_cli encode --vae AE --data {spec or 'fashion-mnist'} "
                         f"--out LATENTS.pt` and pass the .pt")
     if kind == "latents":
         arr = _latents(str(path), file_stamp(path))

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from meme.config import MemeConfig
+from meme.networks import build_network
 from meme.sharing import tie
 
 
@@ -90,8 +91,6 @@ class MultiExpertDenoiser(nn.Module):
 def build_denoiser(cfg: MemeConfig) -> MultiExpertDenoiser:
     """One network per ``cfg.experts`` entry (``meme.networks.build_network``), N = 1 allowed;
     the parts ``cfg.share`` names are one module for all experts (``meme.sharing``)."""
-    from meme.networks import build_network  # deferred: networks import heavy blocks
-
     cfg.validate()
     experts = [build_network(a, cfg.data) for a in cfg.experts]
     tie(experts, cfg.share, cfg.data)

@@ -38,10 +38,13 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from meme.bench import device_name, time_runs
+from meme.cli import UserError, main_guard, pick_device
 from meme.config import ArchConfig, DataShape, MemeConfig
 from meme.fastpath import PRECISIONS, compile_for_inference, fast_path_for_width
-from meme.macs import disk_get, disk_put, env_cache_dir, source_fingerprint
+from meme.macs import cost_of_meme, disk_get, disk_put, env_cache_dir, source_fingerprint
+from meme.networks import build_network, wake_zero_init
+from meme.references import reference_names, resolve
+from meme.timing import device_name, time_runs
 
 
 LATENCY_VERSION = 1           # bump when what is timed changes: invalidates the disk cache
@@ -199,8 +202,6 @@ def time_network(net: nn.Module, arch: ArchConfig, data: DataShape, setting: Set
 
 def build_timed(arch: ArchConfig, data: DataShape) -> nn.Module:
     """The network to time: built and woken (no all-zero layers a kernel could skip)."""
-    from meme.networks import build_network, wake_zero_init  # meme.networks imports every block
-
     torch.manual_seed(0)
     return wake_zero_init(build_network(arch, data))
 
@@ -245,10 +246,6 @@ def format_table(name: str, lat: dict[int, MemeLatency], gflops: list[float], se
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from meme.cli import UserError, main_guard, pick_device
-    from meme.macs import cost_of_meme
-    from meme.references import reference_names, resolve
-
     @main_guard
     def run(argv: Optional[list[str]]) -> int:
         p = argparse.ArgumentParser(prog="python -m meme.latency",

@@ -1,13 +1,12 @@
 """What a latent file says about itself: which autoencoder made it and how to decode it.
 
-``python -m meme.autoencoder encode`` writes a ``.pt`` dict ``{'latents': scale * z,
+``python -m meme.autoencoder_cli encode`` writes a ``.pt`` dict ``{'latents': scale * z,
 'autoencoder': {...}}``. The second entry (:class:`LatentInfo`) is what every later
 step needs to turn samples back into pictures: sample grids, ``samples.npz`` and FID
 are computed on decoded images, scored against the images that were encoded.
 
 This module reads that record without importing diffusers, so the pixel path never
-pays for it. The decoder it describes is built by ``meme.autoencoder.load_decoder``
-(re-exported here for the modules that import it from this one).
+pays for it. The decoder it describes is built by ``meme.autoencoder.load_decoder``.
 """
 from __future__ import annotations
 
@@ -20,7 +19,6 @@ from typing import Optional
 
 
 from meme import checkpoint
-from meme.autoencoder import load_decoder  # noqa: F401  (re-exported)
 from meme.data import LATENT_SUFFIXES, file_stamp
 from meme.errors import UserError
 
@@ -56,7 +54,7 @@ class LatentInfo:
                    if f.default is dataclasses.MISSING and f.name not in d]
         if missing:
             raise UserError(f"{source}: autoencoder metadata lacks {missing}: encode again with "
-                            f"`python -m meme.autoencoder encode`")
+                            f"`python -m meme.autoencoder_cli encode`")
         kw = {k: v for k, v in d.items() if k in names}
         shape = kw["latent_shape"]
         checks = {
@@ -73,7 +71,7 @@ class LatentInfo:
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise UserError(f"{source}: autoencoder metadata has malformed {bad}: encode again with "
-                            f"`python -m meme.autoencoder encode`")
+                            f"`python -m meme.autoencoder_cli encode`")
         kw["latent_shape"] = tuple(shape)
         kw["scaling_factor"] = float(kw["scaling_factor"])
         return cls(**kw)
@@ -115,11 +113,11 @@ def require_latent_info(spec: Optional[str | Path], purpose: str) -> LatentInfo:
     """The record of ``spec``, or a one-line error saying why there is nothing to decode with."""
     if not is_latent_file(spec):
         raise UserError(f"{spec or 'fashion-mnist'} is images, not a latent file: {purpose} needs latents "
-                        f"from `python -m meme.autoencoder encode --data IMAGES --out LATENTS.pt`")
+                        f"from `python -m meme.autoencoder_cli encode --data IMAGES --out LATENTS.pt`")
     info = latent_info(spec)
     if info is None:
         raise UserError(f"{spec} holds latents without autoencoder metadata, so {purpose} cannot decode them: "
-                        f"encode with `python -m meme.autoencoder encode`")
+                        f"encode with `python -m meme.autoencoder_cli encode`")
     return info
 
 

@@ -46,8 +46,13 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from meme.blocks import ScaledDotProductAttention, reference_mixers
 from meme.checkpoint import atomic_write_json
+from meme.cli import main_guard
 from meme.config import ArchConfig, DataShape, MemeConfig
+from meme.experts import build_denoiser
+from meme.networks import build_network
+from meme.references import reference_names, resolve
 from meme.sharing import shared_modules
 
 log = logging.getLogger(__name__)
@@ -183,9 +188,7 @@ def count_module(net: nn.Module, input_shape: tuple[int, ...], *, takes_t: bool 
     False. Accepts CPU or meta modules. Raises ``RuntimeError`` when matmul work
     escapes the count (see the module docstring).
     """
-    from ptflops import get_model_complexity_info
-
-    from meme.blocks import ScaledDotProductAttention, reference_mixers
+    from ptflops import get_model_complexity_info  # third-party; its import is only paid by a count
 
     model = _on_cpu(_WithTimestep(net) if takes_t else net)
     attention = AttentionTally()
@@ -211,8 +214,6 @@ def count_module(net: nn.Module, input_shape: tuple[int, ...], *, takes_t: bool 
 
 
 def _count_arch(arch: ArchConfig, data: DataShape) -> NetCost:
-    from meme.networks import build_network
-
     with torch.device("meta"):  # no weight initialisation: shapes are all a count needs
         net = build_network(arch, data)
     return count_module(net, (data.channels, data.resolution, data.resolution))
@@ -297,8 +298,6 @@ def shared_param_count(cfg: MemeConfig) -> int:
     """Parameters of the parts ``cfg.share`` names (one expert's copy), from shapes only."""
     if not cfg.share.any or cfg.num_experts < 2:
         return 0
-    from meme.experts import build_denoiser  # experts -> networks -> blocks: only needed with sharing
-
     with torch.device("meta"):
         den = build_denoiser(cfg)
     return sum(p.numel() for m in shared_modules(den.experts) for p in m.parameters())
@@ -336,9 +335,6 @@ def format_table(name: str, cost: MemeCost) -> Iterator[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from meme.cli import main_guard
-    from meme.references import reference_names, resolve
-
     @main_guard
     def run(argv: list[str] | None) -> int:
         p = argparse.ArgumentParser(prog="python -m meme.macs",

@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from meme.bench import NOT_MEASURED, Row
+from meme.bench_report import NOT_MEASURED, Row
 from meme.references import resolve
 
 CONFIG = "fmnist-meme-small"

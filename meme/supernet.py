@@ -60,7 +60,7 @@ from torch.func import functional_call
 from meme.blocks import IFormerBlock, InceptionMixer
 from meme.checkpoint import load as load_file
 from meme.cli import UserError
-from meme.config import ArchConfig, ConfigError, DataShape, parse_fraction, plain, require
+from meme.config import ArchConfig, ConfigError, DataShape, MemeConfig, parse_fraction, plain, require
 from meme.iunet import IUNet
 
 INDEX = "supernet.json"     # a trained supernet directory: this index + one folder per macro shape
@@ -122,8 +122,6 @@ class SupernetSpec:
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "supernet spec") -> "SupernetSpec":
-        from meme.config import MemeConfig
-
         require(isinstance(d, dict) and {"template", "data", "ratios", "pool_strides"} <= set(d),
                 f"{source}: needs template, data, ratios and pool_strides")
         try:

@@ -47,6 +47,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from meme import checkpoint, distributed
+from meme.autoencoder import load_decoder
 from meme.branching import (AllTimesteps, BranchPlan, activate, carried_optimizer_state,
                             expert_state, init_from_source, load_experts, parent_network)
 from meme.cli import UserError, main_guard, pick_device, setup_logging
@@ -58,7 +59,7 @@ from meme.diffusion import Diffusion
 from meme.experts import SoftExpertSampler, build_denoiser
 from meme.fastpath import PRECISIONS, FastPath, fast_path
 from meme.images import decode, save_grid
-from meme.latents import latent_info, load_decoder
+from meme.latents import latent_info
 from meme.references import resolve
 from meme.resources import check_fits
 from meme.sample import SamplingPlan, generate

@@ -1,234 +1,75 @@
 """Performance benchmarks, side by side in one process: ``python -m nas.bench``.
 
-Runs the model benchmarks of ``meme.bench`` (fast paths, sampling, training, memory;
-see there) and, here, the search's own costs:
+Runs the model benchmarks of ``meme.bench`` and ``meme.bench_forward`` (fast paths,
+iFormer blocks, sampling, training, memory; see there), the search's own costs
+(``nas.bench_search``) and:
 
-* **search** -- time to check one candidate's MACs (no cache), and each trial engine's
-  overhead per trial: (engine wall - trial body wall) / trial body wall;
 * **fastpath** also times a default-space search proxy (``PROXY_ITEM``), the model a
   trial actually trains;
 * **target** rows compare what was measured with the figures the project aims at.
 
-Results go to a CSV per run and to one section per device of ``BENCHMARKS.md``.
+Results go to a CSV per run and to one section per device of ``BENCHMARKS.md``; until a
+CUDA run is recorded there, a note (``GPU_PENDING``) says what no GPU has measured yet.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime as _dt
 import os
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from meme.bench import bench_compile, bench_memory, bench_sampling, bench_training
+from meme.bench_forward import Model, bench_fast_paths, bench_iformer
+from meme.bench_report import COLUMNS, NOT_MEASURED, Row, format_table, update_markdown, write_csv
+from meme.cli import UserError, main_guard
+from meme.markdown import markdown_table
+from meme.references import resolve
 from meme.scaling import bench_scaling, unmeasured_gpu_rows
-from meme.bench import (COLUMNS, ENGINES, NOT_MEASURED, PENDING, SECTIONS, BenchOptions, Model, Row, bench_compile, bench_fast_paths, bench_iformer, bench_memory, bench_sampling,
-                        bench_training, default_options, device_name, dtype_name, format_table, matmul_peak_flops,
-                        median, peak_dtypes, update_markdown, write_csv)
+from meme.timing import device_name, dtype_name, matmul_peak_flops, peak_dtypes
+from nas.bench_search import (ENGINES, SECTIONS, SearchBenchOptions, bench_engine, bench_evaluators,
+                              bench_macs_check, default_options)
+from nas.proxy import proxy_config
+from nas.space import load_space
 
 OPTIONAL_SECTIONS = ("scaling",)            # only with --only (several training runs of their own)
 PROXY_ITEM = "search-proxy"                 # meme-table4's first expert as a default-space trial trains it
 
+MD_HEADER = """# Benchmarks
+
+Written by `python -m nas.bench` (one section per device; a rerun replaces its section).
+Timings are medians after warm-up (CUDA events on GPU, perf_counter on CPU). `vs_ref` is
+the measured ratio against LDM-L, `macs_ratio` the ideal one from `meme.macs` (GMACs per
+step, attention included). Figures a run could not measure say so; none are estimated.
+"""
+
+GPU_PENDING = f"""<!-- bench:cuda (pending) -->
+## GPU (H100 / H200): {NOT_MEASURED}
+
+No GPU run has been recorded yet. To fill this section on a CUDA machine:
+
+    python -m nas.bench --device cuda --compile
+
+| target | value |
+|---|---|
+| meme-table4 / ldm-l sampling img/s at 3x64x64 b32 (target >= 3.2) | {NOT_MEASURED} |
+| iU-Net expert training MFU, bf16 (target >= 35%) | {NOT_MEASURED} |
+| peak device memory, normal vs low-memory sampling | {NOT_MEASURED} |
+| torch.compile time and steady-state gain (sampling and training) | {NOT_MEASURED} |
+| fast paths: bf16 + channels_last and compiled speed-ups, iU-Net / LDM-L ratio realised | {NOT_MEASURED} |
+<!-- /bench -->
+"""
+
 
 def search_proxy_model() -> Model:
     """meme-table4 scaled to the default space's proxy, at the proxy's batch: what a trial trains."""
-    from meme.references import resolve
-    from nas.proxy import proxy_config
-    from nas.space import load_space
-
     proxy = load_space("meme_ffhq256").proxy
     return PROXY_ITEM, proxy_config(resolve("meme-table4"), proxy), proxy.batch_size
-
-
-@contextlib.contextmanager
-def _env(key: str, value: str):
-    old = os.environ.get(key)
-    os.environ[key] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
-
-
-def bench_macs_check(o: BenchOptions) -> list[Row]:
-    """cost_of_meme on the target-shape Table 4 MEME with both caches off."""
-    from meme import macs
-    from meme.references import resolve
-
-    cfg = resolve("meme-table4")   # always the search's target shape (3x64x64)
-    times = []
-    with _env("MEME_MACS_CACHE", "0"):
-        for _ in range(max(o.repeats, 2)):
-            macs.cost_of_network.cache_clear()
-            t0 = time.perf_counter()
-            macs.cost_of_meme(cfg)
-            times.append(time.perf_counter() - t0)
-    macs.cost_of_network.cache_clear()
-    per = median(times)
-    label = f"{cfg.data.channels}x{cfg.data.resolution}x{cfg.data.resolution} b1"
-    return [
-        Row("search", "macs_check", "s_per_candidate", per, "s", target="<= 1 s", shape=label,
-            note=f"meme.macs.cost_of_meme, {cfg.num_experts} distinct experts, MEME_MACS_CACHE=0, lru cleared"),
-        Row("search", "macs_check", "s_per_network", per / cfg.num_experts, "s", shape=label),
-    ]
-
-
-def _engine_settings(engine: str, space: str, trials: int, out: Path, dev: torch.device):
-    from nas.budget import Budget
-    from nas.space import load_space
-    from nas.settings import Settings
-    from nas.study import storage_url_for
-
-    return Settings(space=load_space(space), budget=Budget(gflops=1e9), objectives=("loss",), trials=trials,
-                    study_name=f"bench-{engine}", out=out, storage_url=storage_url_for(out, None),
-                    seed=0, device=str(dev), cpus_per_trial=float(os.cpu_count() or 1),
-                    gpus_per_trial=1.0 if dev.type == "cuda" else 0.0, progress=False)
-
-
-@dataclass
-class TrialTimes:
-    """Per-trial times from the study: body (run_trial's own wall) and span (asked -> told)."""
-
-    bodies: list[float]
-    spans: list[float]
-
-
-def _trial_times(storage, study_name: str) -> TrialTimes:
-    import optuna
-
-    study = optuna.load_study(study_name=study_name, storage=storage)
-    trials = [t for t in study.get_trials(deepcopy=False)
-              if "wall_s" in t.user_attrs and t.datetime_start and t.datetime_complete]
-    return TrialTimes(bodies=[float(t.user_attrs["wall_s"]) for t in trials],
-                      spans=[(t.datetime_complete - t.datetime_start).total_seconds() for t in trials])
-
-
-def bench_engine(engine: str, o: BenchOptions, dev: torch.device, log: Callable[[str], None]) -> list[Row]:
-    """Run a few tiny-space trials under ``engine``; overhead = (wall - body) / body."""
-    label = f"{o.space} space proxy, {o.engine_trials} trials, serial"
-    if engine not in o.engines:
-        return [Row("search", f"engine_{engine}", "overhead", "skipped (--engines)", "%", shape=label,
-                    target="<= 5% of a proxy trial")]
-    rows = []
-    try:
-        from nas.study import open_study
-        with tempfile.TemporaryDirectory(prefix=f"meme-bench-{engine}-") as tmp:
-            s = _engine_settings(engine, o.space, o.engine_trials, Path(tmp), dev)
-            storage, study = open_study(s, resume=False)
-            if engine == "optuna":
-                from nas import optuna_engine
-                t0 = time.perf_counter()
-                optuna_engine.run(s, study)
-                wall = time.perf_counter() - t0
-            else:
-                from nas import ray_engine
-                t0 = time.perf_counter()
-                ray_engine.init_ray(None)
-                startup = time.perf_counter() - t0
-                rows.append(Row("search", "engine_ray", "startup", startup, "s", shape=label,
-                                note="ray.init (once per search, not per trial)"))
-                t0 = time.perf_counter()
-                ray_engine.run(s, study, o.engine_trials)
-                wall = time.perf_counter() - t0
-                import ray
-                ray.shutdown()
-            times = _trial_times(storage, s.study_name)
-            if hasattr(storage, "engine"):
-                storage.engine.dispose()    # release the SQLite file before the folder goes
-    except Exception as exc:  # the search is still being built: report, do not invent
-        from meme.errors import one_line
-        return rows + [Row("search", f"engine_{engine}", "overhead", PENDING, "%", shape=label,
-                           target="<= 5% of a proxy trial", note=one_line(exc, typed=True)[:200])]
-    if not times.bodies:
-        return rows + [Row("search", f"engine_{engine}", "overhead", PENDING, "%", shape=label,
-                           target="<= 5% of a proxy trial", note="no trial recorded wall_s")]
-    body, span, n = sum(times.bodies), sum(times.spans), len(times.bodies)
-    gaps = [max(sp - b, 0.0) for sp, b in zip(times.spans, times.bodies)]
-    # The first trial also pays a fresh worker's start-up (a Ray actor imports torch):
-    # once per worker, so the steady per-trial overhead is taken over the later trials.
-    later_gaps, later_bodies = (gaps[1:], times.bodies[1:]) if n > 1 else (gaps, times.bodies)
-    log(f"  engine {engine}: wall {wall:.1f} s, trial spans {span:.1f} s, trial bodies {body:.1f} s over {n} trials; "
-        f"first trial overhead {gaps[0]:.2f} s, later {sum(later_gaps) / len(later_gaps):.2f} s each")
-    return rows + [
-        Row("search", f"engine_{engine}", "wall_per_trial", wall / n, "s", shape=label),
-        Row("search", f"engine_{engine}", "body_per_trial", body / n, "s", shape=label,
-            note="nas.trial.run_trial wall (user attr wall_s)"),
-        Row("search", f"engine_{engine}", "fixed_startup", max(wall - span, 0.0), "s", shape=label,
-            note="engine wall outside every trial's span: set-up and tear-down, once per search"),
-        Row("search", f"engine_{engine}", "first_trial_overhead", gaps[0], "s", shape=label,
-            note="span minus body of the first trial: includes starting a worker (once per worker)"),
-        Row("search", f"engine_{engine}", "overhead_s_per_trial", sum(later_gaps) / len(later_gaps), "s",
-            shape=label, note="span (asked -> told) minus body, later trials: sampler, storage, scheduling"),
-        Row("search", f"engine_{engine}", "overhead", 100 * sum(later_gaps) / sum(later_bodies), "%", shape=label,
-            target="<= 5% of a proxy trial", note="sum(span - body) / sum(body) over the trials after the first"),
-        Row("search", f"engine_{engine}", "overhead_incl_startup", 100 * (wall - body) / body, "%", shape=label,
-            note=f"(engine wall - bodies) / bodies: every start-up spread over only {n} trials"),
-    ]
-
-
-
-def bench_evaluators(o: BenchOptions, dev: torch.device, log: Callable[[str], None], k: int = 4) -> list[Row]:
-    """Per-candidate scoring cost, from-scratch proxy vs the weight-shared supernet, same run.
-
-    ``k`` random default-space candidates (one macro, seed 0; the tiny space with
-    ``--quick``). The supernet is trained
-    for one step only: what is timed (extract + held-out passes) does not depend on how
-    well it is trained, and its one-time training cost is reported from its own FLOPs
-    count. Cold = a fresh score cache (every sub-network new), warm = the same candidates
-    again (every term cached). The from-scratch figure is one full proxy trial of the
-    first candidate (training + held-out loss).
-    """
-    import optuna
-
-    from nas.shared_eval import SharedScorer
-    from nas.space import build_config, load_space
-    from nas.supernet import macro_of, train_all
-    from nas.trial import run_trial
-
-    space = load_space("tiny" if o.quick else "meme_ffhq256")
-    label = f"{space.name} space proxy, {k} random candidates, one macro"
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    cands = []
-    while len(cands) < k:
-        cfg = build_config(study.ask(), space)
-        if not cands or macro_of(cfg) == macro_of(cands[0]):
-            cands.append(cfg)
-    base, blocks = macro_of(cands[0])
-    with tempfile.TemporaryDirectory(prefix="meme-bench-supernet-") as tmp:
-        index = train_all(space.source, Path(tmp), steps=1, macros=f"{base}:{blocks}", device=str(dev), progress=False)
-        proxy = dataclasses.replace(space.proxy, evaluator="supernet", supernet=tmp)
-        t0 = time.perf_counter()
-        scorer = SharedScorer(tmp, proxy, str(dev))
-        cold = [scorer.score(c).wall_s for c in cands]
-        cold_total = time.perf_counter() - t0        # includes loading the supernet once
-        warm = [scorer.score(c).wall_s for c in cands]
-    t0 = time.perf_counter()
-    run_trial(cands[0], space.proxy.from_scratch(), lambda step, value: None, device=str(dev))
-    scratch = time.perf_counter() - t0
-    per_cold, per_warm = cold_total / k, median(warm)
-    log(f"  evaluators: from scratch {scratch:.1f} s/candidate, supernet cold {per_cold:.2f} s, warm {per_warm:.3f} s")
-    return [
-        Row("search", "evaluator_scratch", "s_per_candidate", scratch, "s", shape=label,
-            note="nas.trial.run_trial, from-scratch proxy: train + held-out loss"),
-        Row("search", "evaluator_supernet", "s_per_candidate_cold", per_cold, "s", shape=label,
-            note="fresh cache: load + extract + held-out passes for every expert"),
-        Row("search", "evaluator_supernet", "s_per_candidate_warm", per_warm, "s", shape=label,
-            note="every (t, sub-network) term cached"),
-        Row("search", "evaluator_supernet", "speedup_cold", scratch / per_cold, "x", shape=label,
-            target=">= 10x", note="from-scratch s / supernet cold s, this run (MACs check excluded from both)"),
-        Row("search", "evaluator_supernet", "one_time_train_gflops_per_step",
-            index["train_gflops_total"], "GFLOP", shape=label,
-            note="supernet training, charged once per search (x --steps)"),
-    ]
 
 
 def target_rows(rows: list[Row], dev: torch.device, device_name: str) -> list[Row]:
@@ -273,7 +114,7 @@ def target_rows(rows: list[Row], dev: torch.device, device_name: str) -> list[Ro
 
 # ---- driver ----------------------------------------------------------------------------
 
-def run_bench(o: BenchOptions, log: Callable[[str], None] = print) -> tuple[list[Row], dict[str, str]]:
+def run_bench(o: SearchBenchOptions, log: Callable[[str], None] = print) -> tuple[list[Row], dict[str, str]]:
     """Every requested section, in one process; returns rows and run metadata."""
     dev = torch.device(o.device)
     if dev.type == "cuda":
@@ -328,8 +169,6 @@ def run_bench(o: BenchOptions, log: Callable[[str], None] = print) -> tuple[list
 
 
 def markdown_section(rows: list[Row], meta: dict[str, str], command: str) -> tuple[str, str]:
-    from meme.cli import markdown_table
-
     key = (f"{meta['device_type']}: {meta['device']}" + (" (quick)" if meta["mode"] == "quick" else "")
            + (f" ({meta['only']})" if meta.get("only") else ""))
     table = markdown_table(COLUMNS, ([r.as_dict()[c] for c in COLUMNS] for r in rows)).rstrip()
@@ -361,8 +200,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from meme.cli import UserError, main_guard
-
     @main_guard
     def run(argv):
         args = parse_args(argv)
@@ -392,7 +229,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         command = "python -m nas.bench " + " ".join(argv if argv is not None else sys.argv[1:])
         if not args.no_md:
             key, section = markdown_section(rows, meta, command.strip())
-            update_markdown(args.md, key, section, cuda=meta["device_type"] == "cuda")
+            update_markdown(args.md, key, section, MD_HEADER, GPU_PENDING)
         print(f"\n{meta['device']}, torch {meta['torch']}; {time.perf_counter() - t0:.0f} s; csv: {path}"
               + ("" if args.no_md else f"; markdown: {args.md}"))
         return 0

@@ -24,6 +24,7 @@ COMMANDS = {  # name -> (module, one line)
     "evaluate": ("meme.evaluate", "FID / precision / recall of a run's samples"),
     "frequency": ("meme.frequency", "Fourier analysis of feature maps per expert"),
     "macs": ("meme.macs", "parameters, MACs and GFLOPs of a config"),
+    "autoencoder": ("meme.autoencoder_cli", "encode images into a latent file; train a small AutoencoderKL"),
     "bench": ("nas.bench", "speed, memory and engine-overhead benchmark"),
 }
 

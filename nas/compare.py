@@ -36,7 +36,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from meme.bench import time_runs
+from meme.timing import time_runs
 from meme.checkpoint import atomic_write_json
 from meme.cli import UserError, main_guard, markdown_table, setup_logging
 from meme.config import MemeConfig

@@ -224,23 +224,44 @@ def test_encode_train_sample_decode_fid_end_to_end(tmp_path, capsys, latents, im
     assert not (tmp_path / "raw-eval.json").exists()
 
 
-def test_fid_objective_of_a_search_decodes_latent_proxies(latents, image_dir):
+def test_fid_objective_of_a_search_decodes_latent_proxies(latents, image_dir, monkeypatch):
     """A latent proxy's FID objective is the FID of its samples *decoded* by the file's
-    autoencoder, scored against the images that were encoded: checked against the same
-    measurement done by hand (DDIM samples -> load_decoder -> FID)."""
+    autoencoder, scored against the images that were encoded: the trial's objective is the
+    FID of image-shaped pixels from the decoder its latent file names, and that measurement
+    agrees with the same one done by hand (DDIM samples -> load_decoder -> FID)."""
     from meme.diffusion import Diffusion
     from meme.experts import build_denoiser
     from meme.fastpath import fast_path
     from meme.images import to_uint8
     from meme.sample import SamplingPlan, generate
+    from nas import trial
     from nas.proxy import proxy_config
-    from nas.space import ProxySpec
+    from nas.proxy import ProxySpec
     from nas.trial import run_trial, sample_fid
 
+    decoders, scored = [], []
+
+    def spy_decoder(info, device):
+        decoders.append(info)
+        return load_decoder(info, device)
+
+    def spy_evaluate(images, **kw):
+        result = evaluate.evaluate_samples(images, **kw)
+        scored.append((images, result["fid"]))
+        return result
+
+    trial._decoder.cache_clear()                 # a decoder cached by an earlier test would hide the load
+    monkeypatch.setattr(trial, "load_decoder", spy_decoder)
+    monkeypatch.setattr(trial, "evaluate_samples", spy_evaluate)
     proxy = ProxySpec(data=str(latents), resolution=8, channels=2, width_mult=1, steps=2, eval_every=2,
                       fid_samples=6, fid_steps=2, eval_batch=4, limit_data=None, precision="fp32")
     result = run_trial(latent_cfg(), proxy, lambda step, value: False, objective="fid", device="cpu", threads=1)
-    assert np.isfinite(result.objective) and result.objective > 0
+    trial._decoder.cache_clear()
+    assert decoders == [latent_info(latents)]    # the file's own autoencoder decoded the samples
+    images, fid = scored[-1]
+    assert images.shape == (6, 16, 16, 1) and images.dtype == np.uint8   # pixels, not 2x8x8 latents
+    assert result.objective == pytest.approx(fid) and np.isfinite(fid) and fid > 0
+    monkeypatch.undo()
 
     torch.manual_seed(0)
     model = build_denoiser(proxy_config(latent_cfg(), proxy))

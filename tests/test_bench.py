@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from meme import bench as model_bench
+from meme import bench_forward, bench_report
 from nas import bench
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,10 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 def expected_keys() -> set[tuple[str, str, str]]:
     """(section, item, metric) of every row a CPU run of all sections must print."""
     keys = {("device", "*", "matmul_peak_float32")}
-    variants = [v.name for v in model_bench.fast_path_variants(compile=False)]
-    for m in model_bench.FAST_PATH_MODELS + (bench.PROXY_ITEM,):
+    variants = [v.name for v in bench_forward.fast_path_variants(compile=False)]
+    for m in bench_forward.FAST_PATH_MODELS + (bench.PROXY_ITEM,):
         keys |= {("fastpath", m, f"ms_{v}") for v in variants}
-    keys |= {("fastpath", "/".join(model_bench.FAST_PATH_MODELS), f"speed_ratio_{v}") for v in variants}
+    keys |= {("fastpath", "/".join(bench_forward.FAST_PATH_MODELS), f"speed_ratio_{v}") for v in variants}
     for m in model_bench.SAMPLING_MODELS:
         keys |= {("sampling", m, k) for k in ("img_per_s", "ms_per_step", "latency_per_img")}
     for m in model_bench.TRAINING_MODELS:
@@ -70,7 +71,7 @@ def test_quick_run_writes_every_row_and_column(quick_run):
     assert len(csvs) == 1
     with csvs[0].open() as f:
         reader = csv.DictReader(f)
-        assert tuple(reader.fieldnames) == model_bench.COLUMNS
+        assert tuple(reader.fieldnames) == bench_report.COLUMNS
         rows = list(reader)
     got = {(r["section"], "*" if r["section"] == "device" else r["item"], r["metric"]) for r in rows}
     assert expected_keys() <= got
@@ -79,7 +80,7 @@ def test_quick_run_writes_every_row_and_column(quick_run):
     by = {(r["section"], r["item"], r["metric"]): r for r in rows}
     # No GPU here: device memory is labelled, GPU targets stay unmeasured, Ray was not asked for.
     assert by[("memory", "meme-table4", "peak_device_mem_normal")]["value"] == "n/a (cpu)"
-    assert by[("target", "iU-Net expert training", "mfu (H100/H200 bf16)")]["value"] == model_bench.NOT_MEASURED
+    assert by[("target", "iU-Net expert training", "mfu (H100/H200 bf16)")]["value"] == bench_report.NOT_MEASURED
     assert by[("search", "engine_ray", "overhead")]["value"] == "skipped (--engines)"
     scratch = float(by[("search", "evaluator_scratch", "s_per_candidate")]["value"])
     cold = float(by[("search", "evaluator_supernet", "s_per_candidate_cold")]["value"])
@@ -87,7 +88,7 @@ def test_quick_run_writes_every_row_and_column(quick_run):
     assert float(by[("search", "evaluator_supernet", "speedup_cold")]["value"]) == pytest.approx(scratch / cold, rel=0.02)
     # Ratios are recomputed from the rows' own values: a speed-up is ref time / this time,
     # an img/s ratio is this / ref, and the MACs ratio is the reference's MACs over this model's.
-    for m in model_bench.FAST_PATH_MODELS:
+    for m in bench_forward.FAST_PATH_MODELS:
         fp32 = float(by[("fastpath", m, "ms_fp32")]["value"])
         for (sec, item, metric), r in by.items():
             if sec == "fastpath" and item == m and metric.startswith("ms_"):
@@ -124,20 +125,24 @@ def test_quick_run_markdown_section(quick_run):
 
 def test_markdown_rerun_replaces_only_its_device(tmp_path):
     md = tmp_path / "B.md"
-    row = [model_bench.Row("search", "macs_check", "s_per_candidate", 0.5, "s")]
+
+    def write(key, sec):
+        bench_report.update_markdown(md, key, sec, bench.MD_HEADER, bench.GPU_PENDING)
+
+    row = [bench_report.Row("search", "macs_check", "s_per_candidate", 0.5, "s")]
     meta = {"device_type": "cpu", "device": "CPU X", "mode": "full", "date": "2024-01-01", "torch": "2",
             "threads": "2", "load": "0.0 0.0 0.0"}
     key, sec = bench.markdown_section(row, meta, "python -m nas.bench")
-    model_bench.update_markdown(md, key, sec, cuda=False)
+    write(key, sec)
     other = dict(meta, device="CPU Y")
-    model_bench.update_markdown(md, *bench.markdown_section(row, other, "python -m nas.bench"), cuda=False)
+    write(*bench.markdown_section(row, other, "python -m nas.bench"))
     key, sec = bench.markdown_section(row, dict(meta, date="2024-02-02"), "python -m nas.bench")
-    model_bench.update_markdown(md, key, sec, cuda=False)
+    write(key, sec)
     text = md.read_text()
     assert text.count("## CPU X") == 1 and "2024-02-02" in text and "2024-01-01" in text  # Y keeps its date
     assert text.count("## CPU Y") == 1 and text.count("not yet measured") >= 1
     gpu = dict(meta, device_type="cuda", device="NVIDIA H100")
-    model_bench.update_markdown(md, *bench.markdown_section(row, gpu, "python -m nas.bench"), cuda=True)
+    write(*bench.markdown_section(row, gpu, "python -m nas.bench"))
     text = md.read_text()
     assert "## NVIDIA H100" in text and "GPU (H100 / H200): not yet measured" not in text
 

@@ -1,0 +1,201 @@
+"""Network forward benchmarks: what each numeric path and the iFormer blocks cost one forward.
+
+Two sections of ``python -m nas.bench`` (sizes and shared helpers from ``meme.bench``):
+
+* **fastpath** -- one network forward of an iU-Net expert and of LDM-L under each
+  numeric path (fp32, channels_last, bf16 autocast, both, and compiled with
+  ``--compile``): speed-up over fp32 eager, relative error against it, and how much of
+  the MACs ratio between the two models each path realises.
+* **iformer** -- the iFormer blocks' share of a Table 4 expert's time against their
+  share of its MACs, fast mixer and reference one, and the expert against LDM-L.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from meme.bench import REFERENCE, BenchOptions, at_resolution, gmacs_mean, shape_label
+from meme.bench_report import Row
+from meme.blocks import IFormerBlock, reference_mixers
+from meme.config import MemeConfig
+from meme.fastpath import FastPath, compile_for_inference, fast_path
+from meme.networks import build_network, wake_zero_init
+from meme.references import resolve
+from meme.timing import cold_compile, median, time_runs
+
+FAST_PATH_MODELS = ("iu-ldm-s", "ldm-l")     # one iU-Net expert and the reference, network forward only
+Model = tuple[str, MemeConfig, int]          # (item, config at its bench shape, batch)
+
+
+def fast_path_models(o: BenchOptions, extra: Iterable[Model] = ()) -> list[Model]:
+    """The two models at the bench's shape, then any extra ones (e.g. a search proxy) at their own."""
+    return [(name, at_resolution(resolve(name), o.resolution), o.batch) for name in FAST_PATH_MODELS] + list(extra)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One numeric path of a network forward, timed against plain fp32 eager."""
+
+    name: str
+    channels_last: bool
+    bf16: bool
+    compiled: bool = False
+
+
+def fast_path_variants(compile: bool) -> tuple[Variant, ...]:
+    out = (Variant("fp32", False, False), Variant("channels_last", True, False), Variant("bf16", False, True),
+           Variant("bf16+channels_last", True, True))
+    return out + ((Variant("bf16+channels_last+compile", True, True, compiled=True),) if compile else ())
+
+
+def bench_fast_paths(o: BenchOptions, dev: torch.device, log: Callable[[str], None],
+                     extra: Iterable[Model] = ()) -> list[Row]:
+    """What each fast path buys one denoiser forward, and whether the MACs ratio survives it.
+
+    Every variant runs the same woken network (zero-init convs given random weights,
+    so every layer shapes the output) on the same batch; speed-ups and the relative
+    L2 error are against fp32 eager of that model, measured in this run.
+    """
+    variants = fast_path_variants(o.compile)
+    times: dict[tuple[str, str], float] = {}
+    rows: list[Row] = []
+    macs: dict[str, float] = {}
+    for name, cfg, b in fast_path_models(o, extra):
+        macs[name] = gmacs_mean(cfg)
+        label = shape_label(cfg, b)
+        torch.manual_seed(0)
+        net = wake_zero_init(build_network(cfg.experts[0], cfg.data)).eval()
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(b, cfg.data.channels, cfg.data.resolution, cfg.data.resolution, generator=g)
+        t = torch.randint(0, cfg.diffusion.timesteps, (b,), generator=g).to(dev)
+        ref = None
+        for v in variants:
+            if v.compiled and name not in FAST_PATH_MODELS:
+                continue    # extra models are search proxies: a trial never compiles, each would pay it anew
+            fp = FastPath(dev.type, bf16=v.bf16, channels_last=v.channels_last)
+            fp.prepare(net, dev)
+            xv = fp.input(x, dev)
+            run = compile_for_inference(net) if v.compiled else net
+
+            def forward():
+                with torch.no_grad(), fp.autocast():
+                    return run(xv, t)
+
+            compile_s = None
+            if v.compiled:
+                with cold_compile():
+                    compile_s = time_runs(forward, dev, 1, 0)[0]
+            s = median(time_runs(forward, dev, o.repeats, o.warmup))
+            y = forward().float().cpu()
+            if ref is None:
+                ref = y
+            err = float((y - ref).norm() / ref.norm())
+            times[(name, v.name)] = s
+            base = times[(name, variants[0].name)]
+            log(f"  fast path {name:<9} {v.name:<26} {1e3 * s:8.1f} ms  x{base / s:.2f}  rel.err {err:.1e}")
+            rows.append(Row("fastpath", name, f"ms_{v.name}", 1e3 * s, "ms", base / s, "", "", label,
+                            f"one forward, no_grad; vs_ref = fp32 eager / this; rel. L2 error vs fp32 {err:.1e}"))
+            if compile_s is not None:
+                rows.append(Row("fastpath", name, "compile_time", compile_s - s, "s", shape=label,
+                                note="first compiled forward minus a steady one (inductor, frozen weights, cold caches)"))
+            del run
+        del net
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    iu, ref_name = FAST_PATH_MODELS
+    label = shape_label(at_resolution(resolve(ref_name), o.resolution), o.batch)
+    for v in variants:
+        rows.append(Row("fastpath", f"{iu}/{ref_name}", f"speed_ratio_{v.name}",
+                        times[(ref_name, v.name)] / times[(iu, v.name)], "x", "", macs[ref_name] / macs[iu],
+                        "", label, "how much of the MACs ratio this path realises"))
+    return rows
+
+
+def iformer_macs_share(net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> float:
+    """Fraction of a forward's matmul/conv MACs inside IFormerBlocks (attention counted: SDPA math)."""
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), reference_mixers(), FlopCounterMode(display=False) as fc:
+        net(x, t)
+    counts = fc.get_flop_counts()
+    root = type(net).__name__
+    inside = sum(sum(counts.get(f"{root}.{n}", {}).values()) for n, m in net.named_modules()
+                 if isinstance(m, IFormerBlock))
+    return inside / fc.get_total_flops()
+
+
+def bench_iformer(o: BenchOptions, dev: torch.device, log: Callable[[str], None]) -> list[Row]:
+    """iFormer blocks' share of a Table 4 expert's time against their share of its MACs, for the
+    fast mixer (``InceptionMixer.fast_forward``) and the reference one, and the expert's
+    forward against LDM-L's, at batch 1 on the default fast path.
+
+    The variants are interleaved: each round times every one once, so a change in the
+    machine's load reaches all of them alike; medians over the rounds.
+    """
+    t4 = at_resolution(resolve("meme-table4"), o.resolution)
+    ref_cfg = at_resolution(resolve(REFERENCE), o.resolution)
+    torch.manual_seed(0)
+    nets = {"meme-table4 expert 1": wake_zero_init(build_network(t4.experts[0], t4.data)).eval(),
+            REFERENCE: wake_zero_init(build_network(ref_cfg.experts[0], ref_cfg.data)).eval()}
+    x = torch.randn(1, t4.data.channels, t4.data.resolution, t4.data.resolution)
+    t = torch.full((1,), 500, dtype=torch.long)
+    share_macs = iformer_macs_share(nets["meme-table4 expert 1"], x, t)
+    # one torch thread on a CPU: the thread's CPU time, which leaves out waits a loaded machine imposes
+    cpu_clock = dev.type == "cpu" and torch.get_num_threads() == 1
+    clock = time.thread_time if cpu_clock else time.perf_counter
+    inside = [0.0]
+    starts: dict[int, float] = {}
+    expert = nets["meme-table4 expert 1"]
+    for m in expert.modules():
+        if isinstance(m, IFormerBlock):
+            m.register_forward_pre_hook(lambda mod, args: starts.__setitem__(id(mod), clock()))
+            m.register_forward_hook(lambda mod, args, out: inside.__setitem__(0, inside[0] + clock() - starts[id(mod)]))
+    paths = {name: fast_path(dev, "auto", net) for name, net in nets.items()}
+    for name, net in nets.items():
+        paths[name].prepare(net, dev)
+    xs = {name: paths[name].input(x, dev) for name in nets}
+    variants = [("fast", "meme-table4 expert 1"), ("reference", "meme-table4 expert 1"),
+                ("fast", REFERENCE)]
+    times: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
+    shares: dict[str, list[float]] = {"fast": [], "reference": []}
+    for r in range(o.warmup + o.repeats):
+        for mixer, name in variants:
+            inside[0] = 0.0
+            ctx = reference_mixers() if mixer == "reference" else contextlib.nullcontext()
+            with ctx, torch.no_grad(), paths[name].autocast():
+                s = time_runs(lambda: nets[name](xs[name], t.to(dev)), dev, 1, 0, cpu_clock=cpu_clock)[0]
+            if r >= o.warmup:
+                times[(mixer, name)].append(s)
+                if name != REFERENCE:
+                    shares[mixer].append(inside[0] / s)
+    ms = {v: 1e3 * median(times[v]) for v in variants}
+    share = {k: median(v) for k, v in shares.items()}
+    gm_t4, gm_ref = gmacs_mean(MemeConfig(name="e1", experts=(t4.experts[0],), data=t4.data,
+                                          diffusion=t4.diffusion)), gmacs_mean(ref_cfg)
+    label = shape_label(t4, 1)
+    prec = paths["meme-table4 expert 1"].describe()
+    for mixer in ("fast", "reference"):
+        log(f"  iformer {mixer:<9}: expert {ms[(mixer, 'meme-table4 expert 1')]:.1f} ms, iFormer time share "
+            f"{100 * share[mixer]:.0f}% vs MACs share {100 * share_macs:.0f}%")
+    e = "meme-table4 expert 1"
+    return [
+        Row("iformer", e, "ms_fast_mixer", ms[("fast", e)], "ms", ms[("reference", e)] / ms[("fast", e)],
+            shape=label, note=f"one forward, {prec}; vs_ref = reference mixer / fast mixer, interleaved rounds; "
+                              f"{'thread CPU time (1 thread)' if cpu_clock else 'wall'} clock"),
+        Row("iformer", e, "ms_reference_mixer", ms[("reference", e)], "ms", shape=label,
+            note="InceptionMixer.reference_forward (meme.blocks.reference_mixers)"),
+        Row("iformer", e, "macs_share", 100 * share_macs, "%", shape=label,
+            note="IFormerBlocks' matmul/conv MACs over the network's (attention included)"),
+        Row("iformer", e, "time_share_fast", 100 * share[("fast")], "%", share["fast"] / share_macs, "",
+            "<= 1.5x the MACs share", label, "vs_ref = time share / MACs share; forward hooks on every IFormerBlock"),
+        Row("iformer", e, "time_share_reference", 100 * share["reference"], "%", share["reference"] / share_macs,
+            shape=label, note="vs_ref = time share / MACs share, reference mixer"),
+        Row("iformer", f"{e}/{REFERENCE}", "speed_ratio_fast", ms[("fast", REFERENCE)] / ms[("fast", e)], "x", "",
+            gm_ref / gm_t4, "", label, "LDM-L ms / expert ms, both on their default fast path, batch 1"),
+        Row("iformer", f"{e}/{REFERENCE}", "speed_ratio_reference", ms[("fast", REFERENCE)] / ms[("reference", e)],
+            "x", "", gm_ref / gm_t4, "", label, "the same with the reference mixer"),
+    ]

@@ -1,0 +1,225 @@
+"""The search's own costs, for ``python -m nas.bench`` (its "search" section).
+
+* time to check one candidate's MACs (no cache);
+* each trial engine's overhead per trial: (engine wall - trial body wall) / trial body
+  wall, over a few proxy trials of a small space (``SearchBenchOptions.space``);
+* per-candidate scoring, from-scratch proxy against the weight-shared supernet.
+
+``SearchBenchOptions`` is ``meme.bench.BenchOptions`` plus what only these
+measurements size: the engines, their trial count and the space.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import optuna
+import torch
+
+from meme import macs
+from meme.bench import SECTIONS as MODEL_SECTIONS
+from meme.bench import BenchOptions
+from meme.bench import default_options as model_default_options
+from meme.bench_report import PENDING, Row
+from meme.errors import one_line
+from meme.references import resolve
+from meme.timing import median
+from nas import optuna_engine, ray_engine
+from nas.budget import Budget
+from nas.settings import Settings
+from nas.shared_eval import SharedScorer
+from nas.sampling import build_config
+from nas.space import load_space
+from nas.study import open_study, storage_url_for
+from nas.supernet import macro_of, train_all
+from nas.trial import run_trial
+
+ENGINES = ("optuna", "ray")              # trial engines timed (SearchBenchOptions.engines)
+SECTIONS = MODEL_SECTIONS + ("search",)  # every section nas.bench runs by default
+
+
+@dataclass(frozen=True)
+class SearchBenchOptions(BenchOptions):
+    """The model benchmarks' sizes plus the search section's."""
+
+    engine_trials: int = 3          # trials per engine in the overhead measurement
+    engines: tuple[str, ...] = ENGINES
+    space: str = "tiny"             # search space whose proxy trial the engines run
+    only: tuple[str, ...] = SECTIONS
+
+
+def default_options(device: str, quick: bool) -> SearchBenchOptions:
+    """``meme.bench.default_options`` for the mode, with the engines' trial count for it."""
+    base = model_default_options(device, quick)
+    trials = 2 if quick else (4 if device.startswith("cuda") else 3)
+    sizes = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+    return SearchBenchOptions(**dict(sizes, only=SECTIONS), engine_trials=trials)
+
+
+@contextlib.contextmanager
+def _env(key: str, value: str):
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+def bench_macs_check(o: SearchBenchOptions) -> list[Row]:
+    """cost_of_meme on the target-shape Table 4 MEME with both caches off."""
+    cfg = resolve("meme-table4")   # always the search's target shape (3x64x64)
+    times = []
+    with _env("MEME_MACS_CACHE", "0"):
+        for _ in range(max(o.repeats, 2)):
+            macs.cost_of_network.cache_clear()
+            t0 = time.perf_counter()
+            macs.cost_of_meme(cfg)
+            times.append(time.perf_counter() - t0)
+    macs.cost_of_network.cache_clear()
+    per = median(times)
+    label = f"{cfg.data.channels}x{cfg.data.resolution}x{cfg.data.resolution} b1"
+    return [
+        Row("search", "macs_check", "s_per_candidate", per, "s", target="<= 1 s", shape=label,
+            note=f"meme.macs.cost_of_meme, {cfg.num_experts} distinct experts, MEME_MACS_CACHE=0, lru cleared"),
+        Row("search", "macs_check", "s_per_network", per / cfg.num_experts, "s", shape=label),
+    ]
+
+
+def _engine_settings(engine: str, space: str, trials: int, out: Path, dev: torch.device):
+    return Settings(space=load_space(space), budget=Budget(gflops=1e9), objectives=("loss",), trials=trials,
+                    study_name=f"bench-{engine}", out=out, storage_url=storage_url_for(out, None),
+                    seed=0, device=str(dev), cpus_per_trial=float(os.cpu_count() or 1),
+                    gpus_per_trial=1.0 if dev.type == "cuda" else 0.0, progress=False)
+
+
+@dataclass
+class TrialTimes:
+    """Per-trial times from the study: body (run_trial's own wall) and span (asked -> told)."""
+
+    bodies: list[float]
+    spans: list[float]
+
+
+def _trial_times(storage, study_name: str) -> TrialTimes:
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    trials = [t for t in study.get_trials(deepcopy=False)
+              if "wall_s" in t.user_attrs and t.datetime_start and t.datetime_complete]
+    return TrialTimes(bodies=[float(t.user_attrs["wall_s"]) for t in trials],
+                      spans=[(t.datetime_complete - t.datetime_start).total_seconds() for t in trials])
+
+
+def bench_engine(engine: str, o: SearchBenchOptions, dev: torch.device, log: Callable[[str], None]) -> list[Row]:
+    """Run a few tiny-space trials under ``engine``; overhead = (wall - body) / body."""
+    label = f"{o.space} space proxy, {o.engine_trials} trials, serial"
+    if engine not in o.engines:
+        return [Row("search", f"engine_{engine}", "overhead", "skipped (--engines)", "%", shape=label,
+                    target="<= 5% of a proxy trial")]
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"meme-bench-{engine}-") as tmp:
+            s = _engine_settings(engine, o.space, o.engine_trials, Path(tmp), dev)
+            storage, study = open_study(s, resume=False)
+            if engine == "optuna":
+                t0 = time.perf_counter()
+                optuna_engine.run(s, study)
+                wall = time.perf_counter() - t0
+            else:
+                t0 = time.perf_counter()
+                ray_engine.init_ray(None)
+                startup = time.perf_counter() - t0
+                rows.append(Row("search", "engine_ray", "startup", startup, "s", shape=label,
+                                note="ray.init (once per search, not per trial)"))
+                t0 = time.perf_counter()
+                ray_engine.run(s, study, o.engine_trials)
+                wall = time.perf_counter() - t0
+                import ray  # optional dependency: only the Ray engine needs it
+                ray.shutdown()
+            times = _trial_times(storage, s.study_name)
+            if hasattr(storage, "engine"):
+                storage.engine.dispose()    # release the SQLite file before the folder goes
+    except Exception as exc:  # an engine that fails here is reported, not invented
+        return rows + [Row("search", f"engine_{engine}", "overhead", PENDING, "%", shape=label,
+                           target="<= 5% of a proxy trial", note=one_line(exc, typed=True)[:200])]
+    if not times.bodies:
+        return rows + [Row("search", f"engine_{engine}", "overhead", PENDING, "%", shape=label,
+                           target="<= 5% of a proxy trial", note="no trial recorded wall_s")]
+    body, span, n = sum(times.bodies), sum(times.spans), len(times.bodies)
+    gaps = [max(sp - b, 0.0) for sp, b in zip(times.spans, times.bodies)]
+    # The first trial also pays a fresh worker's start-up (a Ray actor imports torch):
+    # once per worker, so the steady per-trial overhead is taken over the later trials.
+    later_gaps, later_bodies = (gaps[1:], times.bodies[1:]) if n > 1 else (gaps, times.bodies)
+    log(f"  engine {engine}: wall {wall:.1f} s, trial spans {span:.1f} s, trial bodies {body:.1f} s over {n} trials; "
+        f"first trial overhead {gaps[0]:.2f} s, later {sum(later_gaps) / len(later_gaps):.2f} s each")
+    return rows + [
+        Row("search", f"engine_{engine}", "wall_per_trial", wall / n, "s", shape=label),
+        Row("search", f"engine_{engine}", "body_per_trial", body / n, "s", shape=label,
+            note="nas.trial.run_trial wall (user attr wall_s)"),
+        Row("search", f"engine_{engine}", "fixed_startup", max(wall - span, 0.0), "s", shape=label,
+            note="engine wall outside every trial's span: set-up and tear-down, once per search"),
+        Row("search", f"engine_{engine}", "first_trial_overhead", gaps[0], "s", shape=label,
+            note="span minus body of the first trial: includes starting a worker (once per worker)"),
+        Row("search", f"engine_{engine}", "overhead_s_per_trial", sum(later_gaps) / len(later_gaps), "s",
+            shape=label, note="span (asked -> told) minus body, later trials: sampler, storage, scheduling"),
+        Row("search", f"engine_{engine}", "overhead", 100 * sum(later_gaps) / sum(later_bodies), "%", shape=label,
+            target="<= 5% of a proxy trial", note="sum(span - body) / sum(body) over the trials after the first"),
+        Row("search", f"engine_{engine}", "overhead_incl_startup", 100 * (wall - body) / body, "%", shape=label,
+            note=f"(engine wall - bodies) / bodies: every start-up spread over only {n} trials"),
+    ]
+
+
+def bench_evaluators(o: SearchBenchOptions, dev: torch.device, log: Callable[[str], None], k: int = 4) -> list[Row]:
+    """Per-candidate scoring cost, from-scratch proxy vs the weight-shared supernet, same run.
+
+    ``k`` random default-space candidates (one macro, seed 0; the tiny space with
+    ``--quick``). The supernet is trained
+    for one step only: what is timed (extract + held-out passes) does not depend on how
+    well it is trained, and its one-time training cost is reported from its own FLOPs
+    count. Cold = a fresh score cache (every sub-network new), warm = the same candidates
+    again (every term cached). The from-scratch figure is one full proxy trial of the
+    first candidate (training + held-out loss).
+    """
+    space = load_space("tiny" if o.quick else "meme_ffhq256")
+    label = f"{space.name} space proxy, {k} random candidates, one macro"
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    cands = []
+    while len(cands) < k:
+        cfg = build_config(study.ask(), space)
+        if not cands or macro_of(cfg) == macro_of(cands[0]):
+            cands.append(cfg)
+    base, blocks = macro_of(cands[0])
+    with tempfile.TemporaryDirectory(prefix="meme-bench-supernet-") as tmp:
+        index = train_all(space.source, Path(tmp), steps=1, macros=f"{base}:{blocks}", device=str(dev), progress=False)
+        proxy = dataclasses.replace(space.proxy, evaluator="supernet", supernet=tmp)
+        t0 = time.perf_counter()
+        scorer = SharedScorer(tmp, proxy, str(dev))
+        cold = [scorer.score(c).wall_s for c in cands]
+        cold_total = time.perf_counter() - t0        # includes loading the supernet once
+        warm = [scorer.score(c).wall_s for c in cands]
+    t0 = time.perf_counter()
+    run_trial(cands[0], space.proxy.from_scratch(), lambda step, value: None, device=str(dev))
+    scratch = time.perf_counter() - t0
+    per_cold, per_warm = cold_total / k, median(warm)
+    log(f"  evaluators: from scratch {scratch:.1f} s/candidate, supernet cold {per_cold:.2f} s, warm {per_warm:.3f} s")
+    return [
+        Row("search", "evaluator_scratch", "s_per_candidate", scratch, "s", shape=label,
+            note="nas.trial.run_trial, from-scratch proxy: train + held-out loss"),
+        Row("search", "evaluator_supernet", "s_per_candidate_cold", per_cold, "s", shape=label,
+            note="fresh cache: load + extract + held-out passes for every expert"),
+        Row("search", "evaluator_supernet", "s_per_candidate_warm", per_warm, "s", shape=label,
+            note="every (t, sub-network) term cached"),
+        Row("search", "evaluator_supernet", "speedup_cold", scratch / per_cold, "x", shape=label,
+            target=">= 10x", note="from-scratch s / supernet cold s, this run (MACs check excluded from both)"),
+        Row("search", "evaluator_supernet", "one_time_train_gflops_per_step",
+            index["train_gflops_total"], "GFLOP", shape=label,
+            note="supernet training, charged once per search (x --steps)"),
+    ]
