@@ -14,6 +14,7 @@ needs it.
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -156,6 +157,7 @@ def data_spec_for_record(spec: str) -> str:
     return str(Path(spec).expanduser().resolve())
 
 
-if __name__ == "__main__":  # an old habit: say where the command line went instead of doing nothing
-    raise SystemExit("the autoencoder's command line is `python -m meme.autoencoder_cli encode|train` "
-                     "(or `meme-nas autoencoder`)")
+if __name__ == "__main__":  # an old habit: say where the command line went (exit 2, as every refusal)
+    print("error: the autoencoder's command line is `python -m meme.autoencoder_cli encode|train` "
+          "(or `meme-nas autoencoder`)", file=sys.stderr)
+    raise SystemExit(2)
