@@ -42,6 +42,8 @@ experts (paper 90.4G): within 2.5%, and falling with more attention as in the pa
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Optional
 
@@ -67,6 +69,19 @@ class IFormerSpec:
     emb: int                    # timestep embedding width
     head_channels: int
     dropout: float
+
+    def build(self) -> IFormerBlock:
+        """The block exactly as ``IUNet`` builds it (layer scale off, its default)."""
+        return IFormerBlock(self.width, self.high, self.emb, self.head_channels, self.pool_stride,
+                            dropout=self.dropout)
+
+
+def macro_key(arch: ArchConfig, data: DataShape) -> str:
+    """Everything of an expert but its iFormer splits and pool strides: what the rest
+    of an iU-Net (stem, ResBlocks, down convs, middle, decoder) depends on."""
+    d = dataclasses.asdict(arch)
+    d.pop("high_ratios"), d.pop("pool_strides")
+    return json.dumps({"arch": d, "data": dataclasses.asdict(data)}, sort_keys=True)
 
 
 def iformer_specs(arch: ArchConfig, data: DataShape) -> list[IFormerSpec]:

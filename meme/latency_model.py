@@ -38,7 +38,7 @@ from torch import nn
 from meme.blocks import IFormerBlock
 from meme.checkpoint import atomic_write_json
 from meme.config import ArchConfig, DataShape, MemeConfig
-from meme.iunet import IFormerSpec, iformer_specs
+from meme.iunet import IFormerSpec, iformer_specs, macro_key
 from meme.latency import (LATENCY_VERSION, Setting, build_timed, cache_dir, precision_of,
                           time_module, time_network)
 from meme.macs import source_fingerprint
@@ -60,13 +60,6 @@ def table_key(setting: Setting) -> str:
 def default_table_path(setting: Setting) -> Optional[Path]:
     d = cache_dir()
     return None if d is None else d / f"table-{table_key(setting)}.json"
-
-
-def macro_key(arch: ArchConfig, data: DataShape) -> str:
-    """Everything of an expert but its iFormer splits and pool strides."""
-    d = dataclasses.asdict(arch)
-    d.pop("high_ratios"), d.pop("pool_strides")
-    return json.dumps({"arch": d, "data": dataclasses.asdict(data)}, sort_keys=True)
 
 
 def block_key(spec: IFormerSpec, precision: str) -> str:
@@ -160,8 +153,7 @@ class LatencyTable:
 
     def time_block(self, spec: IFormerSpec, base_width: int) -> float:
         torch.manual_seed(0)
-        block = IFormerBlock(spec.width, spec.high, spec.emb, spec.head_channels, spec.pool_stride,
-                             dropout=spec.dropout)
+        block = spec.build()
         b = self.setting.batch
         x = torch.randn(b, spec.width, spec.resolution, spec.resolution)
         emb = torch.randn(b, spec.emb)

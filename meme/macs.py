@@ -22,6 +22,19 @@ fails loudly instead of under-pricing a design.
 The network is built on the meta device (no weight initialisation) and given
 uninitialised CPU storage: the forward pass computes garbage at full speed, and only
 shapes matter. Results are cached in-process and on disk.
+
+An iU-Net is counted **by parts**. A search varies each stage's d_h/d and pool stride,
+and each changes that stage's encoder iFormer blocks and nothing else
+(``meme.iunet.iformer_specs``; the rest depends only on ``macro_key``). Both counters
+sum per module, so an iU-Net's count is exactly
+
+    rest(macro) + sum over its iFormer blocks of count(block alone, on its input shape)
+
+with ``rest(macro)`` = one whole count of the first network of that macro minus its
+blocks. A new candidate then costs the blocks it adds (a fraction of a second each,
+once) instead of a whole-network count (seconds at 3x64x64), which is what lets a
+weight-shared search price hundreds of candidates. ``tests/test_macs.py`` checks the
+sum against whole counts, integer for integer.
 """
 from __future__ import annotations
 
@@ -51,6 +64,7 @@ from meme.checkpoint import atomic_write_json
 from meme.cli import main_guard
 from meme.config import ArchConfig, DataShape, MemeConfig
 from meme.experts import build_denoiser
+from meme.iunet import IFormerSpec, iformer_specs, macro_key
 from meme.networks import build_network
 from meme.references import reference_names, resolve
 from meme.sharing import shared_modules
@@ -71,6 +85,12 @@ class NetCost:
     params: int      # trainable + frozen parameters
     macs: int        # multiply-accumulates, attention matmuls included
     macs_hooks: int  # ptflops' default count (misses the attention matmuls)
+
+    def __add__(self, other: "NetCost") -> "NetCost":
+        return NetCost(self.params + other.params, self.macs + other.macs, self.macs_hooks + other.macs_hooks)
+
+    def __sub__(self, other: "NetCost") -> "NetCost":
+        return NetCost(self.params - other.params, self.macs - other.macs, self.macs_hooks - other.macs_hooks)
 
     @property
     def gmacs(self) -> float:
@@ -160,6 +180,17 @@ class AttentionTally:
         module.__flops__ += n  # ptflops' documented custom-hook contract
 
 
+class _WithEmbedding(nn.Module):
+    """(x) -> block(x, emb=0): an iFormer block counted alone, fed as in its network."""
+
+    def __init__(self, block: nn.Module, emb: int):
+        super().__init__()
+        self.block, self.emb = block, emb
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x, x.new_zeros(x.shape[0], self.emb))
+
+
 class _WithTimestep(nn.Module):
     """(x) -> net(x, t=0): ptflops feeds one positional tensor and sizes the batch from it."""
 
@@ -234,12 +265,14 @@ def source_fingerprint() -> str:
 
 def cost_key(arch: ArchConfig, data: DataShape) -> str:
     """Disk-cache key: config, counting rules, network code, library versions."""
-    import ptflops
-    payload = json.dumps({
-        "arch": dataclasses.asdict(arch), "data": dataclasses.asdict(data),
-        "counter": COUNTER_VERSION, "src": source_fingerprint(),
-        "torch": torch.__version__, "ptflops": getattr(ptflops, "__version__", "?"),
-    }, sort_keys=True)
+    return _key({"arch": dataclasses.asdict(arch), "data": dataclasses.asdict(data)})
+
+
+def _key(what: dict) -> str:
+    import ptflops  # third-party; its import is only paid by a count
+    payload = json.dumps({**what, "counter": COUNTER_VERSION, "src": source_fingerprint(),
+                          "torch": torch.__version__, "ptflops": getattr(ptflops, "__version__", "?")},
+                         sort_keys=True)
     return hashlib.sha1(payload.encode()).hexdigest()[:20]
 
 
@@ -276,15 +309,57 @@ def disk_put(d: Path | None, key: str, value) -> None:
         log.debug("cache %s not written (%s)", d, exc)
 
 
-@lru_cache(maxsize=512)
-def cost_of_network(arch: ArchConfig, data: DataShape) -> NetCost:
-    """Params and MACs of one expert at batch 1 at ``data``'s shape (cached)."""
-    key = cost_key(arch, data)
+def _cached(key: str, count) -> NetCost:
     cost = disk_get(cache_dir(), key, NetCost)
     if cost is None:
-        cost = _count_arch(arch, data)
+        cost = count()
         disk_put(cache_dir(), key, cost)
     return cost
+
+
+@lru_cache(maxsize=4096)
+def cost_of_block(spec: IFormerSpec) -> NetCost:
+    """One encoder iFormer block alone, at batch 1 on its input shape (cached)."""
+    def count() -> NetCost:
+        with torch.device("meta"):
+            block = spec.build()
+        return count_module(_WithEmbedding(block, spec.emb), (spec.width, spec.resolution, spec.resolution),
+                            takes_t=False)
+    return _cached(_key({"iformer": dataclasses.asdict(spec)}), count)
+
+
+def _blocks_of(arch: ArchConfig, data: DataShape) -> NetCost:
+    return sum((cost_of_block(s) for s in iformer_specs(arch, data)), NetCost(0, 0, 0))
+
+
+_REST: dict[str, NetCost] = {}
+
+
+def rest_of_macro(arch: ArchConfig, data: DataShape) -> NetCost:
+    """An iU-Net's cost outside its encoder iFormer blocks: one whole count per macro."""
+    mk = macro_key(arch, data)
+    if mk not in _REST:
+        _REST[mk] = _cached(_key({"rest": mk}), lambda: _count_arch(arch, data) - _blocks_of(arch, data))
+    return _REST[mk]
+
+
+@lru_cache(maxsize=512)
+def cost_of_network(arch: ArchConfig, data: DataShape) -> NetCost:
+    """Params and MACs of one expert at batch 1 at ``data``'s shape (cached; iU-Nets by parts)."""
+    arch.validate()
+    if arch.kind == "iunet":
+        return rest_of_macro(arch, data) + _blocks_of(arch, data)
+    return _cached(cost_key(arch, data), lambda: _count_arch(arch, data))
+
+
+def clear_caches(*, rests: bool = True, blocks: bool = True) -> None:
+    """Forget this process's counts (whole networks always; macro rests and blocks as
+    asked). The disk cache is ``$MEME_MACS_CACHE``'s business."""
+    cost_of_network.cache_clear()
+    if rests:
+        _REST.clear()
+    if blocks:
+        cost_of_block.cache_clear()
 
 
 def cost_of_meme(cfg: MemeConfig) -> MemeCost:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -70,14 +71,18 @@ class TrainOptions:
                           source=self.init_from).validate(self.steps)
 
 
+_HINTS = typing.get_type_hints(TrainOptions)   # annotations are strings under ``from __future__``
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
 def _kind(f: dataclasses.Field) -> type:
-    """The field's value type for argparse (annotations are strings under ``from __future__``)."""
-    text = str(f.type).replace("Optional[", "").rstrip("]")
-    return {"int": int, "float": float, "bool": bool}.get(text, str)
+    """The field's value type for argparse: its annotation, Optional unwrapped (str for anything else)."""
+    hint = _HINTS[f.name]
+    inner = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    return inner[0] if inner[0] in (int, float, bool) else str
 
 
 def add_option_flags(p: argparse.ArgumentParser) -> None:

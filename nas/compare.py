@@ -36,7 +36,6 @@ from typing import Any
 import pandas as pd
 import torch
 
-from meme.timing import time_runs
 from meme.checkpoint import atomic_write_json
 from meme.cli import UserError, main_guard, markdown_table, setup_logging
 from meme.config import MemeConfig
@@ -44,6 +43,7 @@ from meme.diffusion import Diffusion
 from meme.experts import build_denoiser
 from meme.macs import cost_of_meme
 from meme.sample import SamplingPlan, generate
+from meme.timing import time_runs
 from nas import crossover
 from nas.export import open_study
 from nas.space import INITS
@@ -163,11 +163,6 @@ def plot(df: pd.DataFrame, runs: pd.DataFrame, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    """Rows as JSON-ready dicts (NaN, e.g. the hand design's own p-value, as null)."""
-    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
-
-
 def write_report(out: Path, df: pd.DataFrame, runs: pd.DataFrame, designs: list[Design], protocol: PromoteProtocol,
                  command: str) -> None:
     rec = protocol.recipe
@@ -188,7 +183,7 @@ def write_report(out: Path, df: pd.DataFrame, runs: pd.DataFrame, designs: list[
     lines += ["", "Sample grids: " + ", ".join(f"[{d.tag}](grids/{d.tag}.png)" for d in designs), ""]
     (out / "comparison.md").write_text("\n".join(lines))
     atomic_write_json({"command": command, "recipe": dataclasses.asdict(rec), "data": protocol.data,
-                       "designs": _records(df), "runs": _records(runs)},
+                       "designs": crossover.records(df), "runs": crossover.records(runs)},
                       out / "comparison.json")
 
 
@@ -288,7 +283,7 @@ def main(argv=None) -> int:
         every = pd.DataFrame(all_rows)
         every.to_csv(out / crossover.RUNS_FILE, index=False)
         cross_table = crossover.summary(every)
-        found = crossover.write(out, every, cross_table, protocol, budgets, command, _records)
+        found = crossover.write(out, every, cross_table, protocol, budgets, command)
         print(cross_table.to_string(index=False))
         print(f"beats single from: {found}; crossover: {out / 'crossover.md'}, {out / 'crossover.png'}")
     return 0

@@ -133,6 +133,11 @@ Recorded = dict[tuple[str, int, int], dict[str, Any]]   # (design tag, seed, bud
 RUNS_FILE = "crossover_runs.csv"
 
 
+def records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """Rows as JSON-ready dicts (NaN, e.g. the hand design's own p-value, as null)."""
+    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+
+
 def load_recorded(out: Path) -> Recorded:
     """The rows of an earlier ``crossover_runs.csv`` in ``out``, by (design, seed, budget).
 
@@ -143,8 +148,7 @@ def load_recorded(out: Path) -> Recorded:
     path = out / RUNS_FILE
     if not path.is_file():
         return {}
-    frame = pd.read_csv(path)
-    rows = frame.astype(object).where(frame.notna(), None).to_dict("records")
+    rows = records(pd.read_csv(path))
     for r in rows:
         if isinstance(r.get("heldout_bins"), str):
             r["heldout_bins"] = json.loads(r["heldout_bins"])
@@ -191,11 +195,11 @@ def run_tasks(tasks: Sequence[Task], jobs: int, ray: Optional[RayPlacement],
     if len(todo) < len(tasks):
         log.info("%d of %d runs taken from %s (their run folders are not here)", len(tasks) - len(todo),
                  len(tasks), RUNS_FILE)
-    ran = iter([{**r, "budget_steps": t[4]} for r, t in zip(run_pipelines([t[:4] for t in todo], jobs, ray), todo)]
-               if todo else [])
-    rows = [r if r is not None else next(ran) for r in stand_in]
-    check_reproduced([r for r, s in zip(rows, stand_in) if s is None], recorded)
-    return rows
+    done = run_pipelines([t[:4] for t in todo], jobs, ray) if todo else []   # no Ray start for nothing
+    ran = [{**r, "budget_steps": t[4]} for r, t in zip(done, todo)]
+    check_reproduced(ran, recorded)
+    fresh = iter(ran)
+    return [r if r is not None else next(fresh) for r in stand_in]
 
 
 def run_budgets(designs: Sequence[Design], budgets: Sequence[int], seeds: int, small_seeds: int, out: Path,
@@ -209,6 +213,7 @@ def run_budgets(designs: Sequence[Design], budgets: Sequence[int], seeds: int, s
     'largest' (FID at the largest budget only: on a CPU FID costs more than the trainings).
     ``recorded``: finished rows of an earlier run of the study (``load_recorded``).
     """
+    recorded = recorded or {}
     big, small = max(budgets), [s for s in budgets if s < max(budgets)]
     reuse = [d for d in designs if prefix_reusable(d, protocol)]
     snap = ("--snapshot-at", ",".join(str(s) for s in small)) if small else ()
@@ -225,7 +230,7 @@ def run_budgets(designs: Sequence[Design], budgets: Sequence[int], seeds: int, s
         for d in reuse:
             for seed in range(1, small_seeds + 1):
                 dst = run_dir(out / f"steps{steps}", d, seed)
-                if from_record(task(d, seed, steps, fid), recorded or {}) is None and not (dst / "train.done").exists():
+                if from_record(task(d, seed, steps, fid), recorded) is None and not (dst / "train.done").exists():
                     derive_prefix_run(run_dir(out / f"steps{big}", d, seed), dst, steps, d, proto(d, steps, fid))
                 tasks.append(task(d, seed, steps, fid))
         return tasks
@@ -320,7 +325,7 @@ def plot(table: pd.DataFrame, runs: pd.DataFrame, path: Path, title: str) -> Non
 
 
 def write(out: Path, runs: pd.DataFrame, table: pd.DataFrame, protocol: PromoteProtocol, budgets: Sequence[int],
-          command: str, records) -> dict[str, Optional[int]]:
+          command: str) -> dict[str, Optional[int]]:
     cross = {"fid": crossover_points(table, "fid"), "heldout": crossover_points(table, "heldout")}
     rec = protocol.recipe
     cols = ["design", "budget_steps", "fid_mean", "fid_std", "fid_seeds", "fid_vs_single_pct", "fid_p", "fid_verdict",

@@ -37,9 +37,9 @@ from meme.config import MemeConfig
 from nas import shared_fidelity
 from nas.budget import cost_of
 from nas.replicates import Run, default_jobs, run_all
-from nas.space import SearchSpace, load_space, parse_proxy
-from nas.sampling import build_config
 from nas.proxy import ProxySpec, proxy_config
+from nas.sampling import build_config
+from nas.space import SearchSpace, load_space, parse_proxy
 from nas.stats import rank_correlation, summarize
 
 TARGET_SPEARMAN = 0.6

@@ -27,10 +27,9 @@ from typing import Optional
 from meme.checkpoint import atomic_write_json
 from meme.cli import UserError, main_guard
 from meme.config import MemeConfig
-from meme.supernet import SupernetSpec
+from meme.macs import cost_of_network
 from nas.proxy import proxy_arch
 from nas.shared_eval import SharedScorer
-from nas.supernet import StageCostTable
 from nas.space import SearchSpace, load_space
 from nas.sampling import FixedTrial, ratio_choices, sample_boundaries
 
@@ -77,12 +76,9 @@ def all_chains(space: SearchSpace, base: int, n_max: int) -> set[Chain]:
 
 
 def target_cost(space: SearchSpace, base: int, blocks: int, pools: tuple[int, ...]):
-    """GFLOPs of a chain at the TARGET shape, from the per-stage cost table (``nas.supernet.StageCostTable``)."""
-    grids = tuple(tuple(str(g) for g in space.stage_grid(base, s)) for s in range(space.num_stages))
-    spec = SupernetSpec(space.arch(base, blocks, pools, tuple(g[0] for g in grids)), space.data, grids,
-                        tuple((p,) for p in pools)).validate()
-    table = StageCostTable(spec)
-    return lambda chain: table(spec.arch([str(r) for r in chain], pools))
+    """GFLOPs of a chain at the TARGET shape (``meme.macs`` counts iU-Nets by parts: cheap per chain)."""
+    return lambda chain: cost_of_network(space.arch(base, blocks, pools, tuple(str(r) for r in chain)),
+                                         space.data).gflops
 
 
 def boundary_choices(space: SearchSpace, n: int) -> list[tuple[int, ...]]:

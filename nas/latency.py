@@ -29,8 +29,9 @@ from scipy.stats import spearmanr
 
 from meme.cli import UserError, main_guard, pick_device
 from meme.config import MemeConfig
+from meme.iunet import macro_key
 from meme.latency import CLOCKS, Setting, build_timed, precision_of, time_network
-from meme.latency_model import LatencyTable, default_table_path, load_or_new, macro_key
+from meme.latency_model import LatencyTable, default_table_path, load_or_new
 from meme.macs import cost_of_meme
 from nas.space import SearchSpace, load_space
 from nas.sampling import build_config

@@ -36,7 +36,7 @@ from meme.iunet import IUNet
 from meme.networks import count_params
 from meme.supernet import SuperNet, arch_key, load_index, load_supernet
 from meme.train import draw_batch, train_step, warmup_lr
-from nas.proxy import proxy_config, ProxySpec
+from nas.proxy import ProxySpec, proxy_config
 from nas.space import load_space
 from nas.supernet import macro_name, macro_of
 from meme.compute import train_gflops_per_step

@@ -86,36 +86,6 @@ def sample_chain(space: SearchSpace, base: int, gen: torch.Generator, position: 
     return tuple(str(r) for r in row), tuple(pools)
 
 
-class StageCostTable:
-    """Forward GFLOPs of any sub-network as a sum of per-stage terms, counted once per (stage, split, stride).
-
-    A stage's iFormer blocks depend only on that stage's split and stride, so
-    cost(arch) = cost(base) + sum_s [cost(base with stage s changed) - cost(base)]
-    (``nas.budget`` uses the same structure; ``tests/test_supernet_search.py`` checks
-    it against direct counts). ``nas.interval_opt`` prices target-shape chains with it too. Counting every random chain a supernet trains would cost
-    more than training it.
-    """
-
-    def __init__(self, spec: SupernetSpec):
-        self.spec = spec
-        self.base_ratios = [r[0] for r in spec.ratios]
-        self.base_pools = [p[0] for p in spec.pool_strides]
-        self.base = cost_of_network(spec.arch(self.base_ratios, self.base_pools), spec.data).gflops
-        self.delta: dict[tuple[int, str, int], float] = {}
-
-    def _term(self, s: int, ratio: str, pool: int) -> float:
-        key = (s, ratio, pool)
-        if key not in self.delta:
-            r, p = list(self.base_ratios), list(self.base_pools)
-            r[s], p[s] = ratio, pool
-            self.delta[key] = cost_of_network(self.spec.arch(r, p), self.spec.data).gflops - self.base
-        return self.delta[key]
-
-    def __call__(self, arch: ArchConfig) -> float:
-        return self.base + sum(self._term(s, r, p) for s, (r, p) in enumerate(zip(arch.high_ratios,
-                                                                                    arch.pool_strides)))
-
-
 @dataclass(frozen=True)
 class TrainPlan:
     """One supernet's training run (picklable: it crosses to a worker process)."""
@@ -175,7 +145,8 @@ def train_supernet(plan: TrainPlan) -> dict[str, Any]:
     if step >= plan.steps:
         return _finish(net, spec, plan, out, step, train_gflops, wall)
 
-    fwd_gflops = StageCostTable(spec)
+    def fwd_gflops(arch: ArchConfig) -> float:   # iU-Nets are counted by parts: a new chain costs its new blocks
+        return cost_of_network(arch, spec.data).gflops
 
     metrics = out / "metrics.csv"
     if metrics.is_file():  # rows written after the last checkpoint are trained again: drop them

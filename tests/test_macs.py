@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from meme.config import ArchConfig, DataShape, MemeConfig
 from meme.macs import cost_of_meme, cost_of_network, count_module, sdpa_macs
+from nas.space import load_space
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -205,6 +207,26 @@ def test_meta_and_cpu_counts_agree(arch):
         meta = networks.build_network(arch, TINY_DATA)
     cpu = networks.build_network(arch, TINY_DATA)
     assert count_module(meta, (3, 16, 16)) == count_module(cpu, (3, 16, 16))
+
+
+@pytest.mark.parametrize("space_name", ["tiny", "fmnist32"])
+def test_iunet_counted_by_parts_equals_whole_counts(space_name):
+    """rest(macro) + the sum of its iFormer blocks counted alone == one whole-network count,
+    integer for integer; two macros per space, three random splits and pools each (the
+    first of a macro sets its rest, the other two test the sum)."""
+    networks = _networks()
+    space = load_space(space_name)
+    rng = random.Random(0)
+    macros = sorted({(b, k) for b in space.macro.base_channels for k in space.macro.num_res_blocks})
+    for base, blocks in rng.sample(macros, min(2, len(macros))):
+        for _ in range(3):
+            pools = tuple(rng.choice(space.macro.pool_strides))
+            chain = tuple(str(rng.choice(space.stage_grid(base, s))) for s in range(space.num_stages))
+            arch = space.arch(base, blocks, pools, chain)
+            with torch.device("meta"):
+                net = networks.build_network(arch, space.data)
+            whole = count_module(net, (space.data.channels, space.data.resolution, space.data.resolution))
+            assert cost_of_network(arch, space.data) == whole, (base, blocks, pools, chain)
 
 
 def test_ldm_s_matches_reference():

@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import csv
-import random
 
 import optuna
 import pytest
 import torch
 
-from meme.macs import cost_of_network
 from meme.supernet import SuperNet, load_index, load_supernet
 from nas import search
 from nas.budget import cost_of
@@ -17,7 +15,7 @@ from nas.proxy import proxy_arch
 from nas.shared_eval import SharedScorer
 from nas.space import load_space
 from nas.sampling import FixedTrial, build_config, encode
-from nas.supernet import StageCostTable, spec_for, train_all
+from nas.supernet import train_all
 from nas.proxy_data import eval_timesteps, heldout_images, heldout_loss
 from meme.diffusion import Diffusion
 from meme.experts import MultiExpertDenoiser
@@ -45,16 +43,6 @@ def test_training_resumes_and_extends(tiny_supernet, tmp_path):
     assert float(rows[-1]["train_gflops"]) == pytest.approx(again["train_gflops"], rel=1e-3)
     state = torch.load(out / "b16-r1" / "checkpoint.pt", weights_only=True)   # nothing in it runs code
     assert state["step"] == 5
-
-
-def test_stage_cost_table_is_the_direct_count():
-    space = load_space("tiny")
-    spec = spec_for(space, 32, 1)
-    table = StageCostTable(spec)
-    rng = random.Random(0)
-    for _ in range(4):
-        arch = spec.arch([rng.choice(r) for r in spec.ratios], [rng.choice(p) for p in spec.pool_strides])
-        assert table(arch) == pytest.approx(cost_of_network(arch, spec.data).gflops, rel=1e-9)
 
 
 def test_shared_score_is_the_proxy_objective_of_the_inherited_experts(tiny_supernet):

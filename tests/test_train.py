@@ -162,3 +162,19 @@ def test_fashion_mnist_training_lowers_validation_loss(tmp_path):
     trainer = train(cfg, o, tmp_path / "fm", progress=False)
     after = val_loss(trainer)
     assert after < 0.7 * before, (before, after)
+
+
+def test_train_options_round_trip_through_the_command_line():
+    """to_argv is parse_args' inverse for every field, so nas.promote starts the run it describes."""
+    import dataclasses
+    from meme.train import parse_args
+    from meme.train_options import to_argv
+    changed = {"data": "fashion-mnist", "steps": 7, "batch_size": 3, "lr": 1e-3, "warmup": 2, "weight_decay": 0.1,
+               "ema_decay": 0.9, "grad_clip": 0.5, "schedule": "sequential", "seed": 4, "ckpt_every": 5,
+               "sample_every": 0, "sample_steps": 3, "log_every": 2, "limit_data": 100, "device": "cpu",
+               "precision": "fp32", "threads": 1, "compile": True, "branch_at": 0.5, "split_optimizer": "fresh",
+               "snapshot_at": "2,4", "init_from": "runs/x", "expert_parallel": True}
+    assert set(changed) == {f.name for f in dataclasses.fields(TrainOptions)}   # a new field must join this test
+    opts = TrainOptions(**changed)
+    assert parse_args(["--config", "tiny", *to_argv(opts)])[1] == opts
+    assert to_argv(TrainOptions()) == [] and parse_args(["--config", "tiny"])[1] == TrainOptions()
