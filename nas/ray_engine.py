@@ -18,6 +18,7 @@ The trainable wraps :func:`nas.trial.run_trial`; that function knows nothing of 
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -123,6 +124,7 @@ def trainable(config: dict, proxy=None, objective: str = "loss", device: Optiona
     steps = [0]
     per = proxy.steps_per_budget_step(int(config["num_experts_"]))
     step_gflops: list[float] = []
+    last: dict[str, Any] = {}
 
     def report(step: int, value: float) -> bool:
         n = steps[0] = step * per
@@ -132,13 +134,18 @@ def trainable(config: dict, proxy=None, objective: str = "loss", device: Optiona
                "seed": proxy.seed, "stopped_early": False, "node": node}
         if multi:
             row["cost"] = config["cost"]
+        last.update(row)
         tune.report(row)
         return False  # Tune stops a trial by not resuming it
 
     try:
         cfg = MemeConfig.from_yaml(config["config_yaml"], "candidate")
         step_gflops += train_gflops_per_step(proxy_config(cfg, proxy), proxy.batch_size)
-        run_trial(cfg, proxy, report, objective=objective, device=device, threads=threads)
+        res = run_trial(cfg, proxy, report, objective=objective, device=device, threads=threads)
+        # Reached only when no scheduler stopped it: the trial ran to its end (a supernet score
+        # reports once, at budget step 0). Its whole record travels as the Optuna engine's does.
+        tune.report({**last, METRIC: res.objective, "completed": 1,
+                     "attrs_json": json.dumps({**record.result_attrs(res), "node": node})})
     except Exception as exc:  # recorded FAIL with the reason; the search goes on
         tune.report({"fail_reason": one_line(exc, typed=True), "trained_steps": steps[0], "node": node})
 
@@ -192,7 +199,7 @@ def _make_searcher_class():
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
             ot = self.live.get(trial_id)
-            if ot is None or self.settings.multi or METRIC not in result:
+            if ot is None or self.settings.multi or METRIC not in result or result.get("completed"):
                 return
             step = int(result.get("step", 0))
             ot.report(float(result[METRIC]), step)
@@ -231,6 +238,9 @@ def _make_searcher_class():
             value, step = float(result[METRIC]), int(result.get("step", 0))
             if not s.multi and reported != step and math.isfinite(value):
                 ot.report(value, step)  # the result ASHA stopped on never reached on_trial_result
+            if result.get("completed"):   # ran to its end: its own record says whether it stopped early
+                attrs = json.loads(result["attrs_json"])
+                return record.judged(value, step, bool(attrs["stopped_early"]), float(attrs["wall_s"]), cand, s, attrs)
             return record.judged(value, step, step < s.space.proxy.steps, float(result.get("wall_s", 0)), cand, s,
                                  progress_attrs(result))
 

@@ -258,7 +258,8 @@ def latency_budget(space, args, mode: str, objectives: tuple[str, ...]) -> Optio
 def with_evaluator(space, args):
     """The space with --evaluator/--supernet/--finetune-steps applied, checked before any trial."""
     proxy = space.proxy
-    changes = {k: v for k, v in (("evaluator", args.evaluator), ("supernet", args.supernet),
+    supernet = None if args.supernet is None else str(Path(args.supernet).expanduser().resolve())  # workers run elsewhere
+    changes = {k: v for k, v in (("evaluator", args.evaluator), ("supernet", supernet),
                                  ("finetune_steps", args.finetune_steps)) if v is not None}
     if args.supernet is not None and "evaluator" not in changes:
         changes["evaluator"] = "supernet"

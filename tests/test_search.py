@@ -25,6 +25,7 @@ from meme.config import MemeConfig
 from nas import search
 from nas.budget import cheapest_config
 from nas.space import load_space
+from nas.supernet import train_all
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -349,6 +350,21 @@ def test_ray_executor(local_ray, tmp_path):
     # ASHA-stopped trials are PRUNED (checked in _check_budget_respected), never COMPLETE
     assert not [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs["stopped_early"]]
     assert (tmp_path / "r" / "best.yaml").exists() and (tmp_path / "r" / "reference.json").exists()
+
+
+def test_ray_executor_with_the_supernet_evaluator(local_ray, tmp_path, monkeypatch):
+    """A supernet score is one report at budget step 0: through Ray it is COMPLETE with the
+    evaluator's record, as through Optuna, and a relative --supernet reaches the workers."""
+    train_all("tiny", tmp_path / "sn", 2, jobs=1, progress=False)
+    monkeypatch.chdir(tmp_path)
+    rc = _run(["--space", TINY, "--budget-gflops", "1", "--executor", "ray", "--trials", "4", "--supernet", "sn",
+               "--out", str(tmp_path), "--study", "rs", "--quiet", "--rerank-top", "0", "--no-reference"])
+    assert rc == 0
+    scored = [t for t in _study(tmp_path, "rs").get_trials() if "duplicate_of" not in t.user_attrs
+              and t.user_attrs.get("constraint", 0) <= 0]
+    assert scored and all(t.state == TrialState.COMPLETE for t in scored)
+    assert all(t.user_attrs["evaluator"] == "supernet" and t.user_attrs["trained_steps"] == 0 for t in scored)
+    assert all(len(t.user_attrs["interval_losses"]) == load_space(TINY).proxy.eval_timesteps for t in scored)
 
 
 def test_ray_failures_are_recorded(local_ray, tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import optuna
 import pytest
@@ -116,6 +117,16 @@ def test_search_with_the_supernet_evaluator_then_rerank(tiny_supernet, tmp_path)
     # re-ranking trains from scratch: every run trained the proxy's full step count
     assert all(row["train_steps_total"] == [load_space("tiny").proxy.steps] for row in rerank["designs"]
                if row.get("n"))
+
+
+def test_a_relative_supernet_path_reaches_workers_in_another_directory(tiny_supernet, tmp_path, monkeypatch):
+    """Ray workers do not run in the driver's directory: --supernet is resolved before any trial."""
+    monkeypatch.chdir(tiny_supernet.parent)
+    args = search.parse_args(["--space", "tiny", "--budget-gflops", "1", "--supernet", tiny_supernet.name])
+    space = search.with_evaluator(load_space("tiny"), args)
+    monkeypatch.chdir(tmp_path)
+    assert Path(space.proxy.supernet) == tiny_supernet.resolve()
+    assert load_index(space.proxy.supernet)["digest"] == load_index(tiny_supernet)["digest"]
 
 
 def test_search_refuses_a_missing_supernet(tmp_path, capsys):
