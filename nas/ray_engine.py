@@ -170,10 +170,13 @@ def _make_searcher_class():
             self.deadline_said = False
 
         def __getstate__(self) -> dict:
-            """Tune pickles its searcher into the experiment state: the heartbeat thread,
-            the progress bar and the deadline (its reserve is a closure) stay with the live driver."""
+            """Tune pickles its searcher into the experiment state (for ``Tuner.restore``, which
+            this search does not use: ``--resume`` reads the study's RDB). The heartbeat thread,
+            the progress bar, the deadline (its reserve is a closure) and the live study (NSGA-II's
+            sampler holds a lock) stay with the driver."""
             state = self.__dict__.copy()
-            state["beat"] = state["bar"] = state["deadline"] = None
+            state["beat"] = state["bar"] = state["deadline"] = state["study"] = None
+            state["live"] = {}
             return state
 
         def set_search_properties(self, metric, mode, config, **spec) -> bool:

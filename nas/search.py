@@ -147,7 +147,16 @@ def main(argv=None) -> int:
     ref_cfg = None if args.no_reference else s.space.reference
     rerank_on = args.rerank_top > 0 and args.rerank_seeds > 0
     runs = rerank_runs(args.rerank_top, ref_cfg is not None, args.rerank_seeds) if rerank_on else 0
-    trials_deadline = job.holding_back(lambda: rerank_reserve(study, runs, default_jobs(s.device)))
+    jobs = default_jobs(s.device)
+    scratch_s = (scratch_run_s(load_index(s.space.proxy.supernet), s.space.proxy.steps)
+                 if s.space.proxy.evaluator == "supernet" else 0.0)
+    if scratch_s and runs and s.time_budget:
+        kept = rerank_reserve(study, runs, jobs, scratch_s=scratch_s)
+        print(f"time budget {s.time_budget:.0f} s: {kept:.0f} s kept for the re-rank ({runs} from-scratch runs of "
+              f"~{scratch_s:.0f} s, by the supernet's training speed); the trials get the rest"
+              + ("" if kept < 0.75 * s.time_budget else
+                 " -- raise --time-budget or lower --rerank-top / --rerank-seeds to search longer"))
+    trials_deadline = job.holding_back(lambda: rerank_reserve(study, runs, jobs, scratch_s=scratch_s))
     with storage_errors(s.storage_url), Heartbeat(storage, s.study_name, stale_after=s.stale_after) as beat:
         reference = run_trials(s, study, executor, ref_cfg, remaining=max(0, s.trials - done), beat=beat,
                                deadline=trials_deadline)
@@ -166,16 +175,29 @@ def rerank_runs(top: int, with_reference: bool, seeds: int) -> int:
     return (top + int(with_reference)) * seeds
 
 
-def rerank_reserve(study: optuna.Study, runs: int, jobs: int, margin: float = 1.25) -> float:
+def rerank_reserve(study: optuna.Study, runs: int, jobs: int, margin: float = 1.25, scratch_s: float = 0.0) -> float:
     """Seconds to keep back for the re-rank and for the trials still running when the last
     one starts: waves of ``jobs`` runs, each as long as the study's median trained trial
-    (same proxy, same steps; measured on this machine under its present load)."""
+    (same proxy, same steps; measured on this machine under its present load).
+
+    Trials the supernet scored trained nothing, so they say nothing of a re-rank run;
+    then ``scratch_s`` (``scratch_run_s``) prices one, and a scored trial still running
+    is about a second, so no extra wave is kept for it."""
     walls = [float(t.user_attrs["wall_s"]) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-             if "wall_s" in t.user_attrs and t.user_attrs.get("duplicate_of") is None]
-    if not walls:
-        return 0.0
-    per_run = statistics.median(walls)
-    return margin * per_run * (math.ceil(runs / max(1, jobs)) + 1)
+             if "wall_s" in t.user_attrs and t.user_attrs.get("duplicate_of") is None
+             and t.user_attrs.get("evaluator") != "supernet"]
+    waves = math.ceil(runs / max(1, jobs))
+    if walls:
+        return margin * statistics.median(walls) * (waves + 1)
+    return margin * scratch_s * waves
+
+
+def scratch_run_s(index: dict, steps: int) -> float:
+    """One from-scratch proxy run's seconds, read from a supernet's own training on this
+    space's proxy: the median macro's seconds per sub-network step x ``steps``."""
+    per = [e["wall_s"] / (e["steps"] * e["subnets_per_step"]) for e in index.get("macros", {}).values()
+           if e.get("steps") and e.get("subnets_per_step")]
+    return statistics.median(per) * steps if per else 0.0
 
 
 def choose_executor(args) -> str:

@@ -410,6 +410,17 @@ def test_trials_stop_early_enough_for_the_rerank():
     # median trained trial 20 s; 4 re-rank runs on 2 cores = 2 waves, plus the trials still running: 3 x 20 x 1.25
     assert search.rerank_reserve(study, runs=4, jobs=2) == pytest.approx(75.0)
     assert search.rerank_reserve(optuna.create_study(), runs=4, jobs=2) == 0.0    # nothing measured yet
+    scored = optuna.create_study()          # supernet scores train nothing: a re-rank run is priced apart
+    t = scored.ask()
+    t.set_user_attr("wall_s", 0.5)
+    t.set_user_attr("evaluator", "supernet")
+    scored.tell(t, 1.0)
+    assert search.rerank_reserve(scored, runs=4, jobs=2) == 0.0
+    assert search.rerank_reserve(scored, runs=4, jobs=2, scratch_s=40.0) == pytest.approx(2 * 40 * 1.25)
+    index = {"macros": {"a": {"wall_s": 100.0, "steps": 100, "subnets_per_step": 4},      # 0.25 s per step
+                        "b": {"wall_s": 200.0, "steps": 100, "subnets_per_step": 4},      # 0.5
+                        "c": {"wall_s": 400.0, "steps": 100, "subnets_per_step": 4}}}     # 1.0
+    assert search.scratch_run_s(index, steps=160) == pytest.approx(0.5 * 160)
     job = Deadline(100.0)
     trials = job.holding_back(lambda: search.rerank_reserve(study, runs=4, jobs=2))
     assert trials.left() == pytest.approx(25.0, abs=1.0) and job.left() == pytest.approx(100.0, abs=1.0)
