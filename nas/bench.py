@@ -224,7 +224,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         t0 = time.perf_counter()
         rows, meta = run_bench(o, log=lambda s: print(s, file=sys.stderr, flush=True))
         print(format_table(rows))
-        stem = f"bench-{meta['device_type']}{'-quick' if o.quick else ''}-{meta['date']}"
+        only = f"-{meta['only'].replace(',', '-')}" if meta.get("only") else ""   # a partial run keeps the full one's CSV
+        stem = f"bench-{meta['device_type']}{'-quick' if o.quick else ''}{only}-{meta['date']}"
         path = write_csv(rows, args.out / f"{stem}.csv")
         command = "python -m nas.bench " + " ".join(argv if argv is not None else sys.argv[1:])
         if not args.no_md:
