@@ -143,8 +143,11 @@ def check_compatible(study: optuna.Study, s: Settings) -> None:
         return
     for key in ("space_name", "budget_gflops", "budget_mode", "objectives", "proxy", "supernet_digest",
                 "budget_ms", "latency_device"):
-        new = study_attrs(s).get(key)
-        if key in old and old[key] != new:
+        new, was = study_attrs(s).get(key), old.get(key)
+        if key == "proxy" and isinstance(new, dict) and isinstance(was, dict):
+            # where the supernet lies is not what it is (supernet_digest is): a moved checkout resumes
+            new, was = ({k: v for k, v in d.items() if k != "supernet"} for d in (new, was))
+        if key in old and was != new:
             raise UserError(f"study {s.study_name!r} was run with {key}={old[key]!r}, not {new!r}: "
                             f"use another --study or the same settings")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 import optuna
@@ -109,7 +110,8 @@ def test_search_with_the_supernet_evaluator_then_rerank(tiny_supernet, tmp_path)
     study = optuna.load_study(study_name="sn", storage=f"sqlite:///{tmp_path / 'sn' / 'optuna.db'}")
     assert study.user_attrs["evaluator"] == "supernet"
     assert study.user_attrs["supernet_digest"] == load_index(tiny_supernet)["digest"]
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
+            and "duplicate_of" not in t.user_attrs]          # a duplicate reuses its twin's result
     assert done and all(t.user_attrs["evaluator"] == "supernet" for t in done)
     assert all(t.user_attrs["trained_steps"] == 0 for t in done)       # scored, not trained
     import json
@@ -127,6 +129,19 @@ def test_a_relative_supernet_path_reaches_workers_in_another_directory(tiny_supe
     monkeypatch.chdir(tmp_path)
     assert Path(space.proxy.supernet) == tiny_supernet.resolve()
     assert load_index(space.proxy.supernet)["digest"] == load_index(tiny_supernet)["digest"]
+
+
+def test_a_supernet_study_resumes_from_another_path_to_the_same_supernet(tiny_supernet, tmp_path, monkeypatch):
+    """The study compares the supernet's digest, not where it lies (a relative path, a moved checkout)."""
+    monkeypatch.chdir(tiny_supernet.parent)
+    common = ["--space", "tiny", "--budget-gflops", "1", "--executor", "optuna", "--out", str(tmp_path),
+              "--study", "mv", "--rerank-top", "0", "--no-reference", "--quiet"]
+    assert search.main(common + ["--supernet", tiny_supernet.name, "--trials", "2"]) == 0
+    moved = tmp_path / "moved-supernet"
+    shutil.copytree(tiny_supernet, moved)
+    assert search.main(common + ["--supernet", str(moved), "--trials", "3", "--resume"]) == 0
+    study = optuna.load_study(study_name="mv", storage=f"sqlite:///{tmp_path / 'mv' / 'optuna.db'}")
+    assert len(study.trials) == 3
 
 
 def test_search_refuses_a_missing_supernet(tmp_path, capsys):
