@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
@@ -76,9 +77,14 @@ def all_chains(space: SearchSpace, base: int, n_max: int) -> set[Chain]:
 
 
 def target_cost(space: SearchSpace, base: int, blocks: int, pools: tuple[int, ...]):
-    """GFLOPs of a chain at the TARGET shape (``meme.macs`` counts iU-Nets by parts: cheap per chain)."""
-    return lambda chain: cost_of_network(space.arch(base, blocks, pools, tuple(str(r) for r in chain)),
-                                         space.data).gflops
+    """GFLOPs of a chain at the TARGET shape (``meme.macs`` counts iU-Nets by parts: cheap per chain).
+
+    Memoised per chain: the DP asks for the same chain at every state, and a macro's chains
+    (up to ``--max-archs``) outnumber ``cost_of_network``'s in-process cache."""
+    @lru_cache(maxsize=None)
+    def cost(chain: Chain) -> float:
+        return cost_of_network(space.arch(base, blocks, pools, tuple(str(r) for r in chain)), space.data).gflops
+    return cost
 
 
 def boundary_choices(space: SearchSpace, n: int) -> list[tuple[int, ...]]:
