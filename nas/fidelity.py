@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -48,24 +49,32 @@ SEPARATED_Z = 2.0   # a difference counts as real when it exceeds this many sqrt
 
 # ---- which architectures ----------------------------------------------------------------
 
-def pick_architectures(space: SearchSpace, k: int, *, budget: Optional[float] = None, pool: int = 60,
-                       seed: int = 0) -> list[tuple[str, MemeConfig, float]]:
-    """The reference plus k-1 random draws spread over N and GFLOPs: (name, config, gflops).
-
-    Draws ``pool`` candidates (uniform over the space's parametrisation), keeps those
-    within ``budget``, then takes the N groups in turn and, inside a group, GFLOPs at
-    evenly spaced quantiles, so the set covers both axes the search trades off.
-    """
+def draws(space: SearchSpace, *, budget: Optional[float] = None, pool: int = 60,
+          seed: int = 0) -> list[tuple[str, MemeConfig, float]]:
+    """``pool`` random candidates (uniform over the space's parametrisation), distinct and within ``budget``."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    by_n: dict[int, list[tuple[MemeConfig, float]]] = {}
-    seen = set()
+    out, seen = [], set()
     for i in range(pool):
         cfg = build_config(study.ask(), space, name=f"{space.name}-draw{i}")
         g = cost_of(cfg).gflops
         if (budget is None or g <= budget) and cfg.hash() not in seen:
             seen.add(cfg.hash())
-            by_n.setdefault(cfg.num_experts, []).append((cfg, g))
+            out.append((f"N{cfg.num_experts}-{g:.3g}G-{cfg.hash()[:6]}", cfg, g))
+    return out
+
+
+def pick_architectures(space: SearchSpace, k: int, *, budget: Optional[float] = None, pool: int = 60,
+                       seed: int = 0) -> list[tuple[str, MemeConfig, float]]:
+    """The reference plus k-1 random draws spread over N and GFLOPs: (name, config, gflops).
+
+    Keeps the ``draws`` within ``budget``, then takes the N groups in turn and, inside
+    a group, GFLOPs at evenly spaced quantiles, so the set covers both axes the search
+    trades off.
+    """
+    by_n: dict[int, list[tuple[MemeConfig, float]]] = {}
+    for _, cfg, g in draws(space, budget=budget, pool=pool, seed=seed):
+        by_n.setdefault(cfg.num_experts, []).append((cfg, g))
     out: list[tuple[str, MemeConfig, float]] = []
     if space.reference is not None:
         out.append((space.reference.name, space.reference, cost_of(space.reference).gflops))
@@ -84,6 +93,43 @@ def pick_architectures(space: SearchSpace, k: int, *, budget: Optional[float] = 
     if len(out) < k:
         raise UserError(f"only {len(out)} distinct architectures within budget among {pool} draws; "
                         f"raise --pool or the budget")
+    return out
+
+
+def kept_architectures(path: Path) -> list[tuple[str, MemeConfig, float]]:
+    """The architectures of an earlier fidelity.json, as they were (their YAML is stored).
+
+    The random draws of ``pick_architectures`` follow the space's parametrisation, which
+    changes when the space gains a dimension, so a committed study cannot always be
+    re-drawn; its designs can always be read back.
+    """
+    try:
+        arch = json.loads(Path(path).read_text())["architectures"]
+        return [(a["name"], MemeConfig.from_yaml(a["config_yaml"]), float(a["gflops"])) for a in arch]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--keep {path}: not a nas.fidelity output ({e})") from e
+
+
+def top_up(kept: list[tuple[str, MemeConfig, float]], pool: list[tuple[str, MemeConfig, float]],
+           k: int) -> list[tuple[str, MemeConfig, float]]:
+    """``kept`` plus designs from ``pool`` until there are ``k``, each filling the widest gap.
+
+    Greedy: the next design is the one farthest in GFLOPs from every kept design of its
+    N (an N not yet kept is infinitely far), ties broken by pool order, so the set
+    keeps covering both axes the search trades off.
+    """
+    out = list(kept)
+    seen = {c.hash() for _, c, _ in out}
+    rest = [a for a in pool if a[1].hash() not in seen]
+    while len(out) < k and rest:
+        def gap(a: tuple[str, MemeConfig, float]) -> float:
+            same = [g for _, c, g in out if c.num_experts == a[1].num_experts]
+            return min((abs(a[2] - g) for g in same), default=float("inf"))
+        best = max(rest, key=gap)
+        out.append(best)
+        rest.remove(best)
+    if len(out) < k:
+        raise UserError(f"only {len(out)} distinct architectures; raise --pool or the budget")
     return out
 
 
@@ -283,6 +329,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=2, help="seeds per architecture and fidelity (default %(default)s)")
     p.add_argument("--budget-gflops", type=float, default=None, help="only architectures within this budget")
     p.add_argument("--pool", type=int, default=60, help="random draws the architectures are picked from")
+    p.add_argument("--keep", type=Path, default=None,
+                   help="start from the architectures of this earlier fidelity.json and add picks up to --archs "
+                        "(their cached runs are reused)")
     p.add_argument("--high", default="width_mult=1/4,steps=720",
                    help="high fidelity as overrides of the space's proxy (default %(default)s)")
     p.add_argument("--proxy-steps-max", type=int, default=None,
@@ -328,7 +377,11 @@ def main(argv=None) -> int:
         if not colon:
             raise UserError(f"--variant must be NAME:key=value,..., got {v!r}")
         variants[name] = with_overrides(proxy_max, rest, f"--variant {name}")
-    archs = pick_architectures(space, args.archs, budget=args.budget_gflops, pool=args.pool)
+    if args.keep is not None:
+        archs = top_up(kept_architectures(args.keep), draws(space, budget=args.budget_gflops, pool=args.pool),
+                       args.archs)
+    else:
+        archs = pick_architectures(space, args.archs, budget=args.budget_gflops, pool=args.pool)
     seeds = list(range(args.seeds))
     print(f"{len(archs)} architectures x {len(seeds)} seeds; proxy {steps_max} steps (scored every "
           f"{base.eval_every}), high fidelity {high.steps} steps at width x{high.width_mult} "

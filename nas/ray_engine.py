@@ -43,6 +43,7 @@ from nas.trial import peak_memory_mb, run_trial
 
 log = logging.getLogger(__name__)
 METRIC = "objective"
+SETTLED_PER_SUGGEST = 200  # over-budget / duplicate candidates recorded in one suggest() before Tune gets control back
 PROGRESS_ATTRS = ("trained_steps", "train_steps_total", "train_gflops_total", "wall_s", "peak_mem_mb", "device",
                   "params_proxy", "seed", "node")
 
@@ -111,12 +112,6 @@ def trainable(config: dict, proxy=None, objective: str = "loss", device: Optiona
     import ray  # optional dependency: this runs inside a Ray worker
     from ray import tune
 
-    if not config["feasible"]:  # over budget: nothing is trained
-        tune.report({"infeasible": 1, "trained_steps": 0})
-        return
-    if config.get("duplicate_of") is not None:  # result reused from an identical trial
-        tune.report({"duplicate": 1, "trained_steps": 0})
-        return
     node = ray.get_runtime_context().get_node_id()[:12]  # which cluster node trained it
     t0 = time.perf_counter()
     dev = pick_device(device)
@@ -156,10 +151,12 @@ def _make_searcher_class():
     class StudySearcher(Searcher):
         """Tune searcher over one Optuna study (public APIs of both libraries only)."""
 
-        def __init__(self, settings: Settings, study: optuna.Study, bar=None, metric=None, mode=None,
-                     beat: Optional[Heartbeat] = None, deadline: Optional[Deadline] = None):
+        def __init__(self, settings: Settings, study: optuna.Study, remaining: int, bar=None, metric=None,
+                     mode=None, beat: Optional[Heartbeat] = None, deadline: Optional[Deadline] = None):
             super().__init__(metric=metric, mode=mode)
             self.settings = settings
+            self.remaining = remaining  # trials this run may add to the study, rejected ones included
+            self.asked = 0
             self.bar = bar
             self.beat = beat  # stamps the trials in flight
             self.study = study
@@ -186,19 +183,37 @@ def _make_searcher_class():
             (self.bar.write if self.bar else print)(line)
 
         def suggest(self, trial_id: str):
-            if self.deadline.passed():  # no new trial; running ones finish normally
-                if not self.deadline_said:
-                    self.deadline_said = True
-                    self.write("time budget reached (time kept for the re-rank included): no new trial")
-                return Searcher.FINISHED
-            trial = self.study.ask()
-            if self.beat is not None:
-                self.beat.add(trial.number)
-            cand = record.prepare(trial, self.settings)
-            self.live[trial_id], self.cands[trial_id] = trial, cand
-            return {"config_yaml": cand.config.to_yaml(), "feasible": cand.feasible,
-                    "cost": cand.pareto_cost(self.settings),  # a Pareto search's second value (trainable reports it)
-                    "num_experts_": cand.config.num_experts, "duplicate_of": cand.duplicate_of}
+            """The next candidate worth a worker. Over-budget and duplicate candidates are
+            recorded here, on the driver, and never scheduled: a Tune trial costs about a
+            second of start-up and bookkeeping, as much as a supernet score."""
+            for _ in range(SETTLED_PER_SUGGEST):
+                if self.deadline.passed():  # no new trial; running ones finish normally
+                    if not self.deadline_said:
+                        self.deadline_said = True
+                        self.write("time budget reached (time kept for the re-rank included): no new trial")
+                    return Searcher.FINISHED
+                if self.asked >= self.remaining:
+                    return Searcher.FINISHED
+                self.asked += 1
+                trial = self.study.ask()
+                try:
+                    cand = record.prepare(trial, self.settings)
+                except Exception as exc:  # recorded, and the search goes on (as in the Optuna engine)
+                    record.finish(self.study, trial, record.failed(one_line(exc, typed=True)), None, write=self.write)
+                    continue
+                if not cand.feasible or cand.duplicate_of is not None:
+                    outcome = record.rejected(cand) if not cand.feasible else record.duplicate(cand)
+                    record.finish(self.study, trial, outcome, cand, write=self.write)
+                    if self.bar is not None:
+                        self.bar.update(1)
+                    continue
+                if self.beat is not None:
+                    self.beat.add(trial.number)
+                self.live[trial_id], self.cands[trial_id] = trial, cand
+                return {"config_yaml": cand.config.to_yaml(),
+                        "cost": cand.pareto_cost(self.settings),  # a Pareto search's second value (trainable reports it)
+                        "num_experts_": cand.config.num_experts}
+            return None  # Tune asks again
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
             ot = self.live.get(trial_id)
@@ -230,10 +245,6 @@ def _make_searcher_class():
                     reported: Optional[int]) -> record.Outcome:
             """Tune's last result for a trial -> its Outcome."""
             s = self.settings
-            if not cand.feasible:
-                return record.rejected(cand)
-            if cand.duplicate_of is not None:
-                return record.duplicate(cand)
             if error or "fail_reason" in result or METRIC not in result:
                 reason = result.get("fail_reason") or ("trial errored in Ray (its worker or node died)" if error
                                                       else "no result reported")
@@ -268,7 +279,7 @@ def run(s: Settings, study: optuna.Study, remaining: int, bar=None, reference_jo
     """Run ``remaining`` more trials through Ray Tune; returns the reference job's result.
 
     ``study`` comes from ``nas.study.open_study`` (its sampler attached)."""
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # infeasible/failed report no metric
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # a failed trial reports no metric
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     import ray  # optional dependency
     from ray import tune
@@ -278,7 +289,7 @@ def run(s: Settings, study: optuna.Study, remaining: int, bar=None, reference_jo
     proxy = s.space.proxy
     mode = ["min", "min"] if s.multi else "min"
     metric = [METRIC, "cost"] if s.multi else METRIC
-    search = StudySearcher(s, study, bar=bar, metric=metric, mode=mode, beat=beat, deadline=deadline)
+    search = StudySearcher(s, study, remaining, bar=bar, metric=metric, mode=mode, beat=beat, deadline=deadline)
     scheduler = None
     if not s.multi:  # rungs from proxy.first_rung(): past warm-up and a third of the budget
         scheduler = ASHAScheduler(time_attr="step", metric=METRIC, mode="min", max_t=proxy.steps,

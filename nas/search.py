@@ -45,7 +45,7 @@ from nas.replicates import default_jobs
 from nas.settings import STALE_AFTER_S, Deadline, Settings
 from nas.space import DEFAULT_SPACE, load_space
 from nas.sampling import clustered_boundaries
-from nas.study import counted, open_study, storage_url_for
+from nas.study import counted, open_study, sampler_name, storage_url_for
 EXECUTORS = ("ray", "optuna")
 
 
@@ -82,6 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "re-rank to fit (default: the space's)")
     r.add_argument("--objective", default="loss", choices=("loss", "fid"),
                    help="'loss' (held-out denoising loss, default) or 'fid'")
+    r.add_argument("--sampler", default="auto", choices=("auto", "tpe", "nsga2"),
+                   help="'auto': NSGA-II for a Pareto search or the supernet evaluator (whose near-equal scores "
+                        "make TPE re-propose its best designs), TPE otherwise")
     r.add_argument("--evaluator", default=None, choices=("scratch", "supernet"),
                    help="'scratch' (train each candidate on the proxy) or 'supernet' (score its experts as "
                         "sub-networks of --supernet DIR); default: the space's proxy.evaluator")
@@ -141,7 +144,7 @@ def main(argv=None) -> int:
     storage, study = open_study(s, args.resume)
     done = counted(study)
     print(f"study {s.study_name}: {done}/{s.trials} trials done; executor {executor}; "
-          f"objective{'s' if s.multi else ''} {','.join(s.objectives)}; {describe_proxy(s)}")
+          f"sampler {sampler_name(s)}; objective{'s' if s.multi else ''} {','.join(s.objectives)}; {describe_proxy(s)}")
     print(f"watch it:  {dashboard_command(s.storage_url, s.out)}")
 
     ref_cfg = None if args.no_reference else s.space.reference
@@ -259,7 +262,8 @@ def make_settings(args) -> tuple[Settings, dict]:
                  seed=args.seed if args.seed is not None else space.proxy.seed,
                  time_budget=float(time_budget) if time_budget else None, device=args.device,
                  cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus, address=args.address,
-                 progress=not args.quiet, stale_after=args.stale_after, latency=latency)
+                 progress=not args.quiet, stale_after=args.stale_after, latency=latency,
+                 sampler=args.sampler)
     return s, refs
 
 

@@ -37,6 +37,7 @@ class Settings:
     progress: bool = True
     stale_after: float = STALE_AFTER_S  # seconds before another driver's unstamped RUNNING trial is failed
     latency: Optional["LatencyBudget"] = None  # --budget-ms / objective 'latency': the time budget and its table
+    sampler: str = "auto"              # 'tpe', 'nsga2', or 'auto' (nas.study.make_sampler chooses)
 
     @property
     def quality(self) -> str:

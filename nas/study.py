@@ -63,9 +63,16 @@ def make_pruner(s: Settings) -> optuna.pruners.BasePruner:
                                                   reduction_factor=proxy.reduction_factor)
 
 
+def sampler_name(s: Settings) -> str:
+    """``s.sampler``, with 'auto' resolved: NSGA-II for a Pareto search or the supernet evaluator, else TPE."""
+    if s.sampler != "auto":
+        return s.sampler
+    return "nsga2" if s.multi or s.space.proxy.evaluator == "supernet" else "tpe"
+
+
 def make_sampler(s: Settings) -> optuna.samplers.BaseSampler:
-    """TPE (or NSGA-II for a Pareto search, or for the supernet evaluator), told about the
-    budget as a constraint.
+    """TPE (or NSGA-II for a Pareto search, or for the supernet evaluator; ``--sampler``
+    overrides), told about the budget as a constraint.
 
     Supernet scores cost about a second and lie within a fraction of a percent of each
     other; TPE then re-proposes its best few designs (465 of 572 trials were duplicates in
@@ -81,12 +88,10 @@ def make_sampler(s: Settings) -> optuna.samplers.BaseSampler:
         warnings.filterwarnings("ignore", message=".*constraints_func.*", category=FutureWarning)
         # TPE's multivariate `group` mode is marked experimental; it is what a conditional space needs
         warnings.filterwarnings("ignore", message=".*``group``.*", category=optuna.exceptions.ExperimentalWarning)
-        if s.multi:
-            return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=max(4, min(20, s.trials // 3)),
-                                                 constraints_func=constraint_of)
-        if s.space.proxy.evaluator == "supernet":
-            return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=max(4, min(50, s.trials // 4)),
-                                                 constraints_func=constraint_of)
+        name = sampler_name(s)
+        if name == "nsga2":
+            size = max(4, min(20, s.trials // 3)) if s.multi else max(4, min(50, s.trials // 4))
+            return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=size, constraints_func=constraint_of)
         return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=max(3, min(10, s.trials // 3)),
                                           multivariate=True, group=True, constraints_func=constraint_of)
 
@@ -117,7 +122,7 @@ def study_attrs(s: Settings) -> dict[str, Any]:
             "budget_gflops": s.budget.gflops if s.budget.bounded else None,
             "budget_mode": s.budget.mode, "budget_source": s.budget.source,
             "objectives": list(s.objectives), "proxy": s.space.proxy.digest(), "seed": s.seed,
-            "evaluator": s.space.proxy.evaluator, **supernet_attrs(s.space.proxy), **latency_attrs(s)}
+            "evaluator": s.space.proxy.evaluator, "sampler": sampler_name(s), **supernet_attrs(s.space.proxy), **latency_attrs(s)}
 
 
 def latency_attrs(s: Settings) -> dict[str, Any]:

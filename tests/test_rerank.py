@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
+from meme.cli import UserError
 from nas import fidelity, rerank
 from nas.replicates import Run, load_cache
 from nas.space import load_space
@@ -107,6 +108,29 @@ def test_fidelity_study_end_to_end(tmp_path):
     runs = load_cache(out / "runs.jsonl")
     assert len(runs) == 4 * 2 * 2                                   # archs x seeds x (proxy, high)
     assert Run("x", load_space("tiny").reference, load_space("tiny").proxy, 0).key() not in runs  # keyed by proxy
+
+    # --keep: the same designs read back from fidelity.json, one more added; only the new one trains
+    assert fidelity.main(argv[:3] + ["5", *argv[4:], "--keep", str(out / "fidelity.json")]) == 0
+    grown = json.loads((out / "fidelity.json").read_text())["architectures"]
+    assert [a["config_yaml"] for a in grown[:4]] == [a["config_yaml"] for a in archs]
+    assert grown[4]["config_yaml"] not in {a["config_yaml"] for a in archs}
+    assert len(load_cache(out / "runs.jsonl")) == 5 * 2 * 2
+
+
+def test_top_up_fills_the_widest_gap_in_gflops_within_each_n():
+    pool = fidelity.draws(load_space("tiny"), pool=30)
+    by_n = {}
+    for _, c, _ in pool:
+        by_n.setdefault(c.num_experts, []).append(c)
+    (n1, one), (n2, other) = [(n, cs) for n, cs in sorted(by_n.items()) if len(cs) >= 3][:1] + \
+        [(n, cs) for n, cs in sorted(by_n.items())][-1:]
+    assert n1 != n2
+    kept = [("k", one[0], 10.0)]
+    rest = [("near", one[1], 11.0), ("far", one[2], 30.0), ("new-n", other[0], 10.5)]
+    assert [x[0] for x in fidelity.top_up(kept, rest, 3)] == ["k", "new-n", "far"]   # an unseen N first
+    assert [x[0] for x in fidelity.top_up(kept, rest, 4)][-1] == "near"
+    with pytest.raises(UserError):
+        fidelity.top_up(kept, rest, 5)
 
 
 def test_fidelity_refuses_a_high_fidelity_that_is_not_higher(tmp_path, capsys):

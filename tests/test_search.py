@@ -350,6 +350,11 @@ def test_ray_executor(local_ray, tmp_path):
     # ASHA-stopped trials are PRUNED (checked in _check_budget_respected), never COMPLETE
     assert not [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs["stopped_early"]]
     assert (tmp_path / "r" / "best.yaml").exists() and (tmp_path / "r" / "reference.json").exists()
+    # over-budget and duplicate candidates are recorded on the driver, never scheduled as Tune trials
+    settled = [t for t in trials if t.user_attrs.get("constraint", 0) > 0 or "duplicate_of" in t.user_attrs]
+    assert settled, "this seed proposes an over-budget and a duplicate candidate"
+    scheduled = [p for p in (tmp_path / "r" / "ray" / "r").iterdir() if p.is_dir() and p.name.startswith("trainable")]
+    assert len(scheduled) == len(trials) - len(settled)
 
 
 def test_ray_executor_with_the_supernet_evaluator(local_ray, tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ from nas.interval_opt import _config, boundary_choices, chains_after, optimise
 from nas.proxy import proxy_arch
 from nas.shared_eval import SharedScorer
 from nas.space import load_space
+from nas.study import make_sampler
 from nas.sampling import FixedTrial, build_config, encode
 from nas.supernet import train_all
 from nas.proxy_data import eval_timesteps, heldout_images, heldout_loss
@@ -108,7 +109,7 @@ def test_search_with_the_supernet_evaluator_then_rerank(tiny_supernet, tmp_path)
                       "--rerank-top", "1", "--rerank-seeds", "1", "--quiet"])
     assert rc == 0
     study = optuna.load_study(study_name="sn", storage=f"sqlite:///{tmp_path / 'sn' / 'optuna.db'}")
-    assert study.user_attrs["evaluator"] == "supernet"
+    assert study.user_attrs["evaluator"] == "supernet" and study.user_attrs["sampler"] == "nsga2"
     assert study.user_attrs["supernet_digest"] == load_index(tiny_supernet)["digest"]
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
             and "duplicate_of" not in t.user_attrs]          # a duplicate reuses its twin's result
@@ -142,6 +143,18 @@ def test_a_supernet_study_resumes_from_another_path_to_the_same_supernet(tiny_su
     assert search.main(common + ["--supernet", str(moved), "--trials", "3", "--resume"]) == 0
     study = optuna.load_study(study_name="mv", storage=f"sqlite:///{tmp_path / 'mv' / 'optuna.db'}")
     assert len(study.trials) == 3
+
+
+def test_nsga2_samples_under_the_supernet_evaluator_unless_told_otherwise(tiny_supernet, tmp_path):
+    base = ["--space", "tiny", "--budget-gflops", "1", "--out", str(tmp_path)]
+
+    def sampler(*argv):
+        s, _ = search.make_settings(search.parse_args([*base, *argv]))
+        return make_sampler(s)
+    assert isinstance(sampler("--supernet", str(tiny_supernet)), optuna.samplers.NSGAIISampler)
+    assert isinstance(sampler("--supernet", str(tiny_supernet), "--sampler", "tpe"), optuna.samplers.TPESampler)
+    assert isinstance(sampler(), optuna.samplers.TPESampler)
+    assert isinstance(sampler("--sampler", "nsga2"), optuna.samplers.NSGAIISampler)
 
 
 def test_search_refuses_a_missing_supernet(tmp_path, capsys):
