@@ -193,6 +193,42 @@ def _dp(space, base, n, owners, weights, losses, cost, budget, mode):
     return total, l, path
 
 
+def against_search(study_dir: Path, optimum: float, digest: Optional[str]) -> dict:
+    """How close a search with the same evaluator came to the exact optimum.
+
+    Reads the study in ``study_dir`` (``nas.search --out``'s folder: optuna.db, the study
+    named as the folder) and reports its best supernet score, the gap to ``optimum`` and
+    after how many trials it came within 0.1% and 0.01% of it. The same evaluator (supernet
+    digest) is required: scores of another supernet are not comparable. A best *below*
+    the optimum would mean the optimiser missed a candidate of the space: refused.
+    """
+    import optuna  # the optimiser itself needs no study
+    storage = f"sqlite:///{Path(study_dir) / 'optuna.db'}"
+    try:
+        study = optuna.load_study(study_name=Path(study_dir).name, storage=storage)
+    except (KeyError, ValueError, OSError) as e:
+        raise UserError(f"--against {study_dir}: no study {Path(study_dir).name!r} there ({e})") from e
+    if study.user_attrs.get("supernet_digest") != digest:
+        raise UserError(f"--against {study_dir}: scored by supernet {study.user_attrs.get('supernet_digest')}, "
+                        f"not this one ({digest}): the scores are not comparable")
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    scored = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.values
+              and "duplicate_of" not in t.user_attrs]
+    if not scored:
+        raise UserError(f"--against {study_dir}: no scored trial")
+    best = min(scored, key=lambda t: t.values[0])
+    if best.values[0] < optimum * (1 - 1e-9):
+        raise UserError(f"--against {study_dir}: trial {best.number} scores {best.values[0]:.6f}, below the "
+                        f"'exact' optimum {optimum:.6f}: the enumeration missed part of the space")
+
+    def first_within(rel: float) -> Optional[int]:
+        return next((i + 1 for i, t in enumerate(trials) if t in scored and t.values[0] <= optimum * (1 + rel)), None)
+    return {"study": str(study_dir), "sampler": study.user_attrs.get("sampler"), "trials": len(trials),
+            "distinct_scored": len(scored), "best_trial": best.number, "best_objective": best.values[0],
+            "gap_pct": 100 * (best.values[0] / optimum - 1), "trials_to_0.1pct": first_within(1e-3),
+            "trials_to_0.01pct": first_within(1e-4)}
+
+
 def _config(space, base, blocks, pools, chains, bounds, p) -> MemeConfig:
     experts = tuple(space.arch(base, blocks, pools, tuple(str(r) for r in c)) for c in chains)
     return MemeConfig(name=f"{space.name}-optimum", experts=experts, data=space.data, diffusion=space.diffusion,
@@ -215,6 +251,8 @@ def parse_args(argv=None):
     p.add_argument("--max-archs", type=int, default=2000, help="largest number of chains per macro to enumerate")
     p.add_argument("--device", default=None)
     p.add_argument("--out", type=Path, default=None, help="writes optimum.json and optimum.yaml here")
+    p.add_argument("--against", type=Path, action="append", default=[],
+                   help="a nas.search study folder scored by the same supernet: how close its best came (repeatable)")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
@@ -231,7 +269,12 @@ def main(argv=None) -> int:
     if res["best"] is None:
         raise UserError(f"no enumerable candidate of {space.source} fits {args.budget_gflops} GFLOPs")
     print(f"exact optimum over {res['chains_scored']} scored chains in {res['wall_s']:.0f} s: "
-          f"loss {res['best']['objective']:.5f} at {res['best']['gflops']:.2f} GFLOPs")
+          f"loss {res['best']['objective']:.6f} at {res['best']['gflops']:.3f} GFLOPs")
+    res["against"] = [against_search(d, res["best"]["objective"], scorer.index.get("digest")) for d in args.against]
+    for a in res["against"]:
+        print(f"  {a['study']} ({a['sampler']}): best {a['best_objective']:.6f} (trial {a['best_trial']} of "
+              f"{a['trials']}, {a['distinct_scored']} distinct scored), {a['gap_pct']:+.3f}% vs the optimum; "
+              f"within 0.1% after {a['trials_to_0.1pct']} trials, within 0.01% after {a['trials_to_0.01pct']}")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(res, args.out / "optimum.json")

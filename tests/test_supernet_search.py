@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -96,6 +97,21 @@ def test_interval_optimiser_matches_brute_force(tiny_supernet):
     encode(found, space)                                  # a member of the space, rules and all
     assert cost_of(found).gflops_mean <= budget
     assert scorer.score(found).objective == pytest.approx(best[0], rel=1e-9)
+
+
+def test_interval_optimiser_against_a_search_with_the_same_supernet(tiny_supernet, tmp_path):
+    from nas import interval_opt
+    common = ["--space", "tiny", "--budget-gflops", "0.1"]
+    assert search.main([*common, "--executor", "optuna", "--supernet", str(tiny_supernet), "--trials", "6",
+                        "--out", str(tmp_path), "--study", "vs", "--rerank-top", "0", "--no-reference", "--quiet"]) == 0
+    assert interval_opt.main([*common, "--supernet", str(tiny_supernet), "--against", str(tmp_path / "vs"),
+                              "--out", str(tmp_path / "opt"), "--quiet"]) == 0
+    res = json.loads((tmp_path / "opt" / "optimum.json").read_text())
+    (vs,) = res["against"]
+    study = optuna.load_study(study_name="vs", storage=f"sqlite:///{tmp_path / 'vs' / 'optuna.db'}")
+    assert vs["best_objective"] == pytest.approx(study.best_value) and vs["sampler"] == "nsga2"
+    assert vs["gap_pct"] == pytest.approx(100 * (study.best_value / res["best"]["objective"] - 1))
+    assert vs["gap_pct"] >= 0 and vs["trials"] == 6
 
 
 def load_cfg(text):
