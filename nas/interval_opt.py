@@ -221,8 +221,11 @@ def against_search(study_dir: Path, optimum: float, digest: Optional[str]) -> di
         raise UserError(f"--against {study_dir}: trial {best.number} scores {best.values[0]:.6f}, below the "
                         f"'exact' optimum {optimum:.6f}: the enumeration missed part of the space")
 
+    numbers = {t.number for t in scored}
+
     def first_within(rel: float) -> Optional[int]:
-        return next((i + 1 for i, t in enumerate(trials) if t in scored and t.values[0] <= optimum * (1 + rel)), None)
+        return next((i + 1 for i, t in enumerate(trials)
+                     if t.number in numbers and t.values[0] <= optimum * (1 + rel)), None)
     return {"study": str(study_dir), "sampler": study.user_attrs.get("sampler"), "trials": len(trials),
             "distinct_scored": len(scored), "best_trial": best.number, "best_objective": best.values[0],
             "gap_pct": 100 * (best.values[0] / optimum - 1), "trials_to_0.1pct": first_within(1e-3),
