@@ -301,7 +301,9 @@ def plot(table: pd.DataFrame, runs: pd.DataFrame, path: Path, title: str) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    # one compute axis for both: FID is often scored at the largest budget only, and a panel
+    # of its own would zoom into the 1% the designs of one budget differ by
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
     for ax, (mean, std, each, label) in zip(axes, [("fid_mean", "fid_std", "fid", "FID (lower is better)"),
                                                    ("heldout_mean", "heldout_std", "heldout_loss",
                                                     "held-out eps-MSE, all t (lower is better)")]):
