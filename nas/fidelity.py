@@ -72,13 +72,13 @@ def pick_architectures(space: SearchSpace, k: int, *, budget: Optional[float] = 
     a group, GFLOPs at evenly spaced quantiles, so the set covers both axes the search
     trades off.
     """
-    by_n: dict[int, list[tuple[MemeConfig, float]]] = {}
-    for _, cfg, g in draws(space, budget=budget, pool=pool, seed=seed):
-        by_n.setdefault(cfg.num_experts, []).append((cfg, g))
+    by_n: dict[int, list[tuple[str, MemeConfig, float]]] = {}
+    for d in draws(space, budget=budget, pool=pool, seed=seed):
+        by_n.setdefault(d[1].num_experts, []).append(d)
     out: list[tuple[str, MemeConfig, float]] = []
     if space.reference is not None:
         out.append((space.reference.name, space.reference, cost_of(space.reference).gflops))
-    groups = {n: sorted(v, key=lambda x: x[1]) for n, v in sorted(by_n.items())}
+    groups = {n: sorted(v, key=lambda x: x[2]) for n, v in sorted(by_n.items())}
     want = {n: 0 for n in groups}
     while len(out) + sum(want.values()) < k and any(want[n] < len(groups[n]) for n in groups):
         for n in groups:  # round-robin over N
@@ -87,9 +87,7 @@ def pick_architectures(space: SearchSpace, k: int, *, budget: Optional[float] = 
     for n, group in groups.items():
         m = want[n]
         idx = sorted({round(j * (len(group) - 1) / max(m - 1, 1)) for j in range(m)}) if m else []
-        for j in idx:
-            cfg, g = group[j]
-            out.append((f"N{n}-{g:.3g}G-{cfg.hash()[:6]}", cfg, g))
+        out += [group[j] for j in idx]
     if len(out) < k:
         raise UserError(f"only {len(out)} distinct architectures within budget among {pool} draws; "
                         f"raise --pool or the budget")

@@ -32,6 +32,7 @@ from meme.macs import cost_of_network
 from nas.proxy import proxy_arch
 from nas.shared_eval import SharedScorer
 from nas.space import SearchSpace, load_space
+from nas.study import storage_url_for
 from nas.sampling import FixedTrial, ratio_choices, sample_boundaries
 
 Chain = tuple[Fraction, ...]
@@ -203,9 +204,8 @@ def against_search(study_dir: Path, optimum: float, digest: Optional[str]) -> di
     the optimum would mean the optimiser missed a candidate of the space: refused.
     """
     import optuna  # the optimiser itself needs no study
-    storage = f"sqlite:///{Path(study_dir) / 'optuna.db'}"
     try:
-        study = optuna.load_study(study_name=Path(study_dir).name, storage=storage)
+        study = optuna.load_study(study_name=Path(study_dir).name, storage=storage_url_for(study_dir, None))
     except (KeyError, ValueError, OSError) as e:
         raise UserError(f"--against {study_dir}: no study {Path(study_dir).name!r} there ({e})") from e
     if study.user_attrs.get("supernet_digest") != digest:

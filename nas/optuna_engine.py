@@ -38,12 +38,7 @@ def run(s: Settings, study: optuna.Study, beat: Optional[Heartbeat] = None,
         cand = None
         try:
             cand = record.prepare(trial, s)
-            if not cand.feasible:
-                outcome = record.rejected(cand)
-            elif cand.duplicate_of is not None:
-                outcome = record.duplicate(cand)
-            else:
-                outcome = _train(trial, cand, s)
+            outcome = record.settled(cand) or _train(trial, cand, s)
         except Exception as exc:  # recorded, and the search goes on
             outcome = record.failed(one_line(exc, typed=True))
         record.finish(study, trial, outcome, cand, write=bar.write)

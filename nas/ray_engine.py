@@ -201,8 +201,8 @@ def _make_searcher_class():
                 except Exception as exc:  # recorded, and the search goes on (as in the Optuna engine)
                     record.finish(self.study, trial, record.failed(one_line(exc, typed=True)), None, write=self.write)
                     continue
-                if not cand.feasible or cand.duplicate_of is not None:
-                    outcome = record.rejected(cand) if not cand.feasible else record.duplicate(cand)
+                outcome = record.settled(cand)
+                if outcome is not None:
                     record.finish(self.study, trial, outcome, cand, write=self.write)
                     if self.bar is not None:
                         self.bar.update(1)

@@ -191,6 +191,15 @@ def duplicate(cand: Candidate) -> Outcome:
                    value=cand.duplicate_values[0] if cand.duplicate_values else None)
 
 
+def settled(cand: Candidate) -> Optional[Outcome]:
+    """The outcome of a candidate that needs no training (over budget, or a duplicate); None if it does."""
+    if not cand.feasible:
+        return rejected(cand)
+    if cand.duplicate_of is not None:
+        return duplicate(cand)
+    return None
+
+
 def failed(reason: str, attrs: Optional[dict[str, Any]] = None, value: Optional[float] = None) -> Outcome:
     return Outcome("failed", status_text("failed", reason=reason), f"FAIL  {reason}", value=value,
                    attrs={**(attrs or {}), "fail_reason": reason})
