@@ -12,6 +12,7 @@ Two sections of ``python -m nas.bench`` (sizes and shared helpers from ``meme.be
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -149,28 +150,40 @@ def bench_iformer(o: BenchOptions, dev: torch.device, log: Callable[[str], None]
     clock = time.thread_time if cpu_clock else time.perf_counter
     inside = [0.0]
     starts: dict[int, float] = {}
-    expert = nets["meme-table4 expert 1"]
-    for m in expert.modules():
-        if isinstance(m, IFormerBlock):
-            m.register_forward_pre_hook(lambda mod, args: starts.__setitem__(id(mod), clock()))
-            m.register_forward_hook(lambda mod, args, out: inside.__setitem__(0, inside[0] + clock() - starts[id(mod)]))
+    e = "meme-table4 expert 1"
+    expert = nets[e]
     paths = {name: fast_path(dev, "auto", net) for name, net in nets.items()}
     for name, net in nets.items():
         paths[name].prepare(net, dev)
     xs = {name: paths[name].input(x, dev) for name in nets}
-    variants = [("fast", "meme-table4 expert 1"), ("reference", "meme-table4 expert 1"),
-                ("fast", REFERENCE)]
+    variants = [("fast", e), ("reference", e), ("fast", REFERENCE)]
+    runners = {("fast", e): expert, ("reference", e): expert, ("fast", REFERENCE): nets[REFERENCE]}
+    compile_s = None
+    if o.compile and not o.quick:
+        # the same expert, fast mixer, compiled whole (its own copy: hooks stay out of its graph)
+        runners[("compiled", e)] = compile_for_inference(copy.deepcopy(expert))
+        variants.append(("compiled", e))
+        with cold_compile(), torch.no_grad(), paths[e].autocast():
+            t0 = time.perf_counter()
+            runners[("compiled", e)](xs[e], t.to(dev))
+            compile_s = time.perf_counter() - t0
+        log(f"  iformer compiled: first call {compile_s:.1f} s")
+    for m in expert.modules():
+        if isinstance(m, IFormerBlock):
+            m.register_forward_pre_hook(lambda mod, args: starts.__setitem__(id(mod), clock()))
+            m.register_forward_hook(lambda mod, args, out: inside.__setitem__(0, inside[0] + clock() - starts[id(mod)]))
     times: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
     shares: dict[str, list[float]] = {"fast": [], "reference": []}
     for r in range(o.warmup + o.repeats):
         for mixer, name in variants:
             inside[0] = 0.0
             ctx = reference_mixers() if mixer == "reference" else contextlib.nullcontext()
+            run = runners[(mixer, name)]
             with ctx, torch.no_grad(), paths[name].autocast():
-                s = time_runs(lambda: nets[name](xs[name], t.to(dev)), dev, 1, 0, cpu_clock=cpu_clock)[0]
+                s = time_runs(lambda: run(xs[name], t.to(dev)), dev, 1, 0, cpu_clock=cpu_clock)[0]
             if r >= o.warmup:
                 times[(mixer, name)].append(s)
-                if name != REFERENCE:
+                if name != REFERENCE and mixer in shares:
                     shares[mixer].append(inside[0] / s)
     ms = {v: 1e3 * median(times[v]) for v in variants}
     share = {k: median(v) for k, v in shares.items()}
@@ -181,8 +194,13 @@ def bench_iformer(o: BenchOptions, dev: torch.device, log: Callable[[str], None]
     for mixer in ("fast", "reference"):
         log(f"  iformer {mixer:<9}: expert {ms[(mixer, 'meme-table4 expert 1')]:.1f} ms, iFormer time share "
             f"{100 * share[mixer]:.0f}% vs MACs share {100 * share_macs:.0f}%")
-    e = "meme-table4 expert 1"
-    return [
+    compiled = [] if compile_s is None else [
+        Row("iformer", e, "ms_compiled", ms[("compiled", e)], "ms", ms[("fast", e)] / ms[("compiled", e)], "",
+            "> 1 (beats eager)", label, "compile_for_inference of the fast-mixer expert; vs_ref = eager fast mixer / "
+                                        "compiled, interleaved rounds"),
+        Row("iformer", e, "compile_time", compile_s, "s", shape=label, note="first compiled call, cold caches"),
+    ]   # no compiled LDM-L ratio here: LDM-L compiled is the compile section's (sampling, both compiled)
+    return compiled + [
         Row("iformer", e, "ms_fast_mixer", ms[("fast", e)], "ms", ms[("reference", e)] / ms[("fast", e)],
             shape=label, note=f"one forward, {prec}; vs_ref = reference mixer / fast mixer, interleaved rounds; "
                               f"{'thread CPU time (1 thread)' if cpu_clock else 'wall'} clock"),

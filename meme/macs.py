@@ -62,12 +62,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from meme.blocks import ScaledDotProductAttention, reference_mixers
 from meme.checkpoint import atomic_write_json
 from meme.cli import main_guard
-from meme.config import ArchConfig, DataShape, MemeConfig
-from meme.experts import build_denoiser
+from meme.config import ArchConfig, DataShape, MemeConfig, ShareConfig
 from meme.iunet import IFormerSpec, iformer_specs, macro_key
 from meme.networks import build_network
 from meme.references import reference_names, resolve
-from meme.sharing import shared_modules
+from meme.sharing import shared_paths
 
 log = logging.getLogger(__name__)
 
@@ -370,12 +369,23 @@ def cost_of_meme(cfg: MemeConfig) -> MemeCost:
 
 
 def shared_param_count(cfg: MemeConfig) -> int:
-    """Parameters of the parts ``cfg.share`` names (one expert's copy), from shapes only."""
+    """Parameters of the parts ``cfg.share`` names (one expert's copy), from shapes only.
+
+    ``MemeConfig.validate`` refuses a sharing the experts' architectures contradict, so
+    expert 0's parts are every expert's: one network is built (on the meta device), not
+    N, and a search pricing thousands of candidates asks once per expert-0 architecture."""
     if not cfg.share.any or cfg.num_experts < 2:
         return 0
+    cfg.validate()
+    return _shared_params_of(cfg.experts[0], cfg.share, cfg.data)
+
+
+@lru_cache(maxsize=1024)
+def _shared_params_of(arch: ArchConfig, share: ShareConfig, data: DataShape) -> int:
     with torch.device("meta"):
-        den = build_denoiser(cfg)
-    return sum(p.numel() for m in shared_modules(den.experts) for p in m.parameters())
+        net = build_network(arch, data)
+    params = {id(p): p for path in shared_paths(share, data, net) for p in net.get_submodule(path).parameters()}
+    return sum(p.numel() for p in params.values())
 
 
 # ---- CLI ----------------------------------------------------------------------------

@@ -50,7 +50,6 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from fractions import Fraction
 from typing import Any, Optional
 
 import torch
@@ -256,6 +255,11 @@ class SuperNet(IUNet):
             if not any(name.startswith(e + ".") for e in elastic):
                 out[name] = p
         return out
+
+    def sub_param_count(self, arch: ArchConfig) -> int:
+        """``IUNet(arch)``'s parameter count, from its slices: no network is built."""
+        buffers = {name for name, _ in self.named_buffers()}
+        return sum(v.numel() for k, v in self.sub_state_dict(arch).items() if k not in buffers)
 
     def extract(self, arch: ArchConfig) -> IUNet:
         """A plain ``IUNet(arch)`` holding copies of its slices: same outputs, its own parameters."""

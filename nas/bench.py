@@ -33,7 +33,7 @@ from meme.references import resolve
 from meme.scaling import bench_scaling, unmeasured_gpu_rows
 from meme.timing import device_name, dtype_name, matmul_peak_flops, peak_dtypes
 from nas.bench_search import (ENGINES, SECTIONS, SearchBenchOptions, bench_engine, bench_evaluators,
-                              bench_macs_check, default_options)
+                              bench_macs_check, bench_supernet_search, default_options)
 from nas.proxy import proxy_config
 from nas.space import load_space
 
@@ -104,6 +104,10 @@ def target_rows(rows: list[Row], dev: torch.device, device_name: str) -> list[Ro
     r = find("search", "evaluator_supernet", "speedup_cold")
     out.append(Row("target", "supernet evaluator", "speedup_per_candidate", r.value if r else "not run", "x",
                    target=">= 10x", shape=r.shape if r else "", note=r.note if r else ""))
+    r = find("search", "supernet_search_optuna", "distinct_per_min")
+    out.append(Row("target", "supernet search (default engine)", "distinct_in_420s",
+                   r.value * 7 if r and isinstance(r.value, float) else "not run", "",
+                   target=">= 300", shape=r.shape if r else "", note="distinct_per_min x 7"))
     for e in ENGINES:
         r = find("search", f"engine_{e}", "overhead")
         out.append(Row("target", f"engine overhead ({e})", "pct_of_trial", r.value if r else "not run", "%",
@@ -156,6 +160,7 @@ def run_bench(o: SearchBenchOptions, log: Callable[[str], None] = print) -> tupl
         for e in ENGINES:
             rows += bench_engine(e, o, dev, log)
         rows += bench_evaluators(o, dev, log)
+        rows += bench_supernet_search(o, dev, log)
     if "scaling" in o.only:
         log("scaling ...")
         rows += bench_scaling(o.device, max(o.train_steps, 4) * 6, o.train_batch, log=log)

@@ -3,7 +3,8 @@
 * time to check one candidate's MACs (no cache);
 * each trial engine's overhead per trial: (engine wall - trial body wall) / trial body
   wall, over a few proxy trials of a small space (``SearchBenchOptions.space``);
-* per-candidate scoring, from-scratch proxy against the weight-shared supernet.
+* per-candidate scoring, from-scratch proxy against the weight-shared supernet;
+* distinct candidates a whole supernet search ranks per minute, under each engine.
 
 ``SearchBenchOptions`` is ``meme.bench.BenchOptions`` plus what only these
 measurements size: the engines, their trial count and the space.
@@ -30,7 +31,7 @@ from meme.bench_report import PENDING, Row
 from meme.errors import one_line
 from meme.references import resolve
 from meme.timing import median
-from nas import optuna_engine, ray_engine
+from nas import optuna_engine, ray_engine, search
 from nas.budget import Budget
 from nas.settings import Settings
 from nas.shared_eval import SharedScorer
@@ -234,3 +235,50 @@ def bench_evaluators(o: SearchBenchOptions, dev: torch.device, log: Callable[[st
             index["train_gflops_total"], "GFLOP", shape=label,
             note="supernet training, charged once per search (x --steps)"),
     ]
+
+
+def bench_supernet_search(o: SearchBenchOptions, dev: torch.device, log: Callable[[str], None],
+                          seconds: float = 90.0) -> list[Row]:
+    """Distinct candidates a supernet search ranks in a fixed time, per engine, same run.
+
+    The whole ``nas.search`` job (its default sampler, MACs checks, storage, scoring) on
+    the default space at its default 95 GFLOPs budget, ``seconds`` each, from a cold
+    score cache; the supernets are trained one step (what is timed does not depend on how
+    well). The first ``seconds`` include each engine's start-up (Ray's, a pool's workers),
+    as a user's search does. ``--quick``: the tiny space, a sixth of the time.
+    """
+    space, budget = ("tiny", "1") if o.quick else ("meme_ffhq256", "95")
+    seconds = seconds / 6 if o.quick else seconds
+    label = f"{space} space, {seconds:.0f} s per engine, cold score cache"
+    rates: dict[str, float] = {}
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="meme-bench-snsearch-") as tmp:
+        sn = Path(tmp) / "supernet"
+        macros = None if o.quick else "128:1,128:2,128:3"   # base 192 is over 95 GFLOPs: never scored
+        train_all(space, sn, steps=1, macros=macros, device=str(dev), progress=False)
+        for engine in o.engines:
+            (sn / "scores.jsonl").unlink(missing_ok=True)
+            t0 = time.perf_counter()
+            try:
+                search.main(["--space", space, "--budget-gflops", budget, "--supernet", str(sn), "--executor", engine,
+                             "--trials", "100000", "--time-budget", str(seconds), "--rerank-top", "0",
+                             "--no-reference", "--quiet", "--out", tmp, "--study", f"sn-{engine}",
+                             "--device", str(dev)])
+            except Exception as exc:  # reported, not invented
+                rows.append(Row("search", f"supernet_search_{engine}", "distinct_per_min", PENDING, "/min",
+                                shape=label, note=one_line(exc, typed=True)[:200]))
+                continue
+            wall = time.perf_counter() - t0
+            study = optuna.load_study(study_name=f"sn-{engine}", storage=storage_url_for(Path(tmp) / f"sn-{engine}", None))
+            distinct = sum(t.state == optuna.trial.TrialState.COMPLETE and "duplicate_of" not in t.user_attrs
+                           for t in study.get_trials(deepcopy=False))
+            rates[engine] = 60 * distinct / wall
+            log(f"  supernet search, {engine}: {distinct} distinct candidates scored in {wall:.0f} s")
+            rows.append(Row("search", f"supernet_search_{engine}", "distinct_per_min", rates[engine], "/min",
+                            shape=label, target=">= 43/min (300 in 420 s)" if not o.quick else "",
+                            note=f"{distinct} distinct scored candidates / {wall:.0f} s of nas.search wall"))
+    if "optuna" in rates and "ray" in rates:
+        rows.append(Row("search", "supernet_search_optuna/ray", "distinct_ratio", rates["optuna"] / rates["ray"], "x",
+                        shape=label, note="the Optuna engine's score-worker pool (the default here) / Ray Tune, "
+                                          "same run"))
+    return rows

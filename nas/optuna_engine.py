@@ -1,22 +1,34 @@
 """Plain Optuna engine: ask/tell loop in this process, successive-halving pruning.
 
-Used where Ray is absent (``--executor optuna``) and for single-GPU boxes: the trial
-body is the same ``run_trial`` the Ray engine runs, and every outcome is recorded by
-``nas.record.finish``, as under Ray.
+Used where Ray is absent (``--executor optuna``), for single-GPU boxes, and by default
+for the supernet evaluator on one machine: the trial body is the same ``run_trial`` the
+Ray engine runs, and every outcome is recorded by ``nas.record.finish``, as under Ray.
+
+Supernet scores (about a second each on a CPU core) are spread over a pool of
+single-thread worker processes, one per core: ``ask``, pricing and ``tell`` stay here,
+with the study, and each worker keeps its own scorer (``nas.shared_eval.scorer_for``)
+for the whole search. Measured on 2 cores (README, "supernet evaluator"): a Ray Tune
+trial costs more scheduling and bookkeeping than the score it runs, and two threads on
+one forward are slower than two processes on two.
 """
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Optional
 
 import optuna
 from tqdm import tqdm
 
+from meme.config import MemeConfig
 from meme.errors import one_line
 from nas import record
 from nas.heartbeat import Heartbeat
+from nas.proxy import ProxySpec
+from nas.replicates import default_jobs, single_thread_worker
 from nas.settings import Deadline, Settings
 from nas.study import counted
-from nas.trial import run_trial
+from nas.trial import TrialResult, run_trial
 
 
 def run(s: Settings, study: optuna.Study, beat: Optional[Heartbeat] = None,
@@ -26,28 +38,111 @@ def run(s: Settings, study: optuna.Study, beat: Optional[Heartbeat] = None,
     deadline = deadline or Deadline(s.time_budget)
     bar = tqdm(total=s.trials, initial=counted(study), desc="trials", unit="trial",
                disable=None if s.progress else True)
+    workers = score_workers(s)
+    if workers > 1:
+        _run_pooled(s, study, beat, deadline, bar, workers)
+    else:
+        _run_serial(s, study, beat, deadline, bar)
+    bar.close()
+    return study
+
+
+def score_workers(s: Settings) -> int:
+    """Worker processes for supernet scores: one per core on a CPU (1: score in this process).
+    Trained trials stay in this process: their pruning asks the study at every rung."""
+    if s.space.proxy.evaluator != "supernet":
+        return 1
+    return max(1, int(default_jobs(s.device) // max(1.0, s.cpus_per_trial)))
+
+
+def _run_serial(s: Settings, study: optuna.Study, beat: Optional[Heartbeat], deadline: Deadline, bar) -> None:
     attempts = 0
     while counted(study) < s.trials and attempts < 3 * s.trials:
         if deadline.passed():
             bar.write("time budget reached (time kept for the re-rank included): no new trial")
             break
         attempts += 1
-        trial = study.ask()
-        if beat is not None:
-            beat.add(trial.number)
-        cand = None
-        try:
-            cand = record.prepare(trial, s)
-            outcome = record.settled(cand) or _train(trial, cand, s)
-        except Exception as exc:  # recorded, and the search goes on
-            outcome = record.failed(one_line(exc, typed=True))
-        record.finish(study, trial, outcome, cand, write=bar.write)
-        if beat is not None:
-            beat.discard(trial.number)
-        if outcome.kind != "failed":
-            bar.update(1)
-    bar.close()
-    return study
+        trial, cand, outcome = _ask(study, s, beat)
+        if outcome is None:
+            try:
+                outcome = _train(trial, cand, s)
+            except Exception as exc:  # recorded, and the search goes on
+                outcome = record.failed(one_line(exc, typed=True))
+        _finish(study, trial, outcome, cand, beat, bar)
+
+
+def _ask(study: optuna.Study, s: Settings, beat: Optional[Heartbeat]
+         ) -> tuple[optuna.Trial, Optional[record.Candidate], Optional[record.Outcome]]:
+    """The next candidate, drawn and priced; its outcome already when it needs no run
+    (over budget, a duplicate, or a draw that failed), else None."""
+    trial = study.ask()
+    if beat is not None:
+        beat.add(trial.number)
+    cand = None
+    try:
+        cand = record.prepare(trial, s)
+        outcome = record.settled(cand)
+    except Exception as exc:  # recorded, and the search goes on
+        outcome = record.failed(one_line(exc, typed=True))
+    return trial, cand, outcome
+
+
+def _run_pooled(s: Settings, study: optuna.Study, beat: Optional[Heartbeat], deadline: Deadline, bar,
+                workers: int) -> None:
+    """Ask and price here; score in ``workers`` processes, one candidate in flight per worker."""
+    attempts = 0
+    pending: dict[Future, tuple[optuna.Trial, record.Candidate]] = {}
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=single_thread_worker) as pool:
+        said = False
+        while True:
+            while (len(pending) < workers and counted(study) + len(pending) < s.trials
+                   and attempts < 3 * s.trials):
+                if deadline.passed():
+                    if not said:
+                        bar.write("time budget reached (time kept for the re-rank included): no new trial")
+                        said = True
+                    break
+                attempts += 1
+                trial, cand, outcome = _ask(study, s, beat)
+                if outcome is not None:
+                    _finish(study, trial, outcome, cand, beat, bar)
+                    continue
+                fut = pool.submit(score_one, cand.config.to_yaml(), s.space.proxy, s.device)
+                pending[fut] = (trial, cand)
+            if not pending:
+                break
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                trial, cand = pending.pop(fut)
+                try:
+                    outcome = _scored(trial, cand, s, fut.result())
+                except Exception as exc:  # the worker's error, or a worker that died
+                    outcome = record.failed(one_line(exc, typed=True))
+                _finish(study, trial, outcome, cand, beat, bar)
+
+
+def score_one(config_yaml: str, proxy: ProxySpec, device: Optional[str]) -> TrialResult:
+    """A worker's job: one candidate's supernet score (``nas.trial.run_trial``, one report)."""
+    cfg = MemeConfig.from_yaml(config_yaml, "candidate")
+    return run_trial(cfg, proxy, lambda step, value: False, objective="loss", device=device)
+
+
+def _scored(trial: optuna.Trial, cand: record.Candidate, s: Settings, res: TrialResult) -> record.Outcome:
+    if not s.multi:
+        for step, value in res.history:
+            trial.report(value, step)
+    return record.judged(res.objective, res.history[-1][0] if res.history else 0, res.stopped_early, res.wall_s,
+                         cand, s, record.result_attrs(res))
+
+
+def _finish(study: optuna.Study, trial: optuna.Trial, outcome: record.Outcome, cand: Optional[record.Candidate],
+            beat: Optional[Heartbeat], bar) -> None:
+    record.finish(study, trial, outcome, cand, write=bar.write)
+    if beat is not None:
+        beat.discard(trial.number)
+    if outcome.kind != "failed":
+        bar.update(1)
 
 
 def _train(trial: optuna.Trial, cand: record.Candidate, s: Settings) -> record.Outcome:

@@ -85,7 +85,8 @@ def _append(path: Optional[Path], rec: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def _init_worker() -> None:
+def single_thread_worker() -> None:
+    """Pool initializer: one intra-op thread per worker process (workers = cores)."""
     torch.set_num_threads(1)
 
 
@@ -128,7 +129,7 @@ def run_all(runs: Iterable[Run], *, jobs: int = 1, device: Optional[str] = None,
     else:
         ctx = multiprocessing.get_context("spawn")
         queue = list(reversed(todo))
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker) as pool:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=single_thread_worker) as pool:
             pending: set = set()
             while queue or pending:
                 while queue and len(pending) < jobs and not deadline.passed():

@@ -93,7 +93,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="supernet evaluator: fine-tune steps in all before scoring (default: the space's, 0)")
     r.add_argument("--objectives", default=None,
                    help="multi-objective, 'loss,gflops' or 'loss,latency' (NSGA-II, Pareto front)")
-    r.add_argument("--executor", default=None, choices=EXECUTORS, help="'ray' (default when installed) or 'optuna'")
+    r.add_argument("--executor", default=None, choices=EXECUTORS,
+                   help="'ray' (default when installed) or 'optuna' (default for a supernet search on one "
+                        "machine: a pool of score workers, one per core)")
     r.add_argument("--study", default=None, help="study name (default <space>-b<budget>)")
     r.add_argument("--out", default="results", help="results root; the study lives in OUT/<study> (default %(default)s)")
     r.add_argument("--resume", action="store_true", help="continue an interrupted study (finished trials are kept)")
@@ -138,8 +140,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-    executor = choose_executor(args)
     s, refs = make_settings(args)
+    executor = choose_executor(args, s.space.proxy.evaluator)
     job = Deadline(s.time_budget)  # the whole job: trials, reference and re-rank
     storage, study = open_study(s, args.resume)
     done = counted(study)
@@ -203,9 +205,15 @@ def scratch_run_s(index: dict, steps: int) -> float:
     return statistics.median(per) * steps if per else 0.0
 
 
-def choose_executor(args) -> str:
-    """Ray Tune when installed (and the cluster answers), else the plain Optuna loop."""
-    executor = args.executor or ("ray" if ray_available() else "optuna")
+def choose_executor(args, evaluator: str = "scratch") -> str:
+    """Ray Tune when installed (and the cluster answers), else the plain Optuna loop.
+
+    A supernet search on this machine alone (no --address, no $RAY_ADDRESS) scores in
+    the Optuna engine's worker pool: a Tune trial costs more than the one-second score it
+    would run (README, "supernet evaluator": 2x the candidates in the same time)."""
+    cluster = bool(args.address or os.environ.get("RAY_ADDRESS"))
+    local_scores = evaluator == "supernet" and not cluster
+    executor = args.executor or ("ray" if ray_available() and not local_scores else "optuna")
     if executor == "ray" and not ray_available():
         raise UserError("--executor ray: Ray Tune is not installed here; use --executor optuna")
     if executor == "ray" and (args.address or os.environ.get("RAY_ADDRESS")):
@@ -363,7 +371,8 @@ def run_trials(s: Settings, study: optuna.Study, executor: str, ref_cfg, remaini
         if need_ref:
             job = ray.remote(ref_mod.run_reference).options(num_cpus=s.cpus_per_trial, num_gpus=s.gpus_per_trial) \
                 .remote(ref_cfg, s.space.proxy, s.quality, s.budget.mode, s.device, threads)
-            print(f"training the reference {ref_cfg.name} on the proxy (in parallel with the trials)")
+            verb = "scoring" if s.space.proxy.evaluator == "supernet" else "training"
+            print(f"{verb} the reference {ref_cfg.name} on the proxy (in parallel with the trials)")
         bar = _bar(s, s.trials - remaining)
         got = (ray_engine.run(s, study, remaining, bar=bar, reference_job=job, beat=beat, deadline=deadline)
                if remaining else None)
@@ -376,7 +385,8 @@ def run_trials(s: Settings, study: optuna.Study, executor: str, ref_cfg, remaini
             ray.shutdown()  # frees the cores for the re-rank
     else:
         if need_ref:
-            print(f"training the reference {ref_cfg.name} on the proxy first")
+            verb = "scoring" if s.space.proxy.evaluator == "supernet" else "training"
+            print(f"{verb} the reference {ref_cfg.name} on the proxy first")
             reference = ref_mod.run_reference(ref_cfg, s.space.proxy, s.quality, s.budget.mode, s.device,
                                               threads=threads)
         if remaining:

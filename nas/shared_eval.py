@@ -32,8 +32,6 @@ from meme.config import ArchConfig, MemeConfig
 from meme.diffusion import Diffusion
 from meme.experts import SoftExpertSampler
 from meme.fastpath import fast_path
-from meme.iunet import IUNet
-from meme.networks import count_params
 from meme.supernet import SuperNet, arch_key, load_index, load_supernet
 from meme.train import draw_batch, train_step, warmup_lr
 from nas.proxy import ProxySpec, proxy_config
@@ -166,7 +164,8 @@ class SharedScorer:
             cached += len(ts) - new
             terms += [{"t": t, "expert": n + 1, "arch": arch_key(arch), "loss": v} for t, v in zip(ts, values)]
         objective = sum(r["loss"] for r in terms) / len(terms)
-        params = sum(_params_of(a, cfg.data) for a in cfg.experts)
+        net = self.supernet(macro)
+        params = sum(net.sub_param_count(a) for a in cfg.experts)
         entry = self.index["macros"][macro]
         return Score(objective, sorted(terms, key=lambda r: r["t"]), evaluated, cached, time.perf_counter() - t0,
                      params, ft_gflops, {"path": str(self.dir), "digest": self.index.get("digest"), "macro": macro,
@@ -211,12 +210,6 @@ def _diffusion_of(index: dict):
     """The space's schedule; a supernet moved to another machine finds its space by file name."""
     src = Path(index["space_source"])
     return load_space(src if src.is_file() else src.stem).diffusion
-
-
-@lru_cache(maxsize=256)
-def _params_of(arch: ArchConfig, data) -> int:
-    with torch.device("meta"):
-        return count_params(IUNet(arch, data))
 
 
 @lru_cache(maxsize=4)

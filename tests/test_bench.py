@@ -36,7 +36,9 @@ def expected_keys() -> set[tuple[str, str, str]]:
              ("search", "evaluator_supernet", "s_per_candidate_cold"), ("search", "evaluator_supernet",
                                                                         "s_per_candidate_warm"),
              ("search", "evaluator_supernet", "one_time_train_gflops_per_step"),
-             ("target", "supernet evaluator", "speedup_per_candidate")}
+             ("target", "supernet evaluator", "speedup_per_candidate"),
+             ("search", "supernet_search_optuna", "distinct_per_min"),
+             ("target", "supernet search (default engine)", "distinct_in_420s")}
     e = "meme-table4 expert 1"
     keys |= {("iformer", e, k) for k in ("ms_fast_mixer", "ms_reference_mixer", "macs_share", "time_share_fast",
                                          "time_share_reference")}
@@ -93,6 +95,7 @@ def test_quick_run_writes_every_row_and_column(quick_run):
         for (sec, item, metric), r in by.items():
             if sec == "fastpath" and item == m and metric.startswith("ms_"):
                 assert float(r["vs_ref"]) == pytest.approx(fp32 / float(r["value"]), rel=0.01, abs=0.006)  # the CSV rounds ratios to 2 decimals
+    assert float(by[("search", "supernet_search_optuna", "distinct_per_min")]["value"]) > 0   # a search really ran
     share = by[("iformer", "meme-table4 expert 1", "time_share_fast")]
     macs_share = float(by[("iformer", "meme-table4 expert 1", "macs_share")]["value"])
     assert 0 < macs_share < 100 and 0 < float(share["value"]) < 100

@@ -75,7 +75,7 @@ def test_random_subnetworks_are_exact_and_have_their_own_parameter_count():
     for arch in archs:
         net = sn.extract(arch)
         assert type(net) is IUNet
-        assert count_params(net) == count_params(IUNet(arch, DATA)), arch_key(arch)
+        assert count_params(net) == count_params(IUNet(arch, DATA)) == sn.sub_param_count(arch), arch_key(arch)
         with torch.no_grad():
             got, want = sn.activate(arch)(x, t), net(x, t)
         assert want.abs().max() > 1e-3            # a real output, not zeros

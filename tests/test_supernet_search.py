@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -11,7 +12,9 @@ import pytest
 import torch
 
 from meme.supernet import SuperNet, load_index, load_supernet
-from nas import search
+from meme.config import MemeConfig
+from nas import optuna_engine, search
+from nas.replicates import default_jobs
 from nas.budget import cost_of
 from nas.interval_opt import _config, boundary_choices, chains_after, optimise
 from nas.proxy import proxy_arch
@@ -205,3 +208,30 @@ def test_experts_start_from_a_trained_supernet_at_its_shape(tiny_supernet, tmp_p
     target = load_space("tiny").reference       # the target's width: no supernet of that shape here
     with pytest.raises(UserError, match="no trained supernet serves"):
         Trainer(target, opts, tmp_path / "run2")
+
+
+def test_pooled_scores_are_the_in_process_scores_of_the_same_candidates(tiny_supernet, tmp_path):
+    """The worker pool (one process per core) must give each trial its own candidate's score."""
+    fresh = tmp_path / "fresh-supernet"        # no scores.jsonl: every term is computed again here
+    shutil.copytree(tiny_supernet, fresh)
+    (fresh / "scores.jsonl").unlink(missing_ok=True)
+    pooled = tmp_path / "pooled-supernet"
+    shutil.copytree(fresh, pooled)
+    args = ["--space", "tiny", "--budget-gflops", "1", "--executor", "optuna", "--supernet", str(pooled),
+            "--trials", "8", "--out", str(tmp_path), "--study", "pool", "--rerank-top", "0", "--no-reference",
+            "--quiet"]
+    s, _ = search.make_settings(search.parse_args(args))
+    assert optuna_engine.score_workers(s) == default_jobs(None)   # one single-thread worker per core
+    assert optuna_engine.score_workers(dataclasses.replace(s, cpus_per_trial=float(default_jobs(None)))) == 1
+    scratch = dataclasses.replace(s, space=load_space("tiny"))
+    assert optuna_engine.score_workers(scratch) == 1           # trained trials prune in this process
+    assert search.main(args) == 0
+    study = optuna.load_study(study_name="pool", storage=f"sqlite:///{tmp_path / 'pool' / 'optuna.db'}")
+    scored = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
+              and "duplicate_of" not in t.user_attrs]
+    assert len(scored) >= 3
+    here = SharedScorer(fresh, s.space.proxy)
+    for t in scored:
+        cfg = MemeConfig.from_yaml(t.user_attrs["config_yaml"], "again")
+        assert t.value == pytest.approx(here.score(cfg).objective, rel=1e-6, abs=0), t.number
+    assert len({t.value for t in scored}) > 1                   # distinct candidates, distinct scores
