@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import multiprocessing
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import Optional
 
 import optuna
@@ -93,10 +94,11 @@ def _run_pooled(s: Settings, study: optuna.Study, beat: Optional[Heartbeat], dea
     attempts = 0
     pending: dict[Future, tuple[optuna.Trial, record.Candidate]] = {}
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
+    broken = False
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=single_thread_worker) as pool:
         said = False
         while True:
-            while (len(pending) < workers and counted(study) + len(pending) < s.trials
+            while (not broken and len(pending) < workers and counted(study) + len(pending) < s.trials
                    and attempts < 3 * s.trials):
                 if deadline.passed():
                     if not said:
@@ -108,7 +110,12 @@ def _run_pooled(s: Settings, study: optuna.Study, beat: Optional[Heartbeat], dea
                 if outcome is not None:
                     _finish(study, trial, outcome, cand, beat, bar)
                     continue
-                fut = pool.submit(score_one, cand.config.to_yaml(), s.space.proxy, s.device)
+                try:
+                    fut = pool.submit(score_one, cand.config.to_yaml(), s.space.proxy, s.device)
+                except BrokenProcessPool:  # a worker died (killed, out of memory): the pool takes no more
+                    _finish(study, trial, record.failed("a score worker died"), cand, beat, bar)
+                    broken = True
+                    break
                 pending[fut] = (trial, cand)
             if not pending:
                 break
@@ -120,6 +127,9 @@ def _run_pooled(s: Settings, study: optuna.Study, beat: Optional[Heartbeat], dea
                 except Exception as exc:  # the worker's error, or a worker that died
                     outcome = record.failed(one_line(exc, typed=True))
                 _finish(study, trial, outcome, cand, beat, bar)
+    if broken:  # the search goes on, one score at a time
+        bar.write("a score worker died: the rest of the search scores in this process")
+        _run_serial(s, study, beat, deadline, bar)
 
 
 def score_one(config_yaml: str, proxy: ProxySpec, device: Optional[str]) -> TrialResult:
