@@ -142,6 +142,11 @@ def _scored(trial: optuna.Trial, cand: record.Candidate, s: Settings, res: Trial
     if not s.multi:
         for step, value in res.history:
             trial.report(value, step)
+    return _judged(res, cand, s)
+
+
+def _judged(res: TrialResult, cand: record.Candidate, s: Settings) -> record.Outcome:
+    """A finished run_trial -> its Outcome (the last reported budget step, its own attrs)."""
     return record.judged(res.objective, res.history[-1][0] if res.history else 0, res.stopped_early, res.wall_s,
                          cand, s, record.result_attrs(res))
 
@@ -167,5 +172,4 @@ def _train(trial: optuna.Trial, cand: record.Candidate, s: Settings) -> record.O
 
     res = run_trial(cand.config, s.space.proxy, report, objective=s.quality, device=s.device,
                     threads=max(1, int(s.cpus_per_trial)))
-    return record.judged(res.objective, res.history[-1][0] if res.history else 0, res.stopped_early, res.wall_s,
-                         cand, s, record.result_attrs(res))
+    return _judged(res, cand, s)

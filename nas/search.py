@@ -216,7 +216,7 @@ def choose_executor(args, evaluator: str = "scratch") -> str:
     executor = args.executor or ("ray" if ray_available() and not local_scores else "optuna")
     if executor == "ray" and not ray_available():
         raise UserError("--executor ray: Ray Tune is not installed here; use --executor optuna")
-    if executor == "ray" and (args.address or os.environ.get("RAY_ADDRESS")):
+    if executor == "ray" and cluster:
         from nas.ray_engine import check_reachable  # Ray is optional: imported only when asked for
         check_reachable(args.address or os.environ["RAY_ADDRESS"])
     return executor
@@ -361,6 +361,7 @@ def run_trials(s: Settings, study: optuna.Study, executor: str, ref_cfg, remaini
     reference = None if ref_cfg is None else ref_mod.load(ref_path, ref_cfg, s.space.proxy, s.quality)
     need_ref = ref_cfg is not None and reference is None
     threads = max(1, int(s.cpus_per_trial))
+    verb = "scoring" if s.space.proxy.evaluator == "supernet" else "training"   # of the reference
     if executor == "ray":
         import ray  # optional dependency, with the engine that needs it
 
@@ -371,7 +372,6 @@ def run_trials(s: Settings, study: optuna.Study, executor: str, ref_cfg, remaini
         if need_ref:
             job = ray.remote(ref_mod.run_reference).options(num_cpus=s.cpus_per_trial, num_gpus=s.gpus_per_trial) \
                 .remote(ref_cfg, s.space.proxy, s.quality, s.budget.mode, s.device, threads)
-            verb = "scoring" if s.space.proxy.evaluator == "supernet" else "training"
             print(f"{verb} the reference {ref_cfg.name} on the proxy (in parallel with the trials)")
         bar = _bar(s, s.trials - remaining)
         got = (ray_engine.run(s, study, remaining, bar=bar, reference_job=job, beat=beat, deadline=deadline)
@@ -385,7 +385,6 @@ def run_trials(s: Settings, study: optuna.Study, executor: str, ref_cfg, remaini
             ray.shutdown()  # frees the cores for the re-rank
     else:
         if need_ref:
-            verb = "scoring" if s.space.proxy.evaluator == "supernet" else "training"
             print(f"{verb} the reference {ref_cfg.name} on the proxy first")
             reference = ref_mod.run_reference(ref_cfg, s.space.proxy, s.quality, s.budget.mode, s.device,
                                               threads=threads)

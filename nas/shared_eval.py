@@ -77,6 +77,7 @@ class SharedScorer:
              "grid": self.grid, "seed": proxy.seed, "precision": proxy.precision,
              "diffusion": str(self.diffusion.cfg)}, sort_keys=True).encode()).hexdigest()[:12]
         self.cache: dict[tuple, float] = {}
+        self._param_counts: dict[tuple[str, ArchConfig], int] = {}
         self._load_cache()
 
     # ---- the cache ------------------------------------------------------------
@@ -112,6 +113,13 @@ class SharedScorer:
         if macro not in self._nets:
             self._nets[macro] = load_supernet(self.dir, self.index["macros"][macro], self.device)
         return self._nets[macro]
+
+    def _params(self, macro: str, arch: ArchConfig) -> int:
+        """A sub-network's parameter count, once per process: a fully cached candidate stays free."""
+        key = (macro, arch)
+        if key not in self._param_counts:
+            self._param_counts[key] = self.supernet(macro).sub_param_count(arch)
+        return self._param_counts[key]
 
     @torch.no_grad()
     def losses(self, net: torch.nn.Module, ts: list[int]) -> list[float]:
@@ -164,8 +172,7 @@ class SharedScorer:
             cached += len(ts) - new
             terms += [{"t": t, "expert": n + 1, "arch": arch_key(arch), "loss": v} for t, v in zip(ts, values)]
         objective = sum(r["loss"] for r in terms) / len(terms)
-        net = self.supernet(macro)
-        params = sum(net.sub_param_count(a) for a in cfg.experts)
+        params = sum(self._params(macro, a) for a in cfg.experts)
         entry = self.index["macros"][macro]
         return Score(objective, sorted(terms, key=lambda r: r["t"]), evaluated, cached, time.perf_counter() - t0,
                      params, ft_gflops, {"path": str(self.dir), "digest": self.index.get("digest"), "macro": macro,
