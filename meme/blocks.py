@@ -250,7 +250,15 @@ class LowMixer(nn.Module):
         h, w = xa.shape[-2:]
         qkv = rearrange(self.qkv(xa), "b (k n c) h w -> k b n (h w) c", k=3, n=self.heads)
         y = self.attention(qkv[0], qkv[1], qkv[2])
-        y = rearrange(y, "b n (h w) c -> b (n c) h w", h=h, w=w)
+        if x.stride(1) == 1 < x.shape[1]:
+            # channels_last input: so is the output, laid out at the pooled size before the
+            # upsample (else the concatenation after it is NCHW and the next conv transposes
+            # it at full size: 4 of the 17 ms of a 128 x 64 x 64 mixer). Built as NHWC, then
+            # viewed: at batch 1 a plain .contiguous(channels_last) can keep a batch stride
+            # that the upsample reads as NCHW
+            y = rearrange(y, "b n (h w) c -> b h w (n c)", h=h, w=w).permute(0, 3, 1, 2)
+        else:
+            y = rearrange(y, "b n (h w) c -> b (n c) h w", h=h, w=w)
         if self.stride > 1:
             y = F.interpolate(y, size=size, mode="nearest")
         return y

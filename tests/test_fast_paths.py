@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from meme.blocks import GroupNorm32, InceptionMixer, reference_mixers
+from meme.blocks import GroupNorm32, InceptionMixer, LowMixer, reference_mixers
 from meme.config import ArchConfig, DataShape, MemeConfig
 from meme.diffusion import Diffusion
 from meme.experts import build_denoiser
@@ -132,6 +132,23 @@ def test_fast_mixer_matches_reference(d, high, stride):
             fast_bf16, ref_bf16 = m.fast_forward(xl), m.reference_forward(xl)
     # within bf16 tolerance of the reference: no further from fp32 than the reference's own bf16 run
     assert rel_err(fast_bf16, ref) < max(2 * rel_err(ref_bf16, ref), 1e-2)
+
+
+@pytest.mark.parametrize("batch,stride", [(1, 2), (1, 1), (2, 2)])
+def test_low_mixer_keeps_channels_last(batch, stride):
+    """A channels_last input (a channel slice of one, as in the mixer) gives a channels_last
+    output with the values of the NCHW path: an NCHW one makes the fusion conv transpose
+    the whole concatenation (batch 1 included, where strides are ambiguous)."""
+    torch.manual_seed(0)
+    low = LowMixer(16, 8, stride).eval()
+    x = torch.randn(batch, 24, 12, 12)
+    xl = x.to(memory_format=torch.channels_last)[:, 8:]
+    with torch.no_grad():
+        ref, y = low(x[:, 8:].contiguous()), low(xl)
+        up = F.interpolate(y, scale_factor=2.0, mode="nearest")
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+    assert y.is_contiguous(memory_format=torch.channels_last) and y.stride(0) == y[0].numel()
+    assert up.is_contiguous(memory_format=torch.channels_last)   # what the next op sees
 
 
 def test_fast_mixer_only_in_inference():
