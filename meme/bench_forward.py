@@ -25,7 +25,7 @@ from meme.bench import REFERENCE, BenchOptions, at_resolution, gmacs_mean, shape
 from meme.bench_report import Row
 from meme.blocks import IFormerBlock, reference_mixers
 from meme.config import MemeConfig
-from meme.fastpath import FastPath, compile_for_inference, fast_path
+from meme.fastpath import FastPath, compile_for_inference, cpu_has_fast_bf16, fast_path
 from meme.networks import build_network, wake_zero_init
 from meme.references import resolve
 from meme.timing import cold_compile, median, time_runs
@@ -49,10 +49,17 @@ class Variant:
     compiled: bool = False
 
 
-def fast_path_variants(compile: bool) -> tuple[Variant, ...]:
-    out = (Variant("fp32", False, False), Variant("channels_last", True, False), Variant("bf16", False, True),
-           Variant("bf16+channels_last", True, True))
-    return out + ((Variant("bf16+channels_last+compile", True, True, compiled=True),) if compile else ())
+def fast_path_variants(compile: bool, bf16: bool = True) -> tuple[Variant, ...]:
+    """The paths timed; without native bf16 (``bf16=False``) the bf16 ones are left out, and
+    the compiled one is the fp32 channels_last path that ``fast_path`` picks there."""
+    out = (Variant("fp32", False, False), Variant("channels_last", True, False))
+    if bf16:
+        out += (Variant("bf16", False, True), Variant("bf16+channels_last", True, True))
+    tag = "bf16+channels_last+compile" if bf16 else "channels_last+compile"
+    return out + ((Variant(tag, True, bf16, compiled=True),) if compile else ())
+
+
+NO_NATIVE_BF16 = "not measured: no native bf16 on this CPU (fast_path never picks it here; emulated, it times the emulation)"
 
 
 def bench_fast_paths(o: BenchOptions, dev: torch.device, log: Callable[[str], None],
@@ -63,7 +70,9 @@ def bench_fast_paths(o: BenchOptions, dev: torch.device, log: Callable[[str], No
     so every layer shapes the output) on the same batch; speed-ups and the relative
     L2 error are against fp32 eager of that model, measured in this run.
     """
-    variants = fast_path_variants(o.compile)
+    native_bf16 = dev.type == "cuda" or cpu_has_fast_bf16()
+    variants = fast_path_variants(o.compile, native_bf16)
+    skipped = [v for v in fast_path_variants(False) if v not in variants]
     times: dict[tuple[str, str], float] = {}
     rows: list[Row] = []
     macs: dict[str, float] = {}
@@ -106,6 +115,7 @@ def bench_fast_paths(o: BenchOptions, dev: torch.device, log: Callable[[str], No
                 rows.append(Row("fastpath", name, "compile_time", compile_s - s, "s", shape=label,
                                 note="first compiled forward minus a steady one (inductor, frozen weights, cold caches)"))
             del run
+        rows += [Row("fastpath", name, f"ms_{v.name}", NO_NATIVE_BF16, "ms", shape=label) for v in skipped]
         del net
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -115,6 +125,8 @@ def bench_fast_paths(o: BenchOptions, dev: torch.device, log: Callable[[str], No
         rows.append(Row("fastpath", f"{iu}/{ref_name}", f"speed_ratio_{v.name}",
                         times[(ref_name, v.name)] / times[(iu, v.name)], "x", "", macs[ref_name] / macs[iu],
                         "", label, "how much of the MACs ratio this path realises"))
+    rows += [Row("fastpath", f"{iu}/{ref_name}", f"speed_ratio_{v.name}", NO_NATIVE_BF16, "x", shape=label)
+             for v in skipped]
     return rows
 
 

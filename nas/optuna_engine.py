@@ -39,11 +39,12 @@ def run(s: Settings, study: optuna.Study, beat: Optional[Heartbeat] = None,
     deadline = deadline or Deadline(s.time_budget)
     bar = tqdm(total=s.trials, initial=counted(study), desc="trials", unit="trial",
                disable=None if s.progress else True)
+    draws = _Draws(s, study, deadline, bar)
     workers = score_workers(s)
     if workers > 1:
-        _run_pooled(s, study, beat, deadline, bar, workers)
+        _run_pooled(s, study, beat, draws, bar, workers)
     else:
-        _run_serial(s, study, beat, deadline, bar)
+        _run_serial(s, study, beat, draws, bar)
     bar.close()
     return study
 
@@ -56,13 +57,30 @@ def score_workers(s: Settings) -> int:
     return max(1, int(default_jobs(s.device) // max(1.0, s.cpus_per_trial)))
 
 
-def _run_serial(s: Settings, study: optuna.Study, beat: Optional[Heartbeat], deadline: Deadline, bar) -> None:
-    attempts = 0
-    while counted(study) < s.trials and attempts < 3 * s.trials:
-        if deadline.passed():
-            bar.write("time budget reached (time kept for the re-rank included): no new trial")
-            break
-        attempts += 1
+class _Draws:
+    """Whether a new trial may start: the study short of ``s.trials`` (with those in
+    flight), fewer than 3 x ``s.trials`` draws (duplicates and rejections count, so a
+    space that keeps drawing them ends), and the deadline not passed (said once)."""
+
+    def __init__(self, s: Settings, study: optuna.Study, deadline: Deadline, bar):
+        self.s, self.study, self.deadline, self.bar = s, study, deadline, bar
+        self.attempts = 0
+        self.said = False
+
+    def allow(self, in_flight: int = 0) -> bool:
+        if counted(self.study) + in_flight >= self.s.trials or self.attempts >= 3 * self.s.trials:
+            return False
+        if self.deadline.passed():
+            if not self.said:
+                self.bar.write("time budget reached (time kept for the re-rank included): no new trial")
+                self.said = True
+            return False
+        self.attempts += 1
+        return True
+
+
+def _run_serial(s: Settings, study: optuna.Study, beat: Optional[Heartbeat], draws: _Draws, bar) -> None:
+    while draws.allow():
         trial, cand, outcome = _ask(study, s, beat)
         if outcome is None:
             try:
@@ -88,24 +106,15 @@ def _ask(study: optuna.Study, s: Settings, beat: Optional[Heartbeat]
     return trial, cand, outcome
 
 
-def _run_pooled(s: Settings, study: optuna.Study, beat: Optional[Heartbeat], deadline: Deadline, bar,
+def _run_pooled(s: Settings, study: optuna.Study, beat: Optional[Heartbeat], draws: _Draws, bar,
                 workers: int) -> None:
     """Ask and price here; score in ``workers`` processes, one candidate in flight per worker."""
-    attempts = 0
     pending: dict[Future, tuple[optuna.Trial, record.Candidate]] = {}
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
     broken = False
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=single_thread_worker) as pool:
-        said = False
         while True:
-            while (not broken and len(pending) < workers and counted(study) + len(pending) < s.trials
-                   and attempts < 3 * s.trials):
-                if deadline.passed():
-                    if not said:
-                        bar.write("time budget reached (time kept for the re-rank included): no new trial")
-                        said = True
-                    break
-                attempts += 1
+            while not broken and len(pending) < workers and draws.allow(len(pending)):
                 trial, cand, outcome = _ask(study, s, beat)
                 if outcome is not None:
                     _finish(study, trial, outcome, cand, beat, bar)
@@ -129,7 +138,7 @@ def _run_pooled(s: Settings, study: optuna.Study, beat: Optional[Heartbeat], dea
                 _finish(study, trial, outcome, cand, beat, bar)
     if broken:  # the search goes on, one score at a time
         bar.write("a score worker died: the rest of the search scores in this process")
-        _run_serial(s, study, beat, deadline, bar)
+        _run_serial(s, study, beat, draws, bar)
 
 
 def score_one(config_yaml: str, proxy: ProxySpec, device: Optional[str]) -> TrialResult:
