@@ -4,7 +4,11 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 import shutil
+import signal
+import threading
+import time
 from pathlib import Path
 
 import optuna
@@ -235,3 +239,57 @@ def test_pooled_scores_are_the_in_process_scores_of_the_same_candidates(tiny_sup
         cfg = MemeConfig.from_yaml(t.user_attrs["config_yaml"], "again")
         assert t.value == pytest.approx(here.score(cfg).objective, rel=1e-6, abs=0), t.number
     assert len({t.value for t in scored}) > 1                   # distinct candidates, distinct scores
+
+
+def spawned_workers() -> list[int]:
+    """This process's children that are multiprocessing spawn workers (not its resource tracker)."""
+    pids = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"spawn_main" in cmd:
+                pids.append(int(pid))
+    return pids
+
+
+def test_a_killed_score_worker_fails_its_trials_and_the_search_goes_on(tiny_supernet, tmp_path):
+    """kill -9 of a score worker mid-search: the trials the broken pool held FAIL, the rest
+    are scored in this process, and the search ends with its trial count and exit 0."""
+    fresh = tmp_path / "supernet"              # no scores.jsonl: every candidate needs a score
+    shutil.copytree(tiny_supernet, fresh)
+    (fresh / "scores.jsonl").unlink(missing_ok=True)
+    args = ["--space", "tiny", "--budget-gflops", "1", "--executor", "optuna", "--supernet", str(fresh),
+            "--trials", "8", "--out", str(tmp_path), "--study", "killed", "--rerank-top", "0", "--no-reference",
+            "--quiet"]
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def kill_the_first_worker():               # bounded: 240 s, or until the search returns
+        end = time.monotonic() + 240
+        while not killed and not stop.is_set() and time.monotonic() < end:
+            pids = spawned_workers()
+            if pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_the_first_worker, daemon=True)
+    killer.start()
+    try:
+        rc = search.main(args)
+    finally:
+        stop.set()
+        killer.join(timeout=10)
+    assert killed, "no score worker was seen to kill"
+    assert rc == 0
+    study = optuna.load_study(study_name="killed", storage=f"sqlite:///{tmp_path / 'killed' / 'optuna.db'}")
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert failed and all("BrokenProcessPool" in t.user_attrs["fail_reason"]
+                          or "score worker died" in t.user_attrs["fail_reason"] for t in failed)
+    after = [t for t in study.trials if t.number > max(f.number for f in failed)
+             and t.state == optuna.trial.TrialState.COMPLETE and "duplicate_of" not in t.user_attrs]
+    assert after, "nothing was scored after the worker died"
+    assert len(study.trials) >= 8 and not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
