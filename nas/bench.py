@@ -118,18 +118,28 @@ def target_rows(rows: list[Row], dev: torch.device, device_name: str) -> list[Ro
 
 # ---- driver ----------------------------------------------------------------------------
 
-def run_bench(o: SearchBenchOptions, log: Callable[[str], None] = print) -> tuple[list[Row], dict[str, str]]:
-    """Every requested section, in one process; returns rows and run metadata."""
+def run_meta(o: SearchBenchOptions, dev: torch.device) -> dict[str, str]:
+    """Where and how this run measures: the device, torch, threads, date, mode, load."""
+    return {"device": device_name(dev), "device_type": dev.type, "torch": torch.__version__,
+            "threads": str(torch.get_num_threads()), "date": _dt.date.today().isoformat(),
+            "mode": "quick" if o.quick else "full", "only": "" if o.only == SECTIONS else ",".join(o.only),
+            "load": " ".join(f"{x:.1f}" for x in os.getloadavg())}
+
+
+def run_bench(o: SearchBenchOptions, log: Callable[[str], None] = print,
+              done: Callable[[list[Row]], None] = lambda rows: None) -> tuple[list[Row], dict[str, str]]:
+    """Every requested section, in one process; returns rows and run metadata.
+
+    ``done`` is called with the rows so far after each section, so that a run stopped
+    part-way (a time limit on a lent GPU, Ctrl-C) keeps what it finished.
+    """
     dev = torch.device(o.device)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    name = device_name(dev)
-    meta = {"device": name, "device_type": dev.type, "torch": torch.__version__,
-            "threads": str(torch.get_num_threads()), "date": _dt.date.today().isoformat(),
-            "mode": "quick" if o.quick else "full", "only": "" if o.only == SECTIONS else ",".join(o.only),
-            "load": " ".join(f"{x:.1f}" for x in os.getloadavg())}
+    meta = run_meta(o, dev)
+    name = meta["device"]
     rows: list[Row] = []
     peaks = {}
     for dtype in peak_dtypes(dev):
@@ -143,17 +153,21 @@ def run_bench(o: SearchBenchOptions, log: Callable[[str], None] = print) -> tupl
         log("fast paths ...")
         rows += bench_fast_paths(o, dev, log, extra=[search_proxy_model()])
         rows += bench_iformer(o, dev, log)
+        done(rows)
     if "sampling" in o.only:
         log("sampling ...")
         r = bench_sampling(o, dev, log)
         rows += r
         eager_ips = {x.item: x.value for x in r if x.metric == "img_per_s"}
+        done(rows)
     if "training" in o.only:
         log("training ...")
         rows += bench_training(o, dev, peaks, log)
+        done(rows)
     if "memory" in o.only:
         log("memory ...")
         rows += bench_memory(o, dev, log)
+        done(rows)
     if "search" in o.only:
         log("search ...")
         rows += bench_macs_check(o)
@@ -161,13 +175,16 @@ def run_bench(o: SearchBenchOptions, log: Callable[[str], None] = print) -> tupl
             rows += bench_engine(e, o, dev, log)
         rows += bench_evaluators(o, dev, log)
         rows += bench_supernet_search(o, dev, log)
+        done(rows)
     if "scaling" in o.only:
         log("scaling ...")
         rows += bench_scaling(o.device, max(o.train_steps, 4) * 6, o.train_batch, log=log)
         rows += unmeasured_gpu_rows()
+        done(rows)
     if o.compile:
         log("compile ...")
         rows += bench_compile(o, dev, eager_ips, log)
+        done(rows)
     if set(o.only) - set(OPTIONAL_SECTIONS):
         rows += target_rows(rows, dev, name)
     return rows, meta
@@ -227,11 +244,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         if o.steps < 4:
             raise UserError("--steps must be >= 4 so that every expert of a 4-expert MEME is timed")
         t0 = time.perf_counter()
-        rows, meta = run_bench(o, log=lambda s: print(s, file=sys.stderr, flush=True))
-        print(format_table(rows))
+        meta = run_meta(o, torch.device(o.device))
         only = f"-{meta['only'].replace(',', '-')}" if meta.get("only") else ""   # a partial run keeps the full one's CSV
         stem = f"bench-{meta['device_type']}{'-quick' if o.quick else ''}{only}-{meta['date']}"
-        path = write_csv(rows, args.out / f"{stem}.csv")
+        path = args.out / f"{stem}.csv"
+        rows, meta = run_bench(o, log=lambda s: print(s, file=sys.stderr, flush=True),
+                               done=lambda rows_so_far: write_csv(rows_so_far, path))
+        print(format_table(rows))
+        write_csv(rows, path)
         command = "python -m nas.bench " + " ".join(argv if argv is not None else sys.argv[1:])
         if not args.no_md:
             key, section = markdown_section(rows, meta, command.strip())

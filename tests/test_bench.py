@@ -153,3 +153,36 @@ def test_markdown_rerun_replaces_only_its_device(tmp_path):
 def test_bad_section_is_one_line_error(capsys):
     assert bench.main(["--only", "sampling,nope", "--no-md"]) == 2
     assert "error: --only" in capsys.readouterr().err
+
+
+def test_a_run_stopped_part_way_keeps_the_sections_it_finished(tmp_path):
+    """SIGTERM while the second section runs: the CSV already holds every row of the first.
+
+    (A lent GPU's time limit stops a run this way; the rows measured before it are kept.)"""
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nas.bench", "--device", "cpu", "--quick", "--resolution", "16", "--repeats", "1",
+         "--warmup", "0", "--only", "memory,search", "--engines", "optuna", "--out", str(tmp_path), "--no-md"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 300                    # bounded: the memory section takes seconds
+        csvs: list[Path] = []
+        while not csvs and proc.poll() is None and time.monotonic() < end:
+            csvs = list(tmp_path.glob("bench-cpu-quick-memory-search-*.csv"))
+            time.sleep(0.05)
+        assert csvs, f"no CSV after the first section (rc {proc.poll()})"
+        assert proc.poll() is None, "the run ended before it could be stopped part-way"
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=60)
+    with csvs[0].open() as f:
+        rows = list(csv.DictReader(f))
+    got = {(r["section"], r["metric"]) for r in rows}
+    assert {("memory", "peak_device_mem_normal"), ("memory", "low_memory_saving")} <= got
+    assert not any(r["section"] in ("search", "target") for r in rows)    # search was cut off: none of its rows

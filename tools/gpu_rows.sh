@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The GPU rows in one prepared run on a CUDA machine:
+#
+#     tools/gpu_rows.sh OUT_DIR [SECONDS]
+#
+# Runs, in order of value, each step under its own time limit so that a slow step costs
+# only itself, within SECONDS in all (default 540):
+#   1. nas.bench --device cuda, eager sections (fast paths, iFormer blocks, sampling,
+#      training MFU, memory) and its target rows;
+#   2. meme.latency of meme-table4, LDM-S and LDM-L at batch 1 and 32 (ms per step);
+#   3. nas.latency report on meme_ffhq256 and fmnist32 (the latency model against
+#      whole-network timings of 30 random candidates, on this GPU);
+#   4. nas.bench --only sampling --compile (compile time, compiled sampling ratio).
+# Every log, CSV, report and the updated BENCHMARKS.md go to OUT_DIR/w, packed into
+# OUT_DIR/gpu-rows.tgz at the end. Multi-GPU rows (DDP throughput) need more than one GPU.
+set -u
+OUT=${1:?usage: tools/gpu_rows.sh OUT_DIR [SECONDS]}
+TOTAL=${2:-540}
+W=$OUT/w
+mkdir -p "$W"
+export PYTHONUNBUFFERED=1 MEME_LATENCY_CACHE=$W/latency-cache MEME_MACS_CACHE=$W/macs-cache
+PY=${PYTHON:-python3}
+START=$(date +%s)
+cp results/BENCHMARKS.md "$W/BENCHMARKS.md"
+
+left() { echo $(( TOTAL - ($(date +%s) - START) )); }
+
+step() {   # step NAME LIMIT_S CMD...: run CMD with min(LIMIT_S, time left - 15 s)
+  local name=$1 limit=$2; shift 2
+  local l; l=$(left); l=$(( l - 15 < limit ? l - 15 : limit ))
+  if [ "$l" -lt 20 ]; then echo "== $name: skipped, $(left) s left"; return; fi
+  echo "== $name (limit ${l}s) at +$(( $(date +%s) - START )) s"
+  timeout -k 5 "$l" "$@" > "$W/$name.log" 2>&1
+  echo "   rc=$? after +$(( $(date +%s) - START )) s"
+  tail -n 4 "$W/$name.log" | cut -c1-240
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv > "$W/nvidia-smi.txt" 2>&1
+$PY -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name(0))" \
+  | tee "$W/versions.txt"
+
+step bench 200 $PY -m nas.bench --device cuda --only fastpath,sampling,training,memory \
+  --out "$W" --md "$W/BENCHMARKS.md"
+for m in meme-table4 ldm-s ldm-l; do
+  step "latency-$m" 40 $PY -m meme.latency "$m" --device cuda --batch 1,32 --repeats 20 --warmup 5
+done
+step report-meme_ffhq256 200 $PY -m nas.latency report --space meme_ffhq256 --device cuda --n 30 \
+  --out "$W/latency-meme-ffhq256"
+step report-fmnist32 100 $PY -m nas.latency report --space fmnist32 --device cuda --n 30 \
+  --out "$W/latency-fmnist32"
+step bench-compile 400 $PY -m nas.bench --device cuda --only sampling --compile \
+  --out "$W" --md "$W/BENCHMARKS.md"
+
+rm -rf "$W/macs-cache"
+tar czf "$OUT/gpu-rows.tgz" -C "$W" .
+echo "done at +$(( $(date +%s) - START )) s"
