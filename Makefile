@@ -51,8 +51,9 @@ browser:
 search: $(STAMP)
 	$(PY) -m nas.search --budget-gflops 95 $(ARGS)
 
+# test files on up to 4 worker processes (2 on a 2-core CI box), each file on one worker
 test: $(STAMP) browser
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile $(ARGS)
 
 # multi-node Ray on loopback, a PostgreSQL 15 server, killed nodes/drivers/databases
 test-cluster: $(STAMP)

@@ -114,7 +114,6 @@ def bench_fast_paths(o: BenchOptions, dev: torch.device, log: Callable[[str], No
             if compile_s is not None:
                 rows.append(Row("fastpath", name, "compile_time", compile_s - s, "s", shape=label,
                                 note="first compiled forward minus a steady one (inductor, frozen weights, cold caches)"))
-            del run
         rows += [Row("fastpath", name, f"ms_{v.name}", NO_NATIVE_BF16, "ms", shape=label) for v in skipped]
         del net
         if dev.type == "cuda":
