@@ -7,7 +7,8 @@ Two sections of ``python -m nas.bench`` (sizes and shared helpers from ``meme.be
   ``--compile``): speed-up over fp32 eager, relative error against it, and how much of
   the MACs ratio between the two models each path realises.
 * **iformer** -- the iFormer blocks' share of a Table 4 expert's time against their
-  share of its MACs, fast mixer and reference one, and the expert against LDM-L.
+  share of its MACs, fast mixer and reference one, and the expert against LDM-L; and
+  each stage's mixer alone, fast against reference, per precision and batch.
 """
 from __future__ import annotations
 
@@ -228,3 +229,62 @@ def bench_iformer(o: BenchOptions, dev: torch.device, log: Callable[[str], None]
         Row("iformer", f"{e}/{REFERENCE}", "speed_ratio_reference", ms[("fast", REFERENCE)] / ms[("reference", e)],
             "x", "", gm_ref / gm_t4, "", label, "the same with the reference mixer"),
     ]
+
+
+def stage_mixers(net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> list[tuple[torch.nn.Module, torch.Tensor]]:
+    """The first IFormerBlock mixer of each resolution, with the input it receives in a forward."""
+    seen: dict[tuple, tuple[torch.nn.Module, torch.Tensor]] = {}
+    hooks = []
+    for m in net.modules():
+        if isinstance(m, IFormerBlock):
+            def grab(mod, args):
+                key = tuple(args[0].shape[1:])
+                seen.setdefault(key, (mod, args[0].detach().clone()))
+            hooks.append(m.mixer.register_forward_pre_hook(grab))
+    try:
+        with torch.no_grad():
+            net(x, t)
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(seen.values())
+
+
+def bench_mixers(o: BenchOptions, dev: torch.device, log: Callable[[str], None]) -> list[Row]:
+    """Each stage's iFormer mixer of a Table 4 expert alone, fast against reference forward, at
+    batch 1 and the bench batch, in fp32 and (where native) bf16, interleaved round by round.
+
+    Whether the fast mixer pays depends on the machine and the precision (fewer passes,
+    but a grouped 1x1 conv and a depthwise conv over twice the channels): these rows
+    show it per stage, on the machine at hand.
+    """
+    t4 = at_resolution(resolve("meme-table4"), o.resolution)
+    torch.manual_seed(0)
+    net = wake_zero_init(build_network(t4.experts[0], t4.data)).eval()
+    x = torch.randn(1, t4.data.channels, t4.data.resolution, t4.data.resolution)
+    mixers = stage_mixers(net, x, torch.full((1,), 500, dtype=torch.long))
+    precisions = [False] + ([True] if dev.type == "cuda" or cpu_has_fast_bf16() else [])
+    cpu_clock = dev.type == "cpu" and torch.get_num_threads() == 1
+    rows = []
+    for mixer, inp in mixers:
+        d, res = inp.shape[1], inp.shape[-1]
+        item = f"meme-table4 expert 1 mixer {d}x{res}x{res} d_h {mixer.d_h} pool {mixer.low.stride}"
+        for bf16 in precisions:
+            fp = FastPath(dev.type, bf16=bf16, channels_last=True)
+            fp.prepare(mixer, dev)
+            for b in sorted({1, o.batch}):
+                xb = fp.input(inp.expand(b, -1, -1, -1).contiguous(), dev)
+                times = {"fast": [], "reference": []}
+                for r in range(o.warmup + o.repeats):
+                    for kind, fn in (("fast", mixer.fast_forward), ("reference", mixer.reference_forward)):
+                        with torch.no_grad(), fp.autocast():
+                            s = time_runs(lambda: fn(xb), dev, 1, 0, cpu_clock=cpu_clock)[0]
+                        if r >= o.warmup:
+                            times[kind].append(s)
+                fast, ref = (1e3 * median(times[k]) for k in ("fast", "reference"))
+                prec = "bf16" if bf16 else "fp32"
+                log(f"  mixer {d}x{res}x{res} d_h {mixer.d_h:<3} b{b:<3} {prec}: fast {fast:.2f} ms, "
+                    f"reference {ref:.2f} ms, x{ref / fast:.2f}")
+                rows.append(Row("iformer", item, f"ms_fast_mixer_{prec}_b{b}", fast, "ms", ref / fast, shape=f"b{b}",
+                                note=f"{fp.describe()}; vs_ref = reference {ref:.2f} ms / fast, interleaved rounds"))
+    return rows

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 
 from meme.bench import bench_compile, bench_memory, bench_sampling, bench_training
-from meme.bench_forward import Model, bench_fast_paths, bench_iformer
+from meme.bench_forward import Model, bench_fast_paths, bench_iformer, bench_mixers
 from meme.bench_report import COLUMNS, NOT_MEASURED, Row, format_table, update_markdown, write_csv
 from meme.cli import UserError, main_guard
 from meme.markdown import markdown_table
@@ -153,6 +153,7 @@ def run_bench(o: SearchBenchOptions, log: Callable[[str], None] = print,
         log("fast paths ...")
         rows += bench_fast_paths(o, dev, log, extra=[search_proxy_model()])
         rows += bench_iformer(o, dev, log)
+        rows += bench_mixers(o, dev, log)
         done(rows)
     if "sampling" in o.only:
         log("sampling ...")

@@ -100,6 +100,13 @@ def test_quick_run_writes_every_row_and_column(quick_run):
     macs_share = float(by[("iformer", "meme-table4 expert 1", "macs_share")]["value"])
     assert 0 < macs_share < 100 and 0 < float(share["value"]) < 100
     assert float(share["vs_ref"]) == pytest.approx(float(share["value"]) / macs_share, rel=0.01, abs=0.006)
+    # each stage's mixer alone (4 stages of meme-table4), fast against reference, fp32 at b1 and the bench batch
+    mixers = {(r["item"], r["metric"]): r for r in rows if r["section"] == "iformer" and " mixer " in r["item"]}
+    assert len({item for item, _ in mixers}) == 4
+    assert {m for _, m in mixers} >= {"ms_fast_mixer_fp32_b1", "ms_fast_mixer_fp32_b4"}
+    for r in mixers.values():
+        reference_ms = float(r["note"].split("reference ")[1].split(" ms")[0])
+        assert float(r["vs_ref"]) == pytest.approx(reference_ms / float(r["value"]), rel=0.02, abs=0.006)
     ref = by[("sampling", "ldm-l", "img_per_s")]
     mine = by[("sampling", "meme-table4", "img_per_s")]
     assert float(mine["vs_ref"]) == pytest.approx(float(mine["value"]) / float(ref["value"]), rel=0.01, abs=0.006)  # the CSV rounds ratios to 2 decimals
