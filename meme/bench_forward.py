@@ -239,7 +239,8 @@ def stage_mixers(net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> list
         if isinstance(m, IFormerBlock):
             def grab(mod, args):
                 key = tuple(args[0].shape[1:])
-                seen.setdefault(key, (mod, args[0].detach().clone()))
+                if key not in seen:
+                    seen[key] = (mod, args[0].detach().clone())
             hooks.append(m.mixer.register_forward_pre_hook(grab))
     try:
         with torch.no_grad():
@@ -286,5 +287,5 @@ def bench_mixers(o: BenchOptions, dev: torch.device, log: Callable[[str], None])
                 log(f"  mixer {d}x{res}x{res} d_h {mixer.d_h:<3} b{b:<3} {prec}: fast {fast:.2f} ms, "
                     f"reference {ref:.2f} ms, x{ref / fast:.2f}")
                 rows.append(Row("iformer", item, f"ms_fast_mixer_{prec}_b{b}", fast, "ms", ref / fast, shape=f"b{b}",
-                                note=f"{fp.describe()}; vs_ref = reference {ref:.2f} ms / fast, interleaved rounds"))
+                                note=f"{fp.describe()}; vs_ref = reference {ref:.3g} ms / fast, interleaved rounds"))
     return rows

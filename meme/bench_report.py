@@ -8,9 +8,12 @@ so (``NOT_MEASURED``, ``PENDING``, "n/a (cpu)").
 from __future__ import annotations
 
 import csv
+import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from meme.checkpoint import atomic_write
 
 COLUMNS = ("section", "item", "metric", "value", "unit", "vs_ref", "macs_ratio", "target", "shape", "note")
 NOT_MEASURED = "not yet measured"
@@ -55,12 +58,13 @@ def format_table(rows: list[Row]) -> str:
 
 
 def write_csv(rows: list[Row], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, COLUMNS)
-        w.writeheader()
-        w.writerows(r.as_dict() for r in rows)
-    return path
+    """Atomically: a run stopped while it rewrites its CSV after a section keeps the last whole one."""
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, COLUMNS)
+    w.writeheader()
+    w.writerows(r.as_dict() for r in rows)
+    data = text.getvalue().encode()
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def _marker(block: str) -> str | None:

@@ -152,7 +152,9 @@ def run_bench(o: SearchBenchOptions, log: Callable[[str], None] = print,
     if "fastpath" in o.only:
         log("fast paths ...")
         rows += bench_fast_paths(o, dev, log, extra=[search_proxy_model()])
+        done(rows)
         rows += bench_iformer(o, dev, log)
+        done(rows)
         rows += bench_mixers(o, dev, log)
         done(rows)
     if "sampling" in o.only:

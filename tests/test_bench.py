@@ -173,7 +173,7 @@ def test_a_run_stopped_part_way_keeps_the_sections_it_finished(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "nas.bench", "--device", "cpu", "--quick", "--resolution", "16", "--repeats", "1",
          "--warmup", "0", "--only", "memory,search", "--engines", "optuna", "--out", str(tmp_path), "--no-md"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         end = time.monotonic() + 300                    # bounded: the memory section takes seconds
         csvs: list[Path] = []

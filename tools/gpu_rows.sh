@@ -15,11 +15,12 @@
 # OUT_DIR/gpu-rows.tgz at the end. Multi-GPU rows (DDP throughput) need more than one GPU.
 #
 # Durations seen on one H200 (2026-12-04, results/curated/gpu-h200-2026-12-04): fast paths +
-# iFormer + sampling about 150 s, training + memory 80 s (3 steps x 4 runs), each meme.latency
+# iFormer + sampling about 150 s (before the per-stage mixer rows), training + memory 80 s (3 steps x 4 runs), each meme.latency
 # 12-25 s, the fmnist32 report 44 s; the default space's report needs more than 200 s (its
 # first pass over 77 experts alone took 138 s), so it runs with one pass and 2 calibrations.
 set -u
-OUT=${1:?usage: tools/gpu_rows.sh OUT_DIR [SECONDS]}
+OUT=$(realpath -m "${1:?usage: tools/gpu_rows.sh OUT_DIR [SECONDS]}")
+cd "$(dirname "$0")/.."                      # the checkout: python -m finds meme/ and nas/
 TOTAL=${2:-540}
 W=$OUT/w
 mkdir -p "$W"
@@ -36,7 +37,9 @@ step() {   # step NAME LIMIT_S CMD...: run CMD with min(LIMIT_S, time left - 15 
   if [ "$l" -lt 20 ]; then echo "== $name: skipped, $(left) s left"; return; fi
   echo "== $name (limit ${l}s) at +$(( $(date +%s) - START )) s"
   timeout -k 5 "$l" "$@" > "$W/$name.log" 2>&1
-  echo "   rc=$? after +$(( $(date +%s) - START )) s"
+  local rc=$?
+  [ "$rc" -eq 0 ] || FAILED="${FAILED:-}${FAILED:+ }$name"
+  echo "   rc=$rc after +$(( $(date +%s) - START )) s"
   tail -n 4 "$W/$name.log" | cut -c1-240
 }
 
@@ -61,4 +64,5 @@ step bench-compile 400 $PY -m nas.bench --device cuda --only sampling --compile 
 
 rm -rf "$W/macs-cache"
 tar czf "$OUT/gpu-rows.tgz" -C "$W" .
-echo "done at +$(( $(date +%s) - START )) s"
+echo "done at +$(( $(date +%s) - START )) s; failed steps: ${FAILED:-none}"
+[ -z "${FAILED:-}" ]
