@@ -127,19 +127,19 @@ def run_meta(o: SearchBenchOptions, dev: torch.device) -> dict[str, str]:
 
 
 def run_bench(o: SearchBenchOptions, log: Callable[[str], None] = print,
-              done: Callable[[list[Row]], None] = lambda rows: None) -> tuple[list[Row], dict[str, str]]:
-    """Every requested section, in one process; returns rows and run metadata.
+              done: Callable[[list[Row]], None] = lambda rows: None) -> list[Row]:
+    """Every requested section, in one process; returns the rows (``run_meta`` says where).
 
-    ``done`` is called with the rows so far after each section, so that a run stopped
-    part-way (a time limit on a lent GPU, Ctrl-C) keeps what it finished.
+    ``done`` is called with the rows so far after each section and once more with the
+    target rows, so that a run stopped part-way (a time limit on a lent GPU, Ctrl-C)
+    keeps what it finished.
     """
     dev = torch.device(o.device)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    meta = run_meta(o, dev)
-    name = meta["device"]
+    name = device_name(dev)
     rows: list[Row] = []
     peaks = {}
     for dtype in peak_dtypes(dev):
@@ -190,7 +190,8 @@ def run_bench(o: SearchBenchOptions, log: Callable[[str], None] = print,
         done(rows)
     if set(o.only) - set(OPTIONAL_SECTIONS):
         rows += target_rows(rows, dev, name)
-    return rows, meta
+    done(rows)
+    return rows
 
 
 def markdown_section(rows: list[Row], meta: dict[str, str], command: str) -> tuple[str, str]:
@@ -251,10 +252,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         only = f"-{meta['only'].replace(',', '-')}" if meta.get("only") else ""   # a partial run keeps the full one's CSV
         stem = f"bench-{meta['device_type']}{'-quick' if o.quick else ''}{only}-{meta['date']}"
         path = args.out / f"{stem}.csv"
-        rows, meta = run_bench(o, log=lambda s: print(s, file=sys.stderr, flush=True),
-                               done=lambda rows_so_far: write_csv(rows_so_far, path))
+        rows = run_bench(o, log=lambda s: print(s, file=sys.stderr, flush=True),
+                         done=lambda rows_so_far: write_csv(rows_so_far, path))
         print(format_table(rows))
-        write_csv(rows, path)
         command = "python -m nas.bench " + " ".join(argv if argv is not None else sys.argv[1:])
         if not args.no_md:
             key, section = markdown_section(rows, meta, command.strip())
