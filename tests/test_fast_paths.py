@@ -6,13 +6,16 @@ each layer shapes the output; tolerances are those of bf16 (8 mantissa bits).
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from meme.blocks import GroupNorm32, InceptionMixer, LowMixer, reference_mixers
+from meme.blocks import GELU, GroupNorm32, InceptionMixer, LowMixer, max_pool3x3, reference_mixers
 from meme.config import ArchConfig, DataShape, MemeConfig
 from meme.diffusion import Diffusion
 from meme.experts import build_denoiser
@@ -70,6 +73,36 @@ def test_auto_on_cpu_depends_on_native_bf16_and_width():
 
 # ---- numbers -----------------------------------------------------------------------------
 
+PAGE_FAULTS_PER_REALLOC = """
+import resource, torch
+from meme.fastpath import fast_path, reuse_freed_cpu_memory
+fast_path("cpu")                                   # what every CPU run calls first
+faults = []
+for _ in range(24):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.empty(16 << 20)                      # 64 MiB, touched, then freed
+    x.fill_(1.0)
+    del x
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(reuse_freed_cpu_memory(), sum(faults[12:]) / 12)   # the first few fill the heap's free lists
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_cpu_fast_path_reuses_freed_memory_instead_of_page_faulting():
+    """A counted property, not a timing: once 64 MiB activations have been freed, the next
+    one of that size takes its pages from the heap rather than faulting in fresh ones."""
+    def run(setting: str) -> tuple[str, float]:
+        env = {**os.environ, "MEME_CPU_MALLOC": setting}
+        out = subprocess.run([sys.executable, "-c", PAGE_FAULTS_PER_REALLOC], env=env, check=True,
+                             capture_output=True, text=True, timeout=120).stdout.split()
+        return out[0], float(out[1])
+    applied, tuned = run("")
+    kept, system = run("system")
+    assert (applied, kept) == ("True", "False")
+    assert system > 0 and tuned * 4 < system, (tuned, system)
+
+
 def test_groupnorm_mixed_dtype_cpu_path_equals_fp32_then_cast():
     """The CPU shortcut (bf16 in, fp32 affine) gives the numbers of casting to fp32 first,
     up to one rounding step of the output dtype (the kernel sums in another order)."""
@@ -115,6 +148,43 @@ def woken_mixer(d: int, high: int, stride: int) -> InceptionMixer:
         for p in m.parameters():
             p.copy_(torch.randn_like(p) * 0.2)
     return m
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_on_channels_last_is_gelu(dtype, approximate):
+    """The NHWC-view GELU: the function of F.gelu (up to one rounding), the input's memory
+    format kept, gradients too; NCHW and 3-D inputs take F.gelu unchanged."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 24, 6, 5, generator=g).to(dtype)
+    act = GELU(approximate=approximate)
+    exact = F.gelu(x.double(), approximate=approximate)
+    one_rounding = {torch.float32: 1e-6, torch.bfloat16: 2 ** -8}[dtype]
+    xl = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = act(xl)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    torch.testing.assert_close(y.double(), exact, rtol=one_rounding, atol=one_rounding)
+    y.backward(torch.ones_like(y))
+    xd = x.double().requires_grad_()
+    F.gelu(xd, approximate=approximate).sum().backward()
+    torch.testing.assert_close(xl.grad.double(), xd.grad, rtol=4 * one_rounding, atol=4 * one_rounding)
+    assert xl.grad.is_contiguous(memory_format=torch.channels_last)
+    for plain in (x, x[0]):                                     # NCHW, and a 3-D tensor
+        assert torch.equal(act(plain), F.gelu(plain, approximate=approximate))
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 7, 5), (1, 3, 1, 4), (1, 2, 1, 1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_separable_max_pool_is_max_pool(shape, channels_last):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(*shape, generator=g).to(torch.bfloat16)
+    x[0, 0, 0, 0] = float("-inf")                                # padding must never win over a real -inf
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref = F.max_pool2d(x, 3, stride=1, padding=1)
+    y = max_pool3x3(x)
+    assert torch.equal(y, ref)
+    assert y.is_contiguous(memory_format=torch.channels_last) == x.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("d,high,stride", [(32, 16, 2), (32, 24, 1), (48, 0, 2), (64, 8, 1)])
