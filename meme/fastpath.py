@@ -42,6 +42,7 @@ from torch import nn
 log = logging.getLogger("meme.fastpath")
 
 PRECISIONS = ("auto", "bf16", "fp32")
+NATIVE_BF16_FLAGS = {"amx_bf16", "avx512_bf16"}   # CPU flags of native bf16 matmul (x86)
 CPU_MALLOC_ENV = "MEME_CPU_MALLOC"  # 'system': leave glibc's allocator settings alone
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3     # mallopt(3) parameters, from glibc's <malloc.h>
 KEEP_FREED_BYTES = 1 << 30          # blocks below this come from (and return to) the heap, never mmap
@@ -51,12 +52,20 @@ CPU_BF16_MIN_WIDTH = 64             # base channels from which bf16 pays on a CP
 
 @lru_cache(maxsize=None)
 def cpu_has_fast_bf16() -> bool:
-    """True when oneDNN runs bf16 natively here (AMX or AVX512-BF16), not by emulation."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and (
-            torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-    except (AttributeError, RuntimeError):
+    """True when oneDNN runs bf16 natively here (AMX or AVX512-BF16), not by emulation.
+
+    Read from the CPU flags the kernel reports (``/proc/cpuinfo``), with oneDNN present:
+    torch exposes the same test only through private helpers. Elsewhere (no such file):
+    False, so the CPU stays fp32, which is always correct, if slower.
+    """
+    if not torch.backends.mkldnn.is_available():
         return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return bool(NATIVE_BF16_FLAGS & set(flags))
 
 
 @lru_cache(maxsize=None)
