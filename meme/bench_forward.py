@@ -95,15 +95,17 @@ def bench_fast_paths(o: BenchOptions, dev: torch.device, log: Callable[[str], No
             run = compile_for_inference(net) if v.compiled else net
 
             def forward():
-                with torch.no_grad(), fp.autocast():
-                    return run(xv, t)
+                return run(xv, t)
 
             compile_s = None
-            if v.compiled:
-                with cold_compile():
-                    compile_s = time_runs(forward, dev, 1, 0)[0]
-            s = median(time_runs(forward, dev, o.repeats, o.warmup))
-            y = forward().float().cpu()
+            # one autocast region over all runs, as the sampler holds one per run of steps:
+            # the weights' bf16 copies are made once (in the warm-up), not per forward
+            with torch.no_grad(), fp.autocast():
+                if v.compiled:
+                    with cold_compile():
+                        compile_s = time_runs(forward, dev, 1, 0)[0]
+                s = median(time_runs(forward, dev, o.repeats, o.warmup))
+                y = forward().float().cpu()
             if ref is None:
                 ref = y
             err = float((y - ref).norm() / ref.norm())
@@ -186,17 +188,22 @@ def bench_iformer(o: BenchOptions, dev: torch.device, log: Callable[[str], None]
             m.register_forward_hook(lambda mod, args, out: inside.__setitem__(0, inside[0] + clock() - starts[id(mod)]))
     times: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
     shares: dict[str, list[float]] = {"fast": [], "reference": []}
-    for r in range(o.warmup + o.repeats):
-        for mixer, name in variants:
-            inside[0] = 0.0
-            ctx = reference_mixers() if mixer == "reference" else contextlib.nullcontext()
-            run = runners[(mixer, name)]
-            with ctx, torch.no_grad(), paths[name].autocast():
-                s = time_runs(lambda: run(xs[name], t.to(dev)), dev, 1, 0, cpu_clock=cpu_clock)[0]
-            if r >= o.warmup:
-                times[(mixer, name)].append(s)
-                if name != REFERENCE and mixer in shares:
-                    shares[mixer].append(inside[0] / s)
+    # an outer autocast region keeps the weights' bf16 copies across the rounds' inner
+    # regions (autocast clears its cache only when the outermost one exits), as the
+    # sampler casts them once per run of steps
+    outer = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=any(p.bf16 for p in paths.values()))
+    with outer:
+        for r in range(o.warmup + o.repeats):
+            for mixer, name in variants:
+                inside[0] = 0.0
+                ctx = reference_mixers() if mixer == "reference" else contextlib.nullcontext()
+                run = runners[(mixer, name)]
+                with ctx, torch.no_grad(), paths[name].autocast():
+                    s = time_runs(lambda: run(xs[name], t.to(dev)), dev, 1, 0, cpu_clock=cpu_clock)[0]
+                if r >= o.warmup:
+                    times[(mixer, name)].append(s)
+                    if name != REFERENCE and mixer in shares:
+                        shares[mixer].append(inside[0] / s)
     ms = {v: 1e3 * median(times[v]) for v in variants}
     share = {k: median(v) for k, v in shares.items()}
     gm_t4, gm_ref = gmacs_mean(MemeConfig(name="e1", experts=(t4.experts[0],), data=t4.data,
@@ -276,12 +283,12 @@ def bench_mixers(o: BenchOptions, dev: torch.device, log: Callable[[str], None])
             for b in sorted({1, o.batch}):
                 xb = fp.input(inp.expand(b, -1, -1, -1).contiguous(), dev)
                 times = {"fast": [], "reference": []}
-                for r in range(o.warmup + o.repeats):
-                    for kind, fn in (("fast", mixer.fast_forward), ("reference", mixer.reference_forward)):
-                        with torch.no_grad(), fp.autocast():
+                with torch.no_grad(), fp.autocast():    # weights cast once, as in the sampler
+                    for r in range(o.warmup + o.repeats):
+                        for kind, fn in (("fast", mixer.fast_forward), ("reference", mixer.reference_forward)):
                             s = time_runs(lambda: fn(xb), dev, 1, 0, cpu_clock=cpu_clock)[0]
-                        if r >= o.warmup:
-                            times[kind].append(s)
+                            if r >= o.warmup:
+                                times[kind].append(s)
                 fast, ref = (1e3 * median(times[k]) for k in ("fast", "reference"))
                 prec = "bf16" if bf16 else "fp32"
                 log(f"  mixer {d}x{res}x{res} d_h {mixer.d_h:<3} b{b:<3} {prec}: fast {fast:.2f} ms, "

