@@ -7,8 +7,11 @@ Two sections of ``python -m nas.bench`` (sizes and shared helpers from ``meme.be
   ``--compile``): speed-up over fp32 eager, relative error against it, and how much of
   the MACs ratio between the two models each path realises.
 * **iformer** -- the iFormer blocks' share of a Table 4 expert's time against their
-  share of its MACs, fast mixer and reference one, and the expert against LDM-L; and
-  each stage's mixer alone, fast against reference, per precision and batch.
+  share of its MACs, fast mixer and reference one, and the expert against LDM-L; the
+  same at the sampling batch with the blocks timed by difference (the expert with and
+  without them), which says how much of the speed ratio to LDM-L they cost and what
+  they would have to cost for 3.2x; and each stage's mixer alone, fast against
+  reference, per precision and batch.
 """
 from __future__ import annotations
 
@@ -235,6 +238,90 @@ def bench_iformer(o: BenchOptions, dev: torch.device, log: Callable[[str], None]
             gm_ref / gm_t4, "", label, "LDM-L ms / expert ms, both on their default fast path, batch 1"),
         Row("iformer", f"{e}/{REFERENCE}", "speed_ratio_reference", ms[("fast", REFERENCE)] / ms[("reference", e)],
             "x", "", gm_ref / gm_t4, "", label, "the same with the reference mixer"),
+    ]
+
+
+class PassThrough(torch.nn.Module):
+    """Stands in for a block left out of a network: ``(x, emb) -> x``."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        return x
+
+
+def without_iformer_blocks(net: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``net`` with every IFormerBlock replaced by ``PassThrough``: the rest of it, to time."""
+    rest = copy.deepcopy(net)
+    for name, m in net.named_modules():
+        if isinstance(m, IFormerBlock):
+            rest.set_submodule(name, PassThrough())
+    return rest
+
+
+RATIO_TARGET = 3.2      # meme-table4 / LDM-L sampling speed (issue: time, not MACs)
+
+
+def bench_iformer_budget(o: BenchOptions, dev: torch.device, log: Callable[[str], None]) -> list[Row]:
+    """Where the meme-table4 / LDM-L speed ratio is lost, at the sampling batch.
+
+    Three forwards, interleaved in rounds inside one autocast region (the sampler's steady
+    state, weights cast once): a Table 4 expert, the same expert with its iFormer blocks
+    left out (``without_iformer_blocks``), and LDM-L. The blocks cost the difference of
+    the first two; the rest's MACs per second are set against LDM-L's; and the blocks'
+    time that would give ``RATIO_TARGET`` is LDM-L's time / target minus the rest's.
+    Removing the blocks leaves the rest's work unchanged: every block maps d channels
+    to d channels at the same resolution.
+    """
+    t4 = at_resolution(resolve("meme-table4"), o.resolution)
+    ref_cfg = at_resolution(resolve(REFERENCE), o.resolution)
+    e = "meme-table4 expert 1"
+    torch.manual_seed(0)
+    expert = wake_zero_init(build_network(t4.experts[0], t4.data)).eval()
+    reference = wake_zero_init(build_network(ref_cfg.experts[0], ref_cfg.data)).eval()
+    x1 = torch.randn(1, t4.data.channels, t4.data.resolution, t4.data.resolution)
+    share_macs = iformer_macs_share(expert, x1, torch.full((1,), 500, dtype=torch.long))
+    nets = {"expert": expert, "rest": without_iformer_blocks(expert), REFERENCE: reference}
+    fp = fast_path(dev, "auto", expert)
+    for net in nets.values():
+        fp.prepare(net, dev)
+    b = o.batch
+    x = fp.input(torch.randn(b, t4.data.channels, t4.data.resolution, t4.data.resolution), dev)
+    t = torch.full((b,), 500, dtype=torch.long, device=dev)
+    times: dict[str, list[float]] = {k: [] for k in nets}
+    with torch.no_grad(), fp.autocast():
+        for r in range(o.warmup + o.repeats):
+            for k, net in nets.items():
+                s = time_runs(lambda: net(x, t), dev, 1, 0)[0]
+                if r >= o.warmup:
+                    times[k].append(s)
+    ms = {k: 1e3 * median(v) for k, v in times.items()}
+    blocks_ms = ms["expert"] - ms["rest"]
+    share_time = blocks_ms / ms["expert"]
+    gm_t4 = gmacs_mean(MemeConfig(name="e1", experts=(t4.experts[0],), data=t4.data, diffusion=t4.diffusion))
+    gm_ref = gmacs_mean(ref_cfg)
+    rest_rate = gm_t4 * (1 - share_macs) / ms["rest"]
+    rate_ratio = rest_rate / (gm_ref / ms[REFERENCE])
+    budget = ms[REFERENCE] / RATIO_TARGET - ms["rest"]
+    log(f"  iformer b{b}: expert {ms['expert']:.1f} ms, without its iFormer blocks {ms['rest']:.1f} ms, "
+        f"{REFERENCE} {ms[REFERENCE]:.1f} ms; blocks {blocks_ms:.1f} ms ({100 * share_time:.0f}% of the time, "
+        f"{100 * share_macs:.0f}% of the MACs); the rest at {rate_ratio:.2f}x {REFERENCE}'s MAC rate; "
+        f"{RATIO_TARGET}x needs the blocks at {budget:.1f} ms")
+    label = shape_label(t4, b)
+    how = f"{fp.describe()}, weights cast once (one autocast region), interleaved rounds"
+    return [
+        Row("iformer", e, f"ms_b{b}", ms["expert"], "ms", shape=label, note=f"one forward, {how}"),
+        Row("iformer", e, f"ms_b{b}_without_iformer_blocks", ms["rest"], "ms", shape=label,
+            note="every IFormerBlock replaced by a pass-through (d -> d at the same resolution)"),
+        Row("iformer", e, f"iformer_blocks_ms_b{b}", blocks_ms, "ms", share_time / share_macs, "",
+            "<= 1.5x the MACs share", label,
+            f"the difference of the two rows above: {100 * share_time:.0f}% of the time for "
+            f"{100 * share_macs:.0f}% of the MACs; vs_ref = time share / MACs share"),
+        Row("iformer", f"{e} without iFormer blocks/{REFERENCE}", f"macs_rate_ratio_b{b}", rate_ratio, "x",
+            shape=label, note="GMACs per second of the rest of the expert over LDM-L's: 1 = as efficient"),
+        Row("iformer", e, f"iformer_blocks_ms_b{b}_for_{RATIO_TARGET}x", budget, "ms", blocks_ms / budget, shape=label,
+            note=f"{REFERENCE} ms / {RATIO_TARGET} minus the rest's ms: what the blocks may cost for that ratio "
+                 f"per forward; vs_ref = their time now / this"),
+        Row("iformer", f"{e}/{REFERENCE}", f"speed_ratio_b{b}", ms[REFERENCE] / ms["expert"], "x", "",
+            gm_ref / gm_t4, "", label, f"one forward each, {how}"),
     ]
 
 

@@ -43,7 +43,12 @@ def expected_keys() -> set[tuple[str, str, str]]:
     keys |= {("iformer", e, k) for k in ("ms_fast_mixer", "ms_reference_mixer", "macs_share", "time_share_fast",
                                          "time_share_reference")}
     keys |= {("iformer", f"{e}/ldm-l", k) for k in ("speed_ratio_fast", "speed_ratio_reference")}
-    keys |= {("target", "iFormer blocks", "time_share/macs_share (cpu)")}
+    keys |= {("iformer", e, k) for k in ("ms_b4", "ms_b4_without_iformer_blocks", "iformer_blocks_ms_b4",
+                                         "iformer_blocks_ms_b4_for_3.2x")}
+    keys |= {("iformer", f"{e}/ldm-l", "speed_ratio_b4"),
+             ("iformer", f"{e} without iFormer blocks/ldm-l", "macs_rate_ratio_b4")}
+    keys |= {("target", "iFormer blocks", "time_share/macs_share (cpu)"),
+             ("target", "iFormer blocks", "time_share/macs_share at the sampling batch (cpu)")}
     keys |= {("target", "meme-table4/ldm-l sampling", "img_per_s_ratio (cpu)"),
              ("target", "meme-table4/ldm-l sampling", "img_per_s_ratio (H100/H200)"),
              ("target", "iU-Net expert training", "mfu (cpu)"),
@@ -100,6 +105,17 @@ def test_quick_run_writes_every_row_and_column(quick_run):
     macs_share = float(by[("iformer", "meme-table4 expert 1", "macs_share")]["value"])
     assert 0 < macs_share < 100 and 0 < float(share["value"]) < 100
     assert float(share["vs_ref"]) == pytest.approx(float(share["value"]) / macs_share, rel=0.01, abs=0.006)
+    # the blocks' cost at the sampling batch is the expert's time minus its time without them
+    e = "meme-table4 expert 1"
+    with_ms, rest_ms = (float(by[("iformer", e, m)]["value"]) for m in ("ms_b4", "ms_b4_without_iformer_blocks"))
+    blocks = by[("iformer", e, "iformer_blocks_ms_b4")]
+    assert float(blocks["value"]) == pytest.approx(with_ms - rest_ms, rel=0.02, abs=0.02)
+    assert float(blocks["vs_ref"]) == pytest.approx((with_ms - rest_ms) / with_ms / (macs_share / 100), rel=0.03, abs=0.01)
+    ldm_ms = with_ms * float(by[("iformer", f"{e}/ldm-l", "speed_ratio_b4")]["value"])
+    assert float(by[("iformer", e, "iformer_blocks_ms_b4_for_3.2x")]["value"]) == pytest.approx(
+        ldm_ms / 3.2 - rest_ms, rel=0.05, abs=0.05)
+    assert by[("target", "iFormer blocks", "time_share/macs_share at the sampling batch (cpu)")]["value"] \
+        == blocks["vs_ref"]
     # each stage's mixer alone (4 stages of meme-table4), fast against reference, fp32 at b1 and the bench batch
     mixers = {(r["item"], r["metric"]): r for r in rows if r["section"] == "iformer" and " mixer " in r["item"]}
     assert len({item for item, _ in mixers}) == 4

@@ -15,7 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from meme.blocks import GELU, GroupNorm32, InceptionMixer, LowMixer, max_pool3x3, reference_mixers
+from meme.bench_forward import without_iformer_blocks
+from meme.blocks import (GELU, GroupNorm32, IFormerBlock, InceptionMixer, LowMixer, max_pool3x3,
+                         reference_mixers)
 from meme.config import ArchConfig, DataShape, MemeConfig
 from meme.diffusion import Diffusion
 from meme.experts import build_denoiser
@@ -241,6 +243,25 @@ def test_fast_mixer_network_matches_reference():
         with reference_mixers():
             ref = net(x, t)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_network_without_iformer_blocks_is_the_network_with_them_passed_through():
+    """nas.bench times the iFormer blocks by difference: the copy without them must compute
+    exactly what the network computes when each block returns its input."""
+    net = woken("iunet").eval()
+    rest = without_iformer_blocks(net)
+    assert not any(isinstance(m, IFormerBlock) for m in rest.modules())
+    assert sum(isinstance(m, IFormerBlock) for m in net.modules()) == 2, "the original keeps its blocks"
+    x, t = batch(2)
+    with torch.no_grad():
+        full = net(x, t)
+        hooks = [m.register_forward_hook(lambda mod, args, out: args[0])
+                 for m in net.modules() if isinstance(m, IFormerBlock)]
+        passed = net(x, t)
+        for h in hooks:
+            h.remove()
+        torch.testing.assert_close(rest(x, t), passed, atol=0, rtol=0)
+    assert rel_err(passed, full) > 1e-3, "the blocks do shape the output, so leaving them out is seen"
 
 
 @pytest.mark.parametrize("kind", sorted(ARCHS))
