@@ -37,6 +37,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -81,6 +82,16 @@ class Layout:
         share = batch_size // len(ranks)
         i = ranks.index(self.rank)
         return slice(i * share, (i + 1) * share)
+
+
+def free_local_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a service started next
+    (torchrun's rendezvous, a test's Ray or PostgreSQL): the OS picks it; between this
+    call and the service binding it another process could take it, so callers that start
+    a service retry or fail loudly rather than assume."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def plan_layout(world: int, rank: int, num_experts: int, expert_parallel: bool) -> Layout:

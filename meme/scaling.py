@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,16 +23,12 @@ import numpy as np
 import torch
 
 from meme.bench_report import NOT_MEASURED, Row
+from meme.distributed import free_local_port
 from meme.references import resolve
 
 CONFIG = "fmnist-meme-small"
 TIMEOUT_S = 600
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _img_per_s(run: Path) -> float:
@@ -78,7 +73,7 @@ def bench_scaling(device: str, steps: int, batch: int, procs: int = 2,
             rows.append(Row("scaling", f"{CONFIG} 1 process {procs} threads", "img_per_s", threaded, "img/s",
                             threaded / one, shape=shape, note=f"the same cores as {procs} processes, used by threads"))
         for label, extra in (("data-parallel", ()), ("expert-parallel", ("--expert-parallel",))):
-            rate = _train([*torchrun, "--master-port", str(_free_port())], data, Path(tmp) / label, steps, batch,
+            rate = _train([*torchrun, "--master-port", str(free_local_port())], data, Path(tmp) / label, steps, batch,
                           device, extra)
             log(f"  scaling: {procs} processes {label} {rate:.1f} img/s ({rate / one:.2f}x)")
             rows.append(Row("scaling", f"{CONFIG} {procs} processes {label}", "img_per_s", rate, "img/s",

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,8 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
+from meme.distributed import free_local_port
+
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,11 +32,6 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(predicate, timeout: float, what: str, every: float = 0.3):
@@ -121,13 +117,13 @@ class RayCluster:
     """A head and worker nodes on 127.0.0.1, each started by ``ray start`` (1 CPU each)."""
 
     def __init__(self):
-        self.port = _free_port()
+        self.port = free_local_port()
         self.address = f"127.0.0.1:{self.port}"
         self.temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # Ray's socket paths must stay short
         self.nodes: dict[str, int] = {}  # name -> node manager port (identifies its processes)
 
     def _start(self, name: str, *args: str) -> None:
-        nm_port = _free_port()
+        nm_port = free_local_port()
         cmd = [str(RAY), "start", "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--num-gpus", "0",
                "--node-manager-port", str(nm_port), "--resources", f'{{"{name}": 1}}', "--disable-usage-stats",
                *args]
@@ -375,7 +371,7 @@ class Postgres:
 
     def __init__(self):
         self.dir = Path(tempfile.mkdtemp(prefix="pg", dir="/tmp"))
-        self.port = _free_port()
+        self.port = free_local_port()
         self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/optuna"
         self.as_user: list[str] = []
         if os.geteuid() == 0:
@@ -461,7 +457,7 @@ def _dashboard_study_names(url: str) -> list[str]:
     import json
     import urllib.request
 
-    port = _free_port()
+    port = free_local_port()
     proc = subprocess.Popen([str(Path(PY).parent / "optuna-dashboard"), url, "--host", "127.0.0.1", "--port",
                              str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

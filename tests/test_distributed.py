@@ -21,10 +21,9 @@ import torch
 
 from meme import checkpoint
 from meme.cli import UserError
-from meme.distributed import check_batch, plan_layout, resume_note
+from meme.distributed import check_batch, free_local_port, plan_layout, resume_note
 from meme.sample import load_run
 from meme.train import train
-from tests.test_cluster import _free_port
 from tests.test_train import opts, tiny_cfg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,7 +93,7 @@ def _env() -> dict[str, str]:
 
 def _torchrun(nproc: int, *args: str, restarts: int = 0) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-            "--master-port", str(_free_port()), "--max-restarts", str(restarts), "-m", "meme.train", *args]
+            "--master-port", str(free_local_port()), "--max-restarts", str(restarts), "-m", "meme.train", *args]
 
 
 def _train_args(cfg_path: Path, data: Path, out: Path, **kw) -> list[str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import pytest
 from optuna.trial import TrialState
 
 from meme.config import MemeConfig
+from meme.distributed import free_local_port
 from nas import search
 from nas.budget import cheapest_config
 from nas.space import load_space
@@ -166,16 +166,11 @@ def test_export_writes_the_ranked_config(optuna_study, tmp_path):
     assert MemeConfig.load(tmp_path / "x.yaml").hash() == MemeConfig.load(out / "s" / "best.yaml").hash()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_dashboard_serves_the_study(optuna_study):
     out, _ = optuna_study
     exe = Path(PY).parent / "optuna-dashboard"
-    port = _free_port()
+    port = free_local_port()
     proc = subprocess.Popen([str(exe), f"sqlite:///{out / 's' / 'optuna.db'}", "--host", "127.0.0.1",
                              "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

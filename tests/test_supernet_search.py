@@ -35,10 +35,13 @@ from meme.fastpath import fast_path
 
 @pytest.fixture(scope="module")
 def tiny_supernet(tmp_path_factory):
+    """One thread while this module's tests run (tiny models), restored for the next module."""
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("supernet")
     train_all("tiny", out, 4, jobs=1, progress=False)
-    return out
+    yield out
+    torch.set_num_threads(before)
 
 
 def test_training_resumes_and_extends(tiny_supernet, tmp_path):
