@@ -30,6 +30,7 @@ from meme.bench_report import Row
 from meme.blocks import IFormerBlock, reference_mixers
 from meme.config import MemeConfig
 from meme.fastpath import FastPath, compile_for_inference, cpu_has_fast_bf16, fast_path
+from meme.macs import cost_of_meme
 from meme.networks import build_network, wake_zero_init
 from meme.references import resolve
 from meme.timing import cold_compile, median, time_runs
@@ -209,8 +210,7 @@ def bench_iformer(o: BenchOptions, dev: torch.device, log: Callable[[str], None]
                         shares[mixer].append(inside[0] / s)
     ms = {v: 1e3 * median(times[v]) for v in variants}
     share = {k: median(v) for k, v in shares.items()}
-    gm_t4, gm_ref = gmacs_mean(MemeConfig(name="e1", experts=(t4.experts[0],), data=t4.data,
-                                          diffusion=t4.diffusion)), gmacs_mean(ref_cfg)
+    gm_t4, gm_ref = cost_of_meme(t4).experts[0].gmacs, gmacs_mean(ref_cfg)
     label = shape_label(t4, 1)
     prec = paths["meme-table4 expert 1"].describe()
     for mixer in ("fast", "reference"):
@@ -296,8 +296,7 @@ def bench_iformer_budget(o: BenchOptions, dev: torch.device, log: Callable[[str]
     ms = {k: 1e3 * median(v) for k, v in times.items()}
     blocks_ms = ms["expert"] - ms["rest"]
     share_time = blocks_ms / ms["expert"]
-    gm_t4 = gmacs_mean(MemeConfig(name="e1", experts=(t4.experts[0],), data=t4.data, diffusion=t4.diffusion))
-    gm_ref = gmacs_mean(ref_cfg)
+    gm_t4, gm_ref = cost_of_meme(t4).experts[0].gmacs, gmacs_mean(ref_cfg)
     rest_rate = gm_t4 * (1 - share_macs) / ms["rest"]
     rate_ratio = rest_rate / (gm_ref / ms[REFERENCE])
     budget = ms[REFERENCE] / RATIO_TARGET - ms["rest"]

@@ -166,7 +166,6 @@ def test_export_writes_the_ranked_config(optuna_study, tmp_path):
     assert MemeConfig.load(tmp_path / "x.yaml").hash() == MemeConfig.load(out / "s" / "best.yaml").hash()
 
 
-
 def test_dashboard_serves_the_study(optuna_study):
     out, _ = optuna_study
     exe = Path(PY).parent / "optuna-dashboard"
