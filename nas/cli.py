@@ -7,34 +7,33 @@ from __future__ import annotations
 
 import importlib
 import sys
-from importlib.metadata import PackageNotFoundError, version
+
+from nas import package_version
 
 COMMANDS = {  # name -> (module, one line)
     "search": ("nas.search", "architecture search under a per-step GFLOPs budget"),
-    "rerank": ("nas.rerank", "re-train designs on fresh seeds; mean +- std and Welch t-tests"),
-    "fidelity": ("nas.fidelity", "rank correlation of the proxy against higher-fidelity training"),
-    "dashboard": ("nas.dashboard", "open a study in optuna-dashboard"),
-    "export": ("nas.export", "a study's K-th best config as YAML"),
-    "promote": ("nas.promote", "train, sample and evaluate a study's top K on the target data"),
-    "compare": ("nas.compare", "single vs multi-expert vs hand vs search winner at equal cost (FID, seeds)"),
-    "sharing-study": ("nas.sharing_study", "shared decoder/encoder and clustered boundaries vs separate experts"),
-    "clusters": ("nas.clusters", "interval boundaries from clustering timesteps by gradient similarity"),
-    "train": ("meme.train", "train a MEME (all experts, soft-expert sampling)"),
-    "sample": ("meme.sample", "sample a trained run"),
-    "evaluate": ("meme.evaluate", "FID / precision / recall of a run's samples"),
-    "frequency": ("meme.frequency", "Fourier analysis of feature maps per expert"),
-    "macs": ("meme.macs", "parameters, MACs and GFLOPs of a config"),
-    "autoencoder": ("meme.autoencoder_cli", "encode images into a latent file; train a small AutoencoderKL"),
-    "bench": ("nas.bench", "speed, memory and engine-overhead benchmark"),
+    "rerank": ("nas.engine.rerank", "re-train designs on fresh seeds; mean +- std and Welch t-tests"),
+    "fidelity": ("nas.studies.fidelity", "rank correlation of the proxy against higher-fidelity training"),
+    "dashboard": ("nas.engine.dashboard", "open a study in optuna-dashboard"),
+    "export": ("nas.promote.export", "a study's K-th best config as YAML"),
+    "promote": ("nas.promote.promote", "train, sample and evaluate a study's top K on the target data"),
+    "compare": ("nas.studies.compare", "single vs multi-expert vs hand vs search winner at equal cost (FID, seeds)"),
+    "sharing-study": ("nas.studies.shared_parts_study", "shared decoder/encoder and clustered boundaries vs separate experts"),
+    "clusters": ("nas.space.clusters", "interval boundaries from clustering timesteps by gradient similarity"),
+    "train": ("meme.training.train", "train a MEME (all experts, soft-expert sampling)"),
+    "sample": ("meme.sampling.sample", "sample a trained run"),
+    "evaluate": ("meme.sampling.evaluate", "FID / precision / recall of a run's samples"),
+    "frequency": ("meme.sampling.frequency", "Fourier analysis of feature maps per expert"),
+    "macs": ("meme.model.macs", "parameters, MACs and GFLOPs of a config"),
+    "autoencoder": ("meme.training.first_stage_cli", "encode images into a latent file; train a small AutoencoderKL"),
+    "bench": ("nas.bench.run", "speed, memory and engine-overhead benchmark"),
+    "supernet": ("nas.evaluators.supernet_training", "train (or inspect) the weight-shared supernets of a space"),
+    "interval-opt": ("nas.engine.interval_opt", "the exact best ratios per interval under a budget, from a supernet"),
+    "latency": ("meme.speed.latency", "measured milliseconds of one denoising step of a config"),
+    "latency-table": ("nas.space.latency_table", "a space's per-block latency table, and how well it predicts time"),
+    "heldout": ("meme.sampling.heldout", "held-out denoising loss of a trained run, per interval of t"),
+    "checkpoint": ("meme.common.checkpoint", "convert a checkpoint from the older format to the weights-only one"),
 }
-
-
-def package_version() -> str:
-    try:
-        return version("meme-nas")
-    except PackageNotFoundError:  # running from a checkout that was never installed
-        return "unknown (not installed)"
-
 
 def usage() -> str:
     width = max(map(len, COMMANDS))

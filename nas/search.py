@@ -4,7 +4,7 @@ Samples MEME candidates from a search space (``search_spaces/*.yaml``), rejects 
 over the per-step compute budget before any training, trains the rest on a small proxy
 (all experts, soft-expert sampling), and records everything in one Optuna study that
 ``optuna-dashboard`` opens. Outputs in ``results/<study>/``: optuna.db, trials.csv,
-pareto.png, best.yaml (loadable by ``meme.train``), reference.json.
+pareto.png, best.yaml (loadable by ``meme.training.train``), reference.json.
 """
 from __future__ import annotations
 
@@ -27,29 +27,32 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 from tqdm import tqdm
 
-from meme.checkpoint import atomic_write_json
-from meme.cli import UserError, main_guard
-from meme.config import MemeConfig
-from meme.device import pick_device
-from meme.errors import one_line
-from meme.latency import Setting, measure_meme
-from meme.supernet import load_index
-from nas import optuna_engine, report
-from nas import reference as ref_mod
-from nas import rerank as rr
-from nas.budget import LatencyBudget, check_feasible, check_feasible_ms, reference_costs, resolve_budget
-from nas.cli import package_version
-from nas.heartbeat import Heartbeat
-from nas.latency import space_table
-from nas.replicates import default_jobs
-from nas.settings import STALE_AFTER_S, Deadline, Settings
-from nas.space import DEFAULT_SPACE, load_space
-from nas.sampling import clustered_boundaries
-from nas.study import counted, open_study, sampler_name, storage_url_for
+from meme.common.checkpoint import atomic_write_json
+from meme.common.command import CommandParser, add_fast_path_flag, main_guard
+from meme.common.device import pick_device
+from meme.common.errors import UserError, one_line
+from meme.data.dataset import load_data
+from meme.data.latents import is_latent_file
+from meme.model.config import MemeConfig
+from meme.model.supernet import load_index
+from meme.speed.latency import Setting, measure_meme
+from nas import package_version
+from nas.engine import optuna_engine, report
+from nas.engine import rerank as rr
+from nas.engine.heartbeat import Heartbeat
+from nas.engine.replicates import default_jobs
+from nas.engine.settings import STALE_AFTER_S, Deadline, Settings
+from nas.engine.study import counted, open_study, sampler_name, storage_url_for
+from nas.evaluators import reference as ref_mod
+from nas.space.budget import LatencyBudget, check_feasible, check_feasible_ms, reference_costs, resolve_budget
+from nas.space.draw import clustered_boundaries
+from nas.space.latency_table import space_table
+from nas.space.space import DATA_REQUIRED, DEFAULT_SPACE, SearchSpace, load_space
+
 EXECUTORS = ("ray", "optuna")
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(CommandParser):
     """Bad flags -> one-line 'error: ...' and exit 2 (argparse prints the usage too)."""
 
     def error(self, message: str):
@@ -73,9 +76,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="milliseconds per denoising step at batch 1 on the trial device, priced by its latency "
                         "table (alone or beside a GFLOPs budget)")
     b.add_argument("--latency-table", default=None,
-                   help="latency table JSON (python -m nas.latency table); default: the one in the latency cache "
+                   help="latency table JSON (meme-nas latency-table table); default: the one in the latency cache "
                         "for this device, built now when missing")
     r = p.add_argument_group("run")
+    r.add_argument("--data", default=None,
+                   help="your training data: a folder of images (center-cropped and resized to the space's "
+                        "resolutions), a latent file, or fashion-mnist; replaces the space's target.dataset and, "
+                        "for images, its proxy.data; recorded in the study, so promote trains on it "
+                        "(default: the space's)")
     r.add_argument("--trials", type=int, default=None, help="trials in the study, rejected ones included (default: space's)")
     r.add_argument("--time-budget", type=float, default=None,
                    help="seconds for the whole job, re-rank included: new trials stop early enough for the "
@@ -88,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--evaluator", default=None, choices=("scratch", "supernet"),
                    help="'scratch' (train each candidate on the proxy) or 'supernet' (score its experts as "
                         "sub-networks of --supernet DIR); default: the space's proxy.evaluator")
-    r.add_argument("--supernet", default=None, help="trained supernet directory (python -m nas.supernet train)")
+    r.add_argument("--supernet", default=None, help="trained supernet directory (meme-nas supernet train)")
     r.add_argument("--finetune-steps", type=int, default=None,
                    help="supernet evaluator: fine-tune steps in all before scoring (default: the space's, 0)")
     r.add_argument("--objectives", default=None,
@@ -115,6 +123,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds a RUNNING trial of another driver may go unstamped before it is failed as "
                         "lost (default %(default)s)")
     c.add_argument("--storage", default=None, help="Optuna RDB URL (postgresql://..., mysql://...); default sqlite in OUT/<study>")
+    add_fast_path_flag(p)
     return p.parse_args(argv)
 
 
@@ -129,7 +138,7 @@ def parse_objectives(args) -> tuple[str, ...]:
 
 def dashboard_command(url: str, out: Path) -> str:
     """How to open this study in optuna-dashboard (our wrapper refuses a missing database)."""
-    return f"python -m nas.dashboard {out if url.startswith('sqlite') else url}"
+    return f"meme-nas dashboard {out if url.startswith('sqlite') else url}"
 
 
 @main_guard
@@ -217,7 +226,7 @@ def choose_executor(args, evaluator: str = "scratch") -> str:
     if executor == "ray" and not ray_available():
         raise UserError("--executor ray: Ray Tune is not installed here; use --executor optuna")
     if executor == "ray" and cluster:
-        from nas.ray_engine import check_reachable  # Ray is optional: imported only when asked for
+        from nas.engine.ray_engine import check_reachable  # Ray is optional: imported only when asked for
         check_reachable(args.address or os.environ["RAY_ADDRESS"])
     return executor
 
@@ -232,7 +241,7 @@ def make_settings(args) -> tuple[Settings, dict]:
     space = load_space(args.space)
     if args.seed is not None:
         space = dataclasses.replace(space, proxy=dataclasses.replace(space.proxy, seed=args.seed))
-    space = with_evaluator(space, args)
+    space = with_evaluator(with_data(space, args.data), args)
     budget = resolve_budget(args.budget_gflops, args.budget_like, args.budget_mode, args.budget_ms)
     latency = latency_budget(space, args, budget.mode, objectives)
 
@@ -251,7 +260,7 @@ def make_settings(args) -> tuple[Settings, dict]:
               + (" -- time budget is feasible" if latency.ms is not None else ""))
     if space.boundaries.mode == "cluster":   # once, before any trial: workers then read the cached result
         for n in sorted(n for n in space.num_experts if n > 1):
-            print(f"  clustered boundaries for N={n}: {list(clustered_boundaries(space, n))} (nas.clusters)")
+            print(f"  clustered boundaries for N={n}: {list(clustered_boundaries(space, n))} (nas.space.clusters)")
 
     time_budget = args.time_budget if args.time_budget is not None else space.defaults.get("time_budget")
     if args.stale_after <= 0:
@@ -289,6 +298,38 @@ def latency_budget(space, args, mode: str, objectives: tuple[str, ...]) -> Optio
     return LatencyBudget(args.budget_ms, mode, table, str(out))
 
 
+def with_data(space: SearchSpace, spec: Optional[str]) -> SearchSpace:
+    """The space trained on ``spec`` (``--data``): the target's data, and the proxy's when it is images.
+
+    A path is made absolute (trial workers may run in another directory or on another
+    node) and read once here, so a missing folder or a latent file for a pixel target
+    fails before any trial, in one line.
+    """
+    if spec is None:
+        if space.proxy.data == DATA_REQUIRED:
+            raise UserError(f"space {space.name} trains on your data: pass --data DIR (a folder of images) "
+                            f"or a latent file")
+        return space
+    named = str(spec).lower() in ("fashion-mnist", "fashion_mnist", "fmnist")
+    spec = "fashion-mnist" if named else str(Path(spec).expanduser().resolve())
+    proxy = space.proxy
+    if is_latent_file(spec):
+        if not space.data.latent:
+            raise UserError(f"--data {spec} is a latent file, but space {space.name}'s target is pixels "
+                            f"({space.data.channels}x{space.data.resolution}x{space.data.resolution}): "
+                            "pass the image folder")
+        load_data(spec, space.data, limit=1)   # shape and autoencoder record checked now
+        print(f"data: target trains on {spec}; the proxy keeps {proxy.data or 'fashion-mnist'} (a proxy is pixels)")
+    else:
+        if space.data.latent:
+            raise UserError(f"--data {spec} is images, but space {space.name}'s target is latent: encode them "
+                            "first (meme-nas autoencoder encode) and pass the latent file")
+        proxy = dataclasses.replace(proxy, data=spec)
+        load_data(spec, proxy.shape(), limit=1)
+        print(f"data: target and proxy train on {spec}")
+    return dataclasses.replace(space, dataset=spec, proxy=proxy)
+
+
 def with_evaluator(space, args):
     """The space with --evaluator/--supernet/--finetune-steps applied, checked before any trial."""
     proxy = space.proxy
@@ -302,7 +343,7 @@ def with_evaluator(space, args):
         raise UserError(f"--finetune-steps must be >= 0, got {proxy.finetune_steps}")
     if proxy.evaluator == "supernet":
         if not proxy.supernet:
-            raise UserError("--evaluator supernet needs --supernet DIR (train one with python -m nas.supernet train "
+            raise UserError("--evaluator supernet needs --supernet DIR (train one with meme-nas supernet train "
                             f"--space {space.name})")
         index = load_index(proxy.supernet)
         if index.get("space") != space.name:
@@ -365,7 +406,7 @@ def run_trials(s: Settings, study: optuna.Study, executor: str, ref_cfg, remaini
     if executor == "ray":
         import ray  # optional dependency, with the engine that needs it
 
-        from nas import ray_engine
+        from nas.engine import ray_engine
         started_ray = ray_engine.init_ray(s.address)
         s = dataclasses.replace(s, gpus_per_trial=ray_engine.default_gpus_per_trial(s.gpus_per_trial))
         job = None
@@ -436,11 +477,13 @@ def _outputs(study, s: Settings, reference, refs) -> None:
     print(f"outputs in {s.out}/: optuna.db, trials.csv, pareto.png"
           + (", best.yaml" if best else "") + (", reference.json" if reference else ""))
     if best:
-        print(f"train the winner at full scale:  python -m meme.train --config {best}")
+        data = f" --data {s.space.dataset}" if s.space.dataset else ""
+        print(f"train the winner at full scale:  meme-nas train --config {best}{data}")
+        print(f"or train, sample and score the top designs:  meme-nas promote --study {s.out}")
 
 
 def measure_finalists(study, s: Settings, k: int = 3) -> None:
-    """Time the k best trials whole on the table's device (``meme.latency``), beside the table's price:
+    """Time the k best trials whole on the table's device (``meme.speed.latency``), beside the table's price:
     a study attr ``latency_measured_ms`` {trial number: ms} that trials.csv and the dashboard show."""
     measured = dict(study.user_attrs.get("latency_measured_ms", {}))
     for t in report.ranked(study)[:k]:

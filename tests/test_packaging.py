@@ -42,7 +42,7 @@ def installed(tmp_path_factory) -> Path:
 
 
 def test_wheel_ships_the_spaces_and_configs(installed, tmp_path):
-    code = ("import nas, meme.references as r; from nas.space import load_space, SPACES_DIR; "
+    code = ("import nas, meme.model.references as r; from nas.space.space import load_space, SPACES_DIR; "
             "print(nas.__file__); print(SPACES_DIR); print(load_space().name); print(sorted(r.packaged_configs()))")
     out = _run([installed / "bin" / "python", "-c", code], cwd=tmp_path).stdout.splitlines()
     assert out[0].startswith(str(installed)) and out[1].startswith(str(installed))  # not the checkout

@@ -2,7 +2,7 @@
 
     python tools/dashboard_check.py STUDY_OR_DB [--shots DIR]
 
-Starts ``python -m nas.dashboard`` on a free loopback port, opens the study list, the
+Starts ``meme-nas dashboard`` on a free loopback port, opens the study list, the
 study page and the trial list in Debian's Chromium through its own chromedriver (no
 browser or driver download), checks that the pages show the study's trial count, a
 metric name and a decoded ratio string, and saves a screenshot of each page. Exit 0
@@ -44,19 +44,19 @@ def free_port() -> int:
 
 
 def serve(study: str, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "nas.dashboard", study, "--port", str(port)], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "nas.engine.dashboard", study, "--port", str(port)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"nas.dashboard exited: {proc.stderr.read().strip()}")
+            raise RuntimeError(f"nas.engine.dashboard exited: {proc.stderr.read().strip()}")
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2).close()
             return proc
         except OSError:
             time.sleep(0.3)
     proc.kill()
-    raise RuntimeError("nas.dashboard did not answer in 60 s")
+    raise RuntimeError("nas.engine.dashboard did not answer in 60 s")
 
 
 def browser():

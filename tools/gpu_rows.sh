@@ -5,17 +5,17 @@
 #
 # Runs, in order of value, each step under its own time limit so that a slow step costs
 # only itself, within SECONDS in all (default 540; the whole list wants about 900):
-#   1. nas.bench --device cuda, eager sections (fast paths, iFormer blocks, sampling; then
+#   1. nas.bench.run --device cuda, eager sections (fast paths, iFormer blocks, sampling; then
 #      training MFU and memory in a second process) and its target rows;
-#   2. meme.latency of meme-table4, LDM-S and LDM-L at batch 1 and 32 (ms per step);
-#   3. nas.latency report on meme_ffhq256 and fmnist32 (the latency model against
+#   2. meme.speed.latency of meme-table4, LDM-S and LDM-L at batch 1 and 32 (ms per step);
+#   3. nas.space.latency_table report on meme_ffhq256 and fmnist32 (the latency model against
 #      whole-network timings of 30 random candidates, on this GPU);
-#   4. nas.bench --only sampling --compile (compile time, compiled sampling ratio).
+#   4. nas.bench.run --only sampling --compile (compile time, compiled sampling ratio).
 # Every log, CSV, report and the updated BENCHMARKS.md go to OUT_DIR/w, packed into
 # OUT_DIR/gpu-rows.tgz at the end. Multi-GPU rows (DDP throughput) need more than one GPU.
 #
 # Durations seen on one H200 (2026-12-04, results/curated/gpu-h200-2026-12-04): fast paths +
-# iFormer + sampling about 150 s (before the per-stage mixer rows), training + memory 80 s (3 steps x 4 runs), each meme.latency
+# iFormer + sampling about 150 s (before the per-stage mixer rows), training + memory 80 s (3 steps x 4 runs), each meme.speed.latency
 # 12-25 s, the fmnist32 report 44 s; the default space's report needs more than 200 s (its
 # first pass over 77 experts alone took 138 s), so it runs with one pass and 2 calibrations.
 set -u
@@ -52,12 +52,12 @@ step bench 200 $PY -m nas.bench --device cuda --only fastpath,sampling \
 step bench-training 120 $PY -m nas.bench --device cuda --only training,memory --train-steps 3 --repeats 3 \
   --out "$W" --md "$W/BENCHMARKS.md"
 for m in meme-table4 ldm-s ldm-l; do
-  step "latency-$m" 40 $PY -m meme.latency "$m" --device cuda --batch 1,32 --repeats 20 --warmup 5
+  step "latency-$m" 40 $PY -m meme.speed.latency "$m" --device cuda --batch 1,32 --repeats 20 --warmup 5
 done
-step report-meme_ffhq256 300 $PY -m nas.latency report --space meme_ffhq256 --device cuda --n 30 \
+step report-meme_ffhq256 300 $PY -m nas.space.latency_table report --space meme_ffhq256 --device cuda --n 30 \
   --passes 1 --calibrations 2 \
   --out "$W/latency-meme-ffhq256"
-step report-fmnist32 100 $PY -m nas.latency report --space fmnist32 --device cuda --n 30 \
+step report-fmnist32 100 $PY -m nas.space.latency_table report --space fmnist32 --device cuda --n 30 \
   --out "$W/latency-fmnist32"
 step bench-compile 400 $PY -m nas.bench --device cuda --only sampling --compile \
   --out "$W" --md "$W/BENCHMARKS.md"

@@ -1,0 +1,294 @@
+"""Exact interval-wise optimisation: ``meme-nas interval-opt --space S --supernet DIR --budget-gflops B``.
+
+With the weight-shared evaluator a candidate's objective is a sum of per-expert terms,
+expert n contributing sum_{t in grid, t in I_n} loss(t, a_n) for its sub-network a_n,
+and its cost is the interval-weighted sum of per-expert costs. So the best ratios for
+each N, boundary choice and macro shape under the budget are an exact optimisation:
+a dynamic program over experts (the state is the previous expert's chain, because the
+space's rules bound each expert by the one before it), keeping for each state the
+Pareto set of (cost so far, loss so far) and dropping partial costs over the budget.
+
+It scores every legal chain once, so it is for spaces small enough to enumerate
+(``--max-archs``); larger ones say how many chains they have and are left to TPE.
+p_n does not enter the objective without a fine-tune, so the optimum uses the space's
+largest p choice for every expert; ``finetune_steps > 0`` is refused here.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+from meme.common.checkpoint import atomic_write_json
+from meme.common.command import CommandParser, add_fast_path_flag, main_guard
+from meme.common.errors import UserError
+from meme.model.config import MemeConfig
+from meme.model.macs import cost_of_network
+from nas.engine.study import storage_url_for
+from nas.evaluators.supernet_score import SharedScorer
+from nas.space.draw import FixedTrial, ratio_choices, sample_boundaries
+from nas.space.proxy import proxy_arch
+from nas.space.space import SearchSpace, load_space
+
+Chain = tuple[Fraction, ...]
+
+
+@dataclass
+class Optimum:
+    config: MemeConfig
+    objective: float
+    gflops: float
+    chains_scored: int
+
+
+def chains_after(space: SearchSpace, base: int, prev: Optional[Chain]) -> list[Chain]:
+    """Every chain an expert may take after ``prev`` (None: the first expert), by the space's rules."""
+    out: list[Chain] = []
+
+    def walk(row: list[Fraction]) -> None:
+        s = len(row)
+        if s == space.num_stages:
+            out.append(tuple(row))
+            return
+        for r in ratio_choices(space, base, s, row[s - 1] if s else None, prev[s] if prev else None):
+            walk(row + [r])
+
+    walk([])
+    return out
+
+
+def all_chains(space: SearchSpace, base: int, n_max: int) -> set[Chain]:
+    """Chains reachable by any expert of any N up to n_max."""
+    seen: set[Chain] = set()
+    frontier: set[Optional[Chain]] = {None}
+    for _ in range(n_max):
+        nxt = set()
+        for p in frontier:
+            for c in chains_after(space, base, p):
+                if c not in seen:
+                    seen.add(c)
+                    nxt.add(c)
+        frontier = nxt
+    return seen
+
+
+def target_cost(space: SearchSpace, base: int, blocks: int, pools: tuple[int, ...]):
+    """GFLOPs of a chain at the TARGET shape (``meme.model.macs`` counts iU-Nets by parts: cheap per chain).
+
+    Memoised per chain: the DP asks for the same chain at every state, and a macro's chains
+    (up to ``--max-archs``) outnumber ``cost_of_network``'s in-process cache."""
+    @lru_cache(maxsize=None)
+    def cost(chain: Chain) -> float:
+        return cost_of_network(space.arch(base, blocks, pools, tuple(str(r) for r in chain)), space.data).gflops
+    return cost
+
+
+def boundary_choices(space: SearchSpace, n: int) -> list[tuple[int, ...]]:
+    if space.boundaries.mode == "uniform":
+        return [()]
+    import itertools
+    levels = range(1, space.boundaries.weight_levels + 1)
+    seen = []
+    for w in itertools.product(levels, repeat=n):
+        b = sample_boundaries(FixedTrial({f"w{i}": x for i, x in enumerate(w)}), space, n)
+        if b not in seen:
+            seen.append(b)
+    return seen
+
+
+def optimise(space: SearchSpace, scorer: SharedScorer, budget: float, mode: str = "mean",
+             max_archs: int = 2000, progress: bool = True) -> dict:
+    """The exact best candidate per (N, boundaries, macro) under the budget, and the overall best."""
+    if getattr(scorer.proxy, "finetune_steps", 0):
+        raise UserError("interval_opt scores inherited sub-networks; a fine-tune couples p_n in: use TPE")
+    t0 = time.perf_counter()
+    rows, best, scored = [], None, 0
+    p_top = space.probs.choices[-1]
+    for base, blocks, pools in space.macro.combos():
+        chains = all_chains(space, base, max(space.num_experts))
+        if len(chains) > max_archs:
+            rows.append({"macro": [base, blocks, list(pools)], "skipped": f"{len(chains)} chains > --max-archs {max_archs}"})
+            continue
+        cost = target_cost(space, base, blocks, tuple(pools))
+        if min(cost(c) for c in chains) > budget:
+            rows.append({"macro": [base, blocks, list(pools)], "skipped": "every chain is over the budget"})
+            continue
+        macro = f"b{base}-r{blocks}"
+        losses: dict[Chain, dict[int, float]] = {}
+        for c in _bar(chains, progress, f"scoring {macro} {pools}"):
+            arch = proxy_arch(space.arch(base, blocks, pools, tuple(str(r) for r in c)), scorer.proxy)
+            vals, _ = scorer.arch_losses(macro, arch, scorer.grid)
+            losses[c] = dict(zip(scorer.grid, vals))
+        scored += len(chains)
+        for n in space.num_experts:
+            for bounds in boundary_choices(space, n):
+                cfg0 = _config(space, base, blocks, pools, [next(iter(chains))] * n, bounds, p_top)
+                owners = scorer.owners(cfg0)
+                w = cfg0.interval_weights()
+                sol = _dp(space, base, n, owners, w, losses, cost, budget, mode)
+                if sol is None:
+                    continue
+                total_cost, total_loss, assignment = sol
+                cfg = _config(space, base, blocks, pools, assignment, bounds, p_top)
+                obj = total_loss / len(scorer.grid)
+                row = {"macro": [base, blocks, list(pools)], "N": n, "boundaries": list(cfg.resolved_boundaries()),
+                       "objective": obj, "gflops": total_cost,
+                       "ratios": [[str(r) for r in c] for c in assignment]}
+                rows.append(row)
+                if best is None or obj < best.objective:
+                    best = Optimum(cfg, obj, total_cost, scored)
+    return {"budget_gflops": budget, "mode": mode, "rows": rows, "chains_scored": scored,
+            "wall_s": round(time.perf_counter() - t0, 1),
+            "best": None if best is None else {"objective": best.objective, "gflops": best.gflops,
+                                               "config_yaml": best.config.to_yaml()}}
+
+
+def _dp(space, base, n, owners, weights, losses, cost, budget, mode):
+    """min sum of expert losses s.t. cost; states: the previous expert's chain -> Pareto [(cost, loss, path)]."""
+    def term(e: int, c: Chain) -> float:
+        return sum(losses[c][t] for t in owners[e])
+
+    def pareto(items):
+        items.sort(key=lambda x: (x[0], x[1]))
+        out, best_loss = [], float("inf")
+        for it in items:
+            if it[1] < best_loss - 1e-15:
+                out.append(it)
+                best_loss = it[1]
+        return out
+
+    def step_cost(e: int, c: Chain) -> float:
+        return weights[e] * cost(c) if mode == "mean" else 0.0
+
+    def fits(c: Chain) -> bool:
+        return mode != "max" or cost(c) <= budget
+
+    states: dict[Chain, list] = {}
+    for c in chains_after(space, base, None):
+        if fits(c) and step_cost(0, c) <= budget + 1e-9:
+            states.setdefault(c, []).append((step_cost(0, c), term(0, c), (c,)))
+    states = {c: pareto(v) for c, v in states.items()}
+    children: dict[Chain, list[Chain]] = {}
+    for e in range(1, n):
+        nxt: dict[Chain, list] = {}
+        for prev, front in states.items():
+            kids = children.setdefault(prev, chains_after(space, base, prev))
+            for c in kids:
+                if not fits(c):
+                    continue
+                sc, tl = step_cost(e, c), term(e, c)
+                for pc, pl, path in front:
+                    if pc + sc <= budget + 1e-9:
+                        nxt.setdefault(c, []).append((pc + sc, pl + tl, path + (c,)))
+        states = {c: pareto(v) for c, v in nxt.items()}
+    finals = [it for front in states.values() for it in front]
+    if not finals:
+        return None
+    c, l, path = min(finals, key=lambda x: (x[1], x[0]))
+    total = c if mode == "mean" else max(cost(x) for x in path)
+    return total, l, path
+
+
+def against_search(study_dir: Path, optimum: float, digest: Optional[str]) -> dict:
+    """How close a search with the same evaluator came to the exact optimum.
+
+    Reads the study in ``study_dir`` (``nas.search --out``'s folder: optuna.db, the study
+    named as the folder) and reports its best supernet score, the gap to ``optimum`` and
+    after how many trials it came within 0.1% and 0.01% of it. The same evaluator (supernet
+    digest) is required: scores of another supernet are not comparable. A best *below*
+    the optimum would mean the optimiser missed a candidate of the space: refused.
+    """
+    import optuna  # the optimiser itself needs no study
+    try:
+        study = optuna.load_study(study_name=Path(study_dir).name, storage=storage_url_for(study_dir, None))
+    except (KeyError, ValueError, OSError) as e:
+        raise UserError(f"--against {study_dir}: no study {Path(study_dir).name!r} there ({e})") from e
+    if study.user_attrs.get("supernet_digest") != digest:
+        raise UserError(f"--against {study_dir}: scored by supernet {study.user_attrs.get('supernet_digest')}, "
+                        f"not this one ({digest}): the scores are not comparable")
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    scored = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.values
+              and "duplicate_of" not in t.user_attrs]
+    if not scored:
+        raise UserError(f"--against {study_dir}: no scored trial")
+    best = min(scored, key=lambda t: t.values[0])
+    if best.values[0] < optimum * (1 - 1e-9):
+        raise UserError(f"--against {study_dir}: trial {best.number} scores {best.values[0]:.6f}, below the "
+                        f"'exact' optimum {optimum:.6f}: the enumeration missed part of the space")
+
+    numbers = {t.number for t in scored}
+
+    def first_within(rel: float) -> Optional[int]:
+        return next((i + 1 for i, t in enumerate(trials)
+                     if t.number in numbers and t.values[0] <= optimum * (1 + rel)), None)
+    return {"study": str(study_dir), "sampler": study.user_attrs.get("sampler"), "trials": len(trials),
+            "distinct_scored": len(scored), "best_trial": best.number, "best_objective": best.values[0],
+            "gap_pct": 100 * (best.values[0] / optimum - 1), "trials_to_0.1pct": first_within(1e-3),
+            "trials_to_0.01pct": first_within(1e-4)}
+
+
+def _config(space, base, blocks, pools, chains, bounds, p) -> MemeConfig:
+    experts = tuple(space.arch(base, blocks, pools, tuple(str(r) for r in c)) for c in chains)
+    return MemeConfig(name=f"{space.name}-optimum", experts=experts, data=space.data, diffusion=space.diffusion,
+                      boundaries=tuple(bounds), expert_probs=(p,) * len(chains)).validate()
+
+
+def _bar(items, progress: bool, desc: str):
+    if not progress:
+        return items
+    from tqdm import tqdm
+    return tqdm(sorted(items), desc=desc, unit="chain", file=sys.stdout, disable=None, leave=False)
+
+
+def parse_args(argv=None):
+    p = CommandParser(prog="meme-nas interval-opt", description=__doc__.splitlines()[0])
+    p.add_argument("--space", default=None, help="search space YAML or name (default: meme_ffhq256); the one the supernet was trained for")
+    p.add_argument("--supernet", required=True, help="trained supernet directory")
+    p.add_argument("--budget-gflops", type=float, required=True, help="GFLOPs per denoising step at the target shape")
+    p.add_argument("--budget-mode", default="mean", choices=("mean", "max"),
+                   help="'mean' (interval-weighted over experts) or 'max' (every expert under the budget)")
+    p.add_argument("--max-archs", type=int, default=2000, help="largest number of chains per macro to enumerate")
+    p.add_argument("--device", default=None, help="torch device for scoring (default: cuda when available)")
+    p.add_argument("--out", type=Path, default=None, help="writes optimum.json and optimum.yaml here")
+    p.add_argument("--against", type=Path, action="append", default=[],
+                   help="a nas.search study folder scored by the same supernet: how close its best came (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_fast_path_flag(p)
+    return p.parse_args(argv)
+
+
+@main_guard
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    space = load_space(args.space)
+    scorer = SharedScorer(args.supernet, space.proxy, args.device)
+    res = optimise(space, scorer, args.budget_gflops, args.budget_mode, args.max_archs, not args.quiet)
+    for r in res["rows"]:
+        if "skipped" in r:
+            print(f"macro {r['macro']}: skipped ({r['skipped']})")
+    if res["best"] is None:
+        raise UserError(f"no enumerable candidate of {space.source} fits {args.budget_gflops} GFLOPs")
+    print(f"exact optimum over {res['chains_scored']} scored chains in {res['wall_s']:.0f} s: "
+          f"loss {res['best']['objective']:.6f} at {res['best']['gflops']:.3f} GFLOPs")
+    res["against"] = [against_search(d, res["best"]["objective"], scorer.index.get("digest")) for d in args.against]
+    for a in res["against"]:
+        print(f"  {a['study']} ({a['sampler']}): best {a['best_objective']:.6f} (trial {a['best_trial']} of "
+              f"{a['trials']}, {a['distinct_scored']} distinct scored), {a['gap_pct']:+.3f}% vs the optimum; "
+              f"within 0.1% after {a['trials_to_0.1pct']} trials, within 0.01% after {a['trials_to_0.01pct']}")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(res, args.out / "optimum.json")
+        (args.out / "optimum.yaml").write_text(res["best"]["config_yaml"])
+        print(f"wrote {args.out}/optimum.json, optimum.yaml")
+    else:
+        print(json.dumps(res["best"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

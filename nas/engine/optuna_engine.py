@@ -1,0 +1,184 @@
+"""Plain Optuna engine: ask/tell loop in this process, successive-halving pruning.
+
+Used where Ray is absent (``--executor optuna``), for single-GPU boxes, and by default
+for the supernet evaluator on one machine: the trial body is the same ``run_trial`` the
+Ray engine runs, and every outcome is recorded by ``nas.engine.record.finish``, as under Ray.
+
+Supernet scores (about a second each on a CPU core) are spread over a pool of
+single-thread worker processes, one per core: ``ask``, pricing and ``tell`` stay here,
+with the study, and each worker keeps its own scorer (``nas.evaluators.supernet_score.scorer_for``)
+for the whole search. Measured on 2 cores (README, "supernet evaluator"): a Ray Tune
+trial costs more scheduling and bookkeeping than the score it runs, and two threads on
+one forward are slower than two processes on two.
+"""
+from __future__ import annotations
+
+import multiprocessing
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Optional
+
+import optuna
+from tqdm import tqdm
+
+from meme.common.errors import one_line
+from meme.model.config import MemeConfig
+from nas.engine import record
+from nas.engine.heartbeat import Heartbeat
+from nas.engine.replicates import default_jobs, single_thread_worker
+from nas.engine.settings import Deadline, Settings
+from nas.engine.study import counted
+from nas.evaluators.trial import TrialResult, run_trial
+from nas.space.proxy import ProxySpec
+
+
+def run(s: Settings, study: optuna.Study, beat: Optional[Heartbeat] = None,
+        deadline: Optional[Deadline] = None) -> optuna.Study:
+    """Trials until the study counts ``s.trials`` (or ``deadline`` passes); ``study`` comes
+    from ``nas.engine.study.open_study`` (its sampler and pruner attached)."""
+    deadline = deadline or Deadline(s.time_budget)
+    bar = tqdm(total=s.trials, initial=counted(study), desc="trials", unit="trial",
+               disable=None if s.progress else True)
+    draws = _Draws(s, study, deadline, bar)
+    workers = score_workers(s)
+    if workers > 1:
+        _run_pooled(s, study, beat, draws, bar, workers)
+    else:
+        _run_serial(s, study, beat, draws, bar)
+    bar.close()
+    return study
+
+
+def score_workers(s: Settings) -> int:
+    """Worker processes for supernet scores: one per core on a CPU (1: score in this process).
+    Trained trials stay in this process: their pruning asks the study at every rung."""
+    if s.space.proxy.evaluator != "supernet":
+        return 1
+    return max(1, int(default_jobs(s.device) // max(1.0, s.cpus_per_trial)))
+
+
+class _Draws:
+    """Whether a new trial may start: the study short of ``s.trials`` (with those in
+    flight), fewer than 3 x ``s.trials`` draws (duplicates and rejections count, so a
+    space that keeps drawing them ends), and the deadline not passed (said once)."""
+
+    def __init__(self, s: Settings, study: optuna.Study, deadline: Deadline, bar):
+        self.s, self.study, self.deadline, self.bar = s, study, deadline, bar
+        self.attempts = 0
+        self.said = False
+
+    def allow(self, in_flight: int = 0) -> bool:
+        if counted(self.study) + in_flight >= self.s.trials or self.attempts >= 3 * self.s.trials:
+            return False
+        if self.deadline.passed():
+            if not self.said:
+                self.bar.write("time budget reached (time kept for the re-rank included): no new trial")
+                self.said = True
+            return False
+        self.attempts += 1
+        return True
+
+
+def _run_serial(s: Settings, study: optuna.Study, beat: Optional[Heartbeat], draws: _Draws, bar) -> None:
+    while draws.allow():
+        trial, cand, outcome = _ask(study, s, beat)
+        if outcome is None:
+            try:
+                outcome = _train(trial, cand, s)
+            except Exception as exc:  # recorded, and the search goes on
+                outcome = record.failed(one_line(exc, typed=True))
+        _finish(study, trial, outcome, cand, beat, bar)
+
+
+def _ask(study: optuna.Study, s: Settings, beat: Optional[Heartbeat]
+         ) -> tuple[optuna.Trial, Optional[record.Candidate], Optional[record.Outcome]]:
+    """The next candidate, drawn and priced; its outcome already when it needs no run
+    (over budget, a duplicate, or a draw that failed), else None."""
+    trial = study.ask()
+    if beat is not None:
+        beat.add(trial.number)
+    cand = None
+    try:
+        cand = record.prepare(trial, s)
+        outcome = record.settled(cand)
+    except Exception as exc:  # recorded, and the search goes on
+        outcome = record.failed(one_line(exc, typed=True))
+    return trial, cand, outcome
+
+
+def _run_pooled(s: Settings, study: optuna.Study, beat: Optional[Heartbeat], draws: _Draws, bar,
+                workers: int) -> None:
+    """Ask and price here; score in ``workers`` processes, one candidate in flight per worker."""
+    pending: dict[Future, tuple[optuna.Trial, record.Candidate]] = {}
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
+    broken = False
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=single_thread_worker) as pool:
+        while True:
+            while not broken and len(pending) < workers and draws.allow(len(pending)):
+                trial, cand, outcome = _ask(study, s, beat)
+                if outcome is not None:
+                    _finish(study, trial, outcome, cand, beat, bar)
+                    continue
+                try:
+                    fut = pool.submit(score_one, cand.config.to_yaml(), s.space.proxy, s.device)
+                except BrokenProcessPool:  # a worker died (killed, out of memory): the pool takes no more
+                    _finish(study, trial, record.failed("a score worker died"), cand, beat, bar)
+                    broken = True
+                    break
+                pending[fut] = (trial, cand)
+            if not pending:
+                break
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                trial, cand = pending.pop(fut)
+                try:
+                    outcome = _scored(trial, cand, s, fut.result())
+                except Exception as exc:  # the worker's error, or a worker that died
+                    outcome = record.failed(one_line(exc, typed=True))
+                _finish(study, trial, outcome, cand, beat, bar)
+    if broken:  # the search goes on, one score at a time
+        bar.write("a score worker died: the rest of the search scores in this process")
+        _run_serial(s, study, beat, draws, bar)
+
+
+def score_one(config_yaml: str, proxy: ProxySpec, device: Optional[str]) -> TrialResult:
+    """A worker's job: one candidate's supernet score (``nas.evaluators.trial.run_trial``, one report)."""
+    cfg = MemeConfig.from_yaml(config_yaml, "candidate")
+    return run_trial(cfg, proxy, lambda step, value: False, objective="loss", device=device)
+
+
+def _scored(trial: optuna.Trial, cand: record.Candidate, s: Settings, res: TrialResult) -> record.Outcome:
+    if not s.multi:
+        for step, value in res.history:
+            trial.report(value, step)
+    return _judged(res, cand, s)
+
+
+def _judged(res: TrialResult, cand: record.Candidate, s: Settings) -> record.Outcome:
+    """A finished run_trial -> its Outcome (the last reported budget step, its own attrs)."""
+    return record.judged(res.objective, res.history[-1][0] if res.history else 0, res.stopped_early, res.wall_s,
+                         cand, s, record.result_attrs(res))
+
+
+def _finish(study: optuna.Study, trial: optuna.Trial, outcome: record.Outcome, cand: Optional[record.Candidate],
+            beat: Optional[Heartbeat], bar) -> None:
+    record.finish(study, trial, outcome, cand, write=bar.write)
+    if beat is not None:
+        beat.discard(trial.number)
+    if outcome.kind != "failed":
+        bar.update(1)
+
+
+def _train(trial: optuna.Trial, cand: record.Candidate, s: Settings) -> record.Outcome:
+    per = s.space.proxy.steps_per_budget_step(cand.config.num_experts)
+
+    def report(step: int, value: float) -> bool:
+        trial.set_user_attr("trained_steps", step * per)
+        if s.multi:
+            return False
+        trial.report(value, step)
+        return trial.should_prune()
+
+    res = run_trial(cand.config, s.space.proxy, report, objective=s.quality, device=s.device,
+                    threads=max(1, int(s.cpus_per_trial)))
+    return _judged(res, cand, s)

@@ -1,0 +1,421 @@
+"""Search spaces: a YAML file -> :class:`SearchSpace`, validated (``load_space``).
+
+A space names the target (data shape, expert template, diffusion), what is searched
+(``search:`` rules), how a trial trains (``proxy:``, a :class:`nas.space.proxy.ProxySpec`) and
+how a winner is promoted (``promote:``). Drawing candidates from a loaded space is
+``nas.space.draw``'s job. The schema is documented in ``search_spaces/README.md``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from fractions import Fraction
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, Optional
+
+from meme.common.device import pick_device
+from meme.common.fastpath import PRECISIONS
+from meme.model.config import (
+    ArchConfig,
+    ConfigError,
+    DataShape,
+    DiffusionConfig,
+    MemeConfig,
+    ShareConfig,
+    check_keys,
+    coerce_fields,
+    coerce_value,
+    from_mapping,
+    head_step_grid,
+    parse_fraction,
+    parse_yaml,
+    require,
+)
+from meme.model.references import reference_names, resolve
+from meme.model.resources import check_fits
+from meme.training.branching import SPLIT_OPTIMIZERS
+from meme.training.options import TrainOptions
+from nas.space.proxy import EVALUATORS, ProxySpec, proxy_arch, proxy_config
+
+
+def _spaces_dir() -> Path:
+    """The shipped spaces: search_spaces/ in a checkout, the package data nas.spaces when installed."""
+    checkout = Path(__file__).resolve().parents[2] / "search_spaces"
+    if checkout.is_dir():
+        return checkout
+    return Path(str(files("nas.spaces")))
+
+
+SPACES_DIR = _spaces_dir()
+INITS = ("scratch", "branch")       # promote.init: how a promoted design's experts start
+DEFAULT_SPACE = "meme_ffhq256"
+BOUNDARY_MODES = ("uniform", "searchable", "cluster")
+BOUNDARY_CHOICES = ("uniform", "cluster")   # what a trial picks from in mode 'cluster'
+
+
+@dataclass(frozen=True)
+class RatioRules:
+    """How per-expert, per-stage d_h/d are drawn."""
+
+    min: str = "step"                  # 'step' (one head step of high channels) or a fraction
+    max: str = "grid"                  # 'grid' (largest legal: one attention head left) or a fraction
+    max_drop_depth: Fraction = Fraction(1, 2)    # largest drop from the stage above (fraction of d)
+    max_drop_experts: Fraction = Fraction(1, 4)  # largest drop from the previous expert (fraction of d)
+    monotone_depth: bool = True        # d_h/d non-increasing with stage index
+    monotone_experts: bool = True      # d_h/d non-increasing with expert index (toward t = T)
+
+
+@dataclass(frozen=True)
+class ProbRules:
+    """How the soft-expert probabilities p_n are drawn."""
+
+    choices: tuple[float, ...] = (0.1, 0.2, 0.4, 0.6, 0.8, 1.0)  # sorted ascending
+    monotone: bool = True              # p_n non-increasing with n
+    max_decrement: int = 3             # largest drop between p_n and p_{n+1}, in choice steps
+
+
+@dataclass(frozen=True)
+class BoundaryRules:
+    """Interval boundaries: uniform, or searchable via integer interval weights."""
+
+    mode: str = "uniform"              # 'uniform', 'searchable' or 'cluster' (uniform or clustered, searched)
+    weight_levels: int = 3             # searchable: interval n has length prop. to w_n in 1..levels
+
+
+@dataclass(frozen=True)
+class Macro:
+    """Macro shape shared by all experts; one-element lists mean fixed."""
+
+    base_channels: tuple[int, ...]
+    num_res_blocks: tuple[int, ...]
+    pool_strides: tuple[tuple[int, ...], ...]
+
+    def combos(self) -> list[tuple[int, int, tuple[int, ...]]]:
+        return list(itertools.product(self.base_channels, self.num_res_blocks, self.pool_strides))
+
+
+@dataclass(frozen=True)
+class PromoteRecipe:
+    """How ``nas.promote.promote`` / ``nas.studies.compare`` train and score a design at the target.
+
+    One recipe for every promoted design: the same total optimizer steps and batch
+    (equal training compute, whatever N), the same sampler and the same FID protocol.
+    """
+
+    steps: int = 20_000          # optimizer steps in all, over every expert
+    batch_size: int = 64         # images per step
+    lr: float = 2e-4             # AdamW peak learning rate
+    warmup: int = 500            # linear warm-up steps
+    ema_decay: float = 0.999     # EMA of the weights that are sampled
+    fid_samples: int = 10_000    # generated images scored by FID
+    fid_reference: int = 10_000  # real images in the FID reference statistics
+    sample_steps: int = 50       # DDIM steps
+    init: str = "scratch"        # experts from scratch, or 'branch': from shared weights (meme.training.branching)
+    branch_at: float = 0.5       # branch: fraction of the steps trained as one parent on all t
+    split_optimizer: str = "carry"   # branch: at the split, carry the parent's AdamW moments or start fresh
+    init_from: Optional[str] = None  # branch: experts cut from this supernet / one-network run instead
+
+    def train_options(self, **run: Any) -> TrainOptions:
+        """The meme.training.train options of this recipe, plus ``run``'s (data, seed, device...).
+
+        (``nas.promote.promote.Design.recipe`` keeps one network, N = 1, from scratch.)
+        """
+        opts = TrainOptions(steps=self.steps, batch_size=self.batch_size, lr=self.lr, warmup=self.warmup,
+                            ema_decay=self.ema_decay, **run)
+        if self.init != "branch":
+            return opts
+        if self.init_from:
+            return dataclasses.replace(opts, init_from=str(self.init_from))
+        return dataclasses.replace(opts, branch_at=float(self.branch_at), split_optimizer=self.split_optimizer)
+
+    def digest(self) -> dict[str, Any]:
+        """What a promoted run is stamped with (a from-scratch recipe: as before branching existed)."""
+        d = dataclasses.asdict(self)
+        if self.init == "scratch":
+            for k in ("init", "branch_at", "split_optimizer", "init_from"):
+                d.pop(k)
+        return d
+
+    def check(self, where: str) -> "PromoteRecipe":
+        require(self.init in INITS, f"{where}: init must be one of {list(INITS)}, got {self.init!r}")
+        require(0 < float(self.branch_at) < 1, f"{where}: branch_at must lie in (0, 1), got {self.branch_at}")
+        require(self.split_optimizer in SPLIT_OPTIMIZERS,
+                f"{where}: split_optimizer must be one of {list(SPLIT_OPTIMIZERS)}, got {self.split_optimizer!r}")
+        return self
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    name: str
+    source: str
+    template: ArchConfig                 # every expert starts from this (ratios filled in)
+    data: DataShape                      # target shape (the budget is measured here)
+    diffusion: DiffusionConfig
+    num_experts: tuple[int, ...]
+    ratios: RatioRules
+    probs: ProbRules
+    boundaries: BoundaryRules
+    macro: Macro
+    proxy: ProxySpec
+    defaults: dict = field(default_factory=dict)  # CLI defaults for this space (trials, ...)
+    reference: Optional[MemeConfig] = None        # hand design trained beside the search (None: none)
+    dataset: Optional[str] = None                 # meme.data.dataset spec of the target's training data (None: not
+                                                  # shipped, e.g. latents the user encodes; promote asks for it)
+    promote: PromoteRecipe = field(default_factory=PromoteRecipe)  # full-training recipe at the target
+    share: tuple[ShareConfig, ...] = (ShareConfig(),)  # what experts may hold in common (searched if > 1)
+
+    @property
+    def num_stages(self) -> int:
+        return self.template.num_stages
+
+    def arch(self, base: int, blocks: int, pools: tuple[int, ...], ratios: tuple[str, ...]) -> ArchConfig:
+        return dataclasses.replace(self.template, base_channels=base, num_res_blocks=blocks,
+                                   pool_strides=tuple(pools), high_ratios=tuple(ratios))
+
+    def stage_grid(self, base: int, stage: int) -> list[Fraction]:
+        """Legal d_h/d of a stage at this base width within [min, max], ascending."""
+        width = base * self.template.channel_mult[stage]
+        grid = head_step_grid(width, self.template.head_channels)
+        step = Fraction(self.template.head_channels, width)
+        lo = step if self.ratios.min == "step" else parse_fraction(self.ratios.min, "ratios.min")
+        hi = grid[-1] if self.ratios.max == "grid" else parse_fraction(self.ratios.max, "ratios.max")
+        return [g for g in grid if lo <= g <= hi]
+
+
+# ---- drawing ---------------------------------------------------------------------
+#
+# Candidates are drawn in nas.space.draw: every value as a *position* u in [0, 1) inside
+# the range the rules leave it (upper bound: the previous stage and the previous expert;
+# lower bound: the largest allowed drop below that), so a uniform u is a uniform draw
+# among the legal values. Decrements drawn from a fixed range and clipped at the grid's
+# floor would instead pile random draws (TPE's start-up trials) onto the all-minimum corner.
+
+# ---- loading ----------------------------------------------------------------------
+
+def resolve_space_path(spec: str | Path | None) -> Path:
+    """A path, or a bare name looked up in search_spaces/ (``tiny`` -> tiny.yaml)."""
+    spec = str(spec or DEFAULT_SPACE)
+    p = Path(spec)
+    if p.is_file():
+        return p
+    for cand in (SPACES_DIR / spec, SPACES_DIR / f"{spec}.yaml"):
+        if cand.is_file():
+            return cand
+    known = sorted(q.stem for q in SPACES_DIR.glob("*.yaml"))
+    raise ConfigError(f"search space not found: {spec} (a YAML path, or one of {known})")
+
+
+DATA_REQUIRED = "required"  # proxy.data of a space that trains on the user's data: nas.search needs --data
+
+_TOP_KEYS = {"name", "description", "target", "search", "proxy", "defaults", "reference", "promote"}
+
+
+def load_space(spec: str | Path | None = None) -> SearchSpace:
+    """Parse and check a space file; every error is one line naming the field."""
+    path = resolve_space_path(spec)
+    src = str(path)
+    d = parse_yaml(path.read_text(), src)
+    require(isinstance(d, dict), f"{src}: top level must be a mapping")
+    check_keys(d, _TOP_KEYS, src)
+    target = _map(d.get("target"), f"{src}: target")
+    check_keys(target, {"data", "dataset", "diffusion", "expert"}, f"{src}: target")
+    data = _dc(DataShape, target.get("data", {}), f"{src}: target.data")
+    diffusion = _dc(DiffusionConfig, target.get("diffusion", {}), f"{src}: target.diffusion")
+    expert = dict(_map(target.get("expert"), f"{src}: target.expert"))
+    require(expert.get("kind", "iunet") == "iunet", f"{src}: target.expert.kind must be 'iunet' (ratios are searched)")
+    expert.setdefault("kind", "iunet")
+    expert.setdefault("attention_ds", [])
+    mult = expert.get("channel_mult", ArchConfig().channel_mult)
+    require(isinstance(mult, (list, tuple)), f"{src}: target.expert.channel_mult must be a list")
+    n_stages = len(mult)
+    expert.setdefault("pool_strides", [2] * n_stages)
+    expert["high_ratios"] = ["0"] * n_stages  # placeholder, replaced per candidate
+    try:
+        template = MemeConfig.from_dict({"name": "template", "experts": [expert]}, f"{src}: target.expert").experts[0]
+    except ConfigError as exc:
+        # placeholder ratio 0 is always legal; any error is about the user's fields
+        raise ConfigError(str(exc)) from None
+
+    s = _map(d.get("search"), f"{src}: search")
+    check_keys(s, {"num_experts", "ratios", "probs", "boundaries", "macro", "share"}, f"{src}: search")
+    n_exp = coerce_value(_list(s.get("num_experts", [4]), f"{src}: search.num_experts"), tuple[int, ...],
+                         f"{src}: search.num_experts")
+    require(all(n >= 1 for n in n_exp), f"{src}: search.num_experts must be positive ints, got {list(n_exp)}")
+    r = _map(s.get("ratios", {}), f"{src}: search.ratios")
+    check_keys(r, {f.name for f in dataclasses.fields(RatioRules)}, f"{src}: search.ratios")
+    ratios = RatioRules(
+        min=str(r.get("min", "step")), max=str(r.get("max", "grid")),
+        max_drop_depth=parse_fraction(r.get("max_drop_depth", "1/2"), f"{src}: search.ratios.max_drop_depth"),
+        max_drop_experts=parse_fraction(r.get("max_drop_experts", "1/4"), f"{src}: search.ratios.max_drop_experts"),
+        monotone_depth=coerce_value(r.get("monotone_depth", True), bool, f"{src}: search.ratios.monotone_depth"),
+        monotone_experts=coerce_value(r.get("monotone_experts", True), bool, f"{src}: search.ratios.monotone_experts"))
+    for key in ("min", "max"):
+        v = getattr(ratios, key)
+        if v not in ("step", "grid"):
+            f = parse_fraction(v, f"{src}: search.ratios.{key}")
+            require(0 <= f < 1, f"{src}: search.ratios.{key} must lie in [0, 1), got {v}")
+    p = _map(s.get("probs", {}), f"{src}: search.probs")
+    check_keys(p, {f.name for f in dataclasses.fields(ProbRules)}, f"{src}: search.probs")
+    choices = tuple(sorted(coerce_value(_list(p.get("choices", list(ProbRules.choices)), f"{src}: search.probs.choices"),
+                                        tuple[float, ...], f"{src}: search.probs.choices")))
+    require(choices and all(0 <= c <= 1 for c in choices), f"{src}: search.probs.choices must be values in [0, 1]")
+    probs = ProbRules(choices=choices, monotone=coerce_value(p.get("monotone", True), bool, f"{src}: search.probs.monotone"),
+                      max_decrement=coerce_value(p.get("max_decrement", 3), int, f"{src}: search.probs.max_decrement"))
+    b = _map(s.get("boundaries", {}), f"{src}: search.boundaries")
+    check_keys(b, {"mode", "weight_levels"}, f"{src}: search.boundaries")
+    bounds = BoundaryRules(mode=str(b.get("mode", "uniform")),
+                           weight_levels=coerce_value(b.get("weight_levels", 3), int, f"{src}: search.boundaries.weight_levels"))
+    require(bounds.mode in BOUNDARY_MODES,
+          f"{src}: search.boundaries.mode must be one of {list(BOUNDARY_MODES)}, got {bounds.mode!r}")
+    require(bounds.weight_levels >= 1, f"{src}: search.boundaries.weight_levels must be >= 1")
+    m = _map(s.get("macro", {}), f"{src}: search.macro")
+    check_keys(m, {"base_channels", "num_res_blocks", "pool_strides"}, f"{src}: search.macro")
+    pools = m.get("pool_strides", [list(template.pool_strides)])
+    require(isinstance(pools, list) and all(isinstance(x, list) and len(x) == n_stages for x in pools),
+          f"{src}: search.macro.pool_strides must be a list of per-stage lists ({n_stages} values each)")
+    where = f"{src}: search.macro"
+    macro = Macro(
+        base_channels=coerce_value(_list(m.get("base_channels", [template.base_channels]), f"{where}.base_channels"),
+                                   tuple[int, ...], f"{where}.base_channels"),
+        num_res_blocks=coerce_value(_list(m.get("num_res_blocks", [template.num_res_blocks]), f"{where}.num_res_blocks"),
+                                    tuple[int, ...], f"{where}.num_res_blocks"),
+        pool_strides=tuple(coerce_value(x, tuple[int, ...], f"{where}.pool_strides") for x in pools))
+
+    share = parse_share(s.get("share", ["none"]), template, f"{src}: search.share")
+    proxy = parse_proxy(d.get("proxy", {}), src)
+    defaults = _map(d.get("defaults", {}), f"{src}: defaults")
+    space = SearchSpace(name=str(d.get("name", path.stem)), source=src, template=template, data=data,
+                        diffusion=diffusion, num_experts=n_exp, ratios=ratios, probs=probs, boundaries=bounds,
+                        macro=macro, proxy=proxy, defaults=dict(defaults),
+                        reference=parse_reference(d.get("reference"), path, data),
+                        dataset=parse_dataset(target.get("dataset"), path, f"{src}: target.dataset"),
+                        promote=parse_promote(d.get("promote"), src), share=share)
+    check_space(space)
+    return space
+
+
+def parse_share(x: Any, template: ArchConfig, where: str) -> tuple[ShareConfig, ...]:
+    """``search.share``: a list of sharings in ``ShareConfig.describe`` words, e.g. [none, dec, enc1+dec]."""
+    words = _list(x, where)
+    out = tuple(ShareConfig.parse(w, f"{where}[{i}]").fit(template.num_stages) for i, w in enumerate(words))
+    require(len({c.describe() for c in out}) == len(out), f"{where}: a choice is listed twice: {words}")
+    return out
+
+
+def parse_reference(x: Any, path: Path, data: DataShape) -> Optional[MemeConfig]:
+    """A reference name (meme.model.references), a YAML path (relative to the space), or inline config.
+
+    Absent: paper Table 4's MEME when the target is its shape, else no reference.
+    """
+    src = f"{path}: reference"
+    if x is None:
+        table4 = resolve("meme-table4")
+        return table4 if table4.data == data else None
+    if isinstance(x, dict):
+        return MemeConfig.from_dict({"name": "reference", **x}, src)
+    require(isinstance(x, str), f"{src} must be a reference name, a YAML path or a config mapping")
+    if x in reference_names():  # built-in references and the configs shipped in meme/configs
+        return resolve(x)
+    return MemeConfig.load(path.parent / x)
+
+
+def parse_dataset(x: Any, path: Path, where: str) -> Optional[str]:
+    """'fashion-mnist', or a path (relative to the space file) to images or latents."""
+    if x is None or x == "":
+        return None
+    require(isinstance(x, str), f"{where} must be 'fashion-mnist' or a path, got {x!r}")
+    if x == "fashion-mnist":
+        return x
+    p = Path(x).expanduser()
+    return str(p if p.is_absolute() else path.parent / p)
+
+
+def parse_promote(d: Any, src: str) -> PromoteRecipe:
+    d = _map(d, f"{src}: promote")
+    check_keys(d, {f.name for f in dataclasses.fields(PromoteRecipe)}, f"{src}: promote")
+    recipe = from_mapping(PromoteRecipe, d, f"{src}: promote")
+    for key in ("steps", "batch_size", "fid_samples", "fid_reference", "sample_steps"):
+        require(int(getattr(recipe, key)) >= 1, f"{src}: promote.{key} must be >= 1, got {getattr(recipe, key)}")
+    require(recipe.lr > 0 and 0 <= recipe.ema_decay < 1, f"{src}: promote.lr must be > 0 and ema_decay in [0, 1)")
+    return recipe.check(f"{src}: promote")
+
+
+def parse_proxy(d: Any, src: str) -> ProxySpec:
+    d = dict(_map(d, f"{src}: proxy"))
+    check_keys(d, {f.name for f in dataclasses.fields(ProxySpec)}, f"{src}: proxy")
+    if "width_mult" in d:
+        d["width_mult"] = parse_fraction(d["width_mult"], f"{src}: proxy.width_mult")
+    if d.get("diffusion") is not None:
+        d["diffusion"] = _dc(DiffusionConfig, d["diffusion"], f"{src}: proxy.diffusion")
+    if "data" in d and d["data"] in ("", "default"):
+        d["data"] = None
+    proxy = ProxySpec(**coerce_fields(ProxySpec, d, f"{src}: proxy"))
+    require(isinstance(proxy.steps_per_expert, bool), f"{src}: proxy.steps_per_expert must be true or false")
+    for key in ("resolution", "channels", "steps", "batch_size", "eval_every", "eval_batch", "eval_timesteps"):
+        require(int(getattr(proxy, key)) >= 1, f"{src}: proxy.{key} must be >= 1, got {getattr(proxy, key)}")
+    require(proxy.reduction_factor >= 2, f"{src}: proxy.reduction_factor must be >= 2, got {proxy.reduction_factor}")
+    if proxy.prune_from is not None:
+        require(proxy.warmup <= int(proxy.prune_from) <= proxy.steps,
+              f"{src}: proxy.prune_from must lie between warmup ({proxy.warmup}) and steps ({proxy.steps}), "
+              f"got {proxy.prune_from}: an earlier rung ranks warm-up, not the design")
+    require(0 < proxy.width_mult <= 1, f"{src}: proxy.width_mult must lie in (0, 1], got {proxy.width_mult}")
+    require(proxy.evaluator in EVALUATORS, f"{src}: proxy.evaluator must be one of {list(EVALUATORS)}, "
+                                         f"got {proxy.evaluator!r}")
+    require(int(proxy.finetune_steps) >= 0, f"{src}: proxy.finetune_steps must be >= 0, got {proxy.finetune_steps}")
+    if proxy.supernet is not None:
+        sn = Path(str(proxy.supernet)).expanduser()
+        proxy = dataclasses.replace(proxy, supernet=str(sn if sn.is_absolute() else Path(src).parent / sn))
+    require(proxy.precision in PRECISIONS, f"{src}: proxy.precision must be one of {list(PRECISIONS)}, "
+                                         f"got {proxy.precision!r}")
+    return proxy
+
+
+def check_space(space: SearchSpace) -> None:
+    """Every draw must be legal: non-empty grids, rule bounds reachable, proxy exact."""
+    src = space.source
+    require(space.diffusion.timesteps >= max(space.num_experts) * space.boundaries.weight_levels,
+          f"{src}: T={space.diffusion.timesteps} too small for {max(space.num_experts)} searchable intervals")
+    for base, blocks, pools in space.macro.combos():
+        arch = space.arch(base, blocks, pools, ("0",) * space.num_stages)
+        arch.validate(f"{src}: target.expert (base {base})")
+        require(space.data.resolution % 2 ** (space.num_stages - 1) == 0,
+              f"{src}: target.data.resolution {space.data.resolution} is not divisible by 2^{space.num_stages - 1}")
+        grids = [space.stage_grid(base, st) for st in range(space.num_stages)]
+        for st, g in enumerate(grids):
+            require(bool(g), f"{src}: search.ratios: no legal d_h/d in [min, max] at stage {st + 1} (base {base})")
+        if space.ratios.monotone_depth:
+            for st in range(1, space.num_stages):
+                require(all(any(x <= v for x in grids[st]) for v in grids[st - 1]),
+                      f"{src}: search.ratios.min: a stage-{st} ratio leaves no legal stage-{st + 1} ratio "
+                      f"below it at base {base}; use min: step")
+        # the proxy keeps every target head step exact
+        small = proxy_arch(arch, space.proxy, where=f"{src}: proxy (base {base})")
+        # the largest candidate of this macro must fit where its trials will train
+        n = max(space.num_experts)
+        largest = MemeConfig(name=f"{n} experts of base {base} x {blocks} blocks", experts=(small,) * n,
+                             data=space.proxy.shape(), diffusion=space.proxy.diffusion or space.diffusion)
+        check_fits(largest.validate(), space.proxy.batch_size, pick_device(None), what=f"{src}: proxy")
+    ref = space.reference
+    if ref is not None:
+        require(ref.data == space.data, f"{src}: reference {ref.name} has data {ref.data}, the target is {space.data}")
+        proxy_config(ref, space.proxy)
+
+
+def _map(x: Any, where: str) -> dict:
+    if x is None:
+        return {}
+    require(isinstance(x, dict), f"{where} must be a mapping")
+    return x
+
+
+def _list(x: Any, where: str) -> list:
+    require(isinstance(x, list) and len(x) > 0, f"{where} must be a non-empty list")
+    return x
+
+
+def _dc(cls: type, d: Any, where: str):
+    obj = from_mapping(cls, _map(d, where), where)
+    obj.validate()
+    return obj
