@@ -5,6 +5,8 @@
 #
 # Runs, in order of value, each step under its own time limit so that a slow step costs
 # only itself, within SECONDS in all (default 540; the whole list wants about 900):
+#   0. pytest -m cuda: the CUDA-only tests (fused mixer weights on the GPU, EMA and batch
+#      drawing without host syncs under torch.cuda.set_sync_debug_mode);
 #   1. nas.bench.run --device cuda, eager sections (fast paths, iFormer blocks, sampling; then
 #      training MFU and memory in a second process) and its target rows;
 #   2. meme.speed.latency of meme-table4, LDM-S and LDM-L at batch 1 and 32 (ms per step);
@@ -47,6 +49,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 $PY -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name(0))" \
   | tee "$W/versions.txt"
 
+step cuda-tests 60 $PY -m pytest -q -m cuda -p no:cacheprovider tests/meme/speed/test_cuda.py
 step bench 200 $PY -m nas.bench --device cuda --only fastpath,sampling \
   --out "$W" --md "$W/BENCHMARKS.md"
 step bench-training 120 $PY -m nas.bench --device cuda --only training,memory --train-steps 3 --repeats 3 \

@@ -169,9 +169,10 @@ class FastPath:
 
     def input(self, x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
         """Move a batch to the device in this path's memory format."""
+        non_blocking = self.device_type == "cuda"   # the host goes on drawing; the stream orders the copy
         if x.dim() != 4:
-            return x.to(device)
-        return x.to(device, memory_format=self.memory_format)
+            return x.to(device, non_blocking=non_blocking)
+        return x.to(device, memory_format=self.memory_format, non_blocking=non_blocking)
 
     def describe(self) -> str:
         parts = ["bf16 autocast" if self.bf16 else "fp32"]

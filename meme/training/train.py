@@ -106,7 +106,24 @@ def draw_batch(data: torch.Tensor, timesteps: SoftExpertSampler, expert: int, ba
     idx = torch.randint(len(data), (batch_size,), generator=gen)
     t = timesteps.sample(expert, batch_size, generator=gen)
     noise = torch.randn((batch_size, *data.shape[1:]), generator=gen)
-    return fast.input(data[idx[rows]], device), t[rows].to(device), fast.input(noise[rows], device)
+    return fast.input(data[idx[rows].to(data.device, non_blocking=True)], device), fast.input(t[rows], device), \
+        fast.input(noise[rows], device)
+
+
+DEVICE_DATA_SHARE = 0.25   # the training set moves to the GPU when it takes at most this share of its free memory
+
+
+def resident(data: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The training set on the GPU when it fits (batches are then drawn there: no copy of
+    images per step); otherwise, and on a CPU, where it is."""
+    if device.type != "cuda":
+        return data
+    free, _ = torch.cuda.mem_get_info(device)
+    if data.numel() * data.element_size() > DEVICE_DATA_SHARE * free:
+        log.info("training data (%.0f MB) stays in host memory: over %.0f%% of the GPU's free memory",
+                 data.numel() * data.element_size() / 2**20, 100 * DEVICE_DATA_SHARE)
+        return data
+    return data.to(device)
 
 
 def train_step(net: torch.nn.Module,                    # the expert's training forward (maybe compiled)
@@ -138,15 +155,39 @@ def warmup_lr(base: float, step: int, warmup: int) -> float:
     return base * min(1.0, (step + 1) / max(warmup, 1))
 
 
-def _ema_update(decay: float):
-    """multi_avg_fn for AveragedModel: EMA with the usual warm-up of the decay."""
+def adamw(params: Iterable[torch.nn.Parameter], opts: TrainOptions, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; on CUDA the fused kernel (one launch for every parameter, no host work per
+    tensor). On a CPU torch's default, so CPU runs keep their exact numbers."""
+    return torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay,
+                             fused=True if device.type == "cuda" else None)
 
-    def update(ema_params, params, num_averaged):
-        n = int(num_averaged)
-        d = min(decay, (1 + n) / (10 + n))
-        torch._foreach_lerp_(ema_params, params, 1.0 - d)
 
-    return update
+class EMA(AveragedModel):
+    """The EMA of a network, with the usual warm-up of the decay: min(decay, (1+n)/(10+n)).
+
+    Why not ``AveragedModel(multi_avg_fn=...)``: its average function receives the update
+    count copied to the device, and the decay's warm-up needs it on the host, so every
+    step would copy it there and wait for it. Here the count stays where torch keeps it
+    (a CPU buffer, ``n_averaged``, saved in checkpoints as ``ema_n``) and an update is one
+    copy or one lerp kernel per dtype, with no host sync; the values are those of the
+    ``AveragedModel`` form, bit for bit.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        super().__init__(model)
+        self.decay = decay
+
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        n = int(self.n_averaged)   # a CPU tensor: no device sync
+        ema = [p.detach() for p in self.module.parameters()]
+        src = [p.detach() for p in model.parameters()]
+        if n == 0:
+            torch._foreach_copy_(ema, src)
+        else:
+            torch._foreach_lerp_(ema, src, 1.0 - min(self.decay, (1 + n) / (10 + n)))
+        for b_ema, b in zip(self.module.buffers(), model.buffers(), strict=True):
+            b_ema.detach().copy_(b.detach())
+        self.n_averaged += 1
 
 
 class Trainer:
@@ -168,12 +209,12 @@ class Trainer:
         self.model = build_denoiser(cfg)
         self.fast = fast_path(self.device, opts.precision, self.model)
         self.fast.prepare(self.model, self.device)
-        self.ema = AveragedModel(self.model, multi_avg_fn=_ema_update(opts.ema_decay))
+        self.ema = EMA(self.model, opts.ema_decay)
         # Compiled and DDP wrappers share the experts' parameters: optimizer, EMA and checkpoints
         # keep working on self.model; only the training forward goes through them.
         self.train_nets = [self._forward(self.par.wrap(e, n) if self.par.owns(n) else e)
                            for n, e in enumerate(self.model.experts)]
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+        self.opt = adamw(self.model.parameters(), opts, self.device)
         self.diffusion = Diffusion(cfg.diffusion)
         self.timesteps = SoftExpertSampler(cfg)
         self.gen = torch.Generator().manual_seed(opts.seed + 1)
@@ -190,6 +231,7 @@ class Trainer:
         self.data = load_data(opts.data, cfg.data, "train")
         if opts.limit_data:
             self.data = self.data[: opts.limit_data]
+        self.data = resident(self.data, self.device)
         self.step_count = 0
         self._decoder: Any = None
         self.branch = opts.branch_plan()
@@ -205,8 +247,8 @@ class Trainer:
                                 "network: use data-parallel ranks (no --expert-parallel) or --init-from")
             self.parent = parent_network(cfg)
             self.fast.prepare(self.parent, self.device)
-            self.parent_ema = AveragedModel(self.parent, multi_avg_fn=_ema_update(opts.ema_decay))
-            self.parent_opt = torch.optim.AdamW(self.parent.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+            self.parent_ema = EMA(self.parent, opts.ema_decay)
+            self.parent_opt = adamw(self.parent.parameters(), opts, self.device)
             self.all_t = AllTimesteps(cfg.diffusion.timesteps)
             self.parent_net = self.par.wrap(self.parent, find_unused=isinstance(self.parent, SuperNet))
 
