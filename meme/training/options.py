@@ -40,6 +40,9 @@ class TrainOptions:
     sample_every: int = _opt(2000, "steps between sample grids (0 = off)")
     sample_steps: int = _opt(50, "DDIM steps for the grids")
     log_every: int = _opt(50, "steps between CSV rows / bar updates")
+    check_every: int = _opt(0, "steps between the host's looks at the loss for NaN/inf (0 = auto: every step on a "
+                               "CPU or under torchrun, every --log-every steps on one GPU); a NaN model is never "
+                               "checkpointed")
     limit_data: Optional[int] = _opt(None, "use only the first N training images")
     device: str = _opt("auto", "'auto', 'cpu', 'cuda', 'cuda:1'...")
     precision: str = _opt("auto", "auto (meme.common.fastpath decides), bf16 or fp32", ("auto", "bf16", "fp32"))

@@ -86,11 +86,47 @@ class TrainingDiverged(UserError):
 
 
 class NonFiniteLoss(ArithmeticError):
-    """The loss of a step was NaN or infinite; raised before any parameter changed."""
+    """The loss of a step was NaN or infinite (``step``: the first such step, when known)."""
 
-    def __init__(self, value: float):
-        super().__init__(f"loss is {value}")
-        self.value = value
+    def __init__(self, value: float, step: Optional[int] = None):
+        super().__init__(f"loss is {value}" + ("" if step is None else f" at step {step}"))
+        self.value, self.step = value, step
+
+
+class FiniteCheck:
+    """Where the host learns that a loss went NaN or infinite.
+
+    ``every=1``: at once, before the update (reading the loss each step: free on a CPU,
+    a wait for the whole step on a GPU). ``every=k``: the device keeps the first bad step
+    and its loss, and the host looks every k steps and whenever it is about to write a
+    checkpoint or samples (``confirm``): a GPU never waits in between, the run stops at
+    most k - 1 steps later, and no NaN model is ever saved.
+    """
+
+    def __init__(self, every: int = 1):
+        self.every = max(1, every)
+        self._first: Optional[tuple[torch.Tensor, torch.Tensor]] = None   # (step, loss) on the device; step -1: none
+
+    def watch(self, loss: torch.Tensor, step: int) -> None:
+        if self.every == 1:
+            value = float(loss)
+            if not math.isfinite(value):
+                raise NonFiniteLoss(value, step)
+            return
+        if self._first is None:
+            self._first = (torch.full((), -1, dtype=torch.long, device=loss.device),
+                           torch.zeros((), dtype=loss.dtype, device=loss.device))
+        first_step, first_loss = self._first
+        new = ~torch.isfinite(loss) & (first_step < 0)
+        first_step.copy_(torch.where(new, step, first_step))
+        first_loss.copy_(torch.where(new, loss, first_loss))
+        if (step + 1) % self.every == 0:
+            self.confirm()
+
+    def confirm(self) -> None:
+        """Raise NonFiniteLoss if any watched loss was not finite (one read of the device)."""
+        if self._first is not None and int(self._first[0]) >= 0:
+            raise NonFiniteLoss(float(self._first[1]), int(self._first[0]))
 
 
 # ---- the training step (shared by meme.training.train and every search trial) ----------------------
@@ -133,16 +169,20 @@ def train_step(net: torch.nn.Module,                    # the expert's training 
                lr: float,                               # this step's learning rate (warm-up applied)
                grad_clip: float,                        # max global grad norm (0 = off)
                loss_mean: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,  # over the ranks (DDP)
-               ) -> float:
-    """One optimizer step on the eps-MSE loss; NonFiniteLoss before any update if it is NaN/inf."""
+               check: Optional[FiniteCheck] = None,     # default: look at once (every=1)
+               step: int = 0,                           # this step's number, for the check
+               ) -> torch.Tensor:
+    """One optimizer step on the eps-MSE loss; returns the loss (a 0-d tensor on the device).
+
+    NonFiniteLoss when the loss is NaN/inf: before any update with the default check, at
+    the check's next look otherwise (``FiniteCheck``)."""
     for g in opt.param_groups:
         g["lr"] = lr
     opt.zero_grad(set_to_none=True)
     with fast.autocast():
         loss = diffusion.training_loss(net, *batch)
-    value = float(loss_mean(loss.detach()) if loss_mean else loss.detach())  # every rank decides alike
-    if not math.isfinite(value):
-        raise NonFiniteLoss(value)
+    value = loss_mean(loss.detach()) if loss_mean else loss.detach()   # every rank decides alike
+    (check or FiniteCheck()).watch(value, step)
     loss.backward()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
@@ -233,6 +273,10 @@ class Trainer:
             self.data = self.data[: opts.limit_data]
         self.data = resident(self.data, self.device)
         self.step_count = 0
+        # a GPU looks at the loss only every log row (and before any write); a CPU, and
+        # several ranks (which must stop together), every step
+        every = opts.check_every or (opts.log_every if self.device.type == "cuda" and self.par.world == 1 else 1)
+        self.finite = FiniteCheck(every if self.par.world == 1 else 1)
         self._decoder: Any = None
         self.branch = opts.branch_plan()
         self.init_source = None
@@ -289,12 +333,22 @@ class Trainer:
             batch = draw_batch(self.data, self.timesteps, e, self.opts.batch_size, gen, self.fast, self.device, rows)
         try:
             loss_value = train_step(net, params, batch, self.diffusion, opt, self.fast, self.lr_at(s),
-                                    self.opts.grad_clip, lambda v: self.par.mean(v, group))
+                                    self.opts.grad_clip, lambda v: self.par.mean(v, group), self.finite, s)
         except NonFiniteLoss as exc:
-            where = self.ckpt_path if self.ckpt_path.exists() else "none written yet"
-            raise TrainingDiverged(f"loss is {exc.value} at step {s} (expert {e}); stopped. "
-                                   f"Last good checkpoint: {where}") from None
+            raise self._diverged(exc, f" (expert {e})" if exc.step == s else "") from None
         return self._tick(e, loss_value)
+
+    def _diverged(self, exc: NonFiniteLoss, where_in_step: str = "") -> TrainingDiverged:
+        last = self.ckpt_path if self.ckpt_path.exists() else "none written yet"
+        return TrainingDiverged(f"loss is {exc.value} at step {exc.step}{where_in_step}; stopped. "
+                                f"Last good checkpoint: {last}")
+
+    def confirm_finite(self) -> None:
+        """Before anything is written: TrainingDiverged if a loss since the last look was NaN/inf."""
+        try:
+            self.finite.confirm()
+        except NonFiniteLoss as exc:
+            raise self._diverged(exc) from None
 
     def _tick(self, e: int, loss_value: Optional[float]) -> tuple[int, Optional[float]]:
         """After step ``step_count`` (trained here or by another group): EMA, count, maybe the split."""
@@ -340,7 +394,9 @@ class Trainer:
                 "ema_n": self.ema.n_averaged.clone(), "opt": self.opt.state_dict()}
 
     def save(self, path: Optional[Path] = None) -> Path:
-        """Rank 0 writes (after gathering the experts other groups train); every rank must call it."""
+        """Rank 0 writes (after gathering the experts other groups train); every rank must call it.
+        Never a model that saw a NaN/inf loss: TrainingDiverged instead."""
+        self.confirm_finite()
         self.par.collect_experts(self.model.experts, self.ema.module.experts, self.opt, self.gens or ())
         path = path or self.ckpt_path
         return checkpoint.atomic_save(self.state(), path) if self.par.is_main else path
@@ -381,6 +437,7 @@ class Trainer:
     # ---- samples -----------------------------------------------------------------------
     def sample_grid(self, n: int = 64) -> Optional[Path]:
         """Rank 0 samples the EMA model (after gathering it); every rank must call it."""
+        self.confirm_finite()
         self.par.collect_experts(self.model.experts, self.ema.module.experts, self.opt, self.gens or ())
         if not self.par.is_main:
             return None
@@ -470,7 +527,8 @@ def train(cfg: MemeConfig, opts: TrainOptions, out: Path, resume: bool = False, 
         s = trainer.step_count
         bar.update(1)
         if s % opts.log_every == 0 or s == opts.steps:
-            mean_loss = trainer.par.window_loss(losses)
+            trainer.confirm_finite()
+            mean_loss = trainer.par.window_loss(torch.stack(losses).double().tolist() if losses else [])
             now = time.perf_counter()
             row = {"step": s, "expert": e, "loss": mean_loss, "lr": trainer.lr_at(s - 1),
                    "img_per_s": imgs / max(now - t_window, 1e-9), "wall_s": now - t_start}

@@ -3,14 +3,18 @@ the EMA (count on the host, values of the AveragedModel form bit for bit), batch
 from where the data lives, and AdamW's kernel per device."""
 from __future__ import annotations
 
+import pandas as pd
+import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel
+
+from meme.common import checkpoint
 
 from meme.common.fastpath import fast_path
 from meme.model.config import ArchConfig, DataShape, DiffusionConfig, MemeConfig
 from meme.model.experts import SoftExpertSampler, build_denoiser
 from meme.training.options import TrainOptions
-from meme.training.train import EMA, adamw, draw_batch, resident
+from meme.training.train import EMA, Trainer, TrainingDiverged, adamw, draw_batch, resident, train
 
 
 def tiny_cfg() -> MemeConfig:
@@ -64,3 +68,49 @@ def test_adamw_is_fused_on_cuda_only():
     o = TrainOptions()
     assert adamw(p, o, torch.device("cuda")).defaults["fused"] is True
     assert not adamw(p, o, torch.device("cpu")).defaults["fused"]
+
+
+def _opts(blobs, **kw) -> TrainOptions:
+    base = dict(data=str(blobs), steps=10, batch_size=8, lr=1e-3, warmup=2, ckpt_every=5, sample_every=0,
+                log_every=5, device="cpu", threads=1)
+    return TrainOptions(**{**base, **kw})
+
+
+def test_looking_at_the_loss_every_k_steps_changes_nothing_on_a_finite_run(tmp_path, blobs):
+    runs = {}
+    for every in (1, 4):
+        out = tmp_path / f"every{every}"
+        train(tiny_cfg(), _opts(blobs, check_every=every), out, progress=False)
+        runs[every] = (pd.read_csv(out / "metrics.csv").loss.tolist(),
+                       checkpoint.load_training(out / "checkpoints" / "last.pt")["model"])
+    assert runs[1][0] == runs[4][0]
+    for k, v in runs[1][1].items():
+        assert torch.equal(v, runs[4][1][k]), k
+
+
+def _poisoned_trainer(tmp_path, blobs, every: int) -> Trainer:
+    trainer = Trainer(tiny_cfg(), _opts(blobs, check_every=every), tmp_path / "run")
+    trainer.step()                                   # step 0: finite
+    with torch.no_grad():
+        next(trainer.model.experts[1].parameters()).fill_(float("nan"))   # expert 1 trains at step 1
+    return trainer
+
+
+def test_a_deferred_nan_is_caught_before_any_checkpoint_is_written(tmp_path, blobs):
+    trainer = _poisoned_trainer(tmp_path, blobs, every=4)
+    trainer.step()                                   # step 1: NaN loss, not looked at yet (no host read)
+    trainer.step()                                   # step 2
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 1; stopped\. Last good checkpoint: none"):
+        trainer.save()
+    assert not trainer.ckpt_path.exists()
+    trainer.step_count = 3
+    with pytest.raises(TrainingDiverged, match="at step 1"):   # the fourth step looks on its own
+        trainer.step()
+
+
+def test_looking_every_step_stops_before_the_update(tmp_path, blobs):
+    trainer = _poisoned_trainer(tmp_path, blobs, every=1)
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 1 \(expert 1\)"):
+        trainer.step()
+    assert not any(p in trainer.opt.state for p in trainer.model.experts[1].parameters())   # AdamW never stepped it
+    assert trainer.step_count == 1
