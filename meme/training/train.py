@@ -315,8 +315,9 @@ class Trainer:
             return warmup_lr(self.opts.lr, step - at, self.opts.warmup)   # a new warm-up from the split
         return warmup_lr(self.opts.lr, step, self.opts.warmup)
 
-    def step(self) -> tuple[int, float]:
-        """One optimizer step; returns (expert whose architecture was trained, loss)."""
+    def step(self) -> tuple[int, Optional[torch.Tensor]]:
+        """One optimizer step; returns (expert whose architecture was trained, its loss as a 0-d
+        tensor on the device, not read by the host; None where another group trained the step)."""
         s, n, rows = self.step_count, self.cfg.num_experts, self.par.rows(self.opts.batch_size)
         group: Optional[int] = None   # the parent trains on every rank
         if self.in_parent_phase:  # parent step s: expert s mod N's sub-network, t over all of [0, T)
@@ -350,7 +351,7 @@ class Trainer:
         except NonFiniteLoss as exc:
             raise self._diverged(exc) from None
 
-    def _tick(self, e: int, loss_value: Optional[float]) -> tuple[int, Optional[float]]:
+    def _tick(self, e: int, loss_value: Optional[torch.Tensor]) -> tuple[int, Optional[torch.Tensor]]:
         """After step ``step_count`` (trained here or by another group): EMA, count, maybe the split."""
         if self.in_parent_phase:
             self.parent_ema.update_parameters(self.parent)

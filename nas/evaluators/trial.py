@@ -41,7 +41,7 @@ from meme.model.resources import check_fits
 from meme.sampling.evaluate import evaluate_samples
 from meme.sampling.sample import SamplingPlan, generate
 from meme.training.compute import train_gflops_per_step, training_gflops
-from meme.training.train import NonFiniteLoss, draw_batch, train_step, warmup_lr
+from meme.training.train import FiniteCheck, NonFiniteLoss, draw_batch, train_step, warmup_lr
 from nas.evaluators.supernet_score import scorer_for
 from nas.space.proxy import ProxySpec, proxy_config
 from nas.space.proxy_data import eval_timesteps, heldout_images, heldout_losses, proxy_dataset
@@ -183,15 +183,20 @@ def _train(config: MemeConfig, proxy: ProxySpec, report: Report, objective: str,
     stopped, step, value = False, 0, math.nan
     per = proxy.steps_per_budget_step(n_exp)
     total = proxy.total_steps(n_exp)
+    # on a GPU the host reads the loss only at each evaluation (no wait per step); on a CPU every step
+    check = FiniteCheck(proxy.eval_every * per if dev.type == "cuda" else 1)
     model.train()
     while step < total:
         e = step % n_exp
         batch = draw_batch(train, sampler, e, proxy.batch_size, gen, fp, dev)
         try:
             train_step(model.experts[e], model.experts[e].parameters(), batch, diffusion, opt, fp,
-                       warmup_lr(proxy.lr, step, proxy.warmup), proxy.grad_clip)
+                       warmup_lr(proxy.lr, step, proxy.warmup), proxy.grad_clip, check=check, step=step)
+            if step + 1 == total:
+                check.confirm()
         except NonFiniteLoss as exc:
-            raise TrialDiverged(f"training loss is {exc.value} at step {step + 1} (expert {e + 1} of {n_exp})") from None
+            raise TrialDiverged(f"training loss is {exc.value} at step {exc.step + 1} (expert {exc.step % n_exp + 1} "
+                                f"of {n_exp})") from None
         step += 1
         if step % (proxy.eval_every * per) == 0 or step == total:
             value = measure()

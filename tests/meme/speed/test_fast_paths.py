@@ -372,7 +372,7 @@ def test_compiled_training_step_matches_eager(tmp_path):
         opts = TrainOptions(data=str(data), steps=2, batch_size=4, warmup=1, sample_every=0, precision="fp32",
                             device="cpu", compile=compiled)
         tr = Trainer(cfg, opts, tmp_path / str(compiled))
-        runs[compiled] = ([tr.step()[1] for _ in range(2)], tr.state()["model"])
+        runs[compiled] = ([float(tr.step()[1]) for _ in range(2)], tr.state()["model"])
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-4)
     assert runs[True][1].keys() == runs[False][1].keys()
 

@@ -174,7 +174,7 @@ def test_train_options_round_trip_through_the_command_line():
                "ema_decay": 0.9, "grad_clip": 0.5, "schedule": "sequential", "seed": 4, "ckpt_every": 5,
                "sample_every": 0, "sample_steps": 3, "log_every": 2, "limit_data": 100, "device": "cpu",
                "precision": "fp32", "threads": 1, "compile": True, "branch_at": 0.5, "split_optimizer": "fresh",
-               "snapshot_at": "2,4", "init_from": "runs/x", "expert_parallel": True}
+               "snapshot_at": "2,4", "init_from": "runs/x", "expert_parallel": True, "check_every": 3}
     assert set(changed) == {f.name for f in dataclasses.fields(TrainOptions)}   # a new field must join this test
     opts = TrainOptions(**changed)
     assert parse_args(["--config", "tiny", *to_argv(opts)])[1] == opts
