@@ -29,6 +29,7 @@ COMMANDS = {  # name -> (module, one line)
     "bench": ("nas.bench.run", "speed, memory and engine-overhead benchmark"),
     "supernet": ("nas.evaluators.supernet_training", "train (or inspect) the weight-shared supernets of a space"),
     "interval-opt": ("nas.engine.interval_opt", "the exact best ratios per interval under a budget, from a supernet"),
+    "slimmable": ("nas.studies.slimmable", "width schedules of a slimmable supernet: the best at every budget, and the study"),
     "latency": ("meme.speed.latency", "measured milliseconds of one denoising step of a config"),
     "latency-table": ("nas.space.latency_table", "a space's per-block latency table, and how well it predicts time"),
     "heldout": ("meme.sampling.heldout", "held-out denoising loss of a trained run, per interval of t"),

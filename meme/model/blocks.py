@@ -45,8 +45,16 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
-def num_groups(channels: int, groups: int = 32) -> int:
-    """32 groups (LDM) when they divide the width; else the largest divisor of both (tiny models)."""
+def num_groups(channels: int, groups: int = 32, group_channels: int = 0) -> int:
+    """32 groups (LDM) when they divide the width; else the largest divisor of both (tiny models).
+
+    ``group_channels > 0`` fixes the channels per group instead (``ArchConfig.group_channels``):
+    what a width-sliced network needs, since a fixed group count shrinks its groups to one
+    channel at a quarter width (DDSM's slicing) and its statistics stop meaning the same thing.
+    """
+    if group_channels:
+        assert channels % group_channels == 0, f"{channels} channels is not a whole number of {group_channels}-channel groups"
+        return channels // group_channels
     return groups if channels % groups == 0 else math.gcd(channels, groups)
 
 
@@ -61,8 +69,8 @@ class GroupNorm32(nn.GroupNorm):
     cast to fp32 explicitly, which is what CUDA autocast does to group_norm anyway.
     """
 
-    def __init__(self, channels: int, groups: int = 32, eps: float = 1e-5):
-        super().__init__(num_groups(channels, groups), channels, eps=eps)
+    def __init__(self, channels: int, groups: int = 32, eps: float = 1e-5, group_channels: int = 0):
+        super().__init__(num_groups(channels, groups, group_channels), channels, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.float() if self.weight is not None else None
@@ -131,12 +139,13 @@ class ResBlock(nn.Module):
         out_channels: int,          # channels of the output feature map
         emb_channels: int,          # width of the timestep embedding vector
         dropout: float = 0.0,       # dropout before the last conv
+        group_channels: int = 0,    # channels per GroupNorm group; 0: LDM's 32 groups
     ):
         super().__init__()
-        self.in_layers = nn.Sequential(GroupNorm32(in_channels), nn.SiLU(),
+        self.in_layers = nn.Sequential(GroupNorm32(in_channels, group_channels=group_channels), nn.SiLU(),
                                        nn.Conv2d(in_channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
-        self.out_layers = nn.Sequential(GroupNorm32(out_channels), nn.SiLU(), nn.Dropout(dropout),
+        self.out_layers = nn.Sequential(GroupNorm32(out_channels, group_channels=group_channels), nn.SiLU(), nn.Dropout(dropout),
                                         zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
 
@@ -153,11 +162,12 @@ class AttentionBlock(nn.Module):
     def __init__(self,
         channels: int,              # feature channels C
         head_channels: int = 32,    # channels per head; heads = C // head_channels
+        group_channels: int = 0,    # channels per GroupNorm group; 0: LDM's 32 groups
     ):
         super().__init__()
         assert channels % head_channels == 0, f"{channels} channels is not a multiple of {head_channels}"
         self.heads = channels // head_channels
-        self.norm = GroupNorm32(channels)
+        self.norm = GroupNorm32(channels, group_channels=group_channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.attention = ScaledDotProductAttention()
         self.proj_out = zero_module(nn.Conv2d(channels, channels, 1))
@@ -212,10 +222,11 @@ class ResAttnBlock(nn.Module):
         attention: bool,            # add an AttentionBlock after the ResBlock
         head_channels: int = 32,    # channels per attention head
         dropout: float = 0.0,       # ResBlock dropout
+        group_channels: int = 0,    # channels per GroupNorm group; 0: LDM's 32 groups
     ):
         super().__init__()
-        self.res = ResBlock(in_channels, out_channels, emb_channels, dropout)
-        self.attn = AttentionBlock(out_channels, head_channels) if attention else None
+        self.res = ResBlock(in_channels, out_channels, emb_channels, dropout, group_channels)
+        self.attn = AttentionBlock(out_channels, head_channels, group_channels) if attention else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         x = self.res(x, emb)
@@ -479,13 +490,14 @@ class IFormerBlock(nn.Module):
         dropout: float = 0.0,       # FFN dropout
         layer_scale: Optional[float] = None,  # init of per-channel layer scale; None: off
         mixer: Optional[nn.Module] = None,  # token mixer d -> d; None: InceptionMixer(d, d_h, ...)
+        group_channels: int = 0,    # channels per GroupNorm group; 0: LDM's 32 groups
     ):
         super().__init__()
-        self.norm1 = GroupNorm32(channels)
+        self.norm1 = GroupNorm32(channels, group_channels=group_channels)
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, channels))
         self.mixer = mixer if mixer is not None else InceptionMixer(channels, high_channels, head_channels,
                                                                     pool_stride)
-        self.norm2 = GroupNorm32(channels)
+        self.norm2 = GroupNorm32(channels, group_channels=group_channels)
         self.mlp = FeedForward(channels, mlp_ratio, dropout)
         if layer_scale is not None:
             self.ls1 = nn.Parameter(torch.full((channels, 1, 1), float(layer_scale)))

@@ -135,6 +135,13 @@ class ArchConfig:
     high_ratios: tuple[str, ...] = ()            # iunet: d_h/d per stage, e.g. ("3/4","5/8","1/2","1/4")
     pool_strides: tuple[int, ...] = ()           # iunet: attention avg-pool stride per stage
     dropout: float = 0.0
+    # Two fields a width-sliced sub-network of a slimmable supernet needs (0: as LDM, not written to YAML):
+    time_channels: int = 0                       # sinusoidal timestep features (0: base_channels); embedding 4x
+    group_channels: int = 0                      # channels per GroupNorm group (0: 32 groups, LDM)
+
+    def emb_channels(self) -> int:
+        """Width of the timestep embedding every block reads: 4 x the sinusoidal features."""
+        return 4 * (self.time_channels or self.base_channels)
 
     @property
     def num_stages(self) -> int:
@@ -152,8 +159,18 @@ class ArchConfig:
 
     def validate(self, where: str = "arch") -> None:
         require(self.kind in NETWORK_KINDS, f"{where}.kind must be one of {list(NETWORK_KINDS)}, got {self.kind!r}")
-        require(self.base_channels >= 8 and self.base_channels % 8 == 0,
-                 f"{where}.base_channels must be a positive multiple of 8, got {self.base_channels}")
+        if self.group_channels:   # groups of a fixed size: any whole number of them (a slimmed network)
+            require(self.group_channels >= 1 and self.base_channels >= 1 and self.base_channels % self.group_channels == 0,
+                    f"{where}.base_channels must be a positive multiple of group_channels={self.group_channels}, "
+                    f"got {self.base_channels}")
+        else:
+            require(self.base_channels >= 8 and self.base_channels % 8 == 0,
+                    f"{where}.base_channels must be a positive multiple of 8, got {self.base_channels}")
+        require(0 <= self.group_channels <= MAX_WIDTH, f"{where}.group_channels must lie in [0, {MAX_WIDTH}], "
+                                                       f"got {self.group_channels}")
+        require(0 <= self.time_channels <= MAX_WIDTH and self.time_channels % 2 == 0,
+                f"{where}.time_channels must be an even number in [0, {MAX_WIDTH}] (0: base_channels), "
+                f"got {self.time_channels}")
         require(1 <= len(self.channel_mult) <= MAX_STAGES and all(m >= 1 for m in self.channel_mult),
                  f"{where}.channel_mult must be a list of 1 to {MAX_STAGES} positive ints, got {list(self.channel_mult)}")
         widest = self.base_channels * max(self.channel_mult)
@@ -393,6 +410,7 @@ class MemeConfig:
     # ---- (de)serialisation ---------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = plain(dataclasses.asdict(self))
+        d["experts"] = [arch_dict(e) for e in self.experts]
         if not self.share.any:   # no sharing is not written: configs, hashes and checkpoints stay as they were
             d.pop("share")
         return d
@@ -441,6 +459,16 @@ class MemeConfig:
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         return cls.from_yaml(path.read_text(), str(path))
+
+
+def arch_dict(arch: ArchConfig) -> dict[str, Any]:
+    """An expert as YAML and every cache key see it: the slimmable fields only when set, so
+    every config, hash, MACs and latency key written before they existed stays the same."""
+    d = plain(dataclasses.asdict(arch))
+    for name in ("time_channels", "group_channels"):
+        if not d[name]:
+            d.pop(name)
+    return d
 
 
 def plain(x: Any) -> Any:

@@ -1,4 +1,10 @@
-"""Timestep experts: N denoisers, each owning an interval of t, and soft-expert t-sampling.
+"""From configs to denoisers: one network per ``ArchConfig``, and N timestep experts behind one forward.
+
+``build_network`` is the one entry point from an ``ArchConfig`` to ``eps = net(x_t, t)``: every
+network takes ``x`` [B, C, H, W] and ``t`` [B] (int or float timesteps in [0, T)) and returns
+eps with x's shape; nothing else needs to know which kind of network an expert is.
+
+Timestep experts: N denoisers, each owning an interval of t, and soft-expert t-sampling.
 
 Expert n (0-based) owns ``boundaries[n] <= t < boundaries[n+1]`` (the paper's
 ``I_n = ((n-1)T/N, nT/N]`` for 0-based t). At sampling time step t is denoised only by
@@ -16,9 +22,46 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from meme.model.config import MemeConfig
-from meme.model.networks import build_network
+from meme.model.config import ArchConfig, ConfigError, DataShape, MemeConfig
+from meme.model.iunet import IUNet
 from meme.model.shared_parts import tie
+from meme.model.unet import UNet
+
+_BUILDERS = {"unet": UNet, "iunet": IUNet}
+
+
+def build_network(arch: ArchConfig, data: DataShape) -> nn.Module:
+    """Validate ``arch`` against ``data`` and build its network (on the current default device)."""
+    arch.validate()
+    data.validate()
+    if data.resolution % (2 ** (arch.num_stages - 1)):
+        raise ConfigError(f"data.resolution {data.resolution} is not divisible by "
+                          f"2^{arch.num_stages - 1} (one halving per stage)")
+    try:
+        builder = _BUILDERS[arch.kind]
+    except KeyError:
+        raise ConfigError(f"arch.kind must be one of {sorted(_BUILDERS)}, got {arch.kind!r}") from None
+    return builder(arch, data)
+
+
+def count_params(net: nn.Module) -> int:
+    """All parameters, each counted once (a part the experts share counts once)."""
+    return sum(p.numel() for p in net.parameters())
+
+
+def wake_zero_init(net: nn.Module, seed: int = 0, scale: float = 0.02) -> nn.Module:
+    """Give zero-initialised parameters small random values (in place; returned).
+
+    A fresh denoiser outputs exactly 0 (LDM's zero-init output convs), so comparing two
+    numeric paths of an untrained network compares zeros; tests and ``nas.bench.run``
+    wake it first so every layer contributes to the output and its gradients.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return net
 
 
 class MultiExpertDenoiser(nn.Module):
@@ -89,7 +132,7 @@ class MultiExpertDenoiser(nn.Module):
 
 
 def build_denoiser(cfg: MemeConfig) -> MultiExpertDenoiser:
-    """One network per ``cfg.experts`` entry (``meme.model.networks.build_network``), N = 1 allowed;
+    """One network per ``cfg.experts`` entry (``meme.model.experts.build_network``), N = 1 allowed;
     the parts ``cfg.share`` names are one module for all experts (``meme.model.shared_parts``)."""
     cfg.validate()
     experts = [build_network(a, cfg.data) for a in cfg.experts]

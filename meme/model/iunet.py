@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from meme.model.blocks import Downsample, IFormerBlock, ResBlock
-from meme.model.config import ArchConfig, DataShape
+from meme.model.config import ArchConfig, DataShape, arch_dict
 from meme.model.unet import InputConv, TimeEmbedding, UNetDecoder
 
 # Encoder entries whose output is not a skip connection (suffix of the ModuleDict key).
@@ -79,14 +79,14 @@ class IFormerSpec:
 def macro_key(arch: ArchConfig, data: DataShape) -> str:
     """Everything of an expert but its iFormer splits and pool strides: what the rest
     of an iU-Net (stem, ResBlocks, down convs, middle, decoder) depends on."""
-    d = dataclasses.asdict(arch)
+    d = arch_dict(arch)
     d.pop("high_ratios"), d.pop("pool_strides")
     return json.dumps({"arch": d, "data": dataclasses.asdict(data)}, sort_keys=True)
 
 
 def iformer_specs(arch: ArchConfig, data: DataShape) -> list[IFormerSpec]:
     """The encoder's iFormer blocks in build order (``IUNet`` builds exactly these)."""
-    highs, emb = arch.high_channels(), 4 * arch.base_channels
+    highs, emb = arch.high_channels(), arch.emb_channels()
     return [IFormerSpec(width, highs[s], data.resolution // 2 ** s, arch.pool_strides[s], emb,
                         arch.head_channels, arch.dropout)
             for s, width in enumerate(arch.stage_channels()) for _ in range(arch.num_res_blocks)]
@@ -101,9 +101,9 @@ class IUNet(nn.Module):
         layer_scale: Optional[float] = None,  # iFormer layer-scale init; None: off
     ):
         super().__init__()
-        mc = arch.base_channels
-        emb = 4 * mc
-        self.time_embed = TimeEmbedding(mc, emb)
+        mc, gc = arch.base_channels, arch.group_channels
+        emb = arch.emb_channels()
+        self.time_embed = TimeEmbedding(arch.time_channels or mc, emb)
         self.enc = nn.ModuleDict()
         res = data.resolution
         self.enc[f"{res}x{res}_conv"] = InputConv(data.channels, mc)
@@ -114,7 +114,7 @@ class IUNet(nn.Module):
                 res //= 2
                 self.enc[f"{res}x{res}_down"] = Downsample(ch)
                 skips.append(ch)
-            self.enc[f"{res}x{res}{_NO_SKIP}"] = ResBlock(ch, width, emb, arch.dropout)
+            self.enc[f"{res}x{res}{_NO_SKIP}"] = ResBlock(ch, width, emb, arch.dropout, gc)
             ch = width
             for i in range(arch.num_res_blocks):
                 self.enc[f"{res}x{res}_block{i}"] = self.iformer_block(s, width, highs[s], emb, arch, layer_scale)
@@ -125,7 +125,7 @@ class IUNet(nn.Module):
                       layer_scale: Optional[float]) -> nn.Module:
         """One encoder iFormer block of ``stage`` (the weight-shared supernet overrides this)."""
         return IFormerBlock(width, high, emb, arch.head_channels, arch.pool_strides[stage],
-                            dropout=arch.dropout, layer_scale=layer_scale)
+                            dropout=arch.dropout, layer_scale=layer_scale, group_channels=arch.group_channels)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         emb = self.time_embed(t)

@@ -61,9 +61,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from meme.common.checkpoint import atomic_write_json
 from meme.common.command import CommandParser, main_guard
 from meme.model.blocks import ScaledDotProductAttention, reference_mixers
-from meme.model.config import ArchConfig, DataShape, MemeConfig, ShareConfig
+from meme.model.config import ArchConfig, DataShape, MemeConfig, ShareConfig, arch_dict
+from meme.model.experts import build_network
 from meme.model.iunet import IFormerSpec, iformer_specs, macro_key
-from meme.model.networks import build_network
 from meme.model.references import reference_names, resolve
 from meme.model.shared_parts import shared_paths
 
@@ -263,7 +263,7 @@ def source_fingerprint() -> str:
 
 def cost_key(arch: ArchConfig, data: DataShape) -> str:
     """Disk-cache key: config, counting rules, network code, library versions."""
-    return _key({"arch": dataclasses.asdict(arch), "data": dataclasses.asdict(data)})
+    return _key({"arch": arch_dict(arch), "data": dataclasses.asdict(data)})
 
 
 def _key(what: dict) -> str:

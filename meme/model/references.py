@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from meme.model.config import ArchConfig, ConfigError, DataShape, DiffusionConfig, MemeConfig
+from meme.model.schedule import is_schedule, load_schedule
 
 LDM_LATENT = DataShape(channels=3, resolution=64, latent=True)
 LDM_DIFFUSION = DiffusionConfig(timesteps=1000, schedule="sqrt_linear", beta_start=0.0015, beta_end=0.0195)
@@ -79,6 +80,8 @@ def resolve(name_or_path: str | Path) -> MemeConfig:
     if key in packaged_configs():
         return MemeConfig.load(packaged_configs()[key])
     path = Path(key)
+    if path.is_file() and is_schedule(path):     # a supernet schedule runs as the MEME of its sub-networks
+        return load_schedule(path)[2]
     if path.suffix in (".yaml", ".yml") or path.exists():
         return MemeConfig.load(path)
     raise ConfigError(f"unknown config {key!r}: not a reference name {reference_names()} nor a YAML file")

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from meme.model.config import ArchConfig, ConfigError, DataShape, MemeConfig
-from meme.model.networks import build_network, count_params
+from meme.model.experts import build_network, count_params
 
 TRAIN_BYTES_PER_PARAM = 20   # fp32 weight + gradient + 2 AdamW moments + EMA
 INFER_BYTES_PER_PARAM = 4

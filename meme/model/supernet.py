@@ -1,17 +1,35 @@
-"""A weight-shared iU-Net supernet: every legal d_h/d split and pool stride on one set of weights.
+"""A weight-shared iU-Net supernet: every legal width, d_h/d split and pool stride on one set of weights.
 
 One supernet serves one macro shape (base width, stage multipliers, iFormer blocks per
-stage, head width). Each iFormer block's token mixer is elastic: it runs any d_h of its
-stage's grid and any pool stride the spec allows. Everything else (time embedding,
-input conv, ResBlocks, stride-2 convs, norms, the time projection and MLP of each
-iFormer block, the middle block and the whole decoder) does not depend on the split
-and is one plain module, used by every sub-network as it is.
+stage, head width). A sub-network picks a **width** (a fraction of every channel count
+from ``spec.widths``: slimmable, as DDSM), a d_h/d **split** per stage from the stage's grid,
+and a **pool stride** per stage. With one width (the default) only the splits and strides
+are elastic, and every weight outside the token mixers is used whole.
+
+Width slicing (every module but the mixers)
+-------------------------------------------
+Channels are prefixes: a sub-network of width w runs the first w x C channels of every
+C-channel feature map, so each weight takes its leading rows (outputs) and columns
+(inputs). Three places are not one feature map, and are sliced per segment:
+
+* a decoder ResBlock reads the concatenation [from below | skip]: its input norm, its
+  first conv and its skip conv take the first channels of *each* segment (DDSM slices
+  the concatenation as one prefix, so skip channels meet weights trained for the other
+  path);
+* an attention block's qkv conv writes [q | k | v]: each takes its first heads;
+* the time embedding is not sliced at all: every width reads the full-width embedding
+  (``ArchConfig.time_channels``), whose cost is per image, not per pixel.
+
+GroupNorm keeps a fixed number of channels per group (``ArchConfig.group_channels``, which
+a supernet with several widths must set), so a group means the same at every width,
+where DDSM's fixed 32 groups shrink to one channel at a quarter width.
 
 Weight layout of an elastic mixer
 ---------------------------------
-Width d, stage grid d_h in {D_min .. D_max}; H = D_max / 2 (largest high half),
-h_min = D_min / 2, L = d - D_min (largest low width), cat = 4H + L. A sub-network with
-split d_h (h = d_h / 2, d_l = d - d_h = n heads x c) uses:
+Width d (full), d_h in {D_min .. D_max} over every width's legal splits; H = D_max / 2
+(largest high half), h_min = D_min / 2, L = d - D_min (largest low width), cat = 4H + L.
+A sub-network of width d' <= d with split d_h (h = d_h / 2, d_l = d' - d_h = n heads x c)
+uses:
 
 ==================  ====================  =================================================
 tensor              supernet shape        slice a split d_h uses
@@ -21,27 +39,27 @@ conv_dw.weight      [2H, 1, 3, 3]         [:2h]
 pool_fc.weight      [2H, 2H - h_min]      [:2h, h - h_min : 2h - h_min]  (reads x[h:2h])
 pool_fc.bias        [2H]                  [:2h]
 qkv.weight          [3L, L, 1, 1]         rows k*L + [0, d_l) for k = q, k, v (the first n
-                                          heads of each); columns [d_h - D_min, L)
-                                          (reads x[d_h:d])
+                                          heads of each); columns [d_h - D_min, d' - D_min)
+                                          (reads x[d_h:d'])
 qkv.bias            [3L]                  the same rows
 fuse_dw.weight      [cat, 1, 3, 3]        slots [0, 2h) + [2H, 2H + 2h) + [4H, 4H + d_l)
-proj.weight         [d, cat, 1, 1]        the same slots as columns
-proj.bias           [d]                   all
+proj.weight         [d, cat, 1, 1]        rows [:d'], the same slots as columns
+proj.bias           [d]                   [:d']
 ==================  ====================  =================================================
 
 Two rules give this layout. **Inputs are tied to channels**: a weight column always
 reads the same channel of the block's normalised input (channel c is channel c of the
 residual stream whatever the split), so the conv branch reads columns [0, h), the pool
-branch the columns of channels [h, 2h), the low branch those of [d_h, d). **Outputs
+branch the columns of channels [h, 2h), the low branch those of [d_h, d'). **Outputs
 take the first k slots** of their branch, OFA/BigNAS style: the conv and pool branches
 their first 2h output channels, attention its first n heads (q, k and v alike); the
 fusion depthwise conv and the projection index the same slots of the concatenation
 [conv | pool | low]. A pool stride has no weights.
 
-A sub-network's forward runs the very ``InceptionMixer`` code of a plain ``IUNet``
-(``torch.func.functional_call`` on a parameter-less template with the slices above), so
-``extract(arch)`` -- a plain ``IUNet`` holding copies of those slices -- computes the
-same function, and has exactly that ``IUNet``'s parameters.
+A sub-network's forward runs the very code of a plain ``IUNet(arch)``
+(``torch.func.functional_call`` on a parameter-less template of it, with the slices
+above), so ``extract(arch)`` -- a plain ``IUNet`` holding copies of those slices --
+computes the same function, and has exactly that ``IUNet``'s parameters.
 """
 from __future__ import annotations
 
@@ -49,6 +67,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Optional
 
@@ -58,8 +77,9 @@ from torch.func import functional_call
 
 from meme.common.checkpoint import load as load_file
 from meme.common.errors import UserError
-from meme.model.blocks import IFormerBlock, InceptionMixer
-from meme.model.config import ArchConfig, ConfigError, DataShape, MemeConfig, parse_fraction, plain, require
+from meme.model.blocks import IFormerBlock
+from meme.model.config import (ArchConfig, ConfigError, DataShape, MemeConfig, arch_dict, is_head_step,
+                               parse_fraction, plain, require)
 from meme.model.iunet import IUNet
 
 INDEX = "supernet.json"     # a trained supernet directory: this index + one folder per macro shape
@@ -71,53 +91,109 @@ class SupernetSpec:
 
     template: ArchConfig                       # kind iunet: base, mult, blocks, head width (ratios ignored)
     data: DataShape                            # the shape it is trained on
-    ratios: tuple[tuple[str, ...], ...]        # per stage: legal d_h/d, ascending ("1/8", ...)
+    ratios: tuple[tuple[str, ...], ...]        # per stage: legal d_h/d at full width, ascending ("1/8", ...)
     pool_strides: tuple[tuple[int, ...], ...]  # per stage: legal avg-pool strides
+    widths: tuple[str, ...] = ("1",)           # channel fractions a sub-network may run, ascending, last "1"
 
     def validate(self) -> "SupernetSpec":
         n = self.template.num_stages
         require(self.template.kind == "iunet", "supernet: template.kind must be 'iunet'")
         require(len(self.ratios) == n and len(self.pool_strides) == n,
                 f"supernet: needs one ratio list and one stride list per stage ({n})")
+        fracs = [parse_fraction(w, "supernet: widths") for w in self.widths]
+        require(bool(fracs) and fracs == sorted(set(fracs)) and fracs[-1] == 1 and fracs[0] > 0,
+                f"supernet: widths must be distinct fractions in (0, 1], ascending, ending with 1; got {list(self.widths)}")
+        require(len(fracs) == 1 or self.template.group_channels > 0,
+                "supernet: several widths need template.group_channels (a fixed number of channels per GroupNorm "
+                "group), so that a group means the same at every width")
+        for w in self.widths:
+            base = parse_fraction(w, "width") * self.template.base_channels
+            require(base.denominator == 1, f"supernet: width {w} of base {self.template.base_channels} channels "
+                                           f"is not a whole number of channels")
         for s in range(n):
             require(bool(self.ratios[s]) and bool(self.pool_strides[s]), f"supernet: stage {s + 1} has no choice")
             for r in self.ratios[s]:
                 probe = [self.ratios[st][0] for st in range(n)]
                 probe[s] = r
                 self.arch(probe, [p[0] for p in self.pool_strides]).validate("supernet")
+            for w in self.widths:
+                require(bool(self.legal_ratios(s, w)), f"supernet: at width {w}, stage {s + 1} "
+                                                       f"({self.stage_width(s, w)} channels) has no legal d_h/d among "
+                                                       f"{list(self.ratios[s])} (d_l must be whole heads of "
+                                                       f"{self.template.head_channels})")
+        for w in self.widths:
+            self.arch([self.legal_ratios(s, w)[0] for s in range(n)], [p[0] for p in self.pool_strides], w
+                      ).validate(f"supernet: width {w}")
         return self
 
-    def arch(self, ratios, pools) -> ArchConfig:
-        """The sub-network with these per-stage ratios and strides (a plain ArchConfig)."""
-        return dataclasses.replace(self.template, high_ratios=tuple(str(parse_fraction(r, "ratio")) for r in ratios),
+    def stage_width(self, stage: int, width: str = "1") -> int:
+        return int(parse_fraction(width, "width") * self.template.stage_channels()[stage])
+
+    def legal_ratios(self, stage: int, width: str = "1") -> list[str]:
+        """The stage's ratios that are head steps at this width (all of them at full width)."""
+        d = self.stage_width(stage, width)
+        return [r for r in self.ratios[stage]
+                if is_head_step(parse_fraction(r, "ratio"), d, self.template.head_channels)]
+
+    def arch(self, ratios, pools, width: str = "1") -> ArchConfig:
+        """The sub-network with this width and these per-stage ratios and strides (a plain ArchConfig)."""
+        t = self.template
+        base = int(parse_fraction(width, "width") * t.base_channels)
+        features = t.time_channels or t.base_channels     # every width reads the full-width time embedding
+        return dataclasses.replace(t, base_channels=base, time_channels=0 if base == features else features,
+                                   high_ratios=tuple(str(parse_fraction(r, "ratio")) for r in ratios),
                                    pool_strides=tuple(int(p) for p in pools))
 
+    def width_of(self, arch: ArchConfig) -> str:
+        return str(Fraction(arch.base_channels, self.template.base_channels))
+
     def high_channels(self, stage: int) -> list[int]:
-        width = self.template.stage_channels()[stage]
-        return [int(parse_fraction(r, "ratio") * width) for r in self.ratios[stage]]
+        """Every d_h the stage's mixer runs, over every width and its legal splits."""
+        return sorted({int(parse_fraction(r, "ratio") * self.stage_width(stage, w))
+                       for w in self.widths for r in self.legal_ratios(stage, w)})
 
     def check(self, arch: ArchConfig) -> None:
         """Raise a one-line ConfigError unless ``arch`` is a sub-network of this supernet."""
-        same = dataclasses.replace(arch, high_ratios=self.template.high_ratios, pool_strides=self.template.pool_strides)
-        require(same == self.template, f"architecture is not of this supernet's macro shape "
-                                       f"(base {self.template.base_channels}, blocks {self.template.num_res_blocks}, "
-                                       f"head {self.template.head_channels}, mult {list(self.template.channel_mult)})")
+        t = self.template
+        width = self.width_of(arch)
+        same = dataclasses.replace(arch, high_ratios=t.high_ratios, pool_strides=t.pool_strides,
+                                   base_channels=t.base_channels, time_channels=t.time_channels)
+        require(same == t, f"architecture is not of this supernet's macro shape "
+                           f"(base {t.base_channels}, blocks {t.num_res_blocks}, "
+                           f"head {t.head_channels}, mult {list(t.channel_mult)}, "
+                           f"groups of {t.group_channels or 'LDM'} channels)")
+        require(width in self.widths, f"width {width} ({arch.base_channels} base channels) is not one of the "
+                                      f"supernet's {list(self.widths)}")
         for s, (r, p) in enumerate(zip(arch.high_fractions(), arch.pool_strides)):
-            require(str(r) in self.ratios[s], f"stage {s + 1}: d_h/d {r} is not one of the supernet's "
-                                              f"{list(self.ratios[s])}")
+            require(str(r) in self.legal_ratios(s, width),
+                    f"stage {s + 1}: d_h/d {r} is not one of the supernet's {self.legal_ratios(s, width)}"
+                    + (f" at width {width}" if width != "1" else ""))
             require(p in self.pool_strides[s], f"stage {s + 1}: pool stride {p} is not one of {list(self.pool_strides[s])}")
+        require(arch == self.arch(arch.high_ratios, arch.pool_strides, width),
+                f"width {width}: time_channels must be {self.arch(arch.high_ratios, arch.pool_strides, width).time_channels}"
+                f" (the full-width time embedding), got {arch.time_channels}")
 
     def largest(self) -> ArchConfig:
-        """Most conv channels everywhere (uses every high slice)."""
+        """Full width, most conv channels everywhere (uses every high slice)."""
         return self.arch([r[-1] for r in self.ratios], [p[0] for p in self.pool_strides])
 
     def smallest(self) -> ArchConfig:
-        """Most attention everywhere (uses every low slice)."""
+        """At full width: most attention everywhere (uses every low slice). The narrowest
+        sub-network is ``narrowest()``."""
         return self.arch([r[0] for r in self.ratios], [p[0] for p in self.pool_strides])
 
+    def narrowest(self) -> ArchConfig:
+        """The smallest width, with its most attention-heavy legal split (the sandwich rule's bottom)."""
+        w = self.widths[0]
+        return self.arch([self.legal_ratios(s, w)[0] for s in range(len(self.ratios))],
+                         [p[0] for p in self.pool_strides], w)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"template": plain(dataclasses.asdict(self.template)), "data": dataclasses.asdict(self.data),
-                "ratios": [list(r) for r in self.ratios], "pool_strides": [list(p) for p in self.pool_strides]}
+        d = {"template": arch_dict(self.template), "data": dataclasses.asdict(self.data),
+             "ratios": [list(r) for r in self.ratios], "pool_strides": [list(p) for p in self.pool_strides]}
+        if self.widths != ("1",):   # one width is not written: digests of earlier supernets stay the same
+            d["widths"] = list(self.widths)
+        return d
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "supernet spec") -> "SupernetSpec":
@@ -128,7 +204,8 @@ class SupernetSpec:
                                             source).experts[0]
             spec = cls(template=template, data=DataShape(**d["data"]),
                        ratios=tuple(tuple(str(parse_fraction(r, source)) for r in row) for row in d["ratios"]),
-                       pool_strides=tuple(tuple(int(p) for p in row) for row in d["pool_strides"]))
+                       pool_strides=tuple(tuple(int(p) for p in row) for row in d["pool_strides"]),
+                       widths=tuple(str(parse_fraction(w, source)) for w in d.get("widths", ["1"])))
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{source}: {exc}") from None
         return spec.validate()
@@ -137,17 +214,21 @@ class SupernetSpec:
         return hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def arch_key(arch: ArchConfig) -> str:
-    """A sub-network's name inside its supernet: 'ratios|strides', e.g. '3/4,1/2|2,1'."""
-    return ",".join(arch.high_ratios) + "|" + ",".join(str(p) for p in arch.pool_strides)
+def arch_key(arch: ArchConfig, full_base: Optional[int] = None) -> str:
+    """A sub-network's name inside its supernet: 'ratios|strides', e.g. '3/4,1/2|2,1', and
+    '@width' when it is not the full width (``full_base``: the supernet's base channels)."""
+    key = ",".join(arch.high_ratios) + "|" + ",".join(str(p) for p in arch.pool_strides)
+    if full_base is not None and arch.base_channels != full_base:
+        key += f"@{Fraction(arch.base_channels, full_base)}"
+    return key
 
 
 class ElasticInceptionMixer(nn.Module):
-    """An iFormer token mixer that runs any split of ``highs`` and any stride of ``strides``.
+    """The weights of an iFormer token mixer that runs any split of ``highs`` at any width.
 
-    ``active = (d_h, stride)`` picks the sub-network; the weight layout is in the module
-    docstring. The parameters are stored as the supernet-sized convs whose slices the
-    plain mixer's convs are.
+    Stored as the supernet-sized convs whose slices the plain mixer's convs are (layout in
+    the module docstring); ``sub_parameters`` gives the slices. It has no forward of its
+    own: a sub-network runs the plain ``InceptionMixer`` code on them (``SuperNet``).
     """
 
     def __init__(self,
@@ -170,19 +251,16 @@ class ElasticInceptionMixer(nn.Module):
         cat = 4 * H + L
         self.fuse_dw = nn.Conv2d(cat, cat, 3, padding=1, groups=cat, bias=False)
         self.proj = nn.Conv2d(cat, channels, 1)
-        self.active = (d_max, self.strides[0])
-        self._templates: dict[tuple[int, int], InceptionMixer] = {}
 
-    def set_active(self, high: int, stride: int) -> None:
-        if high not in self.highs or stride not in self.strides:
-            raise ConfigError(f"split d_h={high}, stride {stride} is not one of d_h {self.highs}, "
-                              f"strides {self.strides} of this {self.d}-channel block")
-        self.active = (high, stride)
-
-    def sub_parameters(self, high: int) -> dict[str, torch.Tensor]:
-        """The slices a plain ``InceptionMixer(d, high, ...)`` is made of, by its parameter names."""
+    def sub_parameters(self, high: int, channels: Optional[int] = None) -> dict[str, torch.Tensor]:
+        """The slices a plain ``InceptionMixer(channels, high, ...)`` is made of, by its parameter
+        names (``channels``: the sub-network's width d', default the full d)."""
+        d = self.d if channels is None else channels
+        if high not in self.highs or not high <= d <= self.d:
+            raise ConfigError(f"split d_h={high} at width {d} is not one of d_h {self.highs} (width <= {self.d}) "
+                              f"of this block")
         h, H, L = high // 2, self.H, self.L
-        d_l = self.d - high
+        d_l = d - high
         out: dict[str, torch.Tensor] = {}
         if h > 0:
             out["high.conv_fc.weight"] = self.conv_fc.weight[:2 * h, :h]
@@ -191,35 +269,25 @@ class ElasticInceptionMixer(nn.Module):
             out["high.pool_fc.bias"] = self.pool_fc.bias[:2 * h]
         off = high - (self.d - L)
         rows = [slice(k * L, k * L + d_l) for k in range(3)]
-        out["low.qkv.weight"] = torch.cat([self.qkv.weight[r, off:] for r in rows])
+        out["low.qkv.weight"] = torch.cat([self.qkv.weight[r, off:off + d_l] for r in rows])
         out["low.qkv.bias"] = torch.cat([self.qkv.bias[r] for r in rows])
         slots = [slice(0, 2 * h), slice(2 * H, 2 * H + 2 * h), slice(4 * H, 4 * H + d_l)]
         out["fuse_dw.weight"] = torch.cat([self.fuse_dw.weight[s] for s in slots])
-        out["proj.weight"] = torch.cat([self.proj.weight[:, s] for s in slots], dim=1)
-        out["proj.bias"] = self.proj.bias
+        out["proj.weight"] = torch.cat([self.proj.weight[:d, s] for s in slots], dim=1)
+        out["proj.bias"] = self.proj.bias[:d]
         return out
-
-    def template(self, high: int, stride: int) -> InceptionMixer:
-        """A parameter-less plain mixer of this split (meta device): the code every split runs."""
-        key = (high, stride)
-        if key not in self._templates:
-            with torch.device("meta"):
-                self._templates[key] = InceptionMixer(self.d, high, self.head_channels, stride)
-        return self._templates[key]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        high, stride = self.active
-        return functional_call(self.template(high, stride), self.sub_parameters(high), (x,))
 
 
 class SuperNet(IUNet):
-    """The iU-Net of a ``SupernetSpec`` with elastic mixers; ``activate(arch)`` picks a sub-network."""
+    """The iU-Net of a ``SupernetSpec``, full width, with elastic mixers; ``activate(arch)`` picks
+    the sub-network that ``forward`` runs."""
 
     def __init__(self, spec: SupernetSpec):
         spec.validate()
         self.spec = spec
         super().__init__(spec.largest(), spec.data)
         self.active: Optional[ArchConfig] = None
+        self._templates: dict[ArchConfig, IUNet] = {}
         self.activate(spec.largest())
 
     def iformer_block(self, stage: int, width: int, high: int, emb: int, arch: ArchConfig,
@@ -228,7 +296,7 @@ class SuperNet(IUNet):
                                       list(self.spec.pool_strides[stage]))
         mixer.stage = stage
         return IFormerBlock(width, high, emb, arch.head_channels, dropout=arch.dropout,
-                            layer_scale=layer_scale, mixer=mixer)
+                            layer_scale=layer_scale, mixer=mixer, group_channels=arch.group_channels)
 
     def mixers(self) -> list[ElasticInceptionMixer]:
         return [m for m in self.modules() if isinstance(m, ElasticInceptionMixer)]
@@ -236,30 +304,49 @@ class SuperNet(IUNet):
     def activate(self, arch: ArchConfig) -> "SuperNet":
         """Run ``arch`` from now on (one-line ConfigError if it is not a sub-network)."""
         self.spec.check(arch)
-        highs = arch.high_channels()
-        for m in self.mixers():
-            m.set_active(highs[m.stage], arch.pool_strides[m.stage])
         self.active = arch
         return self
 
-    def sub_state_dict(self, arch: ArchConfig) -> dict[str, torch.Tensor]:
-        """``IUNet(arch)``'s state dict, as slices of these weights (not copies)."""
+    def template(self, arch: ArchConfig) -> IUNet:
+        """A parameter-less plain ``IUNet(arch)`` (meta device): the code every sub-network runs."""
+        if arch not in self._templates:
+            with torch.device("meta"):
+                self._templates[arch] = IUNet(arch, self.spec.data)
+        return self._templates[arch]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.run(self.active, x, t)
+
+    def run(self, arch: ArchConfig, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``IUNet(arch)(x, t)`` on these weights' slices, whatever is active."""
+        return functional_call(self.template(arch), self.sub_state_dict(arch), (x, t))
+
+    def sub_network(self, arch: ArchConfig) -> "SubNetwork":
+        """A module that runs ``arch`` on these weights (no copy): a schedule's expert."""
         self.spec.check(arch)
-        highs = arch.high_channels()
+        return SubNetwork(self, arch)
+
+    def sub_state_dict(self, arch: ArchConfig) -> dict[str, torch.Tensor]:
+        """``IUNet(arch)``'s state dict, as slices of these weights (views where one slice
+        suffices, a concatenation where the layout takes several)."""
+        self.spec.check(arch)
+        sub = self.template(arch)
+        highs, widths = arch.high_channels(), arch.stage_channels()
         out: dict[str, torch.Tensor] = {}
         elastic = {name: m for name, m in self.named_modules() if isinstance(m, ElasticInceptionMixer)}
         for name, m in elastic.items():
-            for k, v in m.sub_parameters(highs[m.stage]).items():
+            for k, v in m.sub_parameters(highs[m.stage], widths[m.stage]).items():
                 out[f"{name}.{k}"] = v
-        for name, p in list(self.named_parameters()) + list(self.named_buffers()):
-            if not any(name.startswith(e + ".") for e in elastic):
-                out[name] = p
+        full = dict(self.named_parameters())
+        full.update(self.named_buffers())
+        for name, target in list(sub.named_parameters()) + list(sub.named_buffers()):
+            if name not in out:
+                out[name] = _width_slice(name, full[name], tuple(target.shape), self, sub)
         return out
 
     def sub_param_count(self, arch: ArchConfig) -> int:
         """``IUNet(arch)``'s parameter count, from its slices: no network is built."""
-        buffers = {name for name, _ in self.named_buffers()}
-        return sum(v.numel() for k, v in self.sub_state_dict(arch).items() if k not in buffers)
+        return sum(p.numel() for p in self.template(arch).parameters())
 
     def extract(self, arch: ArchConfig) -> IUNet:
         """A plain ``IUNet(arch)`` holding copies of its slices: same outputs, its own parameters."""
@@ -268,6 +355,48 @@ class SuperNet(IUNet):
             net = IUNet(arch, self.spec.data)
         net.load_state_dict({k: v.detach().clone() for k, v in self.sub_state_dict(arch).items()}, strict=True)
         return net
+
+
+class SubNetwork(nn.Module):
+    """One sub-network of a ``SuperNet`` as a denoiser of its own, holding no weights of its
+    own: several of them (a schedule's experts) run on one resident supernet."""
+
+    def __init__(self, supernet: SuperNet, arch: ArchConfig):
+        super().__init__()
+        self.supernet, self.arch = supernet, arch
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.supernet.run(self.arch, x, t)
+
+
+# A decoder ResBlock's parameters that read its input, the concatenation [from below | skip],
+# by the dimension that indexes the input channels.
+_CONCAT_INPUTS = {"res.in_layers.0.weight": 0, "res.in_layers.0.bias": 0, "res.in_layers.2.weight": 1,
+                  "res.skip.weight": 1}
+
+
+def _segments(full: tuple[int, ...], sub: tuple[int, ...]) -> torch.Tensor:
+    """Indices of the first ``sub[i]`` entries of each of the segments ``full`` lays end to end."""
+    starts = [sum(full[:i]) for i in range(len(full))]
+    return torch.cat([torch.arange(a, a + n) for a, n in zip(starts, sub)])
+
+
+def _width_slice(name: str, weight: torch.Tensor, shape: tuple[int, ...], full_net: IUNet,
+                 sub_net: IUNet) -> torch.Tensor:
+    """A non-mixer weight of the full-width network cut to a narrower network's ``shape``:
+    leading entries of every dimension, except the per-segment inputs of a decoder
+    ResBlock and the [q | k | v] outputs of an attention block (module docstring)."""
+    if tuple(weight.shape) == shape:
+        return weight
+    parts = name.split(".")
+    if parts[:2] == ["decoder", "dec"] and ".".join(parts[3:]) in _CONCAT_INPUTS:
+        dim, block = _CONCAT_INPUTS[".".join(parts[3:])], parts[2]
+        idx = _segments(full_net.decoder.concat_channels[block], sub_net.decoder.concat_channels[block])
+        weight = weight.index_select(dim, idx.to(weight.device))
+    elif parts[-2] == "qkv" and parts[-3] == "attn":
+        idx = _segments((weight.shape[0] // 3,) * 3, (shape[0] // 3,) * 3)
+        weight = weight.index_select(0, idx.to(weight.device))
+    return weight[tuple(slice(0, n) for n in shape)]
 
 
 # ---- trained supernet directories (written by nas.evaluators.supernet_training train) ----------------------

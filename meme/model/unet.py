@@ -57,9 +57,10 @@ class OutputHead(nn.Module):
     def __init__(self,
         in_channels: int,           # decoder width at full resolution
         out_channels: int,          # data channels
+        group_channels: int = 0,    # channels per GroupNorm group; 0: LDM's 32 groups
     ):
         super().__init__()
-        self.norm = GroupNorm32(in_channels)
+        self.norm = GroupNorm32(in_channels, group_channels=group_channels)
         self.act = nn.SiLU()
         self.conv = zero_module(nn.Conv2d(in_channels, out_channels, 3, padding=1))
 
@@ -85,27 +86,32 @@ class UNetDecoder(nn.Module):
         super().__init__()
         widths = arch.stage_channels()
         levels = len(widths)
-        hc, drop = arch.head_channels, arch.dropout
+        hc, drop, gc = arch.head_channels, arch.dropout, arch.group_channels
         skips = list(skip_channels)
+        # per decoder block: (channels from below, channels of its skip), the two segments of
+        # its input concatenation (a width-sliced supernet slices each one on its own)
+        self.concat_channels: dict[str, tuple[int, int]] = {}
         ch = skips[-1]
         ds = 2 ** (levels - 1)
         res = data.resolution // ds
         self.mid = nn.ModuleDict()
-        self.mid[f"{res}x{res}_mid0"] = ResAttnBlock(ch, ch, emb_channels, mid_attention, hc, drop)
-        self.mid[f"{res}x{res}_mid1"] = ResAttnBlock(ch, ch, emb_channels, False, hc, drop)
+        self.mid[f"{res}x{res}_mid0"] = ResAttnBlock(ch, ch, emb_channels, mid_attention, hc, drop, gc)
+        self.mid[f"{res}x{res}_mid1"] = ResAttnBlock(ch, ch, emb_channels, False, hc, drop, gc)
         self.dec = nn.ModuleDict()
         for level in reversed(range(levels)):
             out = widths[level]
             for i in range(arch.num_res_blocks + 1):
+                skip = skips.pop()
+                self.concat_channels[f"{res}x{res}_block{i}"] = (ch, skip)
                 self.dec[f"{res}x{res}_block{i}"] = ResAttnBlock(
-                    ch + skips.pop(), out, emb_channels, ds in attention_ds, hc, drop)
+                    ch + skip, out, emb_channels, ds in attention_ds, hc, drop, gc)
                 ch = out
             if level > 0:
                 self.dec[f"{res}x{res}_up"] = Upsample(ch)
                 ds //= 2
                 res *= 2
         assert not skips, "encoder pushed more skips than the decoder consumes"
-        self.out = OutputHead(ch, data.channels)
+        self.out = OutputHead(ch, data.channels, gc)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
         for block in self.mid.values():
@@ -126,8 +132,8 @@ class UNet(nn.Module):
     ):
         super().__init__()
         mc = arch.base_channels
-        emb = 4 * mc
-        self.time_embed = TimeEmbedding(mc, emb)
+        emb = arch.emb_channels()
+        self.time_embed = TimeEmbedding(arch.time_channels or mc, emb)
         self.enc = nn.ModuleDict()
         res, ds = data.resolution, 1
         self.enc[f"{res}x{res}_conv"] = InputConv(data.channels, mc)
@@ -140,7 +146,7 @@ class UNet(nn.Module):
                 skips.append(ch)
             for i in range(arch.num_res_blocks):
                 self.enc[f"{res}x{res}_block{i}"] = ResAttnBlock(
-                    ch, width, emb, ds in arch.attention_ds, arch.head_channels, arch.dropout)
+                    ch, width, emb, ds in arch.attention_ds, arch.head_channels, arch.dropout, arch.group_channels)
                 ch = width
                 skips.append(ch)
         self.decoder = UNetDecoder(arch, data, skips, emb, tuple(arch.attention_ds), mid_attention=True)

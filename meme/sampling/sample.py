@@ -1,4 +1,5 @@
-"""Sampling a trained MEME: ``meme-nas sample --run DIR``.
+"""Sampling a trained MEME: ``meme-nas sample --run DIR``, or a schedule of one slimmable
+supernet's sub-networks, nothing retrained: ``meme-nas sample --schedule FILE [--supernet DIR]``.
 
 Two schedules give the same images for the same seed:
 
@@ -9,7 +10,13 @@ Two schedules give the same images for the same seed:
   disk (``--offload-dir``) when n is very large.
 
 They agree because every random draw is keyed by (seed, batch, step) instead of
-being taken from one running generator, so the order of work does not matter.
+being taken from one running generator, so the order of work does not matter. The same
+keying makes two schedules of one supernet, sampled with one seed, a paired comparison:
+same weights, same initial noise, same noise at every step.
+
+A schedule's experts are copies of its sub-networks' slices by default (plain networks,
+the fastest per step); ``--views`` runs them on the one resident supernet instead (its
+weights once, nothing copied; the same numbers up to float rounding).
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ from meme.model.config import MemeConfig, check_config
 from meme.model.diffusion import Diffusion
 from meme.model.experts import MultiExpertDenoiser, build_denoiser
 from meme.model.resources import check_fits
+from meme.model.schedule import load_schedule, schedule_denoiser
 from meme.model.shared_parts import move_private, shared_modules
 
 log = logging.getLogger("meme.sampling.sample")
@@ -231,7 +239,13 @@ def run_decoder(run: Path, cfg: MemeConfig, device: torch.device) -> Optional[De
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = CommandParser(prog="meme-nas sample", description=__doc__.splitlines()[0])
-    p.add_argument("--run", required=True, type=Path, help="training run directory (from meme.training.train)")
+    p.add_argument("--run", type=Path, default=None, help="training run directory (from meme.training.train)")
+    p.add_argument("--schedule", type=Path, default=None,
+                   help="instead of --run: a schedule YAML of one slimmable supernet's sub-networks")
+    p.add_argument("--supernet", type=Path, default=None,
+                   help="with --schedule: the trained supernet directory (default: the one the schedule names)")
+    p.add_argument("--views", action="store_true",
+                   help="with --schedule: run every expert on the one resident supernet instead of copies")
     p.add_argument("--n", type=int, default=64, help="number of images")
     p.add_argument("--steps", type=int, default=50, help="denoising steps of the sampler per image")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
@@ -248,7 +262,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch.compile each expert first (pays for large --n; not with --low-memory)")
     p.add_argument("--no-decode", action="store_true",
                    help="latent runs: write raw latent channels instead of decoded images (not for FID)")
-    p.add_argument("--out", type=Path, default=None, help="output folder for samples.npz and PNGs (default: RUN/samples)")
+    p.add_argument("--out", type=Path, default=None, help="output folder for samples.npz and PNGs "
+                                                           "(default: RUN/samples, or SCHEDULE's folder/<name>-samples)")
     add_fast_path_flag(p)
     return p.parse_args(argv)
 
@@ -259,9 +274,27 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.n < 1 or args.steps < 1 or args.batch_size < 1:
         raise UserError("--n, --steps and --batch-size must be >= 1")
-    cfg, denoiser, step = load_run(args.run, use_ema=not args.no_ema)
+    if (args.run is None) == (args.schedule is None):
+        raise UserError("give one of --run DIR (a training run) or --schedule FILE (a supernet schedule)")
+    if args.run is None and args.no_ema:
+        raise UserError("--no-ema: a supernet keeps one set of weights; it has no EMA to turn off")
+    if args.run is not None and (args.supernet or args.views):
+        raise UserError("--supernet and --views go with --schedule, not --run")
+    if args.views and args.low_memory:
+        raise UserError("--views keeps the whole supernet resident; --low-memory moves one copied expert at a time")
     device = pick_device(args.device)
-    decoder = None if args.no_decode else run_decoder(args.run, cfg, device)  # refuse before any work
+    if args.schedule is not None:
+        schedule, trained, cfg = load_schedule(args.schedule, args.supernet)
+        denoiser, step = schedule_denoiser(schedule, trained, "cpu", extract=not args.views), trained.entry["steps"]
+        source = f"schedule {schedule.name} (widths {', '.join(schedule.widths())}) of {trained.path}"
+        decoder = None
+        default_out = args.schedule.parent / f"{args.schedule.stem}-samples"
+    else:
+        cfg, denoiser, step = load_run(args.run, use_ema=not args.no_ema)
+        decoder = None if args.no_decode else run_decoder(args.run, cfg, device)  # refuse before any work
+        source, default_out = str(args.run), args.run / "samples"
+    if cfg.data.latent and args.schedule is not None and not args.no_decode:
+        raise UserError("a latent supernet's schedule: pass --no-decode (decoding needs a training run's latent file)")
     diffusion = Diffusion(cfg.diffusion)
     if args.sampler not in SAMPLERS:
         raise UserError(f"--sampler must be one of {list(SAMPLERS)}")
@@ -269,7 +302,7 @@ def main(argv=None) -> int:
                         clip_x0=not cfg.data.latent)
     shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
     path = fast_path(device, args.precision, denoiser).describe()
-    log.info("sampling %d images from %s (step %d) on %s (%s), %s %d steps%s%s", args.n, args.run, step, device,
+    log.info("sampling %d images from %s (step %d) on %s (%s), %s %d steps%s%s", args.n, source, step, device,
              path, args.sampler, args.steps,
              ", low-memory" if args.low_memory else "", ", compiled" if args.compile else "")
     if device.type == "cuda":
@@ -278,11 +311,11 @@ def main(argv=None) -> int:
     samples = generate(denoiser, diffusion, shape, plan, device, args.low_memory, args.offload_dir, progress=True,
                        precision=args.precision, compile=args.compile)
     wall = time.perf_counter() - t0
-    out = args.out or args.run / "samples"
+    out = args.out or default_out
     info = write_samples(samples, out, decoder)
     info.update(step=step, wall_s=round(wall, 3), img_per_s=round(args.n / wall, 3), device=str(device),
                 low_memory=args.low_memory, precision=path,
-                compiled=args.compile, plan=plan.__dict__,
+                compiled=args.compile, plan=plan.__dict__, source=source,
                 peak_device_mem_mb=(torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None))
     (out / "sampling.json").write_text(json.dumps(info, indent=2))
     print(json.dumps(info, indent=2))

@@ -29,7 +29,7 @@ from meme.common.fastpath import FastPath, compile_for_inference, cpu_has_fast_b
 from meme.model.blocks import IFormerBlock, reference_mixers
 from meme.model.config import MemeConfig
 from meme.model.macs import cost_of_meme
-from meme.model.networks import build_network, wake_zero_init
+from meme.model.experts import build_network, wake_zero_init
 from meme.model.references import resolve
 from meme.speed.bench_report import Row
 from meme.speed.model_bench import REFERENCE, BenchOptions, at_resolution, gmacs_mean, shape_label

@@ -41,9 +41,9 @@ from meme.common.command import CommandParser, add_fast_path_flag, main_guard
 from meme.common.device import pick_device
 from meme.common.errors import UserError
 from meme.common.fastpath import PRECISIONS, compile_for_inference, fast_path_for_width
-from meme.model.config import ArchConfig, DataShape, MemeConfig
+from meme.model.config import ArchConfig, DataShape, MemeConfig, arch_dict
 from meme.model.macs import cost_of_meme, disk_get, disk_put, env_cache_dir, source_fingerprint
-from meme.model.networks import build_network, wake_zero_init
+from meme.model.experts import build_network, wake_zero_init
 from meme.model.references import reference_names, resolve
 from meme.speed.timing import device_name, time_runs
 
@@ -156,7 +156,7 @@ def precision_of(arch: ArchConfig, setting: Setting) -> str:
 def latency_key(arch: ArchConfig, data: DataShape, setting: Setting) -> str:
     """Disk-cache key: arch, shape, device name, batch, precision, compile, torch, network code."""
     payload = json.dumps({
-        "arch": dataclasses.asdict(arch), "data": dataclasses.asdict(data),
+        "arch": arch_dict(arch), "data": dataclasses.asdict(data),
         "device": setting.label(), "batch": setting.batch,
         "precision": precision_of(arch, setting), "compile": setting.compile, "clock": setting.resolved_clock(),
         "torch": torch.__version__, "src": source_fingerprint(), "version": LATENCY_VERSION,
@@ -276,7 +276,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.json:
             print(json.dumps({"name": cfg.name, "device": next(iter(lat.values())).device, "batches": {
                 str(b): {"ms_mean": m.ms_mean, "ms_max": m.ms_max, "precision": m.precision,
-                         "experts": [dataclasses.asdict(e) for e in m.experts]} for b, m in lat.items()},
+                         "experts": [arch_dict(e) for e in m.experts]} for b, m in lat.items()},
                 "gflops_per_expert": gflops}))
         else:
             print("\n".join(format_table(cfg.name, lat, gflops, next(iter(settings.values())))))

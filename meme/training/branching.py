@@ -51,7 +51,7 @@ from torch import nn
 from meme.common import checkpoint
 from meme.common.errors import UserError, one_line
 from meme.model.config import ArchConfig, MemeConfig
-from meme.model.networks import build_network
+from meme.model.experts import build_network
 from meme.model.supernet import INDEX, SuperNet, SupernetSpec, supernet_for
 
 SPLIT_OPTIMIZERS = ("carry", "fresh")

@@ -30,7 +30,7 @@ from meme.common.errors import UserError
 from meme.common.images import save_grid, to_uint8
 from meme.data.dataset import load_data
 from meme.model.config import DataShape
-from meme.model.networks import count_params
+from meme.model.experts import count_params
 from meme.sampling.evaluate import fid_from_features, inception_features
 
 log = logging.getLogger(__name__)

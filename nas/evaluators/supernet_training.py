@@ -16,6 +16,17 @@ the interactions in between. Timesteps are uniform over all of [0, T): the super
 has to score every sub-network on every interval. Pool strides are drawn per
 sub-network from the space's macro list.
 
+**Slimmable** (``--widths 1/4,1/2,3/4,1``): the supernet also runs every width of the list
+(``meme.model.supernet``, DDSM's slimmable network with per-segment slicing and groups
+of a fixed size). The sandwich is then the full width with the most conv channels, the
+narrowest width with its most attention, and random sub-networks of a uniformly drawn
+width (at full width drawn as above, narrower uniformly among that width's legal splits).
+``--distill`` adds in-place distillation (BigNAS, US-Nets): all sub-networks of a step see
+one batch; the full-width one learns the true noise, every other one the full-width
+prediction (detached). Training FLOPs count every sub-network's forward and backward.
+``--ema-decay`` keeps an EMA of the weights (as ``meme-nas train`` does) and writes it as
+``supernet.pt``: what a schedule samples should be averaged like a stand-alone network is.
+
 Outputs, in ``--out`` (default ``results/supernet-<space>``): ``supernet.json`` (the
 index: space, proxy, per macro its spec, digest, steps, training GFLOPs, wall time),
 and per macro ``b<base>-r<blocks>/``: ``checkpoint.pt`` (atomic; weights, optimizer
@@ -27,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import hashlib
 import json
 import math
@@ -43,13 +55,13 @@ from meme.common.checkpoint import applying, atomic_save, atomic_write_json
 from meme.common.checkpoint import load as load_file
 from meme.common.command import CommandParser, add_fast_path_flag, main_guard
 from meme.common.device import pick_device
-from meme.common.errors import UserError
+from meme.common.errors import ConfigError, UserError
 from meme.common.fastpath import fast_path
-from meme.model.config import ArchConfig, MemeConfig
+from meme.model.config import ArchConfig, MemeConfig, parse_fraction
 from meme.model.diffusion import Diffusion
 from meme.model.macs import cost_of_network
 from meme.model.supernet import INDEX, SuperNet, SupernetSpec
-from meme.training.train import NonFiniteLoss, warmup_lr
+from meme.training.train import EMA, NonFiniteLoss, warmup_lr
 from nas.space.draw import pick, ratio_choices
 from nas.space.proxy import proxy_arch
 from nas.space.proxy_data import proxy_dataset
@@ -66,14 +78,68 @@ def macro_of(cfg_or_arch: MemeConfig | ArchConfig) -> tuple[int, int]:
     return a.base_channels, a.num_res_blocks
 
 
-def spec_for(space: SearchSpace, base: int, blocks: int) -> SupernetSpec:
-    """The supernet of one macro shape, at the proxy's scale (head-step grids are identical there)."""
+def spec_for(space: SearchSpace, base: int, blocks: int, widths: tuple[str, ...] = ("1",),
+             group_channels: int = 0) -> SupernetSpec:
+    """The supernet of one macro shape, at the proxy's scale (head-step grids are identical there);
+    with several ``widths``, slimmable, its GroupNorm groups ``group_channels`` wide (0: auto)."""
     pools = sorted({tuple(p) for p in space.macro.pool_strides})
     strides = tuple(tuple(sorted({p[s] for p in pools})) for s in range(space.num_stages))
     grids = tuple(tuple(str(g) for g in space.stage_grid(base, s)) for s in range(space.num_stages))
     target = space.arch(base, blocks, pools[0], tuple(g[0] for g in grids))
     template = proxy_arch(target, space.proxy, where=f"{space.source}: supernet (base {base})")
-    return SupernetSpec(template, space.proxy.shape(), grids, strides).validate()
+    if len(widths) > 1:
+        template = dataclasses.replace(template, group_channels=group_channels or auto_group_channels(
+            template.base_channels, widths))
+    try:
+        return SupernetSpec(template, space.proxy.shape(), grids, strides, tuple(widths)).validate()
+    except ConfigError as exc:
+        raise UserError(f"{space.source} (base {base}, proxy base {template.base_channels}): {exc}") from None
+
+
+def auto_group_channels(base: int, widths: tuple[str, ...]) -> int:
+    """Channels per GroupNorm group of a slimmable supernet: the largest that divides every
+    width's base channels, at most 8 (a group at the narrowest width is then still several
+    channels wherever the widths allow it)."""
+    subs = [parse_fraction(w, "width") * base for w in widths]
+    g = math.gcd(*[int(b) for b in subs if b.denominator == 1]) if all(b.denominator == 1 for b in subs) else 1
+    return max(1, min(g, 8))
+
+
+def parse_widths(text: Optional[str]) -> tuple[str, ...]:
+    """'1/4,1/2,1' -> ('1/4', '1/2', '1'), sorted, 1 added when missing; one-line error otherwise."""
+    if not text:
+        return ("1",)
+    try:
+        fracs = sorted({parse_fraction(w, "--widths") for w in text.split(",") if w.strip()} | {parse_fraction(1, "")})
+    except ConfigError as exc:
+        raise UserError(f"--widths: {exc}") from None
+    if fracs[0] <= 0 or fracs[-1] > 1:
+        raise UserError(f"--widths must lie in (0, 1], got {text}")
+    return tuple(str(f) for f in fracs)
+
+
+def sandwich(space: SearchSpace, spec: SupernetSpec, base: int, gen: torch.Generator,
+             random_subnets: int) -> list[ArchConfig]:
+    """One step's sub-networks: the largest, the smallest, then ``random_subnets`` random ones."""
+    n = space.num_stages
+    top = spec.arch(*sample_chain(space, base, gen, 1.0))
+    if len(spec.widths) == 1:
+        bottom = spec.arch(*sample_chain(space, base, gen, 0.0))
+    else:
+        bottom = spec.narrowest()
+    out = [top, bottom]
+    for _ in range(random_subnets):
+        w = spec.widths[int(torch.randint(len(spec.widths), (), generator=gen))] if len(spec.widths) > 1 else "1"
+        if w == "1":
+            out.append(spec.arch(*sample_chain(space, base, gen)))
+            continue
+        ratios = []
+        for s in range(n):
+            legal = spec.legal_ratios(s, w)
+            ratios.append(legal[int(torch.randint(len(legal), (), generator=gen))])
+        pools = space.macro.pool_strides[int(torch.randint(len(space.macro.pool_strides), (), generator=gen))]
+        out.append(spec.arch(ratios, pools, w))
+    return out
 
 
 def sample_chain(space: SearchSpace, base: int, gen: torch.Generator, position: Optional[float] = None) -> tuple:
@@ -103,6 +169,10 @@ class TrainPlan:
     grad_clip: float = 1.0
     seed: int = 0
     checkpoint_every: int = 50
+    widths: tuple[str, ...] = ("1",)   # slimmable: the widths a sub-network may run
+    group_channels: int = 0            # slimmable: channels per GroupNorm group (0: auto)
+    distill: bool = False              # slimmable: narrower sub-networks learn the full width's prediction
+    ema_decay: float = 0.0             # > 0: supernet.pt holds the EMA of the weights
     device: Optional[str] = None
     progress: bool = True
     position: int = 0          # progress bar row
@@ -116,7 +186,7 @@ def train_supernet(plan: TrainPlan) -> dict[str, Any]:
     """Train (or resume) one macro's supernet; returns its index entry."""
     torch.set_num_threads(1)
     space = load_space(plan.space)
-    spec = spec_for(space, plan.base, plan.blocks)
+    spec = spec_for(space, plan.base, plan.blocks, plan.widths, plan.group_channels)
     out = Path(plan.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
@@ -130,6 +200,7 @@ def train_supernet(plan: TrainPlan) -> dict[str, Any]:
     fp = fast_path(dev, proxy.precision, net)
     fp.prepare(net, dev)
     opt = torch.optim.AdamW(net.parameters(), lr=plan.lr, weight_decay=0.0)
+    ema = EMA(net, plan.ema_decay) if plan.ema_decay > 0 else None
     gen = torch.Generator().manual_seed(plan.seed + 1)
     step, train_gflops, wall = 0, 0.0, 0.0
     ckpt = out / "checkpoint.pt"
@@ -141,10 +212,15 @@ def train_supernet(plan: TrainPlan) -> dict[str, Any]:
                                 f"this space gives {spec.digest()}); use another --out")
             net.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
+            if ema is not None:
+                if "ema" not in state:
+                    raise UserError(f"{ckpt}: trained without --ema-decay; resume without it or use another --out")
+                ema.module.load_state_dict(state["ema"])
+                ema.n_averaged.fill_(int(state["ema_n"]))
             gen.set_state(state["generator"])
             step, train_gflops, wall = int(state["step"]), float(state["train_gflops"]), float(state["wall_s"])
     if step >= plan.steps:
-        return _finish(net, spec, plan, out, step, train_gflops, wall)
+        return _finish(ema.module if ema else net, spec, plan, out, step, train_gflops, wall)
 
     def fwd_gflops(arch: ArchConfig) -> float:   # iU-Nets are counted by parts: a new chain costs its new blocks
         return cost_of_network(arch, spec.data).gflops
@@ -164,34 +240,42 @@ def train_supernet(plan: TrainPlan) -> dict[str, Any]:
     with open(metrics, "a", newline="") as fh:
         w = csv.writer(fh)
         if new_file:
+            # loss_most_attention: the narrowest width's when slimmable (against the full width's prediction
+            # under --distill)
             w.writerow(["step", "loss_mean", "loss_most_conv", "loss_most_attention", "lr", "train_gflops", "wall_s"])
         net.train()
         while step < plan.steps:
-            chains = [sample_chain(space, plan.base, gen, 1.0), sample_chain(space, plan.base, gen, 0.0)]
-            chains += [sample_chain(space, plan.base, gen) for _ in range(plan.random_subnets)]
+            archs = sandwich(space, spec, plan.base, gen, plan.random_subnets)
             lr = warmup_lr(plan.lr, step, plan.warmup)
             for g in opt.param_groups:
                 g["lr"] = lr
             opt.zero_grad(set_to_none=True)
             losses = []
-            for ratios, pools in chains:
-                arch = spec.arch(ratios, pools)
-                net.activate(arch)
-                idx = torch.randint(len(train), (plan.batch_size,), generator=gen)
-                x0 = fp.input(train[idx], dev)
-                t = _uniform_t(diffusion.T, plan.batch_size, gen).to(dev)
-                noise = fp.input(torch.randn(x0.shape, generator=gen), dev)
+            teacher = None
+            for arch in archs:
+                if teacher is None or not plan.distill:   # distill: one batch for all, the first draws it
+                    idx = torch.randint(len(train), (plan.batch_size,), generator=gen)
+                    x0 = fp.input(train[idx], dev)
+                    t = _uniform_t(diffusion.T, plan.batch_size, gen).to(dev)
+                    noise = fp.input(torch.randn(x0.shape, generator=gen), dev)
+                    x_t = diffusion.q_sample(x0, t, noise)
                 with fp.autocast():
-                    loss = diffusion.training_loss(net, x0, t, noise)
+                    eps = net.run(arch, x_t, t).float()
+                target = teacher if teacher is not None else noise.float()
+                loss = torch.nn.functional.mse_loss(eps, target)
+                if plan.distill and teacher is None:
+                    teacher = eps.detach()
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise NonFiniteLoss(value)
-                (loss / len(chains)).backward()
+                (loss / len(archs)).backward()
                 losses.append(value)
                 train_gflops += 3.0 * plan.batch_size * fwd_gflops(arch)
             if plan.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), plan.grad_clip)
             opt.step()
+            if ema is not None:
+                ema.update_parameters(net)
             step += 1
             if bar is not None:
                 bar.update(1)
@@ -202,10 +286,11 @@ def train_supernet(plan: TrainPlan) -> dict[str, Any]:
                 fh.flush()
                 atomic_save({"model": net.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
                              "step": step, "train_gflops": train_gflops, "wall_s": time.perf_counter() - t0,
-                             "spec_digest": spec.digest()}, ckpt)
+                             "spec_digest": spec.digest(),
+                             **({"ema": ema.module.state_dict(), "ema_n": int(ema.n_averaged)} if ema else {})}, ckpt)
     if bar is not None:
         bar.close()
-    return _finish(net, spec, plan, out, step, train_gflops, time.perf_counter() - t0)
+    return _finish(ema.module if ema else net, spec, plan, out, step, train_gflops, time.perf_counter() - t0)
 
 
 def _finish(net: SuperNet, spec: SupernetSpec, plan: TrainPlan, out: Path, step: int, train_gflops: float,
@@ -216,7 +301,14 @@ def _finish(net: SuperNet, spec: SupernetSpec, plan: TrainPlan, out: Path, step:
             "spec_digest": spec.digest(), "steps": step, "random_subnets": plan.random_subnets,
             "subnets_per_step": 2 + plan.random_subnets, "lr": plan.lr, "batch_size": plan.batch_size,
             "seed": plan.seed, "train_gflops": round(train_gflops, 1), "wall_s": round(wall, 1),
+            "widths": list(spec.widths), "distill": plan.distill, "ema_decay": plan.ema_decay, "diffusion": dataclasses.asdict(diffusion_of(plan)),
             "weights_sha1": _sha1(weights)}
+
+
+def diffusion_of(plan: TrainPlan):
+    """The noise schedule the supernet was trained on (a schedule samples with it)."""
+    space = load_space(plan.space)
+    return space.proxy.diffusion or space.diffusion
 
 
 def _sha1(path: Path) -> str:
@@ -250,14 +342,16 @@ def macros_to_train(space: SearchSpace, wanted: Optional[str]) -> list[tuple[int
 
 def train_all(space_spec: str, out: Path, steps: int, *, macros: Optional[str] = None, jobs: int = 1,
               random_subnets: int = 2, seed: int = 0, device: Optional[str] = None,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, widths: tuple[str, ...] = ("1",), group_channels: int = 0,
+              distill: bool = False, ema_decay: float = 0.0) -> dict[str, Any]:
     """Every macro's supernet (in ``jobs`` processes), then the index ``supernet.json``."""
     space = load_space(space_spec)
     shapes = macros_to_train(space, macros)
     p = space.proxy
     plans = [TrainPlan(space=space.source, base=b, blocks=r, out=str(out / macro_name(b, r)), steps=steps,
                        random_subnets=random_subnets, lr=p.lr, warmup=p.warmup, batch_size=p.batch_size,
-                       grad_clip=p.grad_clip, seed=seed, device=device, progress=progress, position=i)
+                       grad_clip=p.grad_clip, seed=seed, device=device, progress=progress, position=i,
+                       widths=tuple(widths), group_channels=group_channels, distill=distill, ema_decay=ema_decay)
              for i, (b, r) in enumerate(shapes)]
     t0 = time.perf_counter()
     if jobs <= 1:
@@ -268,7 +362,10 @@ def train_all(space_spec: str, out: Path, steps: int, *, macros: Optional[str] =
             entries = list(ex.map(train_supernet, plans))
     old = json.loads((out / INDEX).read_text()) if (out / INDEX).is_file() else {}
     entries = [e for k, e in old.get("macros", {}).items() if k not in {x["dir"] for x in entries}] + entries
-    index = {"space": space.name, "space_source": space.source, "proxy": p.training_digest(), "rule": "sandwich: most conv + most attention + random chains",
+    rule = ("sandwich: most conv + most attention + random chains" if len(widths) == 1 else
+            "sandwich: full width most conv + narrowest + random widths and chains"
+            + (", in-place distillation from the full width" if distill else ""))
+    index = {"space": space.name, "space_source": space.source, "proxy": p.training_digest(), "rule": rule,
              "macros": {e["dir"]: e for e in entries},
              "train_gflops_total": round(sum(e["train_gflops"] for e in entries), 1),
              "wall_s_this_run": round(time.perf_counter() - t0, 1)}
@@ -289,6 +386,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--macros", default=None, help="only these macro shapes, BASE:BLOCKS,... (default: all)")
     t.add_argument("--jobs", type=int, default=None, help="supernets trained side by side (default: CPU cores, max 2)")
     t.add_argument("--seed", type=int, default=0, help="seed of initial weights, batches and sub-network draws")
+    t.add_argument("--widths", default=None,
+                   help="slimmable: channel widths a sub-network may run, e.g. 1/4,1/2,3/4,1 (default: full width only)")
+    t.add_argument("--group-channels", type=int, default=0,
+                   help="slimmable: channels per GroupNorm group (default 0: the largest dividing every width, max 8)")
+    t.add_argument("--ema-decay", type=float, default=0.0,
+                   help="keep an EMA of the weights with this decay and write it as supernet.pt (default 0: none)")
+    t.add_argument("--distill", action="store_true",
+                   help="slimmable: in-place distillation, narrower sub-networks learn the full width's prediction")
     t.add_argument("--device", default=None, help="torch device to train on (default: cuda when available)")
     t.add_argument("--out", type=Path, default=None, help="output folder for the supernets (default: results/supernet-<space>)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -307,8 +412,17 @@ def main(argv=None) -> int:
         raise UserError("--steps must be >= 1 and --random-subnets >= 0")
     out = args.out or Path("results") / f"supernet-{space.name}"
     jobs = args.jobs or min(2, os.cpu_count() or 1)
+    widths = parse_widths(args.widths)
+    if not 0.0 <= args.ema_decay < 1.0:
+        raise UserError(f"--ema-decay must lie in [0, 1), got {args.ema_decay}")
+    if args.group_channels < 0:
+        raise UserError("--group-channels must be >= 0")
+    if (args.distill or args.group_channels) and len(widths) == 1:
+        raise UserError("--distill and --group-channels need --widths with more than one width")
     index = train_all(space.source, out, steps, macros=args.macros, jobs=jobs,
-                      random_subnets=args.random_subnets, seed=args.seed, device=args.device, progress=not args.quiet)
+                      random_subnets=args.random_subnets, seed=args.seed, device=args.device, progress=not args.quiet,
+                      widths=widths, group_channels=args.group_channels, distill=args.distill,
+                      ema_decay=args.ema_decay)
     for name, e in index["macros"].items():
         print(f"{name}: {e['steps']} steps x {e['subnets_per_step']} sub-networks, "
               f"{e['train_gflops'] / 1e3:.1f} training TFLOPs, {e['wall_s']:.0f} s")

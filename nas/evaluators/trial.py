@@ -35,8 +35,7 @@ from meme.data.autoencoder import load_decoder
 from meme.data.latents import image_reference, is_latent_file, latent_info, require_latent_info
 from meme.model.config import MemeConfig
 from meme.model.diffusion import Diffusion
-from meme.model.experts import MultiExpertDenoiser, SoftExpertSampler, build_denoiser
-from meme.model.networks import count_params
+from meme.model.experts import MultiExpertDenoiser, SoftExpertSampler, build_denoiser, count_params
 from meme.model.resources import check_fits
 from meme.sampling.evaluate import evaluate_samples
 from meme.sampling.sample import SamplingPlan, generate

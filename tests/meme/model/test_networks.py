@@ -8,7 +8,7 @@ import torch
 
 from meme.model.blocks import AttentionBlock, IFormerBlock, ResBlock, timestep_embedding
 from meme.model.config import ArchConfig, ConfigError, DataShape, head_step_grid
-from meme.model.networks import build_network, count_params, wake_zero_init
+from meme.model.experts import build_network, count_params, wake_zero_init
 from meme.model.references import TABLE4_HIGH_RATIOS, resolve
 
 # Paper Table 3 (LDM-S / LDM-L, exact figures from latent-diffusion's code) and Table 4.

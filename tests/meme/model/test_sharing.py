@@ -11,9 +11,8 @@ import torch
 from meme.common.errors import UserError
 from meme.model.config import ArchConfig, ConfigError, DataShape, DiffusionConfig, MemeConfig, ShareConfig
 from meme.model.diffusion import Diffusion
-from meme.model.experts import build_denoiser
+from meme.model.experts import build_denoiser, count_params, wake_zero_init
 from meme.model.macs import cost_of_meme
-from meme.model.networks import count_params, wake_zero_init
 from meme.model.shared_parts import move_private, shared_modules, shared_paths
 from meme.sampling.sample import SamplingPlan, generate, load_run
 from meme.training.train import Trainer, TrainOptions, train

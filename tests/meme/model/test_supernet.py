@@ -9,7 +9,7 @@ import torch
 
 from meme.model.config import ArchConfig, ConfigError, DataShape, head_step_grid
 from meme.model.iunet import IUNet
-from meme.model.networks import count_params, wake_zero_init
+from meme.model.experts import count_params, wake_zero_init
 from meme.model.supernet import ElasticInceptionMixer, SuperNet, SupernetSpec, arch_key
 
 DATA = DataShape(channels=1, resolution=16, latent=False)

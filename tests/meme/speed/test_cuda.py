@@ -9,8 +9,7 @@ import torch
 from meme.common.fastpath import fast_path
 from meme.model.blocks import InceptionMixer
 from meme.model.config import ArchConfig, DataShape, DiffusionConfig, MemeConfig
-from meme.model.experts import SoftExpertSampler, build_denoiser
-from meme.model.networks import wake_zero_init
+from meme.model.experts import SoftExpertSampler, build_denoiser, wake_zero_init
 from meme.training.train import EMA, draw_batch, resident
 
 pytestmark = [pytest.mark.cuda,

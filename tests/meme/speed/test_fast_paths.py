@@ -20,8 +20,7 @@ from meme.common.fastpath import CPU_BF16_MIN_WIDTH, FastPath, compile_for_infer
 from meme.model.blocks import GELU, GroupNorm32, IFormerBlock, InceptionMixer, LowMixer, max_pool3x3, reference_mixers
 from meme.model.config import ArchConfig, DataShape, MemeConfig
 from meme.model.diffusion import Diffusion
-from meme.model.experts import build_denoiser
-from meme.model.networks import build_network, wake_zero_init
+from meme.model.experts import build_denoiser, build_network, wake_zero_init
 from meme.sampling.sample import SamplingPlan, generate
 from meme.speed.forward_bench import without_iformer_blocks
 from meme.training.train import Trainer, TrainOptions

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from meme.model.blocks import IFormerBlock
 from meme.model.config import DataShape
 from meme.model.iunet import iformer_specs
-from meme.model.networks import build_network
+from meme.model.experts import build_network
 from meme.speed.latency import Setting, latency_key, measure_network
 from meme.speed.latency_model import LatencyTable
 from nas import search

@@ -1,0 +1,372 @@
+"""One slimmable network, every budget: ``meme-nas slimmable front|study``.
+
+``front``: per-interval held-out loss of every width of a trained slimmable supernet
+(``meme-nas supernet train --widths``), and from it the exact best width schedule at
+every budget (``nas.studies.schedule_opt``): ``front.json``, ``front.png``, and with
+``--budget-gflops`` or ``--budget-ms`` the best schedule as ``best.yaml``.
+
+``study``: what a width schedule buys, measured on one or more supernets (training
+seeds). For each supernet: the uniform widths, the best schedules at the uniform widths'
+mean GMACs (``--match``), and each best schedule reversed in t (the control for "any
+non-uniform schedule helps"). Every schedule is sampled with the same ``--seeds``
+(keyed noise: same initial noise and same noise at every step for every schedule of a
+supernet), so schedules compare **paired**: per seed the FID difference, then its mean
+and spread. Outputs in ``--out``: ``sets/`` (one JSON per supernet, widths per bin
+and seed; resumable, and a schedule met twice is sampled once), ``study.json``, ``study.md`` and ``study.png`` (FID against sampling GMACs).
+Sampling time is measured per schedule as thread CPU time of its experts' steps
+(``meme.speed.latency``, one thread, batch ``--batch-size``) and given as a ratio to the
+full width measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from meme.common.checkpoint import atomic_write_json
+from meme.common.command import CommandParser, add_fast_path_flag, main_guard, setup_logging
+from meme.common.device import pick_device
+from meme.common.errors import UserError
+from meme.common.fastpath import fast_path
+from meme.common.images import to_uint8
+from meme.common.markdown import markdown_table
+from meme.model.diffusion import Diffusion
+from meme.model.experts import MultiExpertDenoiser
+from meme.model.macs import cost_of_meme
+from meme.model.schedule import Schedule, TrainedSupernet
+from meme.model.supernet import SuperNet
+from meme.sampling.evaluate import evaluate_samples
+from meme.sampling.sample import SamplingPlan, generate
+from meme.speed.latency import Setting, measure_meme
+from nas.studies.schedule_opt import MONOTONE, Point, best_under, front, reverse, to_schedule
+from nas.engine.stats import rank_correlation, summarize
+from nas.space.proxy_data import heldout_images, heldout_noise
+from nas.space.space import load_space
+
+log = logging.getLogger("nas.studies.slimmable")
+
+
+# ---- the cheap score: held-out loss of every width on every bin ------------------------------
+
+def bin_bounds(T: int, bins: int) -> list[int]:
+    return [round(i * T / bins) for i in range(bins + 1)]
+
+
+@torch.no_grad()
+def interval_losses(net: SuperNet, archs: Sequence, diffusion: Diffusion, images: torch.Tensor,
+                    bounds: Sequence[int], per_bin: int, seed: int, device: torch.device) -> list[list[float]]:
+    """[width][bin] eps-MSE on fixed held-out images: ``per_bin`` evenly spaced t inside each bin,
+    the same images, t and noise for every width (paired by construction)."""
+    fp = fast_path(device, "fp32", net)
+    x0 = fp.input(images, device)
+    noise = fp.input(heldout_noise(images, seed), device)
+    net.eval()
+    out = []
+    for arch in archs:
+        row = []
+        for lo, hi in zip(bounds, bounds[1:]):
+            ts = [lo + int((j + 0.5) * (hi - lo) / per_bin) for j in range(per_bin)]
+            vals = []
+            for t in ts:
+                tt = torch.full((len(x0),), t, dtype=torch.long, device=device)
+                eps = net.run(arch, diffusion.q_sample(x0, tt, noise), tt).float()
+                vals.append(float(torch.nn.functional.mse_loss(eps, noise.float())))
+            row.append(sum(vals) / len(vals))
+        out.append(row)
+    return out
+
+
+@dataclass
+class Fronts:
+    """One supernet's per-bin losses, width costs and exact schedule front."""
+
+    trained: TrainedSupernet
+    widths: list[str]
+    bounds: list[int]
+    losses: list[list[float]]       # [width][bin]
+    gflops: list[float]             # [width] per step
+    weights: list[float]            # [bin] fraction of steps
+    points: list[Point]
+
+    def schedule(self, p: Point, name: str) -> Schedule:
+        return to_schedule(p, self.widths, self.bounds, str(self.trained.path), name)
+
+    def uniform(self, w: int) -> Point:
+        k = len(self.bounds) - 1
+        return Point(self.gflops[w], sum(self.losses[w]), (w,) * k)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"supernet": str(self.trained.path), "widths": self.widths, "bounds": self.bounds,
+                "gflops_per_width": self.gflops, "losses": self.losses,
+                "front": [{"gflops": p.cost, "loss": p.loss, "widths": [self.widths[w] for w in p.widths]}
+                          for p in self.points]}
+
+
+def compute_front(trained: TrainedSupernet, bins: int, per_bin: int, monotone: str, device: torch.device,
+                  costs: Optional[list[float]] = None) -> Fronts:
+    spec = trained.spec
+    widths = list(spec.widths)
+    archs = [Schedule.uniform(w, trained.diffusion.timesteps).archs(spec)[0] for w in widths]
+    space = load_space(_space_of(trained))
+    images = heldout_images(space.proxy)
+    bounds = bin_bounds(trained.diffusion.timesteps, bins)
+    net = trained.weights(device)
+    t0 = time.perf_counter()
+    losses = interval_losses(net, archs, Diffusion(trained.diffusion), images, bounds, per_bin, space.proxy.seed, device)
+    log.info("held-out loss of %d widths x %d bins in %.1f s", len(widths), bins, time.perf_counter() - t0)
+    gflops = [cost_of_meme(Schedule.uniform(w, trained.diffusion.timesteps).config(spec, trained.diffusion)).gflops_mean
+              for w in widths]
+    weights = [(hi - lo) / bounds[-1] for lo, hi in zip(bounds, bounds[1:])]
+    points = front(losses, costs or gflops, weights, monotone)
+    return Fronts(trained, widths, bounds, losses, gflops, weights, points)
+
+
+def _space_of(trained: TrainedSupernet) -> str:
+    index = json.loads((trained.path / "supernet.json").read_text())
+    return index.get("space_source") or index["space"]
+
+
+# ---- the expensive score: FID of a schedule's samples, paired by seed ------------------------
+
+def sample_set(schedule: Schedule, trained: TrainedSupernet, net: SuperNet, seed: int, n: int, steps: int,
+               batch: int, n_ref: int, device: torch.device) -> dict[str, Any]:
+    """FID of one schedule's samples at one noise seed (its experts extracted: the deployable form)."""
+    archs = schedule.archs(trained.spec)
+    denoiser = MultiExpertDenoiser([net.extract(a) for a in archs], schedule.boundaries).eval()
+    plan = SamplingPlan(n, steps, 0.0, "ddim", seed, batch, clip_x0=not trained.spec.data.latent)
+    shape = (trained.spec.data.channels, trained.spec.data.resolution, trained.spec.data.resolution)
+    t0 = time.perf_counter()
+    samples = generate(denoiser, Diffusion(trained.diffusion), shape, plan, device)
+    wall = time.perf_counter() - t0
+    ev = evaluate_samples(to_uint8(samples), ref="fashion-mnist", n_ref=n_ref, split="train", device=device)
+    return {"schedule": schedule.to_dict(), "seed": seed, "n": n, "steps": steps, "fid": ev["fid"],
+            "precision": ev["precision"], "recall": ev["recall"], "sampling_wall_s": round(wall, 2)}
+
+
+def ms_per_step(schedule: Schedule, trained: TrainedSupernet, batch: int) -> float:
+    """Interval-weighted thread-CPU ms of one sampling step at ``batch``, per image."""
+    cfg = schedule.config(trained.spec, trained.diffusion)
+    lat = measure_meme(cfg, Setting(device="cpu", batch=batch, repeats=5, warmup=2, clock="cpu", threads=1))
+    return lat.ms_mean / batch
+
+
+def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    """a - b per seed (same noise): mean, sample std, n, and whether the mean exceeds twice its standard error."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    s = summarize(d)
+    se = s.std / math.sqrt(s.n) if s.n > 1 else math.nan
+    verdict = ("cannot tell apart" if not (se > 0) or abs(s.mean) <= 2 * se
+               else ("better" if s.mean < 0 else "worse"))
+    return {"diff_mean": s.mean, "diff_std": s.std, "n": s.n, "verdict": verdict}
+
+
+def study(supernets: Sequence[Path], out: Path, *, bins: int, per_bin: int, match: Sequence[str],
+          seeds: Sequence[int], n: int, steps: int, batch: int, n_ref: int, device: torch.device,
+          command: str, headline_only_after_first: bool = True) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sets").mkdir(exist_ok=True)
+    per_supernet = []
+    for k, path in enumerate(supernets):
+        trained = TrainedSupernet.open(path)
+        fr = compute_front(trained, bins, per_bin, "free", device)
+        widths = fr.widths
+        full = widths.index("1")
+        designs: dict[str, Point] = {f"uniform-{w}": fr.uniform(i) for i, w in enumerate(widths)}
+        for w in match:
+            if w not in widths:
+                raise UserError(f"--match {w}: not one of the supernet's widths {widths}")
+            best = best_under(fr.points, fr.gflops[widths.index(w)])
+            designs[f"searched@{w}"] = best
+            designs[f"reversed@{w}"] = reverse(best, fr.gflops, fr.losses, fr.weights)
+        if k > 0 and headline_only_after_first:   # other training seeds: the headline rows
+            keep = {"uniform-1"} | {f"uniform-{w}" for w in match} | {f"searched@{w}" for w in match}
+            designs = {name: p for name, p in designs.items() if name in keep}
+        net = trained.weights(device)
+        rows = []
+        for name, p in designs.items():
+            sched = fr.schedule(p, name)
+            sched.save(out / f"{path.name}-{name.replace('@', '-at-').replace('/', '_')}.yaml")
+            fids = []
+            for seed in seeds:
+                widths_key = "-".join(widths[w].replace("/", "_") for w in p.widths)   # by content: a reversed
+                key = out / "sets" / f"{path.name}-{widths_key}-s{seed}.json"              # uniform is sampled once
+                if key.is_file():
+                    rec = json.loads(key.read_text())
+                else:
+                    t0 = time.perf_counter()
+                    rec = sample_set(sched, trained, net, seed, n, steps, batch, n_ref, device)
+                    atomic_write_json(rec, key)
+                    log.info("%s %s seed %d: FID %.2f (%.0f s)", path.name, name, seed, rec["fid"],
+                             time.perf_counter() - t0)
+                fids.append(rec["fid"])
+            rows.append({"design": name, "widths_per_bin": [widths[w] for w in p.widths],
+                         "schedule": sched.to_dict(), "gflops": p.cost, "heldout_loss_sum": p.loss,
+                         "fid": fids, "fid_mean": float(np.mean(fids)),
+                         "fid_std": float(np.std(fids, ddof=1)) if len(fids) > 1 else 0.0})
+        by = {r["design"]: r for r in rows}
+        full_ms = ms_per_step(fr.schedule(fr.uniform(full), "uniform-1"), trained, batch)
+        for r in rows:
+            r["ms_per_image_step"] = ms_per_step(Schedule.from_dict(r["schedule"]), trained, batch)
+            r["speedup_vs_full"] = full_ms / r["ms_per_image_step"]
+            r["gflops_ratio_vs_full"] = r["gflops"] / fr.gflops[full]
+            r["vs_full"] = paired(r["fid"], by["uniform-1"]["fid"])
+        for w in match:
+            s = by[f"searched@{w}"]
+            s["vs_uniform_same_cost"] = paired(s["fid"], by[f"uniform-{w}"]["fid"])
+            if f"reversed@{w}" in by:
+                by[f"reversed@{w}"]["vs_searched"] = paired(by[f"reversed@{w}"]["fid"], s["fid"])
+        ranking = None
+        if len(rows) >= 3:
+            ranking = {k2: v.__dict__ for k2, v in rank_correlation([r["heldout_loss_sum"] for r in rows],
+                                                                     [r["fid_mean"] for r in rows]).items()}
+        per_supernet.append({"supernet": str(path), "entry": {k2: v for k2, v in trained.entry.items() if k2 != "spec"},
+                             "front": fr.to_dict(), "rows": rows, "heldout_vs_fid": ranking})
+        atomic_write_json({"command": command, "supernets": per_supernet}, out / "study.json")
+    result = {"command": command, "protocol": {"bins": bins, "per_bin": per_bin, "seeds": list(seeds), "n": n,
+                                               "steps": steps, "n_ref": n_ref, "sampler": "ddim",
+                                               "timing": f"thread CPU time, 1 thread, batch {batch}"},
+              "supernets": per_supernet}
+    atomic_write_json(result, out / "study.json")
+    (out / "study.md").write_text(report(result))
+    plot(result, out / "study.png")
+    return result
+
+
+def report(result: dict[str, Any]) -> str:
+    lines = [f"# Slimmable study\n\nCommand: `{result['command']}`\n"]
+    for s in result["supernets"]:
+        lines.append(f"\n## {s['supernet']} ({s['entry']['steps']} steps, seed {s['entry']['seed']}, "
+                     f"{s['entry']['train_gflops'] / 1e3:.0f} training TFLOPs)\n")
+        table = [["design", "widths per bin (t = 0 first)", "GFLOPs/step", "x full", "speed-up (CPU)",
+                  "held-out loss", "FID", "paired vs full", "paired vs uniform, same cost"]]
+        for r in s["rows"]:
+            vs_u = r.get("vs_uniform_same_cost") or r.get("vs_searched")
+            table.append([r["design"], " ".join(r["widths_per_bin"]), f"{r['gflops']:.3f}",
+                          f"{r['gflops_ratio_vs_full']:.2f}", f"{r['speedup_vs_full']:.2f}x",
+                          f"{r['heldout_loss_sum']:.4f}", f"{r['fid_mean']:.2f} +- {r['fid_std']:.2f}",
+                          _fmt_pair(r["vs_full"]), _fmt_pair(vs_u) + (" (vs searched)" if "vs_searched" in r else "")
+                          if vs_u else ""])
+        lines.append(markdown_table(table[0], table[1:]))
+        if s["heldout_vs_fid"]:
+            sp = s["heldout_vs_fid"]["spearman"]
+            lines.append(f"\nHeld-out loss vs FID over these designs: Spearman {sp['value']:+.2f} "
+                         f"[{sp['ci_low']:+.2f}, {sp['ci_high']:+.2f}].\n")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt_pair(p: Optional[dict]) -> str:
+    if not p:
+        return ""
+    return f"{p['diff_mean']:+.2f} +- {p['diff_std']:.2f} ({p['verdict']})"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    marks = {"uniform": ("o", "-"), "searched": ("*", ""), "reversed": ("x", "")}
+    for i, s in enumerate(result["supernets"]):
+        for kind, (m, ls) in marks.items():
+            rows = sorted([r for r in s["rows"] if r["design"].startswith(kind)], key=lambda r: r["gflops"])
+            if rows:
+                ax.errorbar([r["gflops"] for r in rows], [r["fid_mean"] for r in rows],
+                            yerr=[r["fid_std"] for r in rows], marker=m, linestyle=ls or "none", capsize=3,
+                            label=f"{kind} (supernet {i + 1})", color=f"C{i * 3 + list(marks).index(kind)}")
+    ax.set_xlabel("sampling GFLOPs per step (interval-weighted)")
+    ax.set_ylabel("FID (mean +- std over noise seeds)")
+    ax.set_title("One slimmable network: width schedules")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- CLI ------------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = CommandParser(prog="meme-nas slimmable", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("front", help="per-interval losses of every width and the best schedule at every budget")
+    f.add_argument("--supernet", required=True, type=Path, help="trained slimmable supernet directory")
+    f.add_argument("--bins", type=int, default=10, help="intervals of t a schedule gives a width each (default %(default)s)")
+    f.add_argument("--per-bin", type=int, default=4, help="timesteps scored per interval (default %(default)s)")
+    f.add_argument("--monotone", choices=MONOTONE, default="free",
+                   help="free, or wider_near_data: never wider at higher noise (default %(default)s)")
+    f.add_argument("--budget-gflops", type=float, default=None, help="write the best schedule at this GFLOPs/step")
+    f.add_argument("--budget-ms", type=float, default=None,
+                   help="write the best schedule at this measured ms per image and step (CPU, 1 thread, --batch-size)")
+    f.add_argument("--batch-size", type=int, default=64, help="batch of the --budget-ms timing (default %(default)s)")
+    f.add_argument("--device", default="auto", help="torch device for the losses (default %(default)s)")
+    f.add_argument("--out", type=Path, default=None, help="output folder (default SUPERNET/front)")
+    add_fast_path_flag(f)
+    s = sub.add_parser("study", help="uniform vs searched vs reversed schedules, FID paired over noise seeds")
+    s.add_argument("--supernets", required=True, help="comma-separated trained supernet directories (training seeds)")
+    s.add_argument("--out", required=True, type=Path, help="output folder of the study (resumable: run again to go on)")
+    s.add_argument("--bins", type=int, default=10, help="intervals of t (default %(default)s)")
+    s.add_argument("--per-bin", type=int, default=4, help="timesteps scored per interval (default %(default)s)")
+    s.add_argument("--match", default="3/4,1/2", help="uniform widths whose GFLOPs the searched schedules match "
+                                                     "(default %(default)s)")
+    s.add_argument("--seeds", default="0,1,2", help="sampling-noise seeds, the same for every schedule (default %(default)s)")
+    s.add_argument("--n", type=int, default=1000, help="samples per FID (default %(default)s)")
+    s.add_argument("--n-ref", type=int, default=5000, help="real training images in the FID statistics (default %(default)s)")
+    s.add_argument("--steps", type=int, default=25, help="DDIM steps (default %(default)s)")
+    s.add_argument("--batch-size", type=int, default=100, help="samples per forward (default %(default)s)")
+    s.add_argument("--device", default="auto", help="torch device (default %(default)s)")
+    add_fast_path_flag(s)
+    return p.parse_args(argv)
+
+
+@main_guard
+def main(argv=None) -> int:
+    setup_logging()
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    if args.command == "front":
+        trained = TrainedSupernet.open(args.supernet)
+        if args.bins < 1 or args.per_bin < 1:
+            raise UserError("--bins and --per-bin must be >= 1")
+        costs = None
+        if args.budget_ms is not None:
+            costs = [ms_per_step(Schedule.uniform(w, trained.diffusion.timesteps), trained, args.batch_size)
+                     for w in trained.spec.widths]
+        fr = compute_front(trained, args.bins, args.per_bin, args.monotone, device, costs)
+        out = args.out or args.supernet / "front"
+        out.mkdir(parents=True, exist_ok=True)
+        d = fr.to_dict()
+        if costs:
+            d["ms_per_width"] = costs
+        atomic_write_json(d, out / "front.json")
+        budget = args.budget_ms if args.budget_ms is not None else args.budget_gflops
+        unit = "ms" if args.budget_ms is not None else "GFLOPs"
+        for p in fr.points:
+            print(f"{p.cost:8.4f} {unit}  loss {p.loss:.4f}  {' '.join(fr.widths[w] for w in p.widths)}")
+        if budget is not None:
+            best = best_under(fr.points, budget)
+            if best is None:
+                raise UserError(f"no schedule fits {budget} {unit}: the narrowest costs {min(p.cost for p in fr.points):.4g}")
+            path = fr.schedule(best, f"best-{budget:g}{unit.lower()}").save(out / "best.yaml")
+            print(f"best at {budget:g} {unit}: {best.cost:.4g} {unit}, held-out loss {best.loss:.4f} -> {path}")
+        return 0
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    supernets = [Path(x) for x in args.supernets.split(",") if x.strip()]
+    command = "python -m nas.studies.slimmable " + " ".join(sys.argv[1:] if argv is None else argv)
+    result = study(supernets, args.out, bins=args.bins, per_bin=args.per_bin,
+                   match=[str(x).strip() for x in args.match.split(",") if x.strip()], seeds=seeds, n=args.n,
+                   steps=args.steps, batch=args.batch_size, n_ref=args.n_ref, device=device, command=command)
+    print((args.out / "study.md").read_text())
+    return 0 if result else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,152 @@
+"""A slimmable supernet trained on a tiny space, and schedules of its widths sampled, priced and refused."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from meme.common.errors import UserError
+from meme.model.config import ConfigError
+from meme.model.diffusion import Diffusion
+from meme.model.experts import build_denoiser
+from meme.model.macs import cost_of_meme, cost_of_network
+from meme.model.references import resolve
+from meme.model.schedule import Choice, Schedule, load_schedule, schedule_denoiser
+from meme.sampling import sample as sample_cli
+from meme.sampling.sample import SamplingPlan, generate
+from nas.evaluators.supernet_training import auto_group_channels, parse_widths, train_all
+from nas.studies import slimmable
+
+WIDTHS = ("1/2", "1")
+
+
+def tiny_slim_space(folder: Path) -> Path:
+    """search_spaces/tiny.yaml at base 32 with d_h/d = 1/2: at the proxy's x1/2, stages of 16 and 32
+    channels (8 and 16 at width 1/2) in 4-channel heads, whole heads at both widths."""
+    d = yaml.safe_load((Path(__file__).parents[3] / "search_spaces" / "tiny.yaml").read_text())
+    d["name"] = "tiny-slim"
+    d["search"]["ratios"].update(min="1/2", max="1/2")
+    d["search"]["macro"]["base_channels"] = [32]      # proxy x1/2: 16 at full width, 8 at 1/2
+    path = folder / "tiny-slim.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+@pytest.fixture(scope="module")
+def slim(tmp_path_factory):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("slim")
+    space = tiny_slim_space(folder)
+    out = folder / "sn"
+    train_all(str(space), out, 3, jobs=1, progress=False, widths=WIDTHS, distill=True, ema_decay=0.9)
+    yield space, out
+    torch.set_num_threads(before)
+
+
+def write_schedule(folder: Path, supernet: Path, widths=("1", "1/2"), bounds=(0, 400, 1000)) -> Path:
+    return Schedule(tuple(bounds), tuple(Choice(w) for w in widths), str(supernet), "s").save(folder / "s.yaml")
+
+
+def test_the_index_records_what_a_schedule_needs(slim):
+    _, out = slim
+    entry = json.loads((out / "supernet.json").read_text())["macros"]["b32-r1"]
+    assert entry["widths"] == list(WIDTHS) and entry["distill"] is True and entry["ema_decay"] == 0.9
+    assert entry["diffusion"]["schedule"] == "sqrt_linear"                     # tiny's, not the default
+    assert entry["spec"]["template"]["group_channels"] == auto_group_channels(16, WIDTHS) == 8   # gcd(8, 16)
+    rows = list(csv.DictReader(open(out / "b32-r1" / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    ckpt = torch.load(out / "b32-r1" / "checkpoint.pt", weights_only=True)
+    written = torch.load(out / "b32-r1" / "supernet.pt", weights_only=True)
+    assert ckpt["ema_n"] == 3 and all(torch.equal(written[k], v) for k, v in ckpt["ema"].items())   # the EMA is sampled
+    assert any(not torch.equal(written[k], v) for k, v in ckpt["model"].items())
+
+
+def test_a_schedule_sampled_from_the_supernet_equals_its_extracted_networks_sampled_as_a_meme(slim, tmp_path):
+    _, out = slim
+    path = write_schedule(tmp_path, out)
+    schedule, trained, cfg = load_schedule(path)
+    assert [a.base_channels for a in cfg.experts] == [16, 8] and cfg.boundaries == (0, 400, 1000)
+    plan = SamplingPlan(n=3, steps=4, eta=0.0, sampler="ddim", seed=7, batch_size=3)
+    diffusion = Diffusion(cfg.diffusion)
+    shape = (1, 16, 16)
+    views = generate(schedule_denoiser(schedule, trained, extract=False), diffusion, shape, plan, precision="fp32")
+    net = trained.weights()
+    meme = build_denoiser(cfg)                                     # the schedule as a plain MEME
+    for e, arch in zip(meme.experts, cfg.experts):
+        e.load_state_dict(net.extract(arch).state_dict())
+    plain = generate(meme, diffusion, shape, plan, precision="fp32")
+    assert views.abs().max() > 0.05
+    assert torch.allclose(views, plain, atol=1e-4, rtol=0), (views - plain).abs().max()
+    # the full-width schedule is another function of the same weights
+    full = Schedule.uniform("1", 1000, str(out))
+    other = generate(schedule_denoiser(full, trained, extract=True), diffusion, shape, plan, precision="fp32")
+    assert (other - plain).abs().max() > 1e-3
+
+
+def test_a_schedule_is_priced_per_interval(slim, tmp_path):
+    _, out = slim
+    path = write_schedule(tmp_path, out)
+    cfg = resolve(str(path))                                       # meme-nas macs / latency accept it as a config
+    wide, narrow = (cost_of_network(a, cfg.data).gflops for a in cfg.experts)
+    assert cost_of_meme(cfg).gflops_mean == pytest.approx(0.4 * wide + 0.6 * narrow, rel=1e-9)
+    assert narrow < 0.4 * wide
+
+
+def test_the_sample_command_writes_a_schedule_s_images(slim, tmp_path):
+    _, out = slim
+    path = write_schedule(tmp_path, out)
+    assert sample_cli.main(["--schedule", str(path), "--n", "2", "--steps", "2", "--device", "cpu",
+                            "--precision", "fp32"]) == 0
+    info = json.loads((tmp_path / "s-samples" / "sampling.json").read_text())
+    assert info["n"] == 2 and "widths 1, 1/2" in info["source"]
+
+
+def test_what_is_refused_in_one_line(slim, tmp_path):
+    _, out = slim
+    with pytest.raises(ConfigError, match=r"width 1/4 .* is not one of the supernet's \['1/2', '1'\]"):
+        load_schedule(write_schedule(tmp_path, out, widths=("1", "1/4")))
+    with pytest.raises(ConfigError, match="2 experts need 3 boundaries"):
+        load_schedule(write_schedule(tmp_path, out, bounds=(0, 1000)))
+    (tmp_path / "bare.yaml").write_text(yaml.safe_dump({"boundaries": [0, 1000], "experts": [{"width": 1}]}))
+    with pytest.raises(UserError, match="names no supernet"):
+        load_schedule(tmp_path / "bare.yaml")
+    with pytest.raises(UserError, match="--widths must lie in"):
+        parse_widths("0,1/2")
+    assert parse_widths("1/2,1/4") == ("1/4", "1/2", "1")
+
+
+def test_front_writes_the_best_schedule_under_a_budget(slim, tmp_path):
+    _, out = slim
+    full = cost_of_meme(load_schedule(write_schedule(tmp_path, out, widths=("1",), bounds=(0, 1000)))[2]).gflops_mean
+    budget = 0.6 * full                         # between the half width (~0.27x) and the full one
+    assert slimmable.main(["front", "--supernet", str(out), "--bins", "4", "--per-bin", "1", "--device", "cpu",
+                           "--budget-gflops", str(budget), "--out", str(tmp_path / "front")]) == 0
+    schedule, _, cfg = load_schedule(tmp_path / "front" / "best.yaml")
+    assert cost_of_meme(cfg).gflops_mean <= budget * (1 + 1e-9)
+    front = json.loads((tmp_path / "front" / "front.json").read_text())
+    costs = [p["gflops"] for p in front["front"]]
+    losses = [p["loss"] for p in front["front"]]
+    assert costs == sorted(costs) and losses == sorted(losses, reverse=True)   # a front: dearer is better
+
+
+def test_the_study_pairs_schedules_by_noise_seed(slim, tmp_path):
+    _, out = slim
+    assert slimmable.main(["study", "--supernets", str(out), "--out", str(tmp_path / "st"), "--bins", "2",
+                           "--per-bin", "1", "--match", "1/2", "--seeds", "0,1", "--n", "8", "--n-ref", "32",
+                           "--steps", "2", "--batch-size", "8", "--device", "cpu"]) == 0
+    result = json.loads((tmp_path / "st" / "study.json").read_text())
+    rows = {r["design"]: r for r in result["supernets"][0]["rows"]}
+    assert {"uniform-1", "uniform-1/2", "searched@1/2", "reversed@1/2"} <= set(rows)
+    half, full = rows["uniform-1/2"], rows["uniform-1"]
+    diffs = [a - b for a, b in zip(half["fid"], full["fid"])]      # paired by seed, by hand
+    assert half["vs_full"]["diff_mean"] == pytest.approx(sum(diffs) / 2)
+    assert half["vs_full"]["diff_std"] == pytest.approx(abs(diffs[0] - diffs[1]) / 2 ** 0.5)
+    assert half["gflops_ratio_vs_full"] < 0.5 and full["speedup_vs_full"] == pytest.approx(1.0)
+    assert (tmp_path / "st" / "study.png").stat().st_size > 0 and "paired vs full" in (tmp_path / "st" / "study.md").read_text()
+    sets = sorted(p.name for p in (tmp_path / "st" / "sets").iterdir())
+    assert len(sets) == 2 * len({tuple(r["widths_per_bin"]) for r in rows.values()})   # one per schedule content and seed
