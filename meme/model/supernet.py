@@ -83,6 +83,7 @@ from meme.model.config import (ArchConfig, ConfigError, DataShape, MemeConfig, a
 from meme.model.iunet import IUNet
 
 INDEX = "supernet.json"     # a trained supernet directory: this index + one folder per macro shape
+TEMPLATES_KEPT = 64         # parameter-less sub-network templates a SuperNet keeps (oldest dropped first)
 
 
 @dataclass(frozen=True)
@@ -310,6 +311,8 @@ class SuperNet(IUNet):
     def template(self, arch: ArchConfig) -> IUNet:
         """A parameter-less plain ``IUNet(arch)`` (meta device): the code every sub-network runs."""
         if arch not in self._templates:
+            if len(self._templates) >= TEMPLATES_KEPT:      # a search activates hundreds: keep the latest
+                self._templates.pop(next(iter(self._templates)))
             with torch.device("meta"):
                 self._templates[arch] = IUNet(arch, self.spec.data)
         return self._templates[arch]

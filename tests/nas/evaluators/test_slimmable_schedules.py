@@ -5,6 +5,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -18,6 +19,8 @@ from meme.model.references import resolve
 from meme.model.schedule import Choice, Schedule, load_schedule, schedule_denoiser
 from meme.sampling import sample as sample_cli
 from meme.sampling.sample import SamplingPlan, generate
+from meme.training.options import TrainOptions
+from meme.training.train import Trainer, training_compute
 from nas.evaluators.supernet_training import auto_group_channels, parse_widths, train_all
 from nas.studies import slimmable
 
@@ -150,3 +153,23 @@ def test_the_study_pairs_schedules_by_noise_seed(slim, tmp_path):
     assert (tmp_path / "st" / "study.png").stat().st_size > 0 and "paired vs full" in (tmp_path / "st" / "study.md").read_text()
     sets = sorted(p.name for p in (tmp_path / "st" / "sets").iterdir())
     assert len(sets) == 2 * len({tuple(r["widths_per_bin"]) for r in rows.values()})   # one per schedule content and seed
+
+
+def test_train_init_from_cuts_a_schedule_s_experts_and_charges_the_supernet(slim, tmp_path):
+    """``meme-nas train --config SCHEDULE --init-from SUPERNET``: each expert starts as its extracted
+    sub-network, and the run's compute includes the supernet's training."""
+    _, out = slim
+    path = write_schedule(tmp_path, out)
+    _, trained, cfg = load_schedule(path)
+    net = trained.weights()
+    opts = TrainOptions(data=str(tmp_path / "x.npy"), steps=1, batch_size=2, sample_every=0, device="cpu",
+                        precision="fp32", init_from=str(out))
+    np.save(tmp_path / "x.npy", np.zeros((4, 1, 16, 16), dtype=np.float32))
+    tr = Trainer(cfg, opts, tmp_path / "run")
+    for e, arch in zip(tr.model.experts, cfg.experts):
+        want = net.extract(arch).state_dict()
+        assert all(torch.equal(v, want[k]) for k, v in e.state_dict().items())
+    assert tr.init_source == f"supernet {out}"
+    index = json.loads((out / "supernet.json").read_text())
+    compute = training_compute(cfg, opts, tr.branch)
+    assert compute.source_tflops == pytest.approx(index["train_gflops_total"] / 1e3) and compute.source_tflops > 0
