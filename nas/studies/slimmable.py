@@ -171,7 +171,12 @@ def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
 
 def study(supernets: Sequence[Path], out: Path, *, bins: int, per_bin: int, match: Sequence[str],
           seeds: Sequence[int], n: int, steps: int, batch: int, n_ref: int, device: torch.device,
-          command: str, headline_only_after_first: bool = True) -> dict[str, Any]:
+          command: str, headline: Optional[Sequence[str]] = None, headline_only: bool = False) -> dict[str, Any]:
+    """Every design on the first supernet, the headline rows (full width, and the uniform and
+    searched schedules at each ``headline`` width) on the others, or everywhere with ``headline_only``."""
+    headline = list(match if headline is None else headline)
+    if not set(headline) <= set(match):
+        raise UserError(f"--headline {headline}: every headline width must be one of --match {list(match)}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "sets").mkdir(exist_ok=True)
     per_supernet = []
@@ -187,8 +192,8 @@ def study(supernets: Sequence[Path], out: Path, *, bins: int, per_bin: int, matc
             best = best_under(fr.points, fr.gflops[widths.index(w)])
             designs[f"searched@{w}"] = best
             designs[f"reversed@{w}"] = reverse(best, fr.gflops, fr.losses, fr.weights)
-        if k > 0 and headline_only_after_first:   # other training seeds: the headline rows
-            keep = {"uniform-1"} | {f"uniform-{w}" for w in match} | {f"searched@{w}" for w in match}
+        if k > 0 or headline_only:   # other training seeds: the headline rows
+            keep = {"uniform-1"} | {f"uniform-{w}" for w in headline} | {f"searched@{w}" for w in headline}
             designs = {name: p for name, p in designs.items() if name in keep}
         net = trained.weights(device)
         rows = []
@@ -231,7 +236,7 @@ def study(supernets: Sequence[Path], out: Path, *, bins: int, per_bin: int, matc
         per_supernet.append({"supernet": str(path), "entry": {k2: v for k2, v in trained.entry.items() if k2 != "spec"},
                              "front": fr.to_dict(), "rows": rows, "heldout_vs_fid": ranking})
         atomic_write_json({"command": command, "supernets": per_supernet}, out / "study.json")
-    result = {"command": command, "protocol": {"bins": bins, "per_bin": per_bin, "seeds": list(seeds), "n": n,
+    result = {"command": command, "headline": headline_rows(per_supernet, headline), "protocol": {"bins": bins, "per_bin": per_bin, "seeds": list(seeds), "n": n,
                                                "steps": steps, "n_ref": n_ref, "sampler": "ddim",
                                                "timing": f"thread CPU time, 1 thread, batch {batch}"},
               "supernets": per_supernet}
@@ -241,8 +246,38 @@ def study(supernets: Sequence[Path], out: Path, *, bins: int, per_bin: int, matc
     return result
 
 
+def headline_rows(per_supernet: list[dict[str, Any]], headline: Sequence[str]) -> list[dict[str, Any]]:
+    """Per headline width, the searched schedule against the uniform width of its cost and against
+    full width, pooled over supernets: every (supernet, seed) difference is one paired value."""
+    out = []
+    for w in headline:
+        vs_u, vs_f, gflops = [], [], []
+        for s in per_supernet:
+            by = {r["design"]: r for r in s["rows"]}
+            if f"searched@{w}" in by:
+                a = by[f"searched@{w}"]
+                vs_u += [x - y for x, y in zip(a["fid"], by[f"uniform-{w}"]["fid"])]
+                vs_f += [x - y for x, y in zip(a["fid"], by["uniform-1"]["fid"])]
+                gflops.append(a["gflops_ratio_vs_full"])
+        if vs_u:
+            zero = [0.0] * len(vs_u)
+            out.append({"width": w, "supernets": len(gflops), "gflops_ratio_vs_full": gflops,
+                        "searched_vs_uniform": paired(vs_u, zero), "searched_vs_full": paired(vs_f, zero)})
+    return out
+
+
 def report(result: dict[str, Any]) -> str:
     lines = [f"# Slimmable study\n\nCommand: `{result['command']}`\n"]
+    if result.get("headline"):
+        table = [["searched at the GFLOPs of", "supernets", "x full GFLOPs", "FID vs uniform, same cost (paired)",
+                  "FID vs full width (paired)"]]
+        for h in result["headline"]:
+            table.append([f"uniform {h['width']}", str(h["supernets"]),
+                          ", ".join(f"{g:.2f}" for g in h["gflops_ratio_vs_full"]),
+                          _fmt_pair(h["searched_vs_uniform"]) + f" (n={h['searched_vs_uniform']['n']})",
+                          _fmt_pair(h["searched_vs_full"]) + f" (n={h['searched_vs_full']['n']})"])
+        lines.append("\n## Headline, pooled over supernets and noise seeds\n")
+        lines.append(markdown_table(table[0], table[1:]))
     for s in result["supernets"]:
         lines.append(f"\n## {s['supernet']} ({s['entry']['steps']} steps, seed {s['entry']['seed']}, "
                      f"{s['entry']['train_gflops'] / 1e3:.0f} training TFLOPs)\n")
@@ -317,6 +352,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--per-bin", type=int, default=4, help="timesteps scored per interval (default %(default)s)")
     s.add_argument("--match", default="3/4,1/2", help="uniform widths whose GFLOPs the searched schedules match "
                                                      "(default %(default)s)")
+    s.add_argument("--headline", default=None,
+                   help="widths of the headline rows sampled on every supernet after the first (default: --match)")
+    s.add_argument("--headline-only", action="store_true",
+                   help="only the headline rows on every supernet (to run one supernet per process)")
     s.add_argument("--seeds", default="0,1,2", help="sampling-noise seeds, the same for every schedule (default %(default)s)")
     s.add_argument("--n", type=int, default=1000, help="samples per FID (default %(default)s)")
     s.add_argument("--n-ref", type=int, default=5000, help="real training images in the FID statistics (default %(default)s)")
@@ -363,7 +402,9 @@ def main(argv=None) -> int:
     command = "python -m nas.studies.slimmable " + " ".join(sys.argv[1:] if argv is None else argv)
     result = study(supernets, args.out, bins=args.bins, per_bin=args.per_bin,
                    match=[str(x).strip() for x in args.match.split(",") if x.strip()], seeds=seeds, n=args.n,
-                   steps=args.steps, batch=args.batch_size, n_ref=args.n_ref, device=device, command=command)
+                   steps=args.steps, batch=args.batch_size, n_ref=args.n_ref, device=device, command=command,
+                   headline=None if args.headline is None else [x.strip() for x in args.headline.split(",") if x.strip()],
+                   headline_only=args.headline_only)
     print((args.out / "study.md").read_text())
     return 0 if result else 1
 
