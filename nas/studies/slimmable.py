@@ -225,6 +225,8 @@ def study(supernets: Sequence[Path], out: Path, *, bins: int, per_bin: int, matc
             r["gflops_ratio_vs_full"] = r["gflops"] / fr.gflops[full]
             r["vs_full"] = paired(r["fid"], by["uniform-1"]["fid"])
         for w in match:
+            if f"searched@{w}" not in by:        # a headline-only supernet: not every width was sampled
+                continue
             s = by[f"searched@{w}"]
             s["vs_uniform_same_cost"] = paired(s["fid"], by[f"uniform-{w}"]["fid"])
             if f"reversed@{w}" in by:

@@ -139,8 +139,10 @@ def test_front_writes_the_best_schedule_under_a_budget(slim, tmp_path):
 
 def test_the_study_pairs_schedules_by_noise_seed(slim, tmp_path):
     _, out = slim
-    assert slimmable.main(["study", "--supernets", str(out), "--out", str(tmp_path / "st"), "--bins", "2",
-                           "--per-bin", "1", "--match", "1/2", "--seeds", "0,1", "--n", "8", "--n-ref", "32",
+    # the same supernet twice stands for two training seeds: the second gets the headline rows only
+    assert slimmable.main(["study", "--supernets", f"{out},{out}", "--out", str(tmp_path / "st"), "--bins", "2",
+                           "--per-bin", "1", "--match", "1/2,1", "--headline", "1/2", "--seeds", "0,1", "--n", "8",
+                           "--n-ref", "32",
                            "--steps", "2", "--batch-size", "8", "--device", "cpu"]) == 0
     result = json.loads((tmp_path / "st" / "study.json").read_text())
     rows = {r["design"]: r for r in result["supernets"][0]["rows"]}
@@ -151,6 +153,9 @@ def test_the_study_pairs_schedules_by_noise_seed(slim, tmp_path):
     assert half["vs_full"]["diff_std"] == pytest.approx(abs(diffs[0] - diffs[1]) / 2 ** 0.5)
     assert half["gflops_ratio_vs_full"] < 0.5 and full["speedup_vs_full"] == pytest.approx(1.0)
     assert (tmp_path / "st" / "study.png").stat().st_size > 0 and "paired vs full" in (tmp_path / "st" / "study.md").read_text()
+    second = {r["design"] for r in result["supernets"][1]["rows"]}
+    assert second == {"uniform-1", "uniform-1/2", "searched@1/2"}
+    assert [h["width"] for h in result["headline"]] == ["1/2"] and result["headline"][0]["searched_vs_full"]["n"] == 4
     sets = sorted(p.name for p in (tmp_path / "st" / "sets").iterdir())
     assert len(sets) == 2 * len({tuple(r["widths_per_bin"]) for r in rows.values()})   # one per schedule content and seed
 
