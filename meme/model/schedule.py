@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import yaml
 
 from meme.common.errors import UserError
 from meme.model.config import (ArchConfig, DiffusionConfig, MemeConfig, check_keys, from_mapping, parse_fraction,
@@ -99,7 +100,6 @@ class Schedule:
         return d
 
     def save(self, path: str | Path) -> Path:
-        import yaml
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None))
@@ -195,12 +195,11 @@ def load_schedule(path: str | Path, supernet: Optional[str | Path] = None) -> tu
     return schedule, trained, schedule.config(trained.spec, trained.diffusion)
 
 
-def schedule_denoiser(schedule: Schedule, trained: TrainedSupernet, device: torch.device | str = "cpu",
-                      extract: bool = False) -> MultiExpertDenoiser:
-    """The schedule as a denoiser. By default every expert is a ``SubNetwork`` view of one resident
-    supernet (its weights once, nothing copied); ``extract`` copies each expert's slices into a plain
-    network instead (the deployable form, fastest per step; low-memory sampling moves one at a time)."""
-    net = trained.weights(device)
-    archs = schedule.archs(trained.spec)
+def schedule_denoiser(schedule: Schedule, net: SuperNet, extract: bool = False) -> MultiExpertDenoiser:
+    """The schedule as a denoiser on a loaded supernet (``TrainedSupernet.weights``), on its device.
+    By default every expert is a ``SubNetwork`` view of the one resident supernet (its weights once,
+    nothing copied); ``extract`` copies each expert's slices into a plain network instead (the
+    deployable form, fastest per step; low-memory sampling moves one at a time)."""
+    archs = schedule.archs(net.spec)
     experts = [net.extract(a) for a in archs] if extract else [net.sub_network(a) for a in archs]
-    return MultiExpertDenoiser(experts, schedule.boundaries).to(device).eval()
+    return MultiExpertDenoiser(experts, schedule.boundaries).eval()

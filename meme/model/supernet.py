@@ -234,13 +234,11 @@ class ElasticInceptionMixer(nn.Module):
 
     def __init__(self,
         channels: int,              # d
-        highs: list[int],           # legal d_h (even), any order
-        head_channels: int,         # channels per attention head
-        strides: list[int],         # legal avg-pool strides
+        highs: list[int],           # legal d_h (even), any order; pool strides have no weights
     ):
         super().__init__()
         self.d = channels
-        self.highs, self.strides, self.head_channels = sorted(highs), sorted(strides), head_channels
+        self.highs = sorted(highs)
         d_min, d_max = self.highs[0], self.highs[-1]
         self.H, self.h_min, self.L = d_max // 2, d_min // 2, channels - d_min
         H, L = self.H, self.L
@@ -293,8 +291,7 @@ class SuperNet(IUNet):
 
     def iformer_block(self, stage: int, width: int, high: int, emb: int, arch: ArchConfig,
                       layer_scale: Optional[float]) -> nn.Module:
-        mixer = ElasticInceptionMixer(width, self.spec.high_channels(stage), arch.head_channels,
-                                      list(self.spec.pool_strides[stage]))
+        mixer = ElasticInceptionMixer(width, self.spec.high_channels(stage))
         mixer.stage = stage
         return IFormerBlock(width, high, emb, arch.head_channels, dropout=arch.dropout,
                             layer_scale=layer_scale, mixer=mixer, group_channels=arch.group_channels)
@@ -309,8 +306,10 @@ class SuperNet(IUNet):
         return self
 
     def template(self, arch: ArchConfig) -> IUNet:
-        """A parameter-less plain ``IUNet(arch)`` (meta device): the code every sub-network runs."""
+        """A parameter-less plain ``IUNet(arch)`` (meta device): the code every sub-network runs.
+        Built once per architecture, after ``spec.check`` (so a forward does not re-check)."""
         if arch not in self._templates:
+            self.spec.check(arch)
             if len(self._templates) >= TEMPLATES_KEPT:      # a search activates hundreds: keep the latest
                 self._templates.pop(next(iter(self._templates)))
             with torch.device("meta"):
@@ -332,7 +331,6 @@ class SuperNet(IUNet):
     def sub_state_dict(self, arch: ArchConfig) -> dict[str, torch.Tensor]:
         """``IUNet(arch)``'s state dict, as slices of these weights (views where one slice
         suffices, a concatenation where the layout takes several)."""
-        self.spec.check(arch)
         sub = self.template(arch)
         highs, widths = arch.high_channels(), arch.stage_channels()
         out: dict[str, torch.Tensor] = {}

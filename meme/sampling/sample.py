@@ -285,7 +285,7 @@ def main(argv=None) -> int:
     device = pick_device(args.device)
     if args.schedule is not None:
         schedule, trained, cfg = load_schedule(args.schedule, args.supernet)
-        denoiser, step = schedule_denoiser(schedule, trained, "cpu", extract=not args.views), trained.entry["steps"]
+        denoiser, step = schedule_denoiser(schedule, trained.weights("cpu"), extract=not args.views), trained.entry["steps"]
         source = f"schedule {schedule.name} (widths {', '.join(schedule.widths())}) of {trained.path}"
         decoder = None
         default_out = args.schedule.parent / f"{args.schedule.stem}-samples"

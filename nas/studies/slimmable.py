@@ -40,9 +40,8 @@ from meme.common.fastpath import fast_path
 from meme.common.images import to_uint8
 from meme.common.markdown import markdown_table
 from meme.model.diffusion import Diffusion
-from meme.model.experts import MultiExpertDenoiser
 from meme.model.macs import cost_of_meme
-from meme.model.schedule import Schedule, TrainedSupernet
+from meme.model.schedule import Schedule, TrainedSupernet, schedule_denoiser
 from meme.model.supernet import SuperNet
 from meme.sampling.evaluate import evaluate_samples
 from meme.sampling.sample import SamplingPlan, generate
@@ -115,7 +114,8 @@ def compute_front(trained: TrainedSupernet, bins: int, per_bin: int, monotone: s
                   costs: Optional[list[float]] = None) -> Fronts:
     spec = trained.spec
     widths = list(spec.widths)
-    archs = [Schedule.uniform(w, trained.diffusion.timesteps).archs(spec)[0] for w in widths]
+    uniform = [Schedule.uniform(w, trained.diffusion.timesteps).config(spec, trained.diffusion) for w in widths]
+    archs = [cfg.experts[0] for cfg in uniform]
     space = load_space(_space_of(trained))
     images = heldout_images(space.proxy)
     bounds = bin_bounds(trained.diffusion.timesteps, bins)
@@ -123,8 +123,7 @@ def compute_front(trained: TrainedSupernet, bins: int, per_bin: int, monotone: s
     t0 = time.perf_counter()
     losses = interval_losses(net, archs, Diffusion(trained.diffusion), images, bounds, per_bin, space.proxy.seed, device)
     log.info("held-out loss of %d widths x %d bins in %.1f s", len(widths), bins, time.perf_counter() - t0)
-    gflops = [cost_of_meme(Schedule.uniform(w, trained.diffusion.timesteps).config(spec, trained.diffusion)).gflops_mean
-              for w in widths]
+    gflops = [cost_of_meme(cfg).gflops_mean for cfg in uniform]
     weights = [(hi - lo) / bounds[-1] for lo, hi in zip(bounds, bounds[1:])]
     points = front(losses, costs or gflops, weights, monotone)
     return Fronts(trained, widths, bounds, losses, gflops, weights, points)
@@ -140,8 +139,7 @@ def _space_of(trained: TrainedSupernet) -> str:
 def sample_set(schedule: Schedule, trained: TrainedSupernet, net: SuperNet, seed: int, n: int, steps: int,
                batch: int, n_ref: int, device: torch.device) -> dict[str, Any]:
     """FID of one schedule's samples at one noise seed (its experts extracted: the deployable form)."""
-    archs = schedule.archs(trained.spec)
-    denoiser = MultiExpertDenoiser([net.extract(a) for a in archs], schedule.boundaries).eval()
+    denoiser = schedule_denoiser(schedule, net, extract=True)
     plan = SamplingPlan(n, steps, 0.0, "ddim", seed, batch, clip_x0=not trained.spec.data.latent)
     shape = (trained.spec.data.channels, trained.spec.data.resolution, trained.spec.data.resolution)
     t0 = time.perf_counter()

@@ -77,7 +77,7 @@ def test_a_schedule_sampled_from_the_supernet_equals_its_extracted_networks_samp
     plan = SamplingPlan(n=3, steps=4, eta=0.0, sampler="ddim", seed=7, batch_size=3)
     diffusion = Diffusion(cfg.diffusion)
     shape = (1, 16, 16)
-    views = generate(schedule_denoiser(schedule, trained, extract=False), diffusion, shape, plan, precision="fp32")
+    views = generate(schedule_denoiser(schedule, trained.weights(), extract=False), diffusion, shape, plan, precision="fp32")
     net = trained.weights()
     meme = build_denoiser(cfg)                                     # the schedule as a plain MEME
     for e, arch in zip(meme.experts, cfg.experts):
@@ -87,7 +87,7 @@ def test_a_schedule_sampled_from_the_supernet_equals_its_extracted_networks_samp
     assert torch.allclose(views, plain, atol=1e-4, rtol=0), (views - plain).abs().max()
     # the full-width schedule is another function of the same weights
     full = Schedule.uniform("1", 1000, str(out))
-    other = generate(schedule_denoiser(full, trained, extract=True), diffusion, shape, plan, precision="fp32")
+    other = generate(schedule_denoiser(full, trained.weights(), extract=True), diffusion, shape, plan, precision="fp32")
     assert (other - plain).abs().max() > 1e-3
 
 
