@@ -342,6 +342,9 @@ def with_evaluator(space, args):
     if proxy.finetune_steps < 0:
         raise UserError(f"--finetune-steps must be >= 0, got {proxy.finetune_steps}")
     if proxy.evaluator == "supernet":
+        if space.widths.searched:
+            raise UserError(f"{space.source} searches decoder widths (search.widths), which the supernet evaluator "
+                            f"does not slice: use --evaluator scratch")
         if not proxy.supernet:
             raise UserError("--evaluator supernet needs --supernet DIR (train one with meme-nas supernet train "
                             f"--space {space.name})")

@@ -138,6 +138,14 @@ class ArchConfig:
     # Two fields a width-sliced sub-network of a slimmable supernet needs (0: as LDM, not written to YAML):
     time_channels: int = 0                       # sinusoidal timestep features (0: base_channels); embedding 4x
     group_channels: int = 0                      # channels per GroupNorm group (0: 32 groups, LDM)
+    # An expert's own decoder width (Multistage: one shared encoder, decoders of 192, 128 and 16 channels):
+    decoder_channels: int = 0                    # base width of the decoder levels (0: base_channels)
+
+    def __post_init__(self) -> None:
+        # A decoder as wide as the encoder is the default written one way only, so that equal
+        # networks are equal configs (hashes, sharing checks, caches).
+        if self.decoder_channels == self.base_channels:
+            object.__setattr__(self, "decoder_channels", 0)
 
     def emb_channels(self) -> int:
         """Width of the timestep embedding every block reads: 4 x the sinusoidal features."""
@@ -148,7 +156,12 @@ class ArchConfig:
         return len(self.channel_mult)
 
     def stage_channels(self) -> list[int]:
+        """Encoder widths per stage (the middle block runs at the last one)."""
         return [self.base_channels * m for m in self.channel_mult]
+
+    def decoder_stage_channels(self) -> list[int]:
+        """Decoder widths per level, level 0 at full resolution."""
+        return [(self.decoder_channels or self.base_channels) * m for m in self.channel_mult]
 
     def high_fractions(self) -> list[Fraction]:
         return [parse_fraction(r, "high_ratios") for r in self.high_ratios]
@@ -168,12 +181,18 @@ class ArchConfig:
                     f"{where}.base_channels must be a positive multiple of 8, got {self.base_channels}")
         require(0 <= self.group_channels <= MAX_WIDTH, f"{where}.group_channels must lie in [0, {MAX_WIDTH}], "
                                                        f"got {self.group_channels}")
+        if self.decoder_channels:
+            unit = self.group_channels or 8
+            require(0 < self.decoder_channels <= MAX_WIDTH and self.decoder_channels % unit == 0,
+                    f"{where}.decoder_channels must be a positive multiple of {unit} "
+                    f"({'group_channels' if self.group_channels else 'as base_channels'}) up to {MAX_WIDTH}, "
+                    f"or 0 (the encoder's width), got {self.decoder_channels}")
         require(0 <= self.time_channels <= MAX_WIDTH and self.time_channels % 2 == 0,
                 f"{where}.time_channels must be an even number in [0, {MAX_WIDTH}] (0: base_channels), "
                 f"got {self.time_channels}")
         require(1 <= len(self.channel_mult) <= MAX_STAGES and all(m >= 1 for m in self.channel_mult),
                  f"{where}.channel_mult must be a list of 1 to {MAX_STAGES} positive ints, got {list(self.channel_mult)}")
-        widest = self.base_channels * max(self.channel_mult)
+        widest = max(self.base_channels, self.decoder_channels) * max(self.channel_mult)
         require(widest <= MAX_WIDTH, f"{where}: a stage {widest} channels wide is beyond {MAX_WIDTH} channels")
         require(1 <= self.num_res_blocks <= MAX_BLOCKS,
                 f"{where}.num_res_blocks must lie in [1, {MAX_BLOCKS}], got {self.num_res_blocks}")
@@ -183,6 +202,9 @@ class ArchConfig:
             require(c % self.head_channels == 0,
                      f"{where}: stage width {c} is not a multiple of head_channels={self.head_channels}")
         if self.kind == "unet":
+            for c in self.decoder_stage_channels():   # the U-Net's decoder has attention too
+                require(c % self.head_channels == 0,
+                        f"{where}: decoder width {c} is not a multiple of head_channels={self.head_channels}")
             allowed = [2 ** i for i in range(self.num_stages)]
             for ds in self.attention_ds:
                 require(ds in allowed, f"{where}.attention_ds: {ds} is not a stage downsample factor {allowed}")
@@ -314,6 +336,12 @@ class ShareConfig:
                 require(getattr(e, f) == getattr(first, f),
                         f"{where}: shared parts need one macro shape, but experts[{i}].{f}={_show(getattr(e, f))} "
                         f"differs from experts[0].{f}={_show(getattr(first, f))}")
+            if self.decoder_levels:   # an expert's own decoder may have its own width; a shared one may not
+                require(e.decoder_stage_channels() == first.decoder_stage_channels(),
+                        f"{where}.decoder_levels={self.decoder_levels}: a shared decoder has one width, but "
+                        f"experts[{i}]'s decoder is {e.decoder_stage_channels()} channels wide and experts[0]'s "
+                        f"{first.decoder_stage_channels()}; share the encoder only (e.g. 'enc+mid') to give "
+                        f"experts decoders of their own widths")
             if self.mid or self.decoder_levels:
                 require(_decoder_attention(e) == _decoder_attention(first),
                         f"{where}: a shared decoder/mid needs one decoder, but experts[{i}] ({e.kind}) and "
@@ -332,8 +360,10 @@ class ShareConfig:
                                                     f"at {in_k(e)} in the shared stages, experts[0] at {in_k(first)}")
 
 
-# What every shared part needs in common: the widths, depth and heads of the network.
-_MACRO_FIELDS = ("base_channels", "channel_mult", "num_res_blocks", "head_channels", "dropout")
+# What every shared part needs in common: the encoder's widths, depth and heads, its norms and
+# time embedding (the decoder's width, ``decoder_channels``, only when the decoder is shared).
+_MACRO_FIELDS = ("base_channels", "channel_mult", "num_res_blocks", "head_channels", "dropout",
+                 "time_channels", "group_channels")
 
 
 def _decoder_attention(a: "ArchConfig") -> tuple[int, ...]:
@@ -462,10 +492,10 @@ class MemeConfig:
 
 
 def arch_dict(arch: ArchConfig) -> dict[str, Any]:
-    """An expert as YAML and every cache key see it: the slimmable fields only when set, so
+    """An expert as YAML and every cache key see it: the slimmable and decoder-width fields only when set, so
     every config, hash, MACs and latency key written before they existed stays the same."""
     d = plain(dataclasses.asdict(arch))
-    for name in ("time_channels", "group_channels"):
+    for name in ("time_channels", "group_channels", "decoder_channels"):
         if not d[name]:
             d.pop(name)
     return d

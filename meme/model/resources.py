@@ -121,7 +121,8 @@ def estimate(cfg: MemeConfig, batch_size: int, limit: Optional[int] = None) -> E
     """
     cfg.validate()
     params = sum(_params(a, cfg.data) for a in cfg.experts)
-    first_stage = batch_size * max(e.base_channels for e in cfg.experts) * cfg.data.resolution ** 2 * ACTIVATION_BYTES
+    widest = max(max(e.base_channels, e.decoder_channels) for e in cfg.experts)   # full-resolution maps
+    first_stage = batch_size * widest * cfg.data.resolution ** 2 * ACTIVATION_BYTES
     if limit is not None and (params * INFER_BYTES_PER_PARAM > limit or first_stage > limit):
         return Estimate(params, first_stage, batch_size, partial=True)
     act = max(_activation_bytes(a, cfg.data, batch_size) for a in set(cfg.experts))

@@ -84,7 +84,7 @@ class UNetDecoder(nn.Module):
         mid_attention: bool = True,  # attention between the two middle ResBlocks
     ):
         super().__init__()
-        widths = arch.stage_channels()
+        widths = arch.decoder_stage_channels()   # its own width: the skips bring the encoder's
         levels = len(widths)
         hc, drop, gc = arch.head_channels, arch.dropout, arch.group_channels
         skips = list(skip_channels)

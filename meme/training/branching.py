@@ -95,6 +95,9 @@ def parent_spec(cfg: MemeConfig) -> Optional[SupernetSpec]:
     archs = list(dict.fromkeys(cfg.experts))
     if len(archs) == 1:
         return None
+    if len({a.decoder_stage_channels()[0] for a in archs}) > 1:
+        raise UserError(f"{cfg.name}: its experts' decoders differ in width, and a parent network is cut into "
+                        f"experts by their d_h/d splits and pool strides only: train it from scratch")
     if any(a.kind != "iunet" for a in archs):
         raise UserError(f"{cfg.name}: experts of different architectures can share a parent only as iU-Nets "
                         f"of one macro shape (a weight-shared supernet); got kinds {sorted({a.kind for a in archs})}")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from meme.common.errors import UserError
 from meme.model.config import MemeConfig
@@ -40,14 +40,52 @@ def training_gflops(step_gflops: list[float], steps: int) -> float:
     return full * sum(step_gflops) + sum(step_gflops[:part])
 
 
-def expert_for_step(step: int, num_experts: int, total_steps: int, schedule: str) -> int:
-    """Which expert an optimizer step trains: interleaved k mod N, or the paper's sequential blocks."""
+def expert_for_step(step: int, num_experts: int, total_steps: int, schedule: str,
+                    weights: Sequence[float] = ()) -> int:
+    """Which expert an optimizer step trains: interleaved k mod N, the paper's sequential blocks,
+    or ``weighted``: each expert's share of steps is its interval's share of t (``weights``)."""
     if schedule == "sequential":
         return min(step * num_experts // max(total_steps, 1), num_experts - 1)
+    if schedule == "weighted":
+        return _weighted(tuple(weights), step + 1)[step]
     return step % num_experts
 
 
-def steps_per_expert(num_experts: int, total_steps: int, schedule: str, split_at: int = 0) -> list[int]:
+_WEIGHTED: dict[tuple[float, ...], list[int]] = {}
+
+
+def weighted_order(weights: tuple[float, ...], length: int) -> list[int]:
+    """The first ``length`` experts of the weighted schedule: step k trains the expert furthest
+    behind its share, argmax_n (k+1) w_n - steps_n so far (ties: the lower n).
+
+    Every expert stays within one step of its share at every k, and the order does not
+    depend on the run's length, so a run's first S steps are a run of S steps. Experts of
+    different per-step cost (decoders of different widths) then spend, over a run, the
+    interval-weighted mean cost per step: the training compute of one network of that
+    per-step cost.
+    """
+    return list(_weighted(tuple(weights), length)[:length])
+
+
+def _weighted(weights: tuple[float, ...], length: int) -> list[int]:
+    """The cached order, extended to at least ``length`` steps (not a copy)."""
+    if not weights or any(w < 0 for w in weights) or not sum(weights) > 0:
+        raise ValueError(f"the weighted schedule needs non-negative interval weights, got {list(weights)}")
+    order = _WEIGHTED.setdefault(weights, [])
+    if len(order) < length:
+        counts = [0] * len(weights)
+        for n in order:
+            counts[n] += 1
+        total = sum(weights)
+        for k in range(len(order), length):
+            n = max(range(len(weights)), key=lambda i: ((k + 1) * weights[i] / total - counts[i], -i))
+            counts[n] += 1
+            order.append(n)
+    return order
+
+
+def steps_per_expert(num_experts: int, total_steps: int, schedule: str, split_at: int = 0,
+                     weights: Sequence[float] = ()) -> list[int]:
     """Optimizer steps spent on each expert's architecture over a whole run.
 
     Parent steps [0, split_at) train expert k mod N's sub-network; expert steps
@@ -57,16 +95,17 @@ def steps_per_expert(num_experts: int, total_steps: int, schedule: str, split_at
     for k in range(split_at):
         counts[k % num_experts] += 1
     for k in range(split_at, total_steps):
-        counts[expert_after_split(k, num_experts, total_steps, schedule, split_at)] += 1
+        counts[expert_after_split(k, num_experts, total_steps, schedule, split_at, weights)] += 1
     return counts
 
 
-def expert_after_split(step: int, num_experts: int, total_steps: int, schedule: str, split_at: int) -> int:
+def expert_after_split(step: int, num_experts: int, total_steps: int, schedule: str, split_at: int,
+                       weights: Sequence[float] = ()) -> int:
     """The expert of step ``step`` >= ``split_at``: interleaved continues k mod N through the split
     (so a branched run trains each architecture exactly as often as a from-scratch one);
-    sequential blocks divide the steps after the split."""
-    if schedule == "sequential":
-        return expert_for_step(step - split_at, num_experts, total_steps - split_at, schedule)
+    sequential blocks divide the steps after the split, and weighted ones follow their order from it."""
+    if schedule in ("sequential", "weighted"):
+        return expert_for_step(step - split_at, num_experts, total_steps - split_at, schedule, weights)
     return step % num_experts
 
 
@@ -98,7 +137,7 @@ def run_compute(cfg: MemeConfig, total_steps: int, batch_size: int, schedule: st
                 served: Optional[int] = None) -> TrainingCompute:
     """The compute of a ``meme.training.train`` run of ``cfg`` (target shape), from its schedule."""
     per_step = train_gflops_per_step(cfg, batch_size)
-    counts = steps_per_expert(cfg.num_experts, total_steps, schedule, split_at)
+    counts = steps_per_expert(cfg.num_experts, total_steps, schedule, split_at, cfg.interval_weights())
     parent = steps_per_expert(cfg.num_experts, split_at, "interleaved") if split_at else [0] * cfg.num_experts
     own = sum(c * g for c, g in zip(counts, per_step)) / 1e3
     before = sum(c * g for c, g in zip(parent, per_step)) / 1e3

@@ -33,8 +33,9 @@ class TrainOptions:
     weight_decay: float = _opt(0.0, "AdamW decoupled weight decay")
     ema_decay: float = _opt(0.999, "EMA decay (warmed up as min(decay, (1+n)/(10+n)))")
     grad_clip: float = _opt(1.0, "max global grad norm (0 = off)")
-    schedule: str = _opt("interleaved", "expert training order: interleaved or sequential (the paper's)",
-                         ("interleaved", "sequential"))
+    schedule: str = _opt("interleaved", "expert training order: interleaved, sequential (the paper's) or weighted "
+                                        "(each expert's share of steps = its interval's share of t)",
+                         ("interleaved", "sequential", "weighted"))
     seed: int = _opt(0, "model init, data order, timesteps and noise")
     ckpt_every: int = _opt(1000, "steps between checkpoints")
     sample_every: int = _opt(2000, "steps between sample grids (0 = off)")

@@ -7,6 +7,11 @@ Schedules (``--schedule``):
   sample grids during training show the whole model improving.
 * ``sequential``: the paper's way, expert 1 for the first S/N steps, then expert 2...
   Same total budget and per-expert share; useful to reproduce the paper exactly.
+* ``weighted``: each expert trains on its interval's share of the steps, interleaved
+  (``meme.training.compute.weighted_order``), as one network trained on uniform t spends
+  them. For experts of different per-step cost (decoders of different widths), a run
+  then costs steps x the interval-weighted cost per step, the compute of one network
+  at that per-step cost: what an equal-compute comparison needs.
 
 Each expert's timesteps come from the soft-expert sampler (its own interval with
 probability p_n, otherwise uniform over [0, T)). AdamW with linear warm-up, EMA
@@ -78,7 +83,7 @@ from meme.training.compute import expert_after_split, run_compute, source_tflops
 from meme.training.options import TrainOptions, add_option_flags, options_from
 
 log = logging.getLogger("meme.training.train")
-SCHEDULES = ("interleaved", "sequential")
+SCHEDULES = ("interleaved", "sequential", "weighted")
 
 
 class TrainingDiverged(UserError):
@@ -267,7 +272,8 @@ class Trainer:
                             f"training it on several ranks is not supported yet; run one process")
         if opts.expert_parallel and opts.schedule != "interleaved":
             raise UserError("--expert-parallel needs --schedule interleaved: sequential blocks train one expert at a "
-                            "time, so the groups would wait for each other at every log row and checkpoint")
+                            "time, and weighted shares are unequal, so the groups would wait for each other at every "
+                            "log row and checkpoint")
         self.data = load_data(opts.data, cfg.data, "train")
         if opts.limit_data:
             self.data = self.data[: opts.limit_data]
@@ -326,7 +332,8 @@ class Trainer:
             net, params, opt = self.parent_net, self.parent.parameters(), self.parent_opt
             batch = draw_batch(self.data, self.all_t, 0, self.opts.batch_size, self.gen, self.fast, self.device, rows)
         else:
-            e = group = expert_after_split(s, n, self.opts.steps, self.opts.schedule, self.branch.at)
+            e = group = expert_after_split(s, n, self.opts.steps, self.opts.schedule, self.branch.at,
+                                           self.cfg.interval_weights())
             if not self.par.owns(e):  # expert-parallel: another group trains this step; the EMA still ticks
                 return self._tick(e, None)
             net, params, opt = self.train_nets[e], self.model.experts[e].parameters(), self.opt

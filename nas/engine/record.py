@@ -147,6 +147,8 @@ def readable_attrs(cfg: MemeConfig, params: int) -> dict[str, Any]:
                            "boundaries": " ".join(str(b) for b in cfg.resolved_boundaries())}
     for n, e in enumerate(cfg.experts, 1):
         out[f"expert_{n}"] = " ".join(e.high_ratios)
+    if any(e.decoder_channels for e in cfg.experts):   # experts of their own decoder widths
+        out["decoder_channels"] = " ".join(str(e.decoder_channels or e.base_channels) for e in cfg.experts)
     return out
 
 

@@ -60,6 +60,7 @@ class Design:
     cfg: MemeConfig
     info: dict = field(default_factory=dict)  # trial number, proxy objective, role ...
     init: Optional[str] = None  # 'scratch' | 'branch' for this design; None: the protocol's recipe
+    schedule: str = "interleaved"   # meme.training.train --schedule ('weighted' for experts of unequal cost)
 
     def recipe(self, protocol: "PromoteProtocol") -> PromoteRecipe:
         """The protocol's recipe with this design's init (one network never branches)."""
@@ -126,7 +127,8 @@ def run_pipeline(design: Design, seed: int, out: Path, protocol: PromoteProtocol
     run = run_dir(out, design, seed)
     run.mkdir(parents=True, exist_ok=True)
     rec = design.recipe(protocol)
-    stamp = {"config_hash": design.cfg.hash(), "seed": seed, **protocol.digest(rec)}
+    stamp = {"config_hash": design.cfg.hash(), "seed": seed, **protocol.digest(rec),
+             **({"schedule": design.schedule} if design.schedule != "interleaved" else {})}
     stamp_path = run / "promote.json"
     if stamp_path.is_file() and json.loads(stamp_path.read_text()) != stamp:
         raise UserError(f"{run} was trained with other settings (config, seed, data or recipe): "
@@ -139,7 +141,7 @@ def run_pipeline(design: Design, seed: int, out: Path, protocol: PromoteProtocol
     yaml_path = design.cfg.save(run / "design.yaml")
     if not (run / "train.done").exists():
         opts = rec.train_options(data=protocol.data, seed=seed, device=protocol.device, threads=protocol.threads,
-                                 sample_every=0, ckpt_every=max(rec.steps // 10, 1))
+                                 sample_every=0, ckpt_every=max(rec.steps // 10, 1), schedule=design.schedule)
         cmd = [py, "-m", "meme.training.train", "--config", str(yaml_path), "--out", str(run), *to_argv(opts)]
         if protocol.ray_workers and protocol.ray_workers.workers > 1:   # it passes --resume itself
             with _PRINT:

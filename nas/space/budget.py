@@ -140,7 +140,7 @@ def _stage_tables(space, base: int, blocks: int, pools: tuple[int, ...],
     cost_of_arch = cost_of_arch or (lambda arch: cost_of_network(arch, space.data).gflops)
 
     def cost(ratios: list[Fraction]) -> float:
-        return cost_of_arch(space.arch(base, blocks, pools, tuple(str(r) for r in ratios)))
+        return cost_of_arch(space.arch(base, blocks, pools, tuple(str(r) for r in ratios), space.widths.choices[0]))
 
     c_top = cost(top)
     tables = []
@@ -195,13 +195,13 @@ def cheapest_config(space, budget: Optional[float] = None) -> tuple[MemeConfig, 
 
     Corner chains first (a handful of counts); when a budget is given and a corner
     meets it, that is enough. Otherwise the exact minimum by the per-stage DP.
-    All experts share the chain, so mean == max and N does not matter.
+    All experts share the chain and the narrowest decoder width, so mean == max and N does not matter.
     """
-    best = None
+    best, narrowest = None, space.widths.choices[0]
     for base, blocks, pools in _cheap_macros(space):
         grids = [space.stage_grid(base, s) for s in range(space.num_stages)]
         for chain in _step_chains(grids, space.ratios.monotone_depth):
-            c = cost_of_network(space.arch(base, blocks, pools, tuple(str(r) for r in chain)), space.data).gflops
+            c = cost_of_network(space.arch(base, blocks, pools, tuple(str(r) for r in chain), narrowest), space.data).gflops
             if best is None or c < best[0]:
                 best = (c, base, blocks, pools, chain)
     if budget is None or best[0] > budget:
@@ -212,7 +212,7 @@ def cheapest_config(space, budget: Optional[float] = None) -> tuple[MemeConfig, 
                 best = (c_top + delta, base, blocks, pools, chain)
     _, base, blocks, pools, chain = best
     n = min(space.num_experts)
-    arch = space.arch(base, blocks, pools, tuple(str(r) for r in chain))
+    arch = space.arch(base, blocks, pools, tuple(str(r) for r in chain), narrowest)
     cfg = MemeConfig(name=f"{space.name}-cheapest", experts=(arch,) * n, data=space.data,
                      diffusion=space.diffusion, expert_probs=(space.probs.choices[-1],) * n).validate()
     return cfg, cost_of(cfg, "mean").gflops_mean

@@ -14,7 +14,9 @@ Structural rules hold by construction, never by sample-and-reject:
   grid's floor). A uniform position is a uniform draw among the legal values, so random
   start-up trials spread over the space instead of piling onto its floor;
 * p_n non-increasing: the same, over the choices at or below p_{n-1}
-  (at most ``max_decrement`` choice steps below).
+  (at most ``max_decrement`` choice steps below);
+* decoder widths (``search.widths``) non-increasing with n under ``wider_near_data``:
+  a position among the widths at or below the previous expert's.
 
 Parameter names do not depend on N (``e{n}_s{s}`` is the same parameter for every N
 that has expert n), so TPE pools what trials with different N learn about shared
@@ -96,6 +98,24 @@ def sample_ratios(trial: TrialLike, space: SearchSpace, n_experts: int, base: in
     return [tuple(str(r) for r in row) for row in out]
 
 
+def width_choices(space: SearchSpace, previous: Optional[str]) -> list[str]:
+    """Legal decoder widths of an expert given the previous expert's (ascending)."""
+    choices = list(space.widths.choices)
+    if space.widths.monotone != "wider_near_data" or previous is None:
+        return choices
+    return [w for w in choices if Fraction(w) <= Fraction(previous)]
+
+
+def sample_widths(trial: TrialLike, space: SearchSpace, n_experts: int) -> tuple[str, ...]:
+    """Each expert's decoder width (a fraction of the base width); all '1' when not searched."""
+    if not space.widths.searched:
+        return ("1",) * n_experts
+    out: list[str] = []
+    for n in range(n_experts):
+        out.append(pick(width_choices(space, out[-1] if out else None), trial.suggest_float(f"x{n}", 0.0, 1.0)))
+    return tuple(out)
+
+
 def sample_probs(trial: TrialLike, space: SearchSpace, n_experts: int) -> tuple[float, ...]:
     idx: list[int] = []
     for n in range(n_experts):
@@ -133,10 +153,13 @@ def build_config(trial: TrialLike, space: SearchSpace, name: Optional[str] = Non
                                               tuple(_strides_str(p) for p in space.macro.pool_strides))).split(","))
     share = sample_share(trial, space, n_experts)
     ratios = sample_ratios(trial, space, n_experts, base, share.encoder_stages)
+    widths = sample_widths(trial, space, n_experts)
+    if share.decoder_levels:   # a shared decoder has one width: the first expert's
+        widths = (widths[0],) * n_experts
     probs = sample_probs(trial, space, n_experts)
     bounds = sample_boundaries(trial, space, n_experts)
     cfg = MemeConfig(name=name or f"{space.name}-t{getattr(trial, 'number', 0)}",
-                     experts=tuple(space.arch(base, blocks, pools, r) for r in ratios),
+                     experts=tuple(space.arch(base, blocks, pools, r, w) for r, w in zip(ratios, widths)),
                      data=space.data, diffusion=space.diffusion, boundaries=bounds, expert_probs=probs,
                      share=share)
     return cfg.validate()
@@ -159,8 +182,8 @@ def encode(cfg: MemeConfig, space: SearchSpace) -> dict[str, Any]:
     params: dict[str, Any] = {"num_experts": cfg.num_experts}
     where = f"{cfg.name}: not in space {space.name}"
     require(cfg.num_experts in space.num_experts, f"{where} (N={cfg.num_experts})")
-    require(all(dataclasses.replace(e, high_ratios=e0.high_ratios) == e0 for e in cfg.experts),
-          f"{where} (experts differ in macro shape)")
+    require(all(dataclasses.replace(e, high_ratios=e0.high_ratios, decoder_channels=e0.decoder_channels) == e0
+                for e in cfg.experts), f"{where} (experts differ in macro shape)")
     for key, choices in (("base_channels", space.macro.base_channels), ("num_res_blocks", space.macro.num_res_blocks),
                          ("pool_strides", tuple(_strides_str(p) for p in space.macro.pool_strides))):
         value = _strides_str(e0.pool_strides) if key == "pool_strides" else getattr(e0, key)
@@ -182,6 +205,20 @@ def encode(cfg: MemeConfig, space: SearchSpace) -> dict[str, Any]:
             legal = ratio_choices(space, e0.base_channels, s, row[s - 1] if s else None, rows[n - 1][s] if n else None)
             require(r in legal, f"{where} (expert {n + 1} stage {s + 1}: {r} not in {[str(x) for x in legal]})")
             params[f"e{n}_s{s}"] = _position(legal, r)
+    widths = [str(Fraction(e.decoder_channels or e.base_channels, e.base_channels)) for e in cfg.experts]
+    for n, (e, w) in enumerate(zip(cfg.experts, widths)):   # what the macro draws does not say: heads, groups...
+        drawn = space.arch(e.base_channels, e.num_res_blocks, e.pool_strides, e.high_ratios, w)
+        off = [f.name for f in dataclasses.fields(e) if getattr(e, f.name) != getattr(drawn, f.name)]
+        require(not off, f"{where} (expert {n + 1}'s {', '.join(off)} differ from the space's target.expert)")
+    if space.widths.searched:
+        for n, w in enumerate(widths):
+            if n and cfg.share.decoder_levels:
+                continue   # a shared decoder: expert 1's width (MemeConfig.validate checked they agree)
+            legal = width_choices(space, widths[n - 1] if n else None)
+            require(w in legal, f"{where} (expert {n + 1}'s decoder width {w} not in {legal})")
+            params[f"x{n}"] = _position(legal, w)
+    else:
+        require(set(widths) == {"1"}, f"{where} (decoder widths {widths}: the space does not search widths)")
     idx: list[int] = []
     for n, p in enumerate(cfg.resolved_probs()):
         require(p in space.probs.choices, f"{where} (p_{n + 1}={p})")

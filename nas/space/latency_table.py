@@ -40,11 +40,13 @@ from nas.space.draw import build_config
 from nas.space.space import SearchSpace, load_space
 
 
-def calibration_archs(space: SearchSpace, base: int, blocks: int, pools: tuple[int, ...], k: int = 3) -> list:
-    """Up to three networks of one macro: every stage at the top of its grid, at the bottom, between."""
+def calibration_archs(space: SearchSpace, base: int, blocks: int, pools: tuple[int, ...], k: int = 3,
+                      width: str = "1") -> list:
+    """Up to three networks of one macro (and decoder width): every stage at the top of its grid,
+    at the bottom, between."""
     grids = [space.stage_grid(base, s) for s in range(space.num_stages)]
     chains = [[g[-1] for g in grids], [g[0] for g in grids], [g[len(g) // 2] for g in grids]][:k]
-    return [space.arch(base, blocks, pools, tuple(str(r) for r in c)) for c in chains]
+    return [space.arch(base, blocks, pools, tuple(str(r) for r in c), width) for c in chains]
 
 
 def probe_archs(space: SearchSpace):
@@ -67,13 +69,15 @@ def build_space_table(space: SearchSpace, table: LatencyTable, log: Callable[[st
     ``calibrations`` networks per macro give its rest and overhead."""
     t0 = time.perf_counter()
     n0 = len(table.blocks)
-    for base, blocks in itertools.product(space.macro.base_channels, space.macro.num_res_blocks):
-        archs = calibration_archs(space, base, blocks, tuple(space.macro.pool_strides[0]), calibrations)
+    for base, blocks, width in itertools.product(space.macro.base_channels, space.macro.num_res_blocks,
+                                                 space.widths.choices):   # a decoder width is a macro of its own
+        archs = calibration_archs(space, base, blocks, tuple(space.macro.pool_strides[0]), calibrations, width)
         if macro_key(archs[0], space.data) not in table.macros:
             t1 = time.perf_counter()
             table.calibrate(archs, space.data)
             table.build_s += time.perf_counter() - t1
-            log(f"  calibrated base {base}, {blocks} block(s): {time.perf_counter() - t1:.0f} s")
+            decoder = "" if width == "1" else f", decoder x{width}"
+            log(f"  calibrated base {base}, {blocks} block(s){decoder}: {time.perf_counter() - t1:.0f} s")
     for arch in probe_archs(space):
         table.ensure(arch, space.data)
     log(f"latency table for {space.name}: {len(table.blocks)} blocks ({len(table.blocks) - n0} new), "

@@ -112,7 +112,8 @@ def proxy_arch(arch: ArchConfig, proxy: ProxySpec, where: str = "proxy") -> Arch
     heads = _scaled(arch.head_channels, m, "head_channels", where)
     if base % 8:
         raise ConfigError(f"{where}: proxy base width {base} (= {arch.base_channels} x {m}) must be a multiple of 8")
-    out = dataclasses.replace(arch, base_channels=base, head_channels=heads)
+    decoder = _scaled(arch.decoder_channels, m, "decoder_channels", where) if arch.decoder_channels else 0
+    out = dataclasses.replace(arch, base_channels=base, head_channels=heads, decoder_channels=decoder)
     for s, (wt, wp) in enumerate(zip(arch.stage_channels(), out.stage_channels())):
         if head_step_grid(wt, arch.head_channels) != head_step_grid(wp, heads):
             raise ConfigError(f"{where}: stage {s + 1} head-step grid changes at proxy width {wp} "

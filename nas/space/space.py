@@ -53,6 +53,7 @@ INITS = ("scratch", "branch")       # promote.init: how a promoted design's expe
 DEFAULT_SPACE = "meme_ffhq256"
 BOUNDARY_MODES = ("uniform", "searchable", "cluster")
 BOUNDARY_CHOICES = ("uniform", "cluster")   # what a trial picks from in mode 'cluster'
+WIDTH_MONOTONE = ("wider_near_data", "free")
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,26 @@ class BoundaryRules:
 
     mode: str = "uniform"              # 'uniform', 'searchable' or 'cluster' (uniform or clustered, searched)
     weight_levels: int = 3             # searchable: interval n has length prop. to w_n in 1..levels
+
+
+@dataclass(frozen=True)
+class WidthRules:
+    """Each expert's decoder width (``ArchConfig.decoder_channels``) as a fraction of the macro's
+    base width: Multistage's shape, one encoder and decoders of their own widths, as a point of
+    the space. The encoder stays the macro's (shared or not), so an expert's width is what it
+    spends on rebuilding the image from the encoder's features.
+    """
+
+    choices: tuple[str, ...] = ("1",)      # ascending fractions of the base width; ("1",): not searched
+    monotone: str = "free"                 # 'wider_near_data': non-increasing with expert index (toward t = T)
+
+    @property
+    def searched(self) -> bool:
+        return self.choices != ("1",)
+
+    def channels(self, width: str, base: int) -> int:
+        """The decoder's base channels at this width (``check_space`` made them whole)."""
+        return int(Fraction(width) * base)
 
 
 @dataclass(frozen=True)
@@ -165,14 +186,17 @@ class SearchSpace:
                                                   # shipped, e.g. latents the user encodes; promote asks for it)
     promote: PromoteRecipe = field(default_factory=PromoteRecipe)  # full-training recipe at the target
     share: tuple[ShareConfig, ...] = (ShareConfig(),)  # what experts may hold in common (searched if > 1)
+    widths: WidthRules = WidthRules()                  # per-expert decoder widths (searched if several)
 
     @property
     def num_stages(self) -> int:
         return self.template.num_stages
 
-    def arch(self, base: int, blocks: int, pools: tuple[int, ...], ratios: tuple[str, ...]) -> ArchConfig:
+    def arch(self, base: int, blocks: int, pools: tuple[int, ...], ratios: tuple[str, ...],
+             width: str = "1") -> ArchConfig:
         return dataclasses.replace(self.template, base_channels=base, num_res_blocks=blocks,
-                                   pool_strides=tuple(pools), high_ratios=tuple(ratios))
+                                   pool_strides=tuple(pools), high_ratios=tuple(ratios),
+                                   decoder_channels=self.widths.channels(width, base))
 
     def stage_grid(self, base: int, stage: int) -> list[Fraction]:
         """Legal d_h/d of a stage at this base width within [min, max], ascending."""
@@ -239,7 +263,7 @@ def load_space(spec: str | Path | None = None) -> SearchSpace:
         raise ConfigError(str(exc)) from None
 
     s = _map(d.get("search"), f"{src}: search")
-    check_keys(s, {"num_experts", "ratios", "probs", "boundaries", "macro", "share"}, f"{src}: search")
+    check_keys(s, {"num_experts", "ratios", "probs", "boundaries", "macro", "share", "widths"}, f"{src}: search")
     n_exp = coerce_value(_list(s.get("num_experts", [4]), f"{src}: search.num_experts"), tuple[int, ...],
                          f"{src}: search.num_experts")
     require(all(n >= 1 for n in n_exp), f"{src}: search.num_experts must be positive ints, got {list(n_exp)}")
@@ -284,6 +308,7 @@ def load_space(spec: str | Path | None = None) -> SearchSpace:
         pool_strides=tuple(coerce_value(x, tuple[int, ...], f"{where}.pool_strides") for x in pools))
 
     share = parse_share(s.get("share", ["none"]), template, f"{src}: search.share")
+    widths = parse_widths(s.get("widths"), f"{src}: search.widths")
     proxy = parse_proxy(d.get("proxy", {}), src)
     defaults = _map(d.get("defaults", {}), f"{src}: defaults")
     space = SearchSpace(name=str(d.get("name", path.stem)), source=src, template=template, data=data,
@@ -291,7 +316,7 @@ def load_space(spec: str | Path | None = None) -> SearchSpace:
                         macro=macro, proxy=proxy, defaults=dict(defaults),
                         reference=parse_reference(d.get("reference"), path, data),
                         dataset=parse_dataset(target.get("dataset"), path, f"{src}: target.dataset"),
-                        promote=parse_promote(d.get("promote"), src), share=share)
+                        promote=parse_promote(d.get("promote"), src), share=share, widths=widths)
     check_space(space)
     return space
 
@@ -302,6 +327,21 @@ def parse_share(x: Any, template: ArchConfig, where: str) -> tuple[ShareConfig, 
     out = tuple(ShareConfig.parse(w, f"{where}[{i}]").fit(template.num_stages) for i, w in enumerate(words))
     require(len({c.describe() for c in out}) == len(out), f"{where}: a choice is listed twice: {words}")
     return out
+
+
+def parse_widths(x: Any, where: str) -> WidthRules:
+    """``search.widths: {choices: [1/2, 1, 3/2], monotone: wider_near_data | free}`` (absent: not searched)."""
+    if x is None:
+        return WidthRules()
+    m = _map(x, where)
+    check_keys(m, {"choices", "monotone"}, where)
+    fracs = [parse_fraction(v, f"{where}.choices") for v in _list(m.get("choices"), f"{where}.choices")]
+    require(all(f > 0 for f in fracs), f"{where}.choices must be positive fractions of the base width, "
+                                       f"got {[str(f) for f in fracs]}")
+    require(len(set(fracs)) == len(fracs), f"{where}.choices: a width is listed twice: {[str(f) for f in fracs]}")
+    monotone = str(m.get("monotone", "free"))
+    require(monotone in WIDTH_MONOTONE, f"{where}.monotone must be one of {list(WIDTH_MONOTONE)}, got {monotone!r}")
+    return WidthRules(tuple(str(f) for f in sorted(fracs)), monotone)
 
 
 def parse_reference(x: Any, path: Path, data: DataShape) -> Optional[MemeConfig]:
@@ -375,6 +415,9 @@ def parse_proxy(d: Any, src: str) -> ProxySpec:
 def check_space(space: SearchSpace) -> None:
     """Every draw must be legal: non-empty grids, rule bounds reachable, proxy exact."""
     src = space.source
+    require(not (space.widths.searched and space.proxy.evaluator == "supernet"),
+            f"{src}: search.widths varies the experts' decoder widths, which the supernet evaluator does not "
+            f"slice: use proxy.evaluator scratch")
     require(space.diffusion.timesteps >= max(space.num_experts) * space.boundaries.weight_levels,
           f"{src}: T={space.diffusion.timesteps} too small for {max(space.num_experts)} searchable intervals")
     for base, blocks, pools in space.macro.combos():
@@ -382,6 +425,13 @@ def check_space(space: SearchSpace) -> None:
         arch.validate(f"{src}: target.expert (base {base})")
         require(space.data.resolution % 2 ** (space.num_stages - 1) == 0,
               f"{src}: target.data.resolution {space.data.resolution} is not divisible by 2^{space.num_stages - 1}")
+        for w in space.widths.choices:   # every decoder width builds, at the target and at the proxy
+            channels = Fraction(w) * base
+            require(channels.denominator == 1, f"{src}: search.widths: {w} of base {base} is not a whole number "
+                                               f"of channels")
+            wide = space.arch(base, blocks, pools, ("0",) * space.num_stages, w)
+            wide.validate(f"{src}: search.widths {w} (base {base})")
+            proxy_arch(wide, space.proxy, where=f"{src}: proxy, search.widths {w} (base {base})")
         grids = [space.stage_grid(base, st) for st in range(space.num_stages)]
         for st, g in enumerate(grids):
             require(bool(g), f"{src}: search.ratios: no legal d_h/d in [min, max] at stage {st + 1} (base {base})")
@@ -394,6 +444,8 @@ def check_space(space: SearchSpace) -> None:
         small = proxy_arch(arch, space.proxy, where=f"{src}: proxy (base {base})")
         # the largest candidate of this macro must fit where its trials will train
         n = max(space.num_experts)
+        small = proxy_arch(space.arch(base, blocks, pools, ("0",) * space.num_stages, space.widths.choices[-1]),
+                           space.proxy, where=f"{src}: proxy (base {base})")
         largest = MemeConfig(name=f"{n} experts of base {base} x {blocks} blocks", experts=(small,) * n,
                              data=space.proxy.shape(), diffusion=space.proxy.diffusion or space.diffusion)
         check_fits(largest.validate(), space.proxy.batch_size, pick_device(None), what=f"{src}: proxy")

@@ -7,7 +7,12 @@ Four kinds of denoiser, trained and scored by one recipe (``nas.promote.promote`
   hand design's p_n and boundaries (the paper's "Multi-Expert");
 * ``hand``: the space's hand design (MEME-style ratios falling with t);
 * ``search``: the study's winner (best re-ranked mean if ``rerank.json`` exists, else
-  the best trial), plus ``--top K`` more.
+  the best trial), plus ``--top K`` more;
+* ``--add-design TAG=CONFIG`` (repeatable): any other config, a reference name or a YAML
+  file (a Multistage design, another study's winner). One whose experts differ in per-step
+  cost trains with ``--schedule weighted`` (each expert its interval's share of the
+  steps), so that its training compute is the steps x its interval-weighted per-step cost,
+  as for every other row.
 
 Equal cost is checked, not assumed: every design's per-step GFLOPs must lie within
 ``--tolerance`` (5%) of the hand design's, or the command refuses; every design trains
@@ -44,6 +49,7 @@ from meme.model.config import MemeConfig
 from meme.model.diffusion import Diffusion
 from meme.model.experts import build_denoiser
 from meme.model.macs import cost_of_meme
+from meme.model.references import resolve
 from meme.sampling.sample import SamplingPlan, generate
 from meme.speed.timing import time_runs
 from nas.engine.stats import Summary, summarize, welch
@@ -101,6 +107,23 @@ def search_designs(study_dir: Path, study, top: int) -> list[Design]:
         tag = "search" if i == 0 else f"search-{i + 1}"
         cfg = MemeConfig.from_dict({**d.cfg.to_dict(), "name": tag}, "compare")
         out.append(Design(tag, cfg, {"role": f"search trial #{d.info['trial']}", "trial": d.info["trial"]}))
+    return out
+
+
+def added_designs(specs: list[str], tolerance: float) -> list[Design]:
+    """``--add-design TAG=CONFIG`` rows; experts of unequal per-step cost train weighted."""
+    out = []
+    for spec in specs:
+        tag, sep, source = spec.partition("=")
+        if not sep or not tag.strip() or not source.strip():
+            raise UserError(f"--add-design {spec!r}: write TAG=CONFIG (a reference name or a YAML file)")
+        tag = tag.strip()
+        cfg = MemeConfig.from_dict({**resolve(source.strip()).to_dict(), "name": tag}, source)
+        costs = [e.gflops for e in cost_of_meme(cfg).experts]
+        weighted = max(costs) > (1 + tolerance) * min(costs)
+        role = f"added: {source.strip()}" + ("; experts trained on their intervals' shares of the steps "
+                                             "(--schedule weighted)" if weighted else "")
+        out.append(Design(tag, cfg, {"role": role}, schedule="weighted" if weighted else "interleaved"))
     return out
 
 
@@ -214,6 +237,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="output folder for runs and the report (default: STUDY/compare)")
     p.add_argument("--storage", default=None, help="Optuna RDB URL if the study is not in STUDY/optuna.db")
     p.add_argument("--name", default=None, help="study name when the storage holds several")
+    p.add_argument("--add-design", action="append", default=[], metavar="TAG=CONFIG",
+                   help="one more row: a reference name or config YAML under the name TAG (repeatable), e.g. "
+                        "multistage=multistage-fmnist16")
     c = p.add_argument_group("crossover study (nas.studies.crossover)")
     c.add_argument("--budgets", default=None,
                    help="total optimizer steps to train every design at, e.g. 250,1000,2000 (default: the recipe's)")
@@ -248,8 +274,12 @@ def main(argv=None) -> int:
     inits = [x.strip() for x in args.inits.split(",") if x.strip()]
     if not inits or set(inits) - set(INITS):
         raise UserError(f"--init must list scratch and/or branch, got {args.inits!r}")
-    designs = crossover.with_inits(baseline_designs(space.reference) + search_designs(args.study, study, args.top),
+    designs = crossover.with_inits(baseline_designs(space.reference) + search_designs(args.study, study, args.top)
+                                   + added_designs(args.add_design, args.tolerance),
                                    inits, args.designs.split(",") if args.designs else None)
+    tags = [d.tag for d in designs]
+    if len(set(tags)) != len(tags):
+        raise UserError(f"--add-design: a TAG repeats a row's name ({sorted({t for t in tags if tags.count(t) > 1})})")
     for d in designs:
         check_target_data(d.cfg, protocol.data)
     budgets = crossover.parse_budgets(args.budgets, protocol.recipe.steps)

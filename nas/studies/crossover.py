@@ -34,6 +34,8 @@ import pandas as pd
 from meme.common.checkpoint import atomic_write_json
 from meme.common.errors import UserError
 from meme.common.markdown import markdown_table
+from meme.model.config import MemeConfig
+from meme.training.branching import parent_spec
 from meme.training.compute import TrainingCompute
 from meme.training.options import to_argv
 from meme.training.train import parse_args as parse_train_args
@@ -62,7 +64,7 @@ def with_inits(designs: Sequence[Design], inits: Sequence[str], wanted: Optional
     out = []
     for d in designs:
         for init in inits:
-            if init == "branch" and d.cfg.num_experts == 1:
+            if init == "branch" and (d.cfg.num_experts == 1 or not branchable(d.cfg)):
                 continue
             tag = d.tag + (BRANCH_SUFFIX if init == "branch" else "")
             role = d.info.get("role", "") + ("; experts branched from shared weights" if init == "branch" else "")
@@ -73,6 +75,16 @@ def with_inits(designs: Sequence[Design], inits: Sequence[str], wanted: Optional
             raise UserError(f"--designs: {unknown} not among {[d.tag for d in out]}")
         out = [d for d in out if d.tag in wanted]
     return out
+
+
+def branchable(cfg: MemeConfig) -> bool:
+    """Whether the experts can be cut from one parent network (``meme.training.branching``)."""
+    try:
+        parent_spec(cfg)
+    except UserError as exc:
+        log.info("%s has no +branch row: %s", cfg.name, exc)
+        return False
+    return True
 
 
 def reference_tag(tags: Sequence[str]) -> str:
@@ -86,7 +98,7 @@ def at_budget(protocol: PromoteProtocol, steps: int) -> PromoteProtocol:
 
 def charged_compute(design: Design, protocol: PromoteProtocol) -> TrainingCompute:
     """The design's training compute at the protocol's budget, its source charged in full."""
-    flags = [*to_argv(design.recipe(protocol).train_options()), *protocol.train_args]
+    flags = [*to_argv(design.recipe(protocol).train_options(schedule=design.schedule)), *protocol.train_args]
     _, opts = parse_train_args(["--config", design.cfg.name, *flags])   # meme.training.train's own reading of extra flags
     return training_compute(design.cfg, opts, opts.branch_plan())       # what the run will record
 
@@ -110,7 +122,8 @@ def check_equal_compute(designs: Sequence[Design], protocol: PromoteProtocol, bu
 def prefix_reusable(design: Design, protocol: PromoteProtocol) -> bool:
     """A from-scratch interleaved run's prefix is a shorter run (no split, no sequential blocks)."""
     args = list(protocol.train_args)
-    sequential = "--schedule" in args and args[args.index("--schedule") + 1:][:1] == ["sequential"]
+    sequential = design.schedule == "sequential" or (
+        "--schedule" in args and args[args.index("--schedule") + 1:][:1] == ["sequential"])
     return design.recipe(protocol).init == "scratch" and not sequential
 
 
