@@ -36,7 +36,7 @@ import logging
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pandas as pd
 import torch
@@ -72,6 +72,7 @@ from nas.studies import crossover
 
 log = logging.getLogger("nas.studies.compare")
 TOLERANCE = 0.05
+UNEQUAL_EXPERTS = 0.01   # experts whose per-step costs differ by more train --schedule weighted
 
 
 # ---- the four rows ---------------------------------------------------------------------
@@ -89,19 +90,25 @@ def baseline_designs(hand: MemeConfig) -> list[Design]:
             Design("hand", hand, {"role": f"hand design {hand.name} (ratios fall with t)"})]
 
 
-def search_designs(study_dir: Path, study, top: int) -> list[Design]:
+def search_designs(study_dir: Path, study, top: int, trial: Optional[int] = None) -> list[Design]:
     """The search's winner, then the next best trials by the search's objective.
 
-    The winner is the re-rank's (``rerank.json``: lowest mean over fresh seeds) when the
-    search ran one, wherever its single-seed value ranked it; otherwise the best trial."""
+    The winner is ``trial`` when given; else the re-rank's (``rerank.json``: lowest mean over
+    fresh seeds) when the search ran one, wherever its single-seed value ranked it;
+    otherwise the best trial."""
     designs = top_designs(study, len(study.trials))
     rerank = Path(study_dir) / "rerank.json"
-    if rerank.is_file():  # designs there are named 'trial N'; the reference is not a trial
+    best = trial
+    if best is None and rerank.is_file():  # designs there are named 'trial N'; the reference is not a trial
         trials = [d for d in json.loads(rerank.read_text()).get("designs", [])
                   if str(d.get("name", "")).startswith("trial ") and d.get("n")]
         if trials:
             best = int(min(trials, key=lambda d: d["mean"])["name"].split()[1])
-            designs.sort(key=lambda d: d.info["trial"] != best)  # stable: the re-ranked best first
+    if best is not None:
+        if best not in {d.info["trial"] for d in designs}:
+            raise UserError(f"--search-trial {best}: not a finished trial of {study.study_name} "
+                            f"({sorted(d.info['trial'] for d in designs)})")
+        designs.sort(key=lambda d: d.info["trial"] != best)  # stable: the chosen winner first
     out = []
     for i, d in enumerate(designs[:top]):
         tag = "search" if i == 0 else f"search-{i + 1}"
@@ -110,8 +117,8 @@ def search_designs(study_dir: Path, study, top: int) -> list[Design]:
     return out
 
 
-def added_designs(specs: list[str], tolerance: float) -> list[Design]:
-    """``--add-design TAG=CONFIG`` rows; experts of unequal per-step cost train weighted."""
+def added_designs(specs: list[str]) -> list[Design]:
+    """``--add-design TAG=CONFIG`` rows; experts of unequal per-step cost (beyond 1%) train weighted."""
     out = []
     for spec in specs:
         tag, sep, source = spec.partition("=")
@@ -120,7 +127,7 @@ def added_designs(specs: list[str], tolerance: float) -> list[Design]:
         tag = tag.strip()
         cfg = MemeConfig.from_dict({**resolve(source.strip()).to_dict(), "name": tag}, source)
         costs = [e.gflops for e in cost_of_meme(cfg).experts]
-        weighted = max(costs) > (1 + tolerance) * min(costs)
+        weighted = max(costs) > (1 + UNEQUAL_EXPERTS) * min(costs)
         role = f"added: {source.strip()}" + ("; experts trained on their intervals' shares of the steps "
                                              "(--schedule weighted)" if weighted else "")
         out.append(Design(tag, cfg, {"role": role}, schedule="weighted" if weighted else "interleaved"))
@@ -232,6 +239,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = CommandParser(prog="meme-nas compare", description=__doc__.splitlines()[0])
     p.add_argument("--study", required=True, type=Path, help="study directory of a search (results/<study>)")
     p.add_argument("--top", type=int, default=1, help="search designs compared, best first (default %(default)s)")
+    p.add_argument("--search-trial", type=int, default=None,
+                   help="the trial compared as the search's winner (default: the re-rank's lowest mean, else the "
+                        "best trial)")
     p.add_argument("--tolerance", type=float, default=TOLERANCE,
                    help="largest per-step GFLOPs difference from the hand design (default %(default)s)")
     p.add_argument("--out", type=Path, default=None, help="output folder for runs and the report (default: STUDY/compare)")
@@ -274,8 +284,9 @@ def main(argv=None) -> int:
     inits = [x.strip() for x in args.inits.split(",") if x.strip()]
     if not inits or set(inits) - set(INITS):
         raise UserError(f"--init must list scratch and/or branch, got {args.inits!r}")
-    designs = crossover.with_inits(baseline_designs(space.reference) + search_designs(args.study, study, args.top)
-                                   + added_designs(args.add_design, args.tolerance),
+    designs = crossover.with_inits(baseline_designs(space.reference)
+                                   + search_designs(args.study, study, args.top, args.search_trial)
+                                   + added_designs(args.add_design),
                                    inits, args.designs.split(",") if args.designs else None)
     tags = [d.tag for d in designs]
     if len(set(tags)) != len(tags):

@@ -182,6 +182,11 @@ def from_record(task: Task, recorded: Recorded) -> Optional[dict[str, Any]]:
     row = recorded.get((design.tag, seed, steps))
     if row is None or row.get("heldout_loss") is None or (protocol.fid and row.get("fid") is None):
         return None
+    mine, theirs = design.info.get("trial"), row.get("trial")
+    if theirs is not None and theirs == theirs and (mine is None or int(theirs) != int(mine)):   # NaN: no trial
+        raise UserError(f"{folder.parent}: the recorded {design.tag} rows are search trial #{int(theirs)}, this "
+                        f"run's {design.tag} is {'#' + str(mine) if mine is not None else 'no trial'}: pass "
+                        f"--search-trial {int(theirs)} to extend that study, or use another --out")
     return dict(row)
 
 

@@ -13,6 +13,9 @@ non-uniform schedule helps"). Every schedule is sampled with the same ``--seeds`
 supernet), so schedules compare **paired**: per seed the FID difference, then its mean
 and spread. Outputs in ``--out``: ``sets/`` (one JSON per supernet, widths per bin
 and seed; resumable, and a schedule met twice is sampled once), ``study.json``, ``study.md`` and ``study.png`` (FID against sampling GMACs).
+``--standalone RUN,...`` adds networks trained alone at one width (``meme-nas train`` of a
+uniform schedule's YAML, from scratch, for the supernet's training FLOPs): the answer to "is
+the slimmable network worse than training the size you need?".
 Sampling time is measured per schedule as thread CPU time of its experts' steps
 (``meme.speed.latency``, one thread, batch ``--batch-size``) and given as a ratio to the
 full width measured in the same run.
@@ -39,12 +42,13 @@ from meme.common.errors import UserError
 from meme.common.fastpath import fast_path
 from meme.common.images import to_uint8
 from meme.common.markdown import markdown_table
+from meme.model.config import ConfigError, DataShape, DiffusionConfig
 from meme.model.diffusion import Diffusion
 from meme.model.macs import cost_of_meme
 from meme.model.schedule import Schedule, TrainedSupernet, schedule_denoiser
 from meme.model.supernet import SuperNet
 from meme.sampling.evaluate import evaluate_samples
-from meme.sampling.sample import SamplingPlan, generate
+from meme.sampling.sample import SamplingPlan, generate, load_run
 from meme.speed.latency import Setting, measure_meme
 from nas.studies.schedule_opt import MONOTONE, Point, best_under, front, reverse, to_schedule
 from nas.engine.stats import rank_correlation, summarize
@@ -140,14 +144,72 @@ def sample_set(schedule: Schedule, trained: TrainedSupernet, net: SuperNet, seed
                batch: int, n_ref: int, device: torch.device) -> dict[str, Any]:
     """FID of one schedule's samples at one noise seed (its experts extracted: the deployable form)."""
     denoiser = schedule_denoiser(schedule, net, extract=True)
-    plan = SamplingPlan(n, steps, 0.0, "ddim", seed, batch, clip_x0=not trained.spec.data.latent)
-    shape = (trained.spec.data.channels, trained.spec.data.resolution, trained.spec.data.resolution)
+    rec = fid_of(denoiser, trained.diffusion, trained.spec.data, seed, n, steps, batch, n_ref, device)
+    return {"schedule": schedule.to_dict(), **rec}
+
+
+def fid_of(denoiser: torch.nn.Module, diffusion: DiffusionConfig, data: DataShape, seed: int, n: int, steps: int,
+           batch: int, n_ref: int, device: torch.device) -> dict[str, Any]:
+    """FID of a denoiser's samples at one noise seed (keyed noise: the same for every denoiser)."""
+    plan = SamplingPlan(n, steps, 0.0, "ddim", seed, batch, clip_x0=not data.latent)
     t0 = time.perf_counter()
-    samples = generate(denoiser, Diffusion(trained.diffusion), shape, plan, device)
+    samples = generate(denoiser, Diffusion(diffusion), (data.channels, data.resolution, data.resolution), plan, device)
     wall = time.perf_counter() - t0
     ev = evaluate_samples(to_uint8(samples), ref="fashion-mnist", n_ref=n_ref, split="train", device=device)
-    return {"schedule": schedule.to_dict(), "seed": seed, "n": n, "steps": steps, "fid": ev["fid"],
-            "precision": ev["precision"], "recall": ev["recall"], "sampling_wall_s": round(wall, 2)}
+    return {"seed": seed, "n": n, "steps": steps, "fid": ev["fid"], "precision": ev["precision"],
+            "recall": ev["recall"], "sampling_wall_s": round(wall, 2)}
+
+
+# ---- the honest alternative: one network trained at the width it is sampled at ----------------
+
+def standalone_rows(runs: Sequence[Path], per_supernet: list[dict[str, Any]], out: Path, seeds: Sequence[int],
+                    n: int, steps: int, batch: int, n_ref: int, device: torch.device) -> list[dict[str, Any]]:
+    """Each stand-alone run (``meme-nas train`` of one sub-network's architecture, from scratch)
+    sampled with the study's noise seeds, against the supernets' uniform row of its width.
+
+    A stand-alone network and a sub-network are different weights, so their difference per
+    noise seed is not free of training noise: the spread that matters is the one between
+    training seeds (two supernets here, and stand-alone runs of one width on several seeds).
+    """
+    trained = TrainedSupernet.open(Path(per_supernet[0]["supernet"]))
+    rows = []
+    for run in runs:
+        cfg, den, step = load_run(run)
+        if cfg.num_experts != 1:
+            raise UserError(f"--standalone {run}: a run of one network is compared with a uniform width, "
+                            f"this one has {cfg.num_experts} experts")
+        try:
+            trained.spec.check(cfg.experts[0])
+        except ConfigError as exc:
+            raise UserError(f"--standalone {run}: not a sub-network of the supernets: {exc}") from None
+        width = trained.spec.width_of(cfg.experts[0])
+        den.to(device).eval()
+        fids = []
+        for seed in seeds:
+            key = out / "sets" / f"standalone-{run.name}-s{seed}.json"
+            if key.is_file():
+                rec = json.loads(key.read_text())
+            else:
+                t0 = time.perf_counter()
+                rec = {"run": str(run), **fid_of(den, cfg.diffusion, cfg.data, seed, n, steps, batch, n_ref, device)}
+                atomic_write_json(rec, key)
+                log.info("stand-alone %s seed %d: FID %.2f (%.0f s)", run.name, seed, rec["fid"],
+                         time.perf_counter() - t0)
+            fids.append(rec["fid"])
+        compute = json.loads((Path(run) / "compute.json").read_text())
+        row = {"run": str(run), "width": width, "steps": step, "seed": json.loads((Path(run) / "options.json")
+                                                                                  .read_text()).get("seed"),
+               "train_tflops": compute["charged_tflops"], "gflops": cost_of_meme(cfg).gflops_mean,
+               "fid": fids, "fid_mean": float(np.mean(fids)),
+               "fid_std": float(np.std(fids, ddof=1)) if len(fids) > 1 else 0.0, "vs_supernets": []}
+        for s in per_supernet:
+            uni = {r["design"]: r for r in s["rows"]}.get(f"uniform-{width}")
+            if uni:
+                row["vs_supernets"].append({"supernet": s["supernet"], "train_tflops": s["entry"]["train_gflops"] / 1e3,
+                                            "supernet_fid_mean": uni["fid_mean"],
+                                            "same_noise": paired(fids, uni["fid"])})
+        rows.append(row)
+    return rows
 
 
 def ms_per_step(schedule: Schedule, trained: TrainedSupernet, batch: int) -> float:
@@ -169,7 +231,8 @@ def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
 
 def study(supernets: Sequence[Path], out: Path, *, bins: int, per_bin: int, match: Sequence[str],
           seeds: Sequence[int], n: int, steps: int, batch: int, n_ref: int, device: torch.device,
-          command: str, headline: Optional[Sequence[str]] = None, headline_only: bool = False) -> dict[str, Any]:
+          command: str, headline: Optional[Sequence[str]] = None, headline_only: bool = False,
+          standalone: Sequence[Path] = ()) -> dict[str, Any]:
     """Every design on the first supernet, the headline rows (full width, and the uniform and
     searched schedules at each ``headline`` width) on the others, or everywhere with ``headline_only``."""
     headline = list(match if headline is None else headline)
@@ -236,10 +299,11 @@ def study(supernets: Sequence[Path], out: Path, *, bins: int, per_bin: int, matc
         per_supernet.append({"supernet": str(path), "entry": {k2: v for k2, v in trained.entry.items() if k2 != "spec"},
                              "front": fr.to_dict(), "rows": rows, "heldout_vs_fid": ranking})
         atomic_write_json({"command": command, "supernets": per_supernet}, out / "study.json")
-    result = {"command": command, "headline": headline_rows(per_supernet, headline), "protocol": {"bins": bins, "per_bin": per_bin, "seeds": list(seeds), "n": n,
-                                               "steps": steps, "n_ref": n_ref, "sampler": "ddim",
-                                               "timing": f"thread CPU time, 1 thread, batch {batch}"},
-              "supernets": per_supernet}
+    result = {"command": command, "headline": headline_rows(per_supernet, headline),
+              "protocol": {"bins": bins, "per_bin": per_bin, "seeds": list(seeds), "n": n, "steps": steps,
+                           "n_ref": n_ref, "sampler": "ddim", "timing": f"thread CPU time, 1 thread, batch {batch}"},
+              "supernets": per_supernet,
+              "standalone": standalone_rows(standalone, per_supernet, out, seeds, n, steps, batch, n_ref, device)}
     atomic_write_json(result, out / "study.json")
     (out / "study.md").write_text(report(result))
     plot(result, out / "study.png")
@@ -295,6 +359,20 @@ def report(result: dict[str, Any]) -> str:
             sp = s["heldout_vs_fid"]["spearman"]
             lines.append(f"\nHeld-out loss vs FID over these designs: Spearman {sp['value']:+.2f} "
                          f"[{sp['ci_low']:+.2f}, {sp['ci_high']:+.2f}].\n")
+    if result.get("standalone"):
+        lines.append("\n## Stand-alone networks: one width, trained from scratch\n")
+        lines.append("Each run trains the sub-network's architecture alone with the supernet's recipe (batch, lr, "
+                     "EMA) for the supernet's training FLOPs. FID over the same noise seeds; the difference to a "
+                     "supernet's uniform row is per noise seed, so it still holds both trainings' seed noise.\n")
+        table = [["width", "run (seed)", "GFLOPs/step", "training TFLOPs", "stand-alone FID",
+                  "supernet uniform FID", "stand-alone - supernet (same noise)"]]
+        for r in result["standalone"]:
+            table.append([r["width"], f"{Path(r['run']).name} ({r['seed']})", f"{r['gflops']:.3f}",
+                          f"{r['train_tflops']:.0f} vs " + ", ".join(f"{v['train_tflops']:.0f}" for v in r["vs_supernets"]),
+                          f"{r['fid_mean']:.2f} +- {r['fid_std']:.2f}",
+                          ", ".join(f"{v['supernet_fid_mean']:.2f}" for v in r["vs_supernets"]),
+                          "; ".join(_fmt_pair(v["same_noise"]) for v in r["vs_supernets"])])
+        lines.append(markdown_table(table[0], table[1:]))
     return "\n".join(lines) + "\n"
 
 
@@ -317,6 +395,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 ax.errorbar([r["gflops"] for r in rows], [r["fid_mean"] for r in rows],
                             yerr=[r["fid_std"] for r in rows], marker=m, linestyle=ls or "none", capsize=3,
                             label=f"{kind} (supernet {i + 1})", color=f"C{i * 3 + list(marks).index(kind)}")
+    for k, r in enumerate(result.get("standalone", [])):
+        ax.errorbar([r["gflops"]], [r["fid_mean"]], yerr=[r["fid_std"]], marker="s", color="k", linestyle="none",
+                    capsize=3, label="stand-alone, same training FLOPs" if k == 0 else None)
     ax.set_xlabel("sampling GFLOPs per step (interval-weighted)")
     ax.set_ylabel("FID (mean +- std over noise seeds)")
     ax.set_title("One slimmable network: width schedules")
@@ -361,6 +442,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--n-ref", type=int, default=5000, help="real training images in the FID statistics (default %(default)s)")
     s.add_argument("--steps", type=int, default=25, help="DDIM steps (default %(default)s)")
     s.add_argument("--batch-size", type=int, default=100, help="samples per forward (default %(default)s)")
+    s.add_argument("--standalone", default="",
+                   help="comma-separated meme-nas train runs of one sub-network's architecture, from scratch (the "
+                        "same training compute): each is sampled with --seeds beside its width's uniform rows")
     s.add_argument("--device", default="auto", help="torch device (default %(default)s)")
     add_fast_path_flag(s)
     return p.parse_args(argv)
@@ -404,7 +488,8 @@ def main(argv=None) -> int:
                    match=[str(x).strip() for x in args.match.split(",") if x.strip()], seeds=seeds, n=args.n,
                    steps=args.steps, batch=args.batch_size, n_ref=args.n_ref, device=device, command=command,
                    headline=None if args.headline is None else [x.strip() for x in args.headline.split(",") if x.strip()],
-                   headline_only=args.headline_only)
+                   headline_only=args.headline_only,
+                   standalone=[Path(x) for x in args.standalone.split(",") if x.strip()])
     print((args.out / "study.md").read_text())
     return 0 if result else 1
 

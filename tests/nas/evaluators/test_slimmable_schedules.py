@@ -20,7 +20,7 @@ from meme.model.schedule import Choice, Schedule, load_schedule, schedule_denois
 from meme.sampling import sample as sample_cli
 from meme.sampling.sample import SamplingPlan, generate
 from meme.training.options import TrainOptions
-from meme.training.train import Trainer, training_compute
+from meme.training.train import Trainer, train, training_compute
 from nas.evaluators.supernet_training import auto_group_channels, parse_widths, train_all
 from nas.studies import slimmable
 
@@ -158,6 +158,37 @@ def test_the_study_pairs_schedules_by_noise_seed(slim, tmp_path):
     assert [h["width"] for h in result["headline"]] == ["1/2"] and result["headline"][0]["searched_vs_full"]["n"] == 4
     sets = sorted(p.name for p in (tmp_path / "st" / "sets").iterdir())
     assert len(sets) == 2 * len({tuple(r["widths_per_bin"]) for r in rows.values()})   # one per schedule content and seed
+    _a_standalone_network_is_scored_beside_its_width(out, tmp_path, result)
+
+
+def _a_standalone_network_is_scored_beside_its_width(out: Path, tmp_path: Path, before: dict) -> None:
+    """A network of the width-1/2 architecture trained alone: sampled with the same noise seeds
+    (the supernets' sets are reused, not resampled), set beside each supernet's uniform-1/2."""
+    _, _, cfg = load_schedule(write_schedule(tmp_path, out, widths=("1/2",), bounds=(0, 1000)))
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).uniform(-1, 1, (16, 1, 16, 16)).astype(np.float32))
+    opts = TrainOptions(data=str(tmp_path / "x.npy"), steps=2, batch_size=4, sample_every=0, device="cpu",
+                        precision="fp32", ckpt_every=100)
+    train(cfg, opts, tmp_path / "alone-half", progress=False)
+    sets = set((tmp_path / "st" / "sets").iterdir())
+    assert slimmable.main(["study", "--supernets", f"{out},{out}", "--out", str(tmp_path / "st"), "--bins", "2",
+                           "--per-bin", "1", "--match", "1/2,1", "--headline", "1/2", "--seeds", "0,1", "--n", "8",
+                           "--n-ref", "32", "--steps", "2", "--batch-size", "8", "--device", "cpu",
+                           "--standalone", str(tmp_path / "alone-half")]) == 0
+    assert set((tmp_path / "st" / "sets").iterdir()) - sets == {tmp_path / "st" / "sets" / f"standalone-alone-half-s{k}.json"
+                                                                for k in (0, 1)}
+    [row] = json.loads((tmp_path / "st" / "study.json").read_text())["standalone"]
+    uniform = {r["design"]: r for r in before["supernets"][0]["rows"]}["uniform-1/2"]
+    assert row["width"] == "1/2" and len(row["vs_supernets"]) == 2 and row["steps"] == 2
+    diff = [a - b for a, b in zip(row["fid"], uniform["fid"])]
+    assert row["vs_supernets"][0]["same_noise"]["diff_mean"] == pytest.approx(sum(diff) / 2)
+    assert row["train_tflops"] == pytest.approx(json.loads((tmp_path / "alone-half" / "compute.json").read_text())
+                                                ["charged_tflops"])
+    assert "Stand-alone networks" in (tmp_path / "st" / "study.md").read_text()
+    two = load_schedule(write_schedule(tmp_path, out))[2]
+    train(two, opts, tmp_path / "two", progress=False)
+    with pytest.raises(UserError, match="a run of one network is compared with a uniform width"):
+        slimmable.study([out], tmp_path / "st", bins=2, per_bin=1, match=["1/2"], seeds=[0], n=8, steps=2, batch=8,
+                        n_ref=32, device=torch.device("cpu"), command="", standalone=[tmp_path / "two"])
 
 
 def test_train_init_from_cuts_a_schedule_s_experts_and_charges_the_supernet(slim, tmp_path):

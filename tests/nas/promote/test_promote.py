@@ -177,11 +177,34 @@ def torch_equal(a, b) -> bool:
     return torch.equal(a, b)
 
 
-def test_crossover_study_scores_every_budget_at_equal_compute(tiny_study):
+def _wide_near_data(tmp_path: Path) -> Path:
+    """The hand design with one encoder shared and decoders of 2x, 1x and 1/2 the width."""
+    import dataclasses
+    from meme.model.config import ShareConfig
+    hand = TINY.reference
+    e = dataclasses.replace(hand.experts[0], group_channels=8)
+    experts = tuple(dataclasses.replace(e, decoder_channels=d * e.base_channels // 2) for d in (4, 2, 1))
+    cfg = dataclasses.replace(hand, name="wide", experts=experts, expert_probs=(), boundaries=(0, 200, 425, 1000),
+                              share=ShareConfig(encoder_stages=2, mid=True))
+    return cfg.validate().save(tmp_path / "wide.yaml")
+
+
+def test_crossover_study_scores_every_budget_at_equal_compute(tiny_study, tmp_path):
     out = tiny_study / "crossover"
     assert compare.main(["--study", str(tiny_study), "--seeds", "2", "--budgets", "3,6", "--init", "scratch,branch",
                          "--designs", "single,hand,hand+branch", "--jobs", "2", "--tolerance", "10",
                          "--fid-budgets", "largest", "--out", str(out)]) == 0
+    # a design added from a config file: its decoders differ in cost, so it trains weighted, and never branches
+    added = tiny_study / "crossover-added"
+    assert compare.main(["--study", str(tiny_study), "--seeds", "2", "--budgets", "3,6", "--init", "scratch,branch",
+                         "--add-design", f"wide={_wide_near_data(tmp_path)}", "--designs", "hand,wide",
+                         "--jobs", "2", "--tolerance", "10", "--fid-budgets", "none", "--out", str(added)]) == 0
+    opts = json.loads((added / "steps6" / "wide" / "seed1" / "options.json").read_text())
+    assert opts["schedule"] == "weighted"
+    assert "weighted" in json.loads((added / "crossover.json").read_text())["runs"][-1]["role"]
+    with pytest.raises(UserError, match="not among"):
+        compare.main(["--study", str(tiny_study), "--seeds", "2", "--budgets", "3,6", "--init", "scratch,branch",
+                      "--add-design", f"wide={tmp_path / 'wide.yaml'}", "--designs", "wide+branch", "--out", str(added)])
     stages = [ln.split(" -m ")[1].split()[0] for ln in
               (out / "steps6" / "hand" / "seed1" / "promote.log").read_text().splitlines() if ln.startswith("$ ")]
     assert stages == ["meme.training.train", "meme.sampling.heldout", "meme.sampling.sample", "meme.sampling.evaluate"]   # the cheap numbers first
@@ -245,6 +268,28 @@ def test_equal_compute_check_charges_an_outside_source_in_full(tmp_path):
     assert ok[("hand+branch", 6)].parent_phase_tflops > 0
 
 
+def test_a_multistage_design_is_at_equal_compute_only_when_trained_weighted():
+    """Decoders of 32, 16 and 4 channels: the interval-weighted per-step cost is the single
+    network's; trained interleaved (each expert a third of the steps) it would spend far more."""
+    from meme.model.references import resolve
+    from nas.promote.promote import PromoteProtocol
+    from nas.space.space import PromoteRecipe
+    from nas.studies import crossover
+    proto = PromoteProtocol(data="fashion-mnist", recipe=PromoteRecipe(steps=2000, batch_size=32))
+    single = Design("hand", MemeConfig.from_dict({**resolve("fmnist16-meme-small").to_dict(), "name": "single",
+                                                 "experts": [resolve("fmnist16-meme-small").to_dict()["experts"][1]],
+                                                 "expert_probs": []}))
+    [ms] = compare.added_designs(["multistage=multistage-fmnist16"])
+    assert ms.schedule == "weighted" and "--schedule weighted" in ms.info["role"]
+    done = crossover.check_equal_compute([single, ms], proto, [2000], 0.01)
+    assert done[("multistage", 2000)].charged_tflops == pytest.approx(done[("hand", 2000)].charged_tflops, rel=0.01)
+    import dataclasses
+    with pytest.raises(UserError, match="not at equal training compute"):
+        crossover.check_equal_compute([single, dataclasses.replace(ms, schedule="interleaved")], proto, [2000], 0.05)
+    with pytest.raises(UserError, match="write TAG=CONFIG"):
+        compare.added_designs(["multistage-fmnist16"])
+
+
 def dataclasses_replace(proto, **recipe_changes):
     import dataclasses
     return dataclasses.replace(proto, recipe=dataclasses.replace(proto.recipe, **recipe_changes))
@@ -266,3 +311,17 @@ def test_the_search_winner_is_the_re_rank_winner_wherever_it_ranked(tiny_study, 
     assert designs[0].tag == "search" and designs[0].info["role"] == f"search trial #{last}"
     (study_dir / "rerank.json").unlink()   # no re-rank: the search's own best
     assert [d.info["trial"] for d in compare.search_designs(study_dir, study, top=1)] == [order[0]]
+    # a study run before picks its own winner; --search-trial names it, and a mismatch is refused
+    assert [d.info["trial"] for d in compare.search_designs(study_dir, study, top=1, trial=last)] == [last]
+    with pytest.raises(UserError, match="--search-trial 999: not a finished trial"):
+        compare.search_designs(study_dir, study, top=1, trial=999)
+    from nas.studies import crossover
+    from nas.promote.promote import PromoteProtocol
+    from nas.space.space import PromoteRecipe
+    [winner] = compare.search_designs(study_dir, study, top=1, trial=last)
+    proto = PromoteProtocol(data="fashion-mnist", recipe=PromoteRecipe(steps=6), fid=False)
+    recorded = {("search", 1, 6): {"heldout_loss": 0.1, "trial": float(order[0])}}
+    with pytest.raises(UserError, match=rf"recorded search rows are search trial #{order[0]}.*--search-trial {order[0]}"):
+        crossover.from_record((winner, 1, tmp_path / "steps6", proto, 6), recorded)
+    recorded[("search", 1, 6)]["trial"] = float(last)
+    assert crossover.from_record((winner, 1, tmp_path / "steps6", proto, 6), recorded)["heldout_loss"] == 0.1
