@@ -20,6 +20,10 @@ C-channel feature map, so each weight takes its leading rows (outputs) and colum
 * the time embedding is not sliced at all: every width reads the full-width embedding
   (``ArchConfig.time_channels``), whose cost is per image, not per pixel.
 
+A decoder narrower than the template's (``SupernetSpec.decoder_channels``, experts of
+different decoder widths branching from one parent) is cut by the same rules, the encoder
+whole: its blocks read [from below | the encoder's skip], and only the first segment narrows.
+
 GroupNorm keeps a fixed number of channels per group (``ArchConfig.group_channels``, which
 a supernet with several widths must set), so a group means the same at every width,
 where DDSM's fixed 32 groups shrink to one channel at a quarter width.
@@ -95,6 +99,7 @@ class SupernetSpec:
     ratios: tuple[tuple[str, ...], ...]        # per stage: legal d_h/d at full width, ascending ("1/8", ...)
     pool_strides: tuple[tuple[int, ...], ...]  # per stage: legal avg-pool strides
     widths: tuple[str, ...] = ("1",)           # channel fractions a sub-network may run, ascending, last "1"
+    decoder_channels: tuple[int, ...] = ()     # narrower decoders a sub-network may run (the template's is the widest)
 
     def validate(self) -> "SupernetSpec":
         n = self.template.num_stages
@@ -125,6 +130,15 @@ class SupernetSpec:
         for w in self.widths:
             self.arch([self.legal_ratios(s, w)[0] for s in range(n)], [p[0] for p in self.pool_strides], w
                       ).validate(f"supernet: width {w}")
+        if self.decoder_channels:   # decoders cut from the widest by prefix, per segment of their inputs
+            widest = self.template.decoder_stage_channels()[0]
+            require(self.widths == ("1",), "supernet: narrower decoders are offered at full width only")
+            require(self.template.group_channels > 0, "supernet: decoders of several widths need "
+                                                      "template.group_channels, so that a group means the same in each")
+            for c in self.decoder_channels:
+                require(0 < c < widest and c % self.template.group_channels == 0,
+                        f"supernet: decoder width {c} must be a whole number of groups narrower than the "
+                        f"template's {widest}")
         return self
 
     def stage_width(self, stage: int, width: str = "1") -> int:
@@ -158,11 +172,19 @@ class SupernetSpec:
         t = self.template
         width = self.width_of(arch)
         same = dataclasses.replace(arch, high_ratios=t.high_ratios, pool_strides=t.pool_strides,
-                                   base_channels=t.base_channels, time_channels=t.time_channels)
+                                   base_channels=t.base_channels, time_channels=t.time_channels,
+                                   decoder_channels=t.decoder_channels)
         require(same == t, f"architecture is not of this supernet's macro shape "
                            f"(base {t.base_channels}, blocks {t.num_res_blocks}, "
                            f"head {t.head_channels}, mult {list(t.channel_mult)}, "
                            f"groups of {t.group_channels or 'LDM'} channels)")
+        if t.decoder_channels or self.decoder_channels:     # decoders of their own widths (validate: full width)
+            decoders = {t.decoder_stage_channels()[0], *self.decoder_channels}
+            require(arch.decoder_stage_channels()[0] in decoders,
+                    f"decoder width {arch.decoder_stage_channels()[0]} is not one of the supernet's {sorted(decoders)}")
+        else:                                               # a decoder follows its sub-network's width
+            require(not arch.decoder_channels, f"decoder width {arch.decoder_channels}: this supernet's decoders are "
+                                               f"as wide as their encoders ({arch.base_channels})")
         require(width in self.widths, f"width {width} ({arch.base_channels} base channels) is not one of the "
                                       f"supernet's {list(self.widths)}")
         for s, (r, p) in enumerate(zip(arch.high_fractions(), arch.pool_strides)):
@@ -170,9 +192,10 @@ class SupernetSpec:
                     f"stage {s + 1}: d_h/d {r} is not one of the supernet's {self.legal_ratios(s, width)}"
                     + (f" at width {width}" if width != "1" else ""))
             require(p in self.pool_strides[s], f"stage {s + 1}: pool stride {p} is not one of {list(self.pool_strides[s])}")
-        require(arch == self.arch(arch.high_ratios, arch.pool_strides, width),
-                f"width {width}: time_channels must be {self.arch(arch.high_ratios, arch.pool_strides, width).time_channels}"
-                f" (the full-width time embedding), got {arch.time_channels}")
+        want = dataclasses.replace(self.arch(arch.high_ratios, arch.pool_strides, width),
+                                   decoder_channels=arch.decoder_channels)
+        require(arch == want, f"width {width}: time_channels must be {want.time_channels}"
+                              f" (the full-width time embedding), got {arch.time_channels}")
 
     def largest(self) -> ArchConfig:
         """Full width, most conv channels everywhere (uses every high slice)."""
@@ -194,6 +217,8 @@ class SupernetSpec:
              "ratios": [list(r) for r in self.ratios], "pool_strides": [list(p) for p in self.pool_strides]}
         if self.widths != ("1",):   # one width is not written: digests of earlier supernets stay the same
             d["widths"] = list(self.widths)
+        if self.decoder_channels:
+            d["decoder_channels"] = list(self.decoder_channels)
         return d
 
     @classmethod
@@ -206,7 +231,8 @@ class SupernetSpec:
             spec = cls(template=template, data=DataShape(**d["data"]),
                        ratios=tuple(tuple(str(parse_fraction(r, source)) for r in row) for row in d["ratios"]),
                        pool_strides=tuple(tuple(int(p) for p in row) for row in d["pool_strides"]),
-                       widths=tuple(str(parse_fraction(w, source)) for w in d.get("widths", ["1"])))
+                       widths=tuple(str(parse_fraction(w, source)) for w in d.get("widths", ["1"])),
+                       decoder_channels=tuple(int(c) for c in d.get("decoder_channels", [])))
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{source}: {exc}") from None
         return spec.validate()
@@ -341,8 +367,12 @@ class SuperNet(IUNet):
         full = dict(self.named_parameters())
         full.update(self.named_buffers())
         for name, target in list(sub.named_parameters()) + list(sub.named_buffers()):
-            if name not in out:
+            if name in out:
+                continue
+            if name in full:
                 out[name] = _width_slice(name, full[name], tuple(target.shape), self, sub)
+            else:   # a 1x1 skip conv where the full network's ResBlock is in == out: its identity, cut
+                out[name] = _identity_slice(name, tuple(target.shape), self, sub, next(self.parameters()))
         return out
 
     def sub_param_count(self, arch: ArchConfig) -> int:
@@ -382,6 +412,27 @@ def _segments(full: tuple[int, ...], sub: tuple[int, ...]) -> torch.Tensor:
     return torch.cat([torch.arange(a, a + n) for a, n in zip(starts, sub)])
 
 
+def _input_index(name: str, n: int, full_net: IUNet, sub_net: IUNet) -> torch.Tensor:
+    """Which of the full network's input channels a sub-network's weight ``name`` reads: the
+    first of each segment of a decoder block's concatenation, else the first ``n``."""
+    parts = name.split(".")
+    if parts[:2] == ["decoder", "dec"] and ".".join(parts[3:]) in _CONCAT_INPUTS:
+        return _segments(full_net.decoder.concat_channels[parts[2]], sub_net.decoder.concat_channels[parts[2]])
+    return torch.arange(n)
+
+
+def _identity_slice(name: str, shape: tuple[int, ...], full_net: IUNet, sub_net: IUNet,
+                    like: torch.Tensor) -> torch.Tensor:
+    """A sub-network's 1x1 skip conv where the full network adds the block's input unchanged
+    (a narrower decoder's block maps C -> C' < C): the slice of that identity, output c reading
+    input channel c. A constant, since the full network holds no weight there."""
+    if name.endswith("bias"):
+        return torch.zeros(shape, dtype=like.dtype, device=like.device)
+    idx = _input_index(name, shape[1], full_net, sub_net).to(like.device)
+    eye = idx[None, :] == torch.arange(shape[0], device=like.device)[:, None]
+    return eye.to(like.dtype)[:, :, None, None]
+
+
 def _width_slice(name: str, weight: torch.Tensor, shape: tuple[int, ...], full_net: IUNet,
                  sub_net: IUNet) -> torch.Tensor:
     """A non-mixer weight of the full-width network cut to a narrower network's ``shape``:
@@ -391,8 +442,8 @@ def _width_slice(name: str, weight: torch.Tensor, shape: tuple[int, ...], full_n
         return weight
     parts = name.split(".")
     if parts[:2] == ["decoder", "dec"] and ".".join(parts[3:]) in _CONCAT_INPUTS:
-        dim, block = _CONCAT_INPUTS[".".join(parts[3:])], parts[2]
-        idx = _segments(full_net.decoder.concat_channels[block], sub_net.decoder.concat_channels[block])
+        dim = _CONCAT_INPUTS[".".join(parts[3:])]
+        idx = _input_index(name, 0, full_net, sub_net)
         weight = weight.index_select(dim, idx.to(weight.device))
     elif parts[-2] == "qkv" and parts[-3] == "attn":
         idx = _segments((weight.shape[0] // 3,) * 3, (shape[0] // 3,) * 3)

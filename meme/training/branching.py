@@ -12,10 +12,13 @@ The parent
 * experts that all have one architecture (a "multi-expert" MEME): that network, plain;
   an expert is a copy of it;
 * experts of one macro shape with different d_h/d splits or pool strides (the hand
-  design, a search winner): the weight-shared ``SuperNet`` whose stages offer exactly the
-  experts' splits and strides; an expert is ``SuperNet.extract(arch)`` (its slices).
+  design, a search winner), or decoders of different widths (Multistage's shape): the
+  weight-shared ``SuperNet`` whose stages offer exactly the experts' splits and strides, with
+  the widest decoder; an expert is ``SuperNet.extract(arch)`` (its slices, a narrower
+  decoder by prefix).
 
-A parent step trains the sub-network of expert ``k mod N`` (step k) on t drawn
+A parent step trains the sub-network of expert ``k mod N`` (step k; under ``--schedule
+weighted``, the weighted order's expert) on t drawn
 uniformly from [0, T): all t, so the parent learns the whole denoising task, and each
 step costs what an expert step of that architecture costs. A run with a parent phase
 therefore spends exactly the training FLOPs of a from-scratch interleaved run of the
@@ -40,6 +43,7 @@ the optimizer then starts fresh, since such a source carries no moments for the 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -95,16 +99,15 @@ def parent_spec(cfg: MemeConfig) -> Optional[SupernetSpec]:
     archs = list(dict.fromkeys(cfg.experts))
     if len(archs) == 1:
         return None
-    if len({a.decoder_stage_channels()[0] for a in archs}) > 1:
-        raise UserError(f"{cfg.name}: its experts' decoders differ in width, and a parent network is cut into "
-                        f"experts by their d_h/d splits and pool strides only: train it from scratch")
     if any(a.kind != "iunet" for a in archs):
         raise UserError(f"{cfg.name}: experts of different architectures can share a parent only as iU-Nets "
                         f"of one macro shape (a weight-shared supernet); got kinds {sorted({a.kind for a in archs})}")
     n = archs[0].num_stages
     ratios = tuple(tuple(sorted({str(a.high_fractions()[s]) for a in archs}, key=Fraction)) for s in range(n))
     pools = tuple(tuple(sorted({a.pool_strides[s] for a in archs})) for s in range(n))
-    spec = SupernetSpec(archs[0], cfg.data, ratios, pools)
+    decoders = sorted({a.decoder_stage_channels()[0] for a in archs})   # the widest is the parent's
+    template = dataclasses.replace(archs[0], decoder_channels=decoders[-1])
+    spec = SupernetSpec(template, cfg.data, ratios, pools, decoder_channels=tuple(decoders[:-1]))
     try:
         spec.validate()
         for a in archs:

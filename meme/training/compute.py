@@ -93,20 +93,26 @@ def steps_per_expert(num_experts: int, total_steps: int, schedule: str, split_at
     """
     counts = [0] * num_experts
     for k in range(split_at):
-        counts[k % num_experts] += 1
+        counts[parent_expert(k, num_experts, schedule, weights)] += 1
     for k in range(split_at, total_steps):
         counts[expert_after_split(k, num_experts, total_steps, schedule, split_at, weights)] += 1
     return counts
+
+
+def parent_expert(step: int, num_experts: int, schedule: str, weights: Sequence[float] = ()) -> int:
+    """Whose sub-network parent step ``step`` trains: k mod N, or the weighted order under
+    ``weighted`` (so a branched run of experts of unequal cost spends what its from-scratch run does)."""
+    return _weighted(tuple(weights), step + 1)[step] if schedule == "weighted" else step % num_experts
 
 
 def expert_after_split(step: int, num_experts: int, total_steps: int, schedule: str, split_at: int,
                        weights: Sequence[float] = ()) -> int:
     """The expert of step ``step`` >= ``split_at``: interleaved continues k mod N through the split
     (so a branched run trains each architecture exactly as often as a from-scratch one);
-    sequential blocks divide the steps after the split, and weighted ones follow their order from it."""
-    if schedule in ("sequential", "weighted"):
+    sequential blocks divide the steps after the split; the weighted order continues through it as well."""
+    if schedule == "sequential":
         return expert_for_step(step - split_at, num_experts, total_steps - split_at, schedule, weights)
-    return step % num_experts
+    return parent_expert(step, num_experts, schedule, weights)
 
 
 @dataclass(frozen=True)
@@ -138,7 +144,9 @@ def run_compute(cfg: MemeConfig, total_steps: int, batch_size: int, schedule: st
     """The compute of a ``meme.training.train`` run of ``cfg`` (target shape), from its schedule."""
     per_step = train_gflops_per_step(cfg, batch_size)
     counts = steps_per_expert(cfg.num_experts, total_steps, schedule, split_at, cfg.interval_weights())
-    parent = steps_per_expert(cfg.num_experts, split_at, "interleaved") if split_at else [0] * cfg.num_experts
+    parent_schedule = "weighted" if schedule == "weighted" else "interleaved"
+    parent = steps_per_expert(cfg.num_experts, split_at, parent_schedule, 0, cfg.interval_weights()) \
+        if split_at else [0] * cfg.num_experts
     own = sum(c * g for c, g in zip(counts, per_step)) / 1e3
     before = sum(c * g for c, g in zip(parent, per_step)) / 1e3
     return TrainingCompute(own, before, source_tflops, source, served)

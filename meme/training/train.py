@@ -79,7 +79,7 @@ from meme.training.branching import (
     load_experts,
     parent_network,
 )
-from meme.training.compute import expert_after_split, run_compute, source_tflops
+from meme.training.compute import expert_after_split, parent_expert, run_compute, source_tflops
 from meme.training.options import TrainOptions, add_option_flags, options_from
 
 log = logging.getLogger("meme.training.train")
@@ -326,8 +326,8 @@ class Trainer:
         tensor on the device, not read by the host; None where another group trained the step)."""
         s, n, rows = self.step_count, self.cfg.num_experts, self.par.rows(self.opts.batch_size)
         group: Optional[int] = None   # the parent trains on every rank
-        if self.in_parent_phase:  # parent step s: expert s mod N's sub-network, t over all of [0, T)
-            e = s % n
+        if self.in_parent_phase:  # parent step s: expert s mod N's sub-network (weighted: its order), all t
+            e = parent_expert(s, n, self.opts.schedule, self.cfg.interval_weights())
             activate(self.parent, self.cfg.experts[e])
             net, params, opt = self.parent_net, self.parent.parameters(), self.parent_opt
             batch = draw_batch(self.data, self.all_t, 0, self.opts.batch_size, self.gen, self.fast, self.device, rows)

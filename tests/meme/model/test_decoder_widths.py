@@ -15,7 +15,7 @@ from meme.model.experts import build_denoiser, build_network, count_params, wake
 from meme.model.macs import _count_arch, clear_caches, cost_of_meme, cost_of_network
 from meme.model.references import resolve
 from meme.model.shared_parts import shared_paths
-from meme.training.branching import parent_spec
+from meme.training.branching import parent_network, parent_spec
 from meme.training.compute import run_compute, steps_per_expert, train_gflops_per_step, weighted_order
 from meme.training.train import Trainer, TrainOptions, train
 
@@ -102,8 +102,45 @@ def test_the_multistage_reference_costs_what_one_network_costs():
     single = resolve("fmnist16-meme-small").experts[1]
     assert [e.decoder_stage_channels()[0] for e in ms.experts] == [32, 16, 4] and ms.share.describe() == "enc3+mid"
     assert cost_of_meme(ms).gflops_mean == pytest.approx(cost_of_network(single, ms.data).gflops, rel=0.01)
-    with pytest.raises(UserError, match="decoders differ in width"):
-        parent_spec(ms)
+
+
+def test_narrower_decoders_are_cut_exactly_from_the_widest_parent():
+    """Branching: one parent with the widest decoder; each expert is its slice, a narrower
+    decoder by prefix per input segment (a block whose full width adds its input unchanged gets
+    the identity's slice), with exactly the parameters of the expert built alone."""
+    ms = resolve("multistage-fmnist16")
+    spec = parent_spec(ms)
+    assert spec.template.decoder_stage_channels()[0] == 32 and spec.decoder_channels == (4, 16)
+    net = wake_zero_init(parent_network(ms))
+    x, t = torch.randn(3, 1, 16, 16), torch.tensor([5, 300, 900])
+    for arch in ms.experts:
+        alone = build_network(arch, ms.data)
+        cut = net.extract(arch)
+        assert count_params(cut) == count_params(alone)
+        assert torch.equal(net.run(arch, x, t), cut(x, t))
+    state = net.sub_state_dict(ms.experts[2])    # 4 channels: every decoder block is C -> C' < C
+    skip = state["decoder.dec.4x4_block0.res.skip.weight"][:, :, 0, 0]     # 8 of [32 from below | 32 skip]
+    assert skip.shape == (8, 64) and torch.equal(skip, torch.eye(8, 64))
+    with pytest.raises(ConfigError, match=r"decoder width 8 is not one of the supernet's \[4, 16, 32\]"):
+        net.activate(dataclasses.replace(ms.experts[0], decoder_channels=8))
+    with pytest.raises(ConfigError, match="need template.group_channels"):
+        dataclasses.replace(spec, template=dataclasses.replace(spec.template, group_channels=0),
+                            decoder_channels=(16,)).validate()
+
+
+def test_a_branched_run_of_unequal_experts_costs_its_from_scratch_run(tmp_path, blobs):
+    """Parent steps follow the weighted order too, so the parent phase is priced as the experts' steps."""
+    cfg = meme(WIDE, SAME, NARROW, bounds=(0, 200, 425, 1000))
+    opts = TrainOptions(data=str(blobs), steps=8, batch_size=4, lr=1e-3, warmup=2, ckpt_every=100, sample_every=0,
+                        log_every=1, device="cpu", schedule="weighted", branch_at=0.5)
+    tr = Trainer(cfg, opts, tmp_path / "branched")
+    trained = [tr.step()[0] for _ in range(8)]               # parent steps 0-3, expert steps 4-7
+    assert trained == weighted_order(cfg.interval_weights(), 8)
+    per_step = train_gflops_per_step(cfg, 4)
+    by_hand = sum(per_step[e] for e in trained) / 1e3         # what was run, priced step by step
+    priced = run_compute(cfg, 8, 4, "weighted", split_at=4)
+    assert priced.own_tflops == pytest.approx(by_hand) == pytest.approx(run_compute(cfg, 8, 4, "weighted").own_tflops)
+    assert priced.parent_phase_tflops == pytest.approx(sum(per_step[e] for e in trained[:4]) / 1e3)
 
 
 def test_weighted_schedule_gives_each_expert_its_intervals_share_at_every_step():
