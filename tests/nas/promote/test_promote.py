@@ -189,21 +189,11 @@ def _wide_near_data(tmp_path: Path) -> Path:
     return cfg.validate().save(tmp_path / "wide.yaml")
 
 
-def test_crossover_study_scores_every_budget_at_equal_compute(tiny_study, tmp_path):
+def test_crossover_study_scores_every_budget_at_equal_compute(tiny_study):
     out = tiny_study / "crossover"
     assert compare.main(["--study", str(tiny_study), "--seeds", "2", "--budgets", "3,6", "--init", "scratch,branch",
                          "--designs", "single,hand,hand+branch", "--jobs", "2", "--tolerance", "10",
                          "--fid-budgets", "largest", "--out", str(out)]) == 0
-    # a design added from a config file: its decoders differ in cost, so it trains weighted
-    added = tiny_study / "crossover-added"
-    assert compare.main(["--study", str(tiny_study), "--seeds", "2", "--budgets", "3,6", "--init", "scratch,branch",
-                         "--add-design", f"wide={_wide_near_data(tmp_path)}", "--designs", "hand,wide",
-                         "--jobs", "2", "--tolerance", "10", "--fid-budgets", "none", "--out", str(added)]) == 0
-    opts = json.loads((added / "steps6" / "wide" / "seed1" / "options.json").read_text())
-    assert opts["schedule"] == "weighted"
-    assert "weighted" in json.loads((added / "crossover.json").read_text())["runs"][-1]["role"]
-    from nas.studies import crossover
-    assert crossover.branchable(MemeConfig.load(tmp_path / "wide.yaml"))     # the widest decoder is the parent's
     stages = [ln.split(" -m ")[1].split()[0] for ln in
               (out / "steps6" / "hand" / "seed1" / "promote.log").read_text().splitlines() if ln.startswith("$ ")]
     assert stages == ["meme.training.train", "meme.sampling.heldout", "meme.sampling.sample", "meme.sampling.evaluate"]   # the cheap numbers first
@@ -228,6 +218,20 @@ def test_crossover_study_scores_every_budget_at_equal_compute(tiny_study, tmp_pa
     assert not (out / "steps3" / "hand" / "seed1" / "samples").exists()       # no FID asked for there
     assert (out / "crossover.png").is_file() and "Beats single from" in (out / "crossover.md").read_text()
     _resumes_from_the_committed_rows(tiny_study, out, runs)
+
+
+def test_an_added_design_of_unequal_experts_trains_weighted(tiny_study, tmp_path):
+    """``--add-design TAG=YAML``: decoders of 2x, 1x and 1/2 the width differ in cost, so the
+    row trains with the weighted schedule (one design, one budget: the mechanics, not a study)."""
+    added = tiny_study / "crossover-added"
+    assert compare.main(["--study", str(tiny_study), "--seeds", "2", "--budgets", "6", "--init", "scratch",
+                         "--add-design", f"wide={_wide_near_data(tmp_path)}", "--designs", "wide",
+                         "--jobs", "2", "--tolerance", "10", "--fid-budgets", "none", "--out", str(added)]) == 0
+    opts = json.loads((added / "steps6" / "wide" / "seed1" / "options.json").read_text())
+    assert opts["schedule"] == "weighted"
+    assert "weighted" in json.loads((added / "crossover.json").read_text())["runs"][-1]["role"]
+    from nas.studies import crossover
+    assert crossover.branchable(MemeConfig.load(tmp_path / "wide.yaml"))     # the widest decoder is the parent's
 
 
 def _resumes_from_the_committed_rows(tiny_study, out: Path, before: pd.DataFrame):
