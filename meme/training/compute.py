@@ -40,18 +40,16 @@ def training_gflops(step_gflops: list[float], steps: int) -> float:
     return full * sum(step_gflops) + sum(step_gflops[:part])
 
 
-def expert_for_step(step: int, num_experts: int, total_steps: int, schedule: str,
-                    weights: Sequence[float] = ()) -> int:
-    """Which expert an optimizer step trains: interleaved k mod N, the paper's sequential blocks,
-    or ``weighted``: each expert's share of steps is its interval's share of t (``weights``)."""
+def expert_for_step(step: int, num_experts: int, total_steps: int, schedule: str) -> int:
+    """Which expert an optimizer step trains: interleaved k mod N, or the paper's sequential blocks
+    (``weighted``: ``parent_expert``)."""
     if schedule == "sequential":
         return min(step * num_experts // max(total_steps, 1), num_experts - 1)
-    if schedule == "weighted":
-        return _weighted(tuple(weights), step + 1)[step]
     return step % num_experts
 
 
-_WEIGHTED: dict[tuple[float, ...], list[int]] = {}
+# weights -> (the order so far, steps per expert in it): extended one step at a time by a run
+_WEIGHTED: dict[tuple[float, ...], tuple[list[int], list[int]]] = {}
 
 
 def weighted_order(weights: tuple[float, ...], length: int) -> list[int]:
@@ -71,11 +69,8 @@ def _weighted(weights: tuple[float, ...], length: int) -> list[int]:
     """The cached order, extended to at least ``length`` steps (not a copy)."""
     if not weights or any(w < 0 for w in weights) or not sum(weights) > 0:
         raise ValueError(f"the weighted schedule needs non-negative interval weights, got {list(weights)}")
-    order = _WEIGHTED.setdefault(weights, [])
+    order, counts = _WEIGHTED.setdefault(weights, ([], [0] * len(weights)))
     if len(order) < length:
-        counts = [0] * len(weights)
-        for n in order:
-            counts[n] += 1
         total = sum(weights)
         for k in range(len(order), length):
             n = max(range(len(weights)), key=lambda i: ((k + 1) * weights[i] / total - counts[i], -i))
@@ -111,7 +106,7 @@ def expert_after_split(step: int, num_experts: int, total_steps: int, schedule: 
     (so a branched run trains each architecture exactly as often as a from-scratch one);
     sequential blocks divide the steps after the split; the weighted order continues through it as well."""
     if schedule == "sequential":
-        return expert_for_step(step - split_at, num_experts, total_steps - split_at, schedule, weights)
+        return expert_for_step(step - split_at, num_experts, total_steps - split_at, schedule)
     return parent_expert(step, num_experts, schedule, weights)
 
 
@@ -143,10 +138,9 @@ def run_compute(cfg: MemeConfig, total_steps: int, batch_size: int, schedule: st
                 served: Optional[int] = None) -> TrainingCompute:
     """The compute of a ``meme.training.train`` run of ``cfg`` (target shape), from its schedule."""
     per_step = train_gflops_per_step(cfg, batch_size)
-    counts = steps_per_expert(cfg.num_experts, total_steps, schedule, split_at, cfg.interval_weights())
-    parent_schedule = "weighted" if schedule == "weighted" else "interleaved"
-    parent = steps_per_expert(cfg.num_experts, split_at, parent_schedule, 0, cfg.interval_weights()) \
-        if split_at else [0] * cfg.num_experts
+    weights = cfg.interval_weights()
+    counts = steps_per_expert(cfg.num_experts, total_steps, schedule, split_at, weights)
+    parent = steps_per_expert(cfg.num_experts, split_at, schedule, split_at, weights)   # the parent steps alone
     own = sum(c * g for c, g in zip(counts, per_step)) / 1e3
     before = sum(c * g for c, g in zip(parent, per_step)) / 1e3
     return TrainingCompute(own, before, source_tflops, source, served)

@@ -274,6 +274,7 @@ class Trainer:
             raise UserError("--expert-parallel needs --schedule interleaved: sequential blocks train one expert at a "
                             "time, and weighted shares are unequal, so the groups would wait for each other at every "
                             "log row and checkpoint")
+        self.interval_weights = tuple(cfg.interval_weights())   # the weighted schedule's shares
         self.data = load_data(opts.data, cfg.data, "train")
         if opts.limit_data:
             self.data = self.data[: opts.limit_data]
@@ -327,13 +328,13 @@ class Trainer:
         s, n, rows = self.step_count, self.cfg.num_experts, self.par.rows(self.opts.batch_size)
         group: Optional[int] = None   # the parent trains on every rank
         if self.in_parent_phase:  # parent step s: expert s mod N's sub-network (weighted: its order), all t
-            e = parent_expert(s, n, self.opts.schedule, self.cfg.interval_weights())
+            e = parent_expert(s, n, self.opts.schedule, self.interval_weights)
             activate(self.parent, self.cfg.experts[e])
             net, params, opt = self.parent_net, self.parent.parameters(), self.parent_opt
             batch = draw_batch(self.data, self.all_t, 0, self.opts.batch_size, self.gen, self.fast, self.device, rows)
         else:
             e = group = expert_after_split(s, n, self.opts.steps, self.opts.schedule, self.branch.at,
-                                           self.cfg.interval_weights())
+                                           self.interval_weights)
             if not self.par.owns(e):  # expert-parallel: another group trains this step; the EMA still ticks
                 return self._tick(e, None)
             net, params, opt = self.train_nets[e], self.model.experts[e].parameters(), self.opt

@@ -431,7 +431,7 @@ def check_space(space: SearchSpace) -> None:
                                                f"of channels")
             wide = space.arch(base, blocks, pools, ("0",) * space.num_stages, w)
             wide.validate(f"{src}: search.widths {w} (base {base})")
-            proxy_arch(wide, space.proxy, where=f"{src}: proxy, search.widths {w} (base {base})")
+            widest = proxy_arch(wide, space.proxy, where=f"{src}: proxy, search.widths {w} (base {base})")
         grids = [space.stage_grid(base, st) for st in range(space.num_stages)]
         for st, g in enumerate(grids):
             require(bool(g), f"{src}: search.ratios: no legal d_h/d in [min, max] at stage {st + 1} (base {base})")
@@ -441,12 +441,10 @@ def check_space(space: SearchSpace) -> None:
                       f"{src}: search.ratios.min: a stage-{st} ratio leaves no legal stage-{st + 1} ratio "
                       f"below it at base {base}; use min: step")
         # the proxy keeps every target head step exact
-        small = proxy_arch(arch, space.proxy, where=f"{src}: proxy (base {base})")
-        # the largest candidate of this macro must fit where its trials will train
+        proxy_arch(arch, space.proxy, where=f"{src}: proxy (base {base})")
+        # the largest candidate of this macro (the widest decoder, the loop's last) must fit where its trials train
         n = max(space.num_experts)
-        small = proxy_arch(space.arch(base, blocks, pools, ("0",) * space.num_stages, space.widths.choices[-1]),
-                           space.proxy, where=f"{src}: proxy (base {base})")
-        largest = MemeConfig(name=f"{n} experts of base {base} x {blocks} blocks", experts=(small,) * n,
+        largest = MemeConfig(name=f"{n} experts of base {base} x {blocks} blocks", experts=(widest,) * n,
                              data=space.proxy.shape(), diffusion=space.proxy.diffusion or space.diffusion)
         check_fits(largest.validate(), space.proxy.batch_size, pick_device(None), what=f"{src}: proxy")
     ref = space.reference
