@@ -117,7 +117,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     c = p.add_argument_group("cluster")
     c.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPU cores reserved per trial (default %(default)s)")
     c.add_argument("--gpus-per-trial", type=float, default=None,
-                   help="fractions allowed (default 0.5 when the Ray cluster has GPUs, on any node)")
+                   help="fractions allowed (default, when the Ray cluster has GPUs: 1 / --trials-at-once, or 1 / "
+                        "what one GPU holds, measured on a worker's GPU)")
+    c.add_argument("--trials-at-once", type=int, default=None,
+                   help="trained trials at once on one device: with --executor optuna, worker processes on this "
+                        "machine's device; under Ray, --gpus-per-trial 1/N (default on a GPU: as many as one proxy "
+                        "trial's measured memory and busy time allow; on a CPU 1)")
     c.add_argument("--address", default=None, help="Ray cluster to join (default $RAY_ADDRESS, else local)")
     c.add_argument("--stale-after", type=float, default=STALE_AFTER_S,
                    help="seconds a RUNNING trial of another driver may go unstamped before it is failed as "
@@ -237,6 +242,8 @@ def make_settings(args) -> tuple[Settings, dict]:
         raise UserError(f"--trials must be >= 1, got {args.trials}")
     if args.cpus_per_trial <= 0 or (args.gpus_per_trial is not None and args.gpus_per_trial < 0):
         raise UserError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+    if args.trials_at_once is not None and args.trials_at_once < 1:
+        raise UserError(f"--trials-at-once must be >= 1, got {args.trials_at_once}")
     objectives = parse_objectives(args)
     space = load_space(args.space)
     if args.seed is not None:
@@ -280,7 +287,7 @@ def make_settings(args) -> tuple[Settings, dict]:
                  time_budget=float(time_budget) if time_budget else None, device=args.device,
                  cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus, address=args.address,
                  progress=not args.quiet, stale_after=args.stale_after, latency=latency,
-                 sampler=args.sampler)
+                 sampler=args.sampler, trials_at_once=args.trials_at_once)
     return s, refs
 
 
@@ -411,7 +418,7 @@ def run_trials(s: Settings, study: optuna.Study, executor: str, ref_cfg, remaini
 
         from nas.engine import ray_engine
         started_ray = ray_engine.init_ray(s.address)
-        s = dataclasses.replace(s, gpus_per_trial=ray_engine.default_gpus_per_trial(s.gpus_per_trial))
+        s = dataclasses.replace(s, gpus_per_trial=ray_engine.default_gpus_per_trial(s.gpus_per_trial, s))
         job = None
         if need_ref:
             job = ray.remote(ref_mod.run_reference).options(num_cpus=s.cpus_per_trial, num_gpus=s.gpus_per_trial) \

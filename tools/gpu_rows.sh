@@ -4,26 +4,36 @@
 #     tools/gpu_rows.sh OUT_DIR [SECONDS]
 #
 # Runs, in order of value, each step under its own time limit so that a slow step costs
-# only itself, within SECONDS in all (default 540; the whole list wants about 900):
-#   0. pytest -m cuda: the CUDA-only tests (fused mixer weights on the GPU, EMA and batch
-#      drawing without host syncs under torch.cuda.set_sync_debug_mode);
-#   1. nas.bench.run --device cuda, eager sections (fast paths, iFormer blocks, sampling; then
-#      training MFU and memory in a second process) and its target rows;
-#   2. meme.speed.latency of meme-table4, LDM-S and LDM-L at batch 1 and 32 (ms per step);
-#   3. nas.space.latency_table report on meme_ffhq256 and fmnist32 (the latency model against
-#      whole-network timings of 30 random candidates, on this GPU);
-#   4. nas.bench.run --only sampling --compile (compile time, compiled sampling ratio).
+# only itself, within SECONDS in all (default 480: 8 minutes):
+#   0. pytest -m cuda: the CUDA-only tests (CUDA-graph sampling equal to eager, captured once
+#      per expert and batch size and refused outside its plan; GroupNorm without an fp32
+#      copy; fused mixer weights; EMA and batch drawing without host syncs under
+#      torch.cuda.set_sync_debug_mode; how many proxy trials one GPU holds);
+#   1. nas.bench --only sampling: meme-table4, LDM-S and LDM-L at batch 1, 8, 32 and 128,
+#      eager and from CUDA graphs, interleaved, 5 repeats (20 DDIM steps per run): each
+#      model's graph gain, the eager/eager and best/best ratios against the targets;
+#   2. nas.bench --only training,memory: training MFU of an iU-Net expert at batch 64 and
+#      256 (and LDM-S at 64), normal against low-memory sampling memory;
+#   3. nas.space.latency_table report on fmnist32: the latency model (timed as CUDA-graph
+#      replays, as the sampler runs) against whole-network timings of 30 candidates;
+#   4. a 60 s search of the tiny space with the Optuna engine on this GPU: trials at
+#      once as measured (nas.evaluators.device_share) and candidates per minute;
+#   5. nas.bench --only sampling --compile: compile time and compiled + graph sampling;
+#   6. nas.bench --only fastpath: fast paths, iFormer blocks, mixers (its rows beside the
+#      H200's of 2026-12-04);
+#   7. meme.speed.latency of meme-table4, LDM-S and LDM-L at batch 1 and 32 (ms per step).
 # Every log, CSV, report and the updated BENCHMARKS.md go to OUT_DIR/w, packed into
 # OUT_DIR/gpu-rows.tgz at the end. Multi-GPU rows (DDP throughput) need more than one GPU.
 #
-# Durations seen on one H200 (2026-12-04, results/curated/gpu-h200-2026-12-04): fast paths +
-# iFormer + sampling about 150 s (before the per-stage mixer rows), training + memory 80 s (3 steps x 4 runs), each meme.speed.latency
-# 12-25 s, the fmnist32 report 44 s; the default space's report needs more than 200 s (its
-# first pass over 77 experts alone took 138 s), so it runs with one pass and 2 calibrations.
+# Durations seen on one H200 (2026-12-04, results/curated/gpu-h200-2026-12-04, before the
+# CUDA-graph path): fast paths + iFormer + sampling about 150 s, training + memory 80 s
+# (3 steps x 4 runs), each meme.speed.latency 12-25 s, the fmnist32 report 44 s. This
+# version has not yet run on a GPU: the limits below are estimates, and a step that
+# overruns is cut and named, the rest still run.
 set -u
 OUT=$(realpath -m "${1:?usage: tools/gpu_rows.sh OUT_DIR [SECONDS]}")
 cd "$(dirname "$0")/.."                      # the checkout: python -m finds meme/ and nas/
-TOTAL=${2:-540}
+TOTAL=${2:-480}
 W=$OUT/w
 mkdir -p "$W"
 export PYTHONUNBUFFERED=1 MEME_LATENCY_CACHE=$W/latency-cache MEME_MACS_CACHE=$W/macs-cache
@@ -49,21 +59,21 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 $PY -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name(0))" \
   | tee "$W/versions.txt"
 
-step cuda-tests 60 $PY -m pytest -q -m cuda -p no:cacheprovider tests/meme/speed/test_cuda.py
-step bench 200 $PY -m nas.bench --device cuda --only fastpath,sampling \
+step cuda-tests 90 $PY -m pytest -q -m cuda -p no:cacheprovider tests/meme/speed/test_cuda.py
+step bench-sampling 130 $PY -m nas.bench --device cuda --only sampling --steps 20 --repeats 5 \
   --out "$W" --md "$W/BENCHMARKS.md"
-step bench-training 120 $PY -m nas.bench --device cuda --only training,memory --train-steps 3 --repeats 3 \
+step bench-training 90 $PY -m nas.bench --device cuda --only training,memory --train-steps 3 --repeats 3 \
   --out "$W" --md "$W/BENCHMARKS.md"
-for m in meme-table4 ldm-s ldm-l; do
-  step "latency-$m" 40 $PY -m meme.speed.latency "$m" --device cuda --batch 1,32 --repeats 20 --warmup 5
-done
-step report-meme_ffhq256 300 $PY -m nas.space.latency_table report --space meme_ffhq256 --device cuda --n 30 \
-  --passes 1 --calibrations 2 \
-  --out "$W/latency-meme-ffhq256"
-step report-fmnist32 100 $PY -m nas.space.latency_table report --space fmnist32 --device cuda --n 30 \
+step report-fmnist32 80 $PY -m nas.space.latency_table report --space fmnist32 --device cuda --n 30 \
   --out "$W/latency-fmnist32"
-step bench-compile 400 $PY -m nas.bench --device cuda --only sampling --compile \
+step search-60s 90 $PY -m nas.search --space tiny --executor optuna --device cuda --budget-gflops 1 \
+  --trials 1000 --time-budget 60 --no-reference --rerank-top 0 --quiet --out "$W/search"
+step bench-compile 150 $PY -m nas.bench --device cuda --only sampling --compile --steps 20 --sampling-batches 32 \
   --out "$W" --md "$W/BENCHMARKS.md"
+step bench-fastpath 150 $PY -m nas.bench --device cuda --only fastpath --out "$W" --md "$W/BENCHMARKS.md"
+for m in meme-table4 ldm-s ldm-l; do
+  step "latency-$m" 30 $PY -m meme.speed.latency "$m" --device cuda --batch 1,32 --repeats 20 --warmup 5
+done
 
 rm -rf "$W/macs-cache"
 tar czf "$OUT/gpu-rows.tgz" -C "$W" .

@@ -159,9 +159,10 @@ class FastPath:
     def memory_format(self) -> torch.memory_format:
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast on this device, or a no-op."""
-        return torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.bf16)
+    def autocast(self, cache: bool = True) -> contextlib.AbstractContextManager:
+        """bf16 autocast on this device, or a no-op. ``cache=False``: no weight-cast cache
+        (inside a CUDA graph capture, whose region closes before the graph replays)."""
+        return torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=cache)
 
     def prepare(self, module: nn.Module, device: torch.device | str) -> nn.Module:
         """Move a network to the device in this path's memory format (in place; returned)."""
@@ -232,3 +233,21 @@ def compile_for_inference(module: nn.Module) -> nn.Module:
 
     inductor_config.freezing = True
     return torch.compile(module)
+
+
+def compile_budget(graphs: int) -> contextlib.AbstractContextManager:
+    """Let ``torch.compile`` hold ``graphs`` compiled graphs per code object, and fail past them.
+
+    Experts of one class share their ``forward``'s code object, so dynamo counts every
+    (expert, batch size) against one recompile limit (8 by default): a MEME of 4 experts
+    sampled at 3 batch sizes would silently run its last graphs eager. Inside this
+    region the limit is at least ``graphs`` and hitting it raises instead. Dynamo's
+    configuration is ``torch._dynamo.config``, the module torch's compile documentation
+    sets these knobs in. ``graphs`` = 0: nothing changes.
+    """
+    if graphs <= 0:
+        return contextlib.nullcontext()
+    import torch._dynamo  # deferred: loading dynamo costs seconds, only compiled runs need it
+
+    limit = max(int(torch._dynamo.config.recompile_limit), graphs)
+    return torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True)

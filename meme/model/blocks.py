@@ -59,25 +59,44 @@ def num_groups(channels: int, groups: int = 32, group_channels: int = 0) -> int:
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm with fp32 statistics and affine, output in x's dtype (LDM's GroupNorm32).
+    """GroupNorm with fp32 statistics, output in x's dtype (LDM's GroupNorm32), with no
+    fp32 copy of a bf16/fp16 activation.
 
-    On the CPU, bf16/fp16 inputs go straight to ATen's mixed-dtype kernel, which
-    accumulates in fp32 internally: the numbers of casting x to fp32 first, up to one
-    rounding step of the output (``tests/meme/speed/test_fast_paths.py``), at ~1/12 the time
-    (0.19 vs 2.4 ms for 4x256x32x32 bf16 channels_last on 2 cores), because the
-    explicit casts are extra full passes over a channels_last tensor. Elsewhere x is
-    cast to fp32 explicitly, which is what CUDA autocast does to group_norm anyway.
+    ATen's group_norm kernels accumulate a low-precision input's statistics in fp32
+    themselves (``acc_type``), so casting x to fp32 first, as LDM and CUDA autocast do,
+    only adds two full passes over the activation (a cast in, a cast back) and doubles
+    the bytes the norm reads.
+    * CPU: bf16/fp16 x goes straight to ATen's mixed-dtype kernel with the fp32 affine:
+      the numbers of casting first, up to one rounding step of the output
+      (``tests/meme/speed/test_fast_paths.py``), at ~1/12 the time (0.19 vs 2.4 ms for
+      4x256x32x32 bf16 channels_last on 2 cores).
+    * CUDA: the kernel wants one dtype for x and the affine, so the affine (C values) is
+      cast to x's dtype, and autocast, which would cast x to fp32, is off for the call.
+      One norm kernel where there were three over the whole tensor; its output differs
+      from the fp32 round trip by the rounding of gamma and beta to bf16 (tested on the
+      GPU in ``tests/meme/speed/test_cuda.py``, and on a CPU through ``low_precision_group_norm``).
     """
 
     def __init__(self, channels: int, groups: int = 32, eps: float = 1e-5, group_channels: int = 0):
         super().__init__(num_groups(channels, groups, group_channels), channels, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low = x.dtype in (torch.bfloat16, torch.float16)
+        if low and x.device.type != "cpu":
+            return low_precision_group_norm(x, self)
         w = self.weight.float() if self.weight is not None else None
         b = self.bias.float() if self.bias is not None else None
-        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        if low:     # CPU: the mixed-dtype kernel
             return F.group_norm(x, self.num_groups, w, b, self.eps)
         return F.group_norm(x.float(), self.num_groups, w, b, self.eps).type(x.dtype)
+
+
+def low_precision_group_norm(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """``norm`` on a bf16/fp16 ``x`` in x's dtype throughout (fp32 statistics inside the kernel)."""
+    w = norm.weight.to(x.dtype) if norm.weight is not None else None
+    b = norm.bias.to(x.dtype) if norm.bias is not None else None
+    with torch.autocast(x.device.type, enabled=False):
+        return F.group_norm(x, norm.num_groups, w, b, norm.eps)
 
 
 class GELU(nn.GELU):

@@ -26,17 +26,18 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from meme.common import checkpoint
 from meme.common.command import CommandParser, add_fast_path_flag, main_guard, setup_logging
 from meme.common.device import pick_device
 from meme.common.errors import UserError
-from meme.common.fastpath import PRECISIONS, FastPath, compile_for_inference, fast_path
+from meme.common.fastpath import PRECISIONS, FastPath, compile_budget, compile_for_inference, fast_path, fast_path_enabled
 from meme.common.images import Decoder, decode, save_grid, save_pngs, to_uint8
 from meme.data.autoencoder import load_decoder
 from meme.data.latents import require_latent_info, run_data_spec
@@ -46,6 +47,7 @@ from meme.model.experts import MultiExpertDenoiser, build_denoiser
 from meme.model.resources import check_fits
 from meme.model.schedule import load_schedule, schedule_denoiser
 from meme.model.shared_parts import move_private, shared_modules
+from meme.sampling.graphs import GraphedExperts, graphed_experts
 
 log = logging.getLogger("meme.sampling.sample")
 SAMPLERS = ("ddim", "ddpm")
@@ -92,9 +94,19 @@ def _needs_noise(plan: SamplingPlan, t_prev: int) -> bool:
     return t_prev >= 0 and (plan.sampler == "ddpm" or plan.eta > 0)
 
 
+Forward = Callable[[int, torch.Tensor, int], torch.Tensor]   # (expert index, x, t) -> fp32 eps
+
+
+def eager_forward(experts: Sequence[nn.Module], device: torch.device) -> Forward:
+    """Each step's forward run op by op (called inside ``_run_steps``'s autocast region)."""
+    def forward(e: int, x: torch.Tensor, t: int) -> torch.Tensor:
+        return experts[e](x, torch.full((x.shape[0],), t, device=device, dtype=torch.long)).float()
+    return forward
+
+
 @torch.no_grad()
-def _run_steps(expert, diffusion, plan, x, b, pairs, first_index, device, fp: FastPath):
-    """One expert's run of steps on one batch, inside ONE autocast region.
+def _run_steps(forward: Forward, e: int, diffusion, plan, x, b, pairs, first_index, device, fp: FastPath):
+    """Expert ``e``'s run of steps on one batch, inside ONE autocast region.
 
     Autocast keeps its bf16 copy of each weight until the region closes, so the weights
     are cast once per run instead of once per step (per step that cast cost meme-table4
@@ -104,12 +116,20 @@ def _run_steps(expert, diffusion, plan, x, b, pairs, first_index, device, fp: Fa
     """
     with fp.autocast():
         for i, (t, t_prev) in enumerate(pairs, start=first_index):
-            tt = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
-            eps = expert(x, tt).float()
+            eps = forward(e, x, t)
             noise = fp.input(keyed_noise(plan.seed, b, i, tuple(x.shape)), device) \
                 if _needs_noise(plan, t_prev) else None
             x = _step(diffusion, plan, x, t, t_prev, eps, noise)
     return x
+
+
+def use_cuda_graphs(device: torch.device, asked: Optional[bool]) -> bool:
+    """CUDA graphs: on by default on CUDA (unless --no-fast-path), refused elsewhere when asked."""
+    if asked is None:
+        return device.type == "cuda" and fast_path_enabled()
+    if asked and device.type != "cuda":
+        raise UserError(f"CUDA graphs need a CUDA device; this run samples on {device}")
+    return asked
 
 
 def _segments(denoiser: MultiExpertDenoiser, pairs):
@@ -128,16 +148,19 @@ def _segments(denoiser: MultiExpertDenoiser, pairs):
 def generate(denoiser: MultiExpertDenoiser, diffusion: Diffusion, shape: tuple[int, int, int],
              plan: SamplingPlan, device: torch.device | str = "cpu", low_memory: bool = False,
              offload_dir: Optional[Path] = None, progress: bool = False,
-             precision: str = "auto", compile: bool = False) -> torch.Tensor:
+             precision: str = "auto", compile: bool = False, cuda_graphs: Optional[bool] = None) -> torch.Tensor:
     """Samples in [-1, 1] on the CPU, [n, C, H, W].
 
     ``precision`` picks the fast path (``meme.common.fastpath``): 'auto' runs the network in
     bf16 where the device does so natively; the sampler's update is always fp32.
     ``compile`` wraps each expert in ``torch.compile`` (inductor, weights frozen):
     it pays only when n is large, since the first batch waits for the compiler.
+    ``cuda_graphs`` replays each expert's forward from a CUDA graph (``meme.sampling.graphs``);
+    None: on CUDA unless ``--no-fast-path``. Same images as eager, up to bf16 rounding.
     """
     device = torch.device(device)
     fp = fast_path(device, precision, denoiser)
+    graphs = use_cuda_graphs(device, cuda_graphs)
     if compile and low_memory:
         raise UserError("--compile and --low-memory do not combine: compiled experts keep their weights "
                         "on the device they were compiled for")
@@ -145,17 +168,21 @@ def generate(denoiser: MultiExpertDenoiser, diffusion: Diffusion, shape: tuple[i
     pairs = timestep_pairs(diffusion, plan)
     segs = _segments(denoiser, pairs)
     batches = plan.batches()
+    sizes = sorted({size for _, size in batches})
     bar = tqdm(total=len(batches) * len(pairs), disable=not progress, desc="sampling", unit="step")
     if not low_memory:
         fp.prepare(denoiser, device)
         experts = [compile_for_inference(e) for e in denoiser.experts] if compile else list(denoiser.experts)
+        forward = graphed_experts(denoiser, experts, sizes, fp, device, variant=compile) if graphs \
+            else eager_forward(experts, device)
         out = []
-        for b, (_, size) in enumerate(batches):
-            x = fp.input(keyed_noise(plan.seed, b, -1, (size, *shape)), device)
-            for e, first, seg in segs:
-                x = _run_steps(experts[e], diffusion, plan, x, b, seg, first, device, fp)
-                bar.update(len(seg))
-            out.append(x.float().cpu())
+        with compile_budget(len(experts) * len(sizes) if compile else 0):
+            for b, (_, size) in enumerate(batches):
+                x = fp.input(keyed_noise(plan.seed, b, -1, (size, *shape)), device)
+                for e, first, seg in segs:
+                    x = _run_steps(forward, e, diffusion, plan, x, b, seg, first, device, fp)
+                    bar.update(len(seg))
+                out.append(x.float().cpu())
         bar.close()
         return torch.cat(out)
     # Low memory: expert-major order; states wait on the host (or on disk).
@@ -166,10 +193,13 @@ def generate(denoiser: MultiExpertDenoiser, diffusion: Diffusion, shape: tuple[i
     shared = shared_modules(denoiser.experts)   # parts every expert holds stay on the device throughout
     for e, first, seg in segs:
         expert = fp.prepare(denoiser.experts[e], device)
+        only = [expert if i == e else None for i in range(len(denoiser.experts))]
+        forward = GraphedExperts(only, sizes, fp, device) if graphs else eager_forward(only, device)
         for b in range(len(batches)):
-            x = _run_steps(expert, diffusion, plan, fp.input(store.get(b), device), b, seg, first, device, fp)
+            x = _run_steps(forward, e, diffusion, plan, fp.input(store.get(b), device), b, seg, first, device, fp)
             store.put(b, x.float().cpu())
             bar.update(len(seg))
+        del forward                             # its graphs (and their memory pool) go with the expert
         move_private(expert, "cpu", keep=shared)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -260,6 +290,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="auto: bf16 where the device runs it natively (GPU, AMX CPUs), else fp32")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each expert first (pays for large --n; not with --low-memory)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="on CUDA: launch every kernel of every step instead of replaying a CUDA graph per "
+                        "expert and batch size (for debugging; --no-fast-path turns them off too)")
     p.add_argument("--no-decode", action="store_true",
                    help="latent runs: write raw latent channels instead of decoded images (not for FID)")
     p.add_argument("--out", type=Path, default=None, help="output folder for samples.npz and PNGs "
@@ -302,6 +335,8 @@ def main(argv=None) -> int:
                         clip_x0=not cfg.data.latent)
     shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
     path = fast_path(device, args.precision, denoiser).describe()
+    if use_cuda_graphs(device, False if args.no_cuda_graphs else None):
+        path += " + CUDA graphs"
     log.info("sampling %d images from %s (step %d) on %s (%s), %s %d steps%s%s", args.n, source, step, device,
              path, args.sampler, args.steps,
              ", low-memory" if args.low_memory else "", ", compiled" if args.compile else "")
@@ -309,13 +344,15 @@ def main(argv=None) -> int:
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     samples = generate(denoiser, diffusion, shape, plan, device, args.low_memory, args.offload_dir, progress=True,
-                       precision=args.precision, compile=args.compile)
+                       precision=args.precision, compile=args.compile,
+                       cuda_graphs=False if args.no_cuda_graphs else None)
     wall = time.perf_counter() - t0
     out = args.out or default_out
     info = write_samples(samples, out, decoder)
     info.update(step=step, wall_s=round(wall, 3), img_per_s=round(args.n / wall, 3), device=str(device),
                 low_memory=args.low_memory, precision=path,
-                compiled=args.compile, plan=plan.__dict__, source=source,
+                compiled=args.compile,
+                cuda_graphs=use_cuda_graphs(device, False if args.no_cuda_graphs else None), plan=plan.__dict__, source=source,
                 peak_device_mem_mb=(torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None))
     (out / "sampling.json").write_text(json.dumps(info, indent=2))
     print(json.dumps(info, indent=2))

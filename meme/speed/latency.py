@@ -45,6 +45,8 @@ from meme.model.config import ArchConfig, DataShape, MemeConfig, arch_dict
 from meme.model.macs import cost_of_meme, disk_get, disk_put, env_cache_dir, source_fingerprint
 from meme.model.experts import build_network, wake_zero_init
 from meme.model.references import reference_names, resolve
+from meme.sampling.graphs import capture_graph
+from meme.sampling.sample import use_cuda_graphs
 from meme.speed.timing import device_name, time_runs
 
 LATENCY_VERSION = 2           # bump when what is timed changes: invalidates the disk cache
@@ -65,6 +67,8 @@ class Setting:
     warmup: int = 2             # untimed forwards first
     clock: str = "auto"         # 'wall', 'cpu' (thread CPU time), 'auto': 'cpu' on a CPU with one torch thread
     threads: int = 1            # torch CPU threads while timing (a CPU's figures belong to a thread count)
+    graphs: Optional[bool] = None  # CUDA: time replays of a CUDA graph, as the sampler runs (None: on CUDA
+                                   # unless --no-fast-path); a CPU has none
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -83,6 +87,10 @@ class Setting:
     @property
     def on_cpu(self) -> bool:
         return torch.device(self.device).type == "cpu"
+
+    def uses_graphs(self) -> bool:
+        """Whether forwards are timed as CUDA-graph replays (what ``meme.sampling.sample`` runs)."""
+        return use_cuda_graphs(torch.device(self.device), self.graphs)
 
     def label(self) -> str:
         """The device a time belongs to: GPU name, or CPU model and the thread count."""
@@ -159,6 +167,7 @@ def latency_key(arch: ArchConfig, data: DataShape, setting: Setting) -> str:
         "arch": arch_dict(arch), "data": dataclasses.asdict(data),
         "device": setting.label(), "batch": setting.batch,
         "precision": precision_of(arch, setting), "compile": setting.compile, "clock": setting.resolved_clock(),
+        **({"graphs": True} if setting.uses_graphs() else {}),
         "torch": torch.__version__, "src": source_fingerprint(), "version": LATENCY_VERSION,
     }, sort_keys=True)
     return hashlib.sha1(payload.encode()).hexdigest()[:20]
@@ -175,7 +184,9 @@ def time_module(module: nn.Module, inputs: tuple[torch.Tensor, ...], setting: Se
     """Median forward time of ``module(*inputs)`` on the fast path of a ``width``-wide network.
 
     4-D inputs go channels_last as the fast path keeps them; the output is cast to
-    fp32 as the sampler does before its update.
+    fp32 as the sampler does before its update. Under ``setting.uses_graphs()`` the
+    forward is captured once and each timed call is a replay: the GPU's own time, without
+    the host's launches, as the sampler pays it.
     """
     dev = torch.device(setting.device)
     fp = fast_path_for_width(dev, setting.precision, width)
@@ -186,6 +197,10 @@ def time_module(module: nn.Module, inputs: tuple[torch.Tensor, ...], setting: Se
     def forward():
         return run(*xs).float()
 
+    if setting.uses_graphs():
+        with threads_of(setting):
+            graph, _ = capture_graph(forward, fp, dev)
+        return Timing.of(time_runs(graph.replay, dev, setting.repeats, setting.warmup))
     # one autocast region over warm-up and repeats, as the sampler holds one per run of
     # steps (meme.sampling.sample._run_steps): weights are cast to bf16 once, not per forward
     with threads_of(setting), torch.no_grad(), fp.autocast():
@@ -262,12 +277,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.add_argument("--clock", default="auto", choices=CLOCKS,
                        help="'wall', 'cpu' (thread CPU time) or 'auto' (cpu on a CPU with one thread; default)")
         p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+        p.add_argument("--no-cuda-graphs", action="store_true",
+                       help="on CUDA: time eager forwards (every kernel launched by the host) instead of CUDA-graph "
+                            "replays, the sampler's default path")
         add_fast_path_flag(p)
         args = p.parse_args(argv)
         try:
             batches = [int(b) for b in args.batch.split(",") if b.strip()]
             settings = {b: Setting(str(pick_device(args.device)), b, args.precision, args.compile,
-                                   args.repeats, args.warmup, args.clock, args.threads) for b in batches}
+                                   args.repeats, args.warmup, args.clock, args.threads,
+                                   graphs=False if args.no_cuda_graphs else None) for b in batches}
         except ValueError as exc:
             raise UserError(f"--batch/--repeats/--warmup: {exc}") from None
         cfg = resolve(args.config)

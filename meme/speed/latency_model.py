@@ -49,6 +49,7 @@ def table_meta(setting: Setting) -> dict:
     """What a table's figures depend on, besides the blocks themselves."""
     return {"device": setting.label(), "batch": setting.batch, "precision": setting.precision,
             "compile": setting.compile, "clock": setting.resolved_clock(), "torch": torch.__version__, "src": source_fingerprint(),
+            **({"graphs": True} if setting.uses_graphs() else {}),
             "version": [LATENCY_VERSION, TABLE_VERSION]}
 
 

@@ -8,8 +8,12 @@ forward sections, fast paths and iFormer blocks, are ``meme.speed.forward_bench`
   sampler path (``meme.sampling.sample.generate`` on its default fast path: one expert per
   interval, switching as t falls), for the reference models; each model's speed-up over
   LDM-L is printed beside its MACs ratio (``meme.model.macs``: the ideal speed-up if time
-  followed MACs).
-* **training** -- step time, images/s and MFU of one iU-Net expert and of LDM-S through
+  followed MACs). On a GPU also batches 8 and 128, each eager and from CUDA graphs
+  (``meme.sampling.graphs``), with each model's own graph gain and the MEME / LDM-L
+  ratio eager against eager and fastest against fastest. Every (model, path, batch) is
+  timed interleaved with the others.
+* **training** -- step time, images/s and MFU of one iU-Net expert (on a GPU also at
+  batch 256) and of LDM-S through
   ``meme.training.train.Trainer.step`` on the trainer's own fast path (``meme.common.fastpath``). Model
   FLOPs are 3 x 2 x MACs per sample (forward + backward); the peak is a large matmul in
   the dtype the trainer ran, measured in the same run, so MFU here is relative to what
@@ -35,13 +39,13 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from meme.common.fastpath import compile_for_inference, fast_path
+from meme.common.fastpath import fast_path
 from meme.model.config import MemeConfig
 from meme.model.diffusion import Diffusion
 from meme.model.experts import build_denoiser
 from meme.model.macs import cost_of_meme
 from meme.model.references import resolve
-from meme.sampling.sample import SamplingPlan, generate
+from meme.sampling.sample import SamplingPlan, generate, use_cuda_graphs
 from meme.speed.bench_report import PENDING, Row
 from meme.speed.timing import cold_compile, dtype_name, median, time_runs
 from meme.training.train import Trainer, TrainOptions
@@ -49,6 +53,7 @@ from meme.training.train import Trainer, TrainOptions
 SECTIONS = ("fastpath", "sampling", "training", "memory")
 SAMPLING_MODELS = ("meme-table4", "multi-expert-s", "iu-ldm-s", "ldm-s", "ldm-l")
 REFERENCE = "ldm-l"                    # sampling speed-ups are relative to this model
+MATRIX_MODELS = ("meme-table4", "ldm-s", REFERENCE)   # timed at every batch and path (the others: default path)
 TRAINING_MODELS = ("iunet-expert0", "ldm-s")
 
 
@@ -68,6 +73,8 @@ class BenchOptions:
     matmul_n: int = 8192            # side of the square matmul that measures the peak
     compile: bool = False
     only: tuple[str, ...] = SECTIONS
+    sampling_batches: tuple[int, ...] = ()   # () = the device's default (sampling_batches)
+    train_batches: tuple[int, ...] = ()      # more training batches beside train_batch (GPU default: 256)
 
     @property
     def cuda(self) -> bool:
@@ -115,44 +122,96 @@ def gmacs_mean(cfg: MemeConfig) -> float:
 
 # ---- sections --------------------------------------------------------------------------
 
+def sampling_batches(o: BenchOptions, dev: torch.device) -> tuple[int, ...]:
+    """Batches the sampling section times: the throughput batch and 1, and on a GPU also
+    8 and 128 (where launches, then MACs, set the time)."""
+    if o.sampling_batches:
+        return tuple(sorted(set(o.sampling_batches) | {1, o.batch}))
+    extra = (8, 128) if dev.type == "cuda" and not o.quick else ()
+    return tuple(sorted({1, o.batch, *extra}))
+
+
+def sampling_paths(dev: torch.device) -> tuple[str, ...]:
+    """'eager' everywhere; on CUDA also 'graphs' (``meme.sampling.graphs``), the default there."""
+    return ("eager", "graphs") if use_cuda_graphs(dev, None) else ("eager",)
+
+
 def bench_sampling(o: BenchOptions, dev: torch.device, log: Callable[[str], None]) -> list[Row]:
-    speed: dict[str, dict[str, float]] = {}
-    paths: dict[str, str] = {}
-    macs: dict[str, float] = {}
-    labels: dict[str, tuple[str, str]] = {}
+    """Every (model, path, batch) timed interleaved: each repeat runs each of them once, so a
+    clock or load drift during the section moves every figure alike instead of one model's."""
+    batches, paths = sampling_batches(o, dev), sampling_paths(dev)
+    default_path = paths[-1]                       # what generate() runs when not told
+    nets, macs, fps = {}, {}, {}
     for name in SAMPLING_MODELS:
         cfg = at_resolution(resolve(name), o.resolution)
         macs[name] = gmacs_mean(cfg)
         torch.manual_seed(0)
         den = build_denoiser(cfg)
-        diff = Diffusion(cfg.diffusion)
-        shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
-        speed[name] = {}
-        paths[name] = fast_path(dev, "auto", den).describe()
-        for key, b in (("thr", o.batch), ("lat", 1)):
-            plan = SamplingPlan(n=b, steps=o.steps, batch_size=b, seed=0)
-            s = median(time_runs(lambda: generate(den, diff, shape, plan, dev), dev, o.repeats, o.warmup))
-            speed[name][key] = s
-            log(f"  sampling {name:<15} batch {b:>3}: {s:.3f} s for {o.steps} steps")
-        labels[name] = (shape_label(cfg, o.batch, o.steps), shape_label(cfg, 1, o.steps))
-        del den
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        nets[name] = (cfg, den, Diffusion(cfg.diffusion), (cfg.data.channels, cfg.data.resolution, cfg.data.resolution))
+        fps[name] = fast_path(dev, "auto", den).describe()
+    runs = [(name, path, b) for b in batches for name in SAMPLING_MODELS for path in paths
+            if name in MATRIX_MODELS or (path == default_path and b in (1, o.batch))]
+
+    def call(run: tuple[str, str, int]) -> Callable[[], object]:
+        name, path, b = run
+        cfg, den, diff, shape = nets[name]
+        plan = SamplingPlan(n=b, steps=o.steps, batch_size=b, seed=0)
+        return lambda: generate(den, diff, shape, plan, dev, cuda_graphs=path == "graphs")
+
+    for run in runs:                               # warm-up: cuDNN's algorithm search, graph captures
+        time_runs(call(run), dev, 0, o.warmup)
+    times: dict[tuple[str, str, int], list[float]] = {run: [] for run in runs}
+    for _ in range(o.repeats):
+        for run in runs:
+            times[run] += time_runs(call(run), dev, 1, 0)
+    s = {run: median(ts) for run, ts in times.items()}
+    for (name, path, b), sec in s.items():
+        log(f"  sampling {name:<15} {path:<6} batch {b:>3}: {sec:.3f} s for {o.steps} steps")
+    del nets
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+    def label(name: str, b: int) -> str:
+        return shape_label(at_resolution(resolve(name), o.resolution), b, o.steps)
+
     rows = []
-    ref = speed[REFERENCE]
+    thr, lat = (default_path, o.batch), (default_path, 1)
     for name in SAMPLING_MODELS:
-        s = speed[name]
-        ips = o.batch / s["thr"]
-        ref_ips = o.batch / ref["thr"]
         mr = macs[REFERENCE] / macs[name]
+        t, r = s[(name, *thr)], s[(REFERENCE, *thr)]
+        how = f"{fps[name]}{' + CUDA graphs' if default_path == 'graphs' else ''}"
         rows += [
-            Row("sampling", name, "img_per_s", ips, "img/s", ips / ref_ips, mr,
-                ">= 3.2x ldm-l (GPU)" if name == "meme-table4" else "", labels[name][0],
-                f"DDIM via meme.sampling.sample.generate ({paths[name]}); {macs[name]:.2f} GMACs/step/img"),
-            Row("sampling", name, "ms_per_step", 1e3 * s["thr"] / o.steps, "ms", ref["thr"] / s["thr"], mr,
-                "", labels[name][0], "one denoiser forward + DDIM update, whole batch"),
-            Row("sampling", name, "latency_per_img", s["lat"], "s", ref["lat"] / s["lat"], mr,
-                "", labels[name][1], f"batch 1, {o.steps} DDIM steps"),
+            Row("sampling", name, "img_per_s", o.batch / t, "img/s", r / t, mr,
+                ">= 3.2x ldm-l (GPU)" if name == "meme-table4" else "", label(name, o.batch),
+                f"DDIM via meme.sampling.sample.generate ({how}); {macs[name]:.2f} GMACs/step/img"),
+            Row("sampling", name, "ms_per_step", 1e3 * t / o.steps, "ms", r / t, mr,
+                "", label(name, o.batch), "one denoiser forward + DDIM update, whole batch"),
+            Row("sampling", name, "latency_per_img", s[(name, *lat)], "s", s[(REFERENCE, *lat)] / s[(name, *lat)], mr,
+                "", label(name, 1), f"batch 1, {o.steps} DDIM steps"),
+        ]
+    if len(paths) == 1 and batches == tuple(sorted({1, o.batch})):
+        return rows
+    for b in batches:                              # the whole matrix: each path, each batch
+        for name in MATRIX_MODELS:
+            mr = macs[REFERENCE] / macs[name]
+            for path in paths:
+                t = s[(name, path, b)]
+                rows.append(Row("sampling", name, f"img_per_s_b{b}_{path}", b / t, "img/s",
+                                s[(REFERENCE, path, b)] / t, mr, "", label(name, b),
+                                f"vs_ref = ldm-l on the same path; {o.repeats} interleaved repeats"))
+            if "graphs" in paths:
+                rows.append(Row("sampling", name, f"graph_gain_b{b}", s[(name, "eager", b)] / s[(name, "graphs", b)],
+                                "x", shape=label(name, b), note="eager time / CUDA-graph time: this model's own gain"))
+        pair = ("meme-table4", REFERENCE)
+        mr = macs[REFERENCE] / macs["meme-table4"]
+        best = {n: min(s[(n, p, b)] for p in paths) for n in pair}
+        target = {1: ">= 1.2 (GPU)", 32: ">= 2.6 (GPU)", 128: f">= {0.85 * mr:.2f} (85% of MACs, GPU)"}.get(b, "")
+        rows += [
+            Row("sampling", "meme-table4/ldm-l", f"img_per_s_ratio_b{b}_eager",
+                s[(REFERENCE, "eager", b)] / s[("meme-table4", "eager", b)], "x", "", mr, "", label(REFERENCE, b),
+                "both eager"),
+            Row("sampling", "meme-table4/ldm-l", f"img_per_s_ratio_b{b}_best", best[REFERENCE] / best["meme-table4"],
+                "x", "", mr, target, label(REFERENCE, b), "each model on its fastest path"),
         ]
     return rows
 
@@ -166,19 +225,27 @@ def _latent_file(folder: Path, cfg: MemeConfig, n: int = 64) -> Path:
     return path
 
 
+def training_batches(o: BenchOptions, dev: torch.device) -> tuple[int, ...]:
+    """Batches the iU-Net expert trains at: train_batch, and on a GPU also 256 (MFU wants work)."""
+    if o.train_batches:
+        return tuple(sorted(set(o.train_batches) | {o.train_batch}))
+    return tuple(sorted({o.train_batch, *((256,) if dev.type == "cuda" and not o.quick else ())}))
+
+
 def bench_training(o: BenchOptions, dev: torch.device, peaks: dict[torch.dtype, float],
                    log: Callable[[str], None]) -> list[Row]:
     rows = []
-    runs = [(name, False) for name in TRAINING_MODELS]
+    runs = [(name, False, o.train_batch) for name in TRAINING_MODELS]
+    runs += [(TRAINING_MODELS[0], False, b) for b in training_batches(o, dev) if b != o.train_batch]
     if o.compile and not o.quick:
-        runs.append((TRAINING_MODELS[0], True))
+        runs.append((TRAINING_MODELS[0], True, o.train_batch))
     with tempfile.TemporaryDirectory(prefix="meme-bench-") as tmp:
-        for name, compiled in runs:
+        for name, compiled, batch in runs:
             cfg = training_config(name, o.resolution)
-            data = _latent_file(Path(tmp), cfg, n=max(2 * o.train_batch, 16))
-            opts = TrainOptions(data=str(data), steps=10 ** 9, batch_size=o.train_batch, warmup=1,
+            data = _latent_file(Path(tmp), cfg, n=max(2 * batch, 16))
+            opts = TrainOptions(data=str(data), steps=10 ** 9, batch_size=batch, warmup=1,
                                 device=str(dev), sample_every=0, seed=0, compile=compiled)
-            trainer = Trainer(cfg, opts, Path(tmp) / f"{name}-{compiled}")
+            trainer = Trainer(cfg, opts, Path(tmp) / f"{name}-{compiled}-{batch}")
             k = o.train_steps
 
             def run_k() -> None:
@@ -191,14 +258,22 @@ def bench_training(o: BenchOptions, dev: torch.device, peaks: dict[torch.dtype, 
                     first_s = time_runs(trainer.step, dev, 1, 0)[0]
             step_s = median(time_runs(run_k, dev, o.repeats, o.warmup)) / k
             macs = gmacs_mean(cfg) * 1e9
-            achieved = o.train_batch * 6 * macs / step_s
-            label = shape_label(cfg, o.train_batch)
+            achieved = batch * 6 * macs / step_s
+            label = shape_label(cfg, batch)
             prec = trainer.fast.describe()
             peak_dtype = torch.bfloat16 if trainer.fast.bf16 else torch.float32
             peak, peak_label = peaks[peak_dtype], dtype_name(peak_dtype)
-            log(f"  training {name:<15} {step_s * 1e3:.1f} ms/step, MFU {100 * achieved / peak:.1f}%"
+            log(f"  training {name:<15} batch {batch:>3}: {step_s * 1e3:.1f} ms/step, MFU {100 * achieved / peak:.1f}%"
                 + (f" (compiled; first step {first_s:.1f} s)" if compiled else ""))
-            if compiled:
+            if batch != o.train_batch:
+                rows += [
+                    Row("training", name, f"step_time_b{batch}", 1e3 * step_s, "ms", shape=label,
+                        note=f"meme.training.train.Trainer.step, {prec}"),
+                    Row("training", name, f"mfu_b{batch}", 100 * achieved / peak, "%", shape=label,
+                        target=">= 30% (H100/H200 bf16)" if batch >= 256 else "",
+                        note=f"vs measured {peak_label} matmul peak {peak / 1e12:.2f} TFLOP/s"),
+                ]
+            elif compiled:
                 eager = next(r.value for r in rows if (r.item, r.metric) == (name, "step_time"))
                 rows += [
                     Row("training", name, "step_time_compiled", 1e3 * step_s, "ms", eager / (1e3 * step_s),
@@ -212,7 +287,7 @@ def bench_training(o: BenchOptions, dev: torch.device, peaks: dict[torch.dtype, 
                 rows += [
                     Row("training", name, "step_time", 1e3 * step_s, "ms", note=f"meme.training.train.Trainer.step, {prec}",
                         shape=label),
-                    Row("training", name, "img_per_s", o.train_batch / step_s, "img/s", shape=label),
+                    Row("training", name, "img_per_s", batch / step_s, "img/s", shape=label),
                     Row("training", name, "model_tflops_per_s", achieved / 1e12, "TFLOP/s", shape=label,
                         note=f"3 x 2 x {macs / 1e9:.2f} GMACs per sample"),
                     Row("training", name, "mfu", 100 * achieved / peak, "%", shape=label,
@@ -262,7 +337,9 @@ COMPILE_MODELS = ("meme-table4", REFERENCE)
 
 def bench_compile(o: BenchOptions, dev: torch.device, eager_ips: dict[str, float],
                   log: Callable[[str], None]) -> list[Row]:
-    """Sampling with every expert compiled (``compile_for_inference``), MEME and LDM-L.
+    """Sampling with every expert compiled (``generate(compile=True)``: inductor, and on CUDA
+    the compiled kernels replayed from CUDA graphs, as ``mode="reduce-overhead"`` does), MEME
+    and LDM-L.
 
     Compile time is kept apart from steady-state speed; the compiled MEME / LDM-L
     ratio is set beside the MACs ratio, as in the sampling section.
@@ -279,14 +356,13 @@ def bench_compile(o: BenchOptions, dev: torch.device, eager_ips: dict[str, float
         macs[name] = gmacs_mean(cfg)
         torch.manual_seed(0)
         den = build_denoiser(cfg)
-        for i in range(len(den.experts)):
-            den.experts[i] = compile_for_inference(den.experts[i])
         diff = Diffusion(cfg.diffusion)
         shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
         plan = SamplingPlan(n=o.batch, steps=o.steps, batch_size=o.batch, seed=0)
         with cold_compile():
-            first = time_runs(lambda: generate(den, diff, shape, plan, dev), dev, 1, 0)[0]
-        steady = median(time_runs(lambda: generate(den, diff, shape, plan, dev), dev, o.repeats, o.warmup))
+            first = time_runs(lambda: generate(den, diff, shape, plan, dev, compile=True), dev, 1, 0)[0]
+        steady = median(time_runs(lambda: generate(den, diff, shape, plan, dev, compile=True), dev, o.repeats,
+                                  o.warmup))
         ips[name] = o.batch / steady
         log(f"  compile {name}: first run {first:.1f} s, steady {steady:.3f} s")
         eager = eager_ips.get(name)

@@ -453,7 +453,8 @@ class Trainer:
         shape = (self.cfg.data.channels, self.cfg.data.resolution, self.cfg.data.resolution)
         plan = SamplingPlan(n=n, steps=self.opts.sample_steps, seed=1234, batch_size=n,
                             clip_x0=not self.cfg.data.latent)
-        x = generate(self.ema.module, self.diffusion, shape, plan, self.device, precision=self.opts.precision)
+        x = generate(self.ema.module, self.diffusion, shape, plan, self.device, precision=self.opts.precision,
+                     cuda_graphs=False)   # a grid now and then: graphs would hold their memory through training
         return save_grid(decode(x, self.grid_decoder()), self.out / "grids" / f"step{self.step_count:07d}.png")
 
     def grid_decoder(self):

@@ -236,8 +236,25 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     for flag, kind in (("resolution", int), ("batch", int), ("steps", int), ("repeats", int), ("warmup", int),
                        ("train-batch", int), ("train-steps", int), ("matmul-n", int), ("engine-trials", int)):
         p.add_argument(f"--{flag}", type=kind, default=None, help="override the mode's default")
+    p.add_argument("--sampling-batches", default=None,
+                   help="comma list of sampling batches beside 1 and --batch (default: 8,128 on a GPU, none on a CPU)")
+    p.add_argument("--train-batches", default=None,
+                   help="comma list of iU-Net expert training batches beside --train-batch (default: 256 on a GPU)")
     add_fast_path_flag(p)
     return p.parse_args(argv)
+
+
+def int_list(text: Optional[str], flag: str) -> tuple[int, ...]:
+    """'8,128' -> (8, 128); None -> () (the mode's default)."""
+    if text is None:
+        return ()
+    try:
+        out = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"{flag} takes a comma list of whole numbers, got {text!r}") from None
+    if not out or min(out) < 1:
+        raise UserError(f"{flag} takes batches >= 1, got {text!r}")
+    return out
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -259,6 +276,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 for k in ("resolution", "batch", "steps", "repeats", "warmup", "train-batch", "train-steps",
                           "matmul-n", "engine-trials")}
         o = dataclasses.replace(o, only=only, engines=engines, compile=args.compile, space=args.space,
+                                sampling_batches=int_list(args.sampling_batches, "--sampling-batches"),
+                                train_batches=int_list(args.train_batches, "--train-batches"),
                                 **{k: v for k, v in over.items() if v is not None})
         if o.steps < 4:
             raise UserError("--steps must be >= 4 so that every expert of a 4-expert MEME is timed")

@@ -10,15 +10,23 @@ with the study, and each worker keeps its own scorer (``nas.evaluators.supernet_
 for the whole search. Measured on 2 cores (README, "supernet evaluator"): a Ray Tune
 trial costs more scheduling and bookkeeping than the score it runs, and two threads on
 one forward are slower than two processes on two.
+
+Trained trials run several at once when ``--trials-at-once`` says so, or, on a GPU, as
+many as ``nas.evaluators.device_share`` measures it holds: each in its own worker process,
+which sends every report here and waits for the pruner's answer. The study, its sampler
+and its pruner stay in this process, so pruning works as in the serial loop.
 """
 from __future__ import annotations
 
+import logging
 import multiprocessing
+import queue
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from typing import Optional
+from typing import Any, Optional
 
 import optuna
+import torch
 from tqdm import tqdm
 
 from meme.common.errors import one_line
@@ -28,8 +36,13 @@ from nas.engine.heartbeat import Heartbeat
 from nas.engine.replicates import default_jobs, single_thread_worker
 from nas.engine.settings import Deadline, Settings
 from nas.engine.study import counted
+from nas.evaluators.device_share import measure_share
 from nas.evaluators.trial import TrialResult, run_trial
 from nas.space.proxy import ProxySpec
+
+log = logging.getLogger("nas.engine.optuna_engine")
+POLL_S = 0.05              # longest wait for a report or a finished trial
+REPORT_TIMEOUT_S = 600.0   # a worker waits this long for the pruner's answer before giving up
 
 
 def run(s: Settings, study: optuna.Study, beat: Optional[Heartbeat] = None,
@@ -41,8 +54,11 @@ def run(s: Settings, study: optuna.Study, beat: Optional[Heartbeat] = None,
                disable=None if s.progress else True)
     draws = _Draws(s, study, deadline, bar)
     workers = score_workers(s)
+    trainers = train_workers(s) if workers == 1 else 1
     if workers > 1:
         _run_pooled(s, study, beat, draws, bar, workers)
+    elif trainers > 1:
+        _run_trained_pooled(s, study, beat, draws, bar, trainers)
     else:
         _run_serial(s, study, beat, draws, bar)
     bar.close()
@@ -55,6 +71,17 @@ def score_workers(s: Settings) -> int:
     if s.space.proxy.evaluator != "supernet":
         return 1
     return max(1, int(default_jobs(s.device) // max(1.0, s.cpus_per_trial)))
+
+
+def train_workers(s: Settings) -> int:
+    """Trained trials at once: ``--trials-at-once``, else on a GPU what one GPU holds
+    (``nas.evaluators.device_share``, measured once), else 1."""
+    if s.trials_at_once:
+        return s.trials_at_once
+    share = measure_share(s.space, s.device)
+    if share.trials > 1 or share.limit != "cpu":
+        log.info("%s", share.describe())
+    return share.trials
 
 
 class _Draws:
@@ -141,6 +168,82 @@ def _run_pooled(s: Settings, study: optuna.Study, beat: Optional[Heartbeat], dra
         _run_serial(s, study, beat, draws, bar)
 
 
+def _run_trained_pooled(s: Settings, study: optuna.Study, beat: Optional[Heartbeat], draws: _Draws, bar,
+                        workers: int) -> None:
+    """Ask, price, report and tell here; train in ``workers`` processes, one trial each.
+
+    A worker's report arrives on ``requests`` as (trial number, step, value); the answer
+    (stop or not) goes back on that trial's own queue. This loop waits at most
+    ``POLL_S`` for either a report or a finished trial.
+    """
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads or CUDA
+    threads = max(1, int(s.cpus_per_trial))
+    pending: dict[Future, tuple[optuna.Trial, record.Candidate]] = {}
+    by_number: dict[int, tuple[optuna.Trial, record.Candidate, Any]] = {}
+    with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        requests = manager.Queue()
+        while True:
+            while len(pending) < workers and draws.allow(len(pending)):
+                trial, cand, outcome = _ask(study, s, beat)
+                if outcome is not None:
+                    _finish(study, trial, outcome, cand, beat, bar)
+                    continue
+                answers = manager.Queue()
+                try:
+                    fut = pool.submit(train_one, cand.config.to_yaml(), s.space.proxy, s.quality, s.device, threads,
+                                      trial.number, requests, answers)
+                except BrokenProcessPool:
+                    _finish(study, trial, record.failed("a trial worker died"), cand, beat, bar)
+                    break
+                pending[fut] = (trial, cand)
+                by_number[trial.number] = (trial, cand, answers)
+            if not pending:
+                break
+            _answer_reports(s, requests, by_number)
+            done, _ = wait(pending, timeout=POLL_S, return_when=FIRST_COMPLETED)
+            for fut in done:
+                trial, cand = pending.pop(fut)
+                by_number.pop(trial.number, None)
+                try:
+                    outcome = _judged(fut.result(), cand, s)
+                except Exception as exc:  # the trial's error, or a worker that died
+                    outcome = record.failed(one_line(exc, typed=True))
+                _finish(study, trial, outcome, cand, beat, bar)
+
+
+def _answer_reports(s: Settings, requests, by_number: dict) -> None:
+    """Every report waiting: record it on its trial and send the pruner's answer back."""
+    while True:
+        try:
+            number, step, value = requests.get_nowait()
+        except queue.Empty:
+            return
+        trial, cand, answers = by_number[number]
+        answers.put(_report(trial, cand, s, step, value))
+
+
+def _report(trial: optuna.Trial, cand: record.Candidate, s: Settings, step: int, value: float) -> bool:
+    """One report of a trained trial (budget step, objective) -> stop it now?"""
+    trial.set_user_attr("trained_steps", step * s.space.proxy.steps_per_budget_step(cand.config.num_experts))
+    if s.multi:
+        return False
+    trial.report(value, step)
+    return trial.should_prune()
+
+
+def train_one(config_yaml: str, proxy: ProxySpec, objective: str, device: Optional[str], threads: int,
+              number: int, requests, answers) -> TrialResult:
+    """A worker's job: one trained trial, each report answered by the engine's pruner."""
+    torch.set_num_threads(threads)
+    cfg = MemeConfig.from_yaml(config_yaml, "candidate")
+
+    def report(step: int, value: float) -> bool:
+        requests.put((number, step, value))
+        return bool(answers.get(timeout=REPORT_TIMEOUT_S))
+
+    return run_trial(cfg, proxy, report, objective=objective, device=device, threads=threads)
+
+
 def score_one(config_yaml: str, proxy: ProxySpec, device: Optional[str]) -> TrialResult:
     """A worker's job: one candidate's supernet score (``nas.evaluators.trial.run_trial``, one report)."""
     cfg = MemeConfig.from_yaml(config_yaml, "candidate")
@@ -170,14 +273,8 @@ def _finish(study: optuna.Study, trial: optuna.Trial, outcome: record.Outcome, c
 
 
 def _train(trial: optuna.Trial, cand: record.Candidate, s: Settings) -> record.Outcome:
-    per = s.space.proxy.steps_per_budget_step(cand.config.num_experts)
-
     def report(step: int, value: float) -> bool:
-        trial.set_user_attr("trained_steps", step * per)
-        if s.multi:
-            return False
-        trial.report(value, step)
-        return trial.should_prune()
+        return _report(trial, cand, s, step, value)
 
     res = run_trial(cand.config, s.space.proxy, report, objective=s.quality, device=s.device,
                     threads=max(1, int(s.cpus_per_trial)))

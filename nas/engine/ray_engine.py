@@ -38,6 +38,7 @@ from meme.training.compute import train_gflops_per_step, training_gflops
 from nas.engine import record
 from nas.engine.heartbeat import Heartbeat
 from nas.engine.settings import Deadline, Settings
+from nas.evaluators.device_share import measure_share
 from nas.evaluators.trial import peak_memory_mb, run_trial
 from nas.space.proxy import proxy_config
 
@@ -82,14 +83,24 @@ def code_runtime_env() -> dict[str, Any]:
     return {"py_modules": dirs, "excludes": ["__pycache__", "*.pyc"]}
 
 
-def default_gpus_per_trial(requested: Optional[float]) -> float:
-    """Half a GPU per trial when the *cluster* has GPUs (a CPU-only head must still use
-    its workers' GPUs), none otherwise; an explicit value wins."""
+def default_gpus_per_trial(requested: Optional[float], s: Optional[Settings] = None) -> float:
+    """The GPU share of a trial: an explicit value wins; none when the *cluster* has no GPUs
+    (a CPU-only head must still use its workers' GPUs); else 1 / ``--trials-at-once``, or
+    1 / what one GPU holds (``nas.evaluators.device_share``, measured by a task on one
+    worker GPU). Supernet scores keep half a GPU each: a score is one forward per interval."""
     import ray  # optional dependency
 
     if requested is not None:
         return requested
-    return 0.5 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    if ray.cluster_resources().get("GPU", 0) <= 0:
+        return 0.0
+    if s is None or s.space.proxy.evaluator == "supernet":
+        return 0.5
+    if s.trials_at_once:
+        return 1.0 / s.trials_at_once
+    share = ray.get(ray.remote(measure_share).options(num_gpus=1, num_cpus=1).remote(s.space, "cuda"))
+    print(share.describe())
+    return 1.0 / share.trials
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:

@@ -38,6 +38,7 @@ class Settings:
     stale_after: float = STALE_AFTER_S  # seconds before another driver's unstamped RUNNING trial is failed
     latency: Optional["LatencyBudget"] = None  # --budget-ms / objective 'latency': the time budget and its table
     sampler: str = "auto"              # 'tpe', 'nsga2', or 'auto' (nas.engine.study.make_sampler chooses)
+    trials_at_once: Optional[int] = None  # trained trials at once on one device (None: measured on a GPU, else 1)
 
     @property
     def quality(self) -> str:

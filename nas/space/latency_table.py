@@ -306,13 +306,15 @@ def setting_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="CPU threads torch uses (default 1)")
     p.add_argument("--clock", default="auto", choices=CLOCKS, help="'wall', 'cpu' or 'auto' (meme.speed.latency; default)")
     p.add_argument("--table", type=Path, default=None, help="latency table JSON file (default: this device's, in the latency cache)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="on CUDA: time eager forwards instead of CUDA-graph replays (the sampler's default path)")
     add_fast_path_flag(p)
 
 
 def setting_from(args) -> Setting:
     try:
         return Setting(str(pick_device(args.device)), args.batch, args.precision, False, args.repeats, args.warmup,
-                       args.clock, args.threads)
+                       args.clock, args.threads, graphs=False if getattr(args, "no_cuda_graphs", False) else None)
     except ValueError as exc:
         raise UserError(str(exc)) from None
 

@@ -33,6 +33,7 @@ from meme.model.config import (
     parse_yaml,
     require,
 )
+from meme.model.macs import cost_of_meme
 from meme.model.references import reference_names, resolve
 from meme.model.resources import check_fits
 from meme.training.branching import SPLIT_OPTIMIZERS
@@ -442,15 +443,37 @@ def check_space(space: SearchSpace) -> None:
                       f"below it at base {base}; use min: step")
         # the proxy keeps every target head step exact
         proxy_arch(arch, space.proxy, where=f"{src}: proxy (base {base})")
-        # the largest candidate of this macro (the widest decoder, the loop's last) must fit where its trials train
-        n = max(space.num_experts)
-        largest = MemeConfig(name=f"{n} experts of base {base} x {blocks} blocks", experts=(widest,) * n,
-                             data=space.proxy.shape(), diffusion=space.proxy.diffusion or space.diffusion)
-        check_fits(largest.validate(), space.proxy.batch_size, pick_device(None), what=f"{src}: proxy")
+        # the largest candidate of this macro (the widest decoder) must fit where its trials train
+        check_fits(largest_of_macro(space, widest), space.proxy.batch_size, pick_device(None), what=f"{src}: proxy")
     ref = space.reference
     if ref is not None:
         require(ref.data == space.data, f"{src}: reference {ref.name} has data {ref.data}, the target is {space.data}")
         proxy_config(ref, space.proxy)
+
+
+def largest_of_macro(space: SearchSpace, widest: ArchConfig) -> MemeConfig:
+    """The most experts the space draws, each ``widest`` (a proxy-scale expert): what a trial of
+    this macro can cost at most in memory."""
+    n = max(space.num_experts)
+    return MemeConfig(name=f"{n} experts of base {widest.base_channels} x {widest.num_res_blocks} blocks",
+                      experts=(widest,) * n, data=space.proxy.shape(),
+                      diffusion=space.proxy.diffusion or space.diffusion).validate()
+
+
+def largest_candidate(space: SearchSpace) -> MemeConfig:
+    """The space's costliest trial at the proxy (most MACs per step over every macro, widest
+    decoder, most experts, d_h/d 0: every channel in the attention branch), as a
+    TARGET-shape config ``run_trial`` scales itself."""
+    best, best_cost = None, -1.0
+    for base, blocks, pools in space.macro.combos():
+        arch = space.arch(base, blocks, pools, ("0",) * space.num_stages, space.widths.choices[-1])
+        cfg = MemeConfig(name=f"largest of base {base} x {blocks} blocks", experts=(arch,) * max(space.num_experts),
+                         data=space.data, diffusion=space.diffusion).validate()
+        cost = cost_of_meme(proxy_config(cfg, space.proxy)).gmacs_mean
+        if cost > best_cost:
+            best, best_cost = cfg, cost
+    assert best is not None, "a space has at least one macro"
+    return best
 
 
 def _map(x: Any, where: str) -> dict:

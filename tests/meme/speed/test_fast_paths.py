@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from meme.common.fastpath import CPU_BF16_MIN_WIDTH, FastPath, compile_for_inference, cpu_has_fast_bf16, fast_path
-from meme.model.blocks import GELU, GroupNorm32, IFormerBlock, InceptionMixer, LowMixer, max_pool3x3, reference_mixers
+from meme.common.fastpath import (CPU_BF16_MIN_WIDTH, FastPath, compile_budget, compile_for_inference, cpu_has_fast_bf16,
+                                   fast_path)
+from meme.model.blocks import (GELU, GroupNorm32, IFormerBlock, InceptionMixer, LowMixer, low_precision_group_norm,
+                               max_pool3x3, reference_mixers)
 from meme.model.config import ArchConfig, DataShape, MemeConfig
 from meme.model.diffusion import Diffusion
 from meme.model.experts import build_denoiser, build_network, wake_zero_init
@@ -123,6 +125,27 @@ def test_groupnorm_mixed_dtype_cpu_path_equals_fp32_then_cast():
             assert (got != want).float().mean() < 0.01, "only a rare element may round the other way"
     x = torch.randn(2, 64, 4, 4, generator=g)
     torch.testing.assert_close(norm(x), F.group_norm(x, 32, norm.weight, norm.bias, norm.eps))
+
+
+def test_groupnorm_in_low_precision_is_the_fp32_round_trip_up_to_the_affines_rounding():
+    """The GPU's path (``low_precision_group_norm``: x, gamma and beta in bf16, autocast off),
+    run here on a CPU: the fp32 round trip's numbers within a few bf16 steps (gamma and beta
+    are rounded to bf16 too), and no fp32 copy of the activation under autocast."""
+    norm = GroupNorm32(64, group_channels=4)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = (torch.randn(3, 64, 8, 8, generator=torch.Generator().manual_seed(1)) * 3 + 1)
+    x = x.bfloat16().contiguous(memory_format=torch.channels_last)
+    want = F.group_norm(x.float(), norm.num_groups, norm.weight, norm.bias, norm.eps)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            got = low_precision_group_norm(x, norm)
+    assert got.dtype == torch.bfloat16
+    err = (got.float() - want).abs() / (want.abs() + 1)
+    assert err.max() < 4 * 2.0 ** -7 and err.mean() < 2.0 ** -8, (err.max(), err.mean())
+    copies = [e.input_shapes[0] for e in prof.events() if e.name == "aten::_to_copy"]
+    assert copies and all(shape == [64] for shape in copies), copies   # gamma and beta only
 
 
 @pytest.mark.parametrize("kind", sorted(ARCHS))
@@ -300,7 +323,7 @@ def test_bf16_sampling_close_to_fp32_and_schedules_still_agree():
 
 def casts_during(fn) -> int:
     """How many dtype conversions (``aten::_to_copy``, what autocast's casts run as) ``fn`` makes."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
         fn()
     return sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
 
@@ -430,3 +453,36 @@ def test_sliced_weights_from_functional_call_are_never_cached():
             params = {k: v.clone() for k, v in src.state_dict().items()}
             assert torch.equal(functional_call(template, params, (x,)), src(x))
     assert template._fused is None
+
+
+def test_compile_budget_holds_every_graph_and_fails_instead_of_falling_back_past_it():
+    """Networks of one class share dynamo's recompile limit (8): a 9th distinct graph runs
+    eager, silently. Inside compile_budget(n) the limit is at least n, and past it dynamo
+    raises. (backend 'eager': only dynamo's counting is under test, not inductor.)"""
+    import torch._dynamo
+
+    class Net(torch.nn.Module):
+        def __init__(self, width: int):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, width)
+
+        def forward(self, x):
+            return self.lin(x).relu()
+
+    x = torch.randn(2, 4)
+
+    def compile_all(k: int):
+        torch._dynamo.reset()
+        return [torch.compile(Net(4 + i), backend="eager") for i in range(k)]
+
+    try:
+        with compile_budget(10):
+            for net in compile_all(10):
+                net(x)                                          # 10 graphs, none refused
+        with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
+            with compile_budget(2):                            # the limit stays 8; the 9th fails loudly
+                for net in compile_all(10):
+                    net(x)
+        assert torch._dynamo.config.recompile_limit == 8 and not torch._dynamo.config.fail_on_recompile_limit_hit
+    finally:
+        torch._dynamo.reset()

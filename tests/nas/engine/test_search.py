@@ -424,3 +424,23 @@ def test_trials_stop_early_enough_for_the_rerank():
     trials = job.holding_back(lambda: search.rerank_reserve(study, runs=4, jobs=2))
     assert trials.left() == pytest.approx(25.0, abs=1.0) and job.left() == pytest.approx(100.0, abs=1.0)
     assert Deadline(None).left() is None
+
+
+def test_trained_trials_run_at_once_and_are_pruned_by_the_engine(tmp_path):
+    """--trials-at-once 2: two trial processes train side by side (their runs overlap in
+    time); every report crosses to the engine, which records it and answers with its pruner,
+    so the study holds what the serial loop would: intermediate values at every
+    eval_every, trials stopped at a rung, budgets respected."""
+    budget = _budget()
+    rc = _run(["--space", TINY, "--budget-gflops", str(budget), "--executor", "optuna", "--trials", "8",
+               "--trials-at-once", "2", "--out", str(tmp_path), "--study", "par", "--no-reference", "--quiet",
+               "--rerank-top", "0"])
+    assert rc == 0
+    study = _study(tmp_path, "par")
+    _check_budget_respected(study, budget)
+    trained = [t for t in study.get_trials() if t.user_attrs.get("trained_steps", 0) > 0]
+    assert len(trained) >= 3
+    assert all(sorted(t.intermediate_values) == list(range(4, max(t.intermediate_values) + 1, 4)) for t in trained)
+    spans = sorted((t.datetime_start, t.datetime_complete) for t in trained)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), "no two trials trained at the same time"
+    assert len([t for t in study.get_trials() if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 8

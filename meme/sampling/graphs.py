@@ -1,0 +1,147 @@
+"""Sampling without launch overhead: each expert's forward replayed from a CUDA graph.
+
+Why: at the shapes MEME samples (3x64x64 latents, batch 1 to 32) one denoising step of
+an expert is a few hundred kernels of a few microseconds each, and the host cannot
+launch them as fast as the GPU runs them. On one H200 every network took 17-26 ms per
+step at batch 1 whatever its GFLOPs (``results/curated/gpu-h200-2026-12-04``): launch and
+Python time. A CUDA graph launches a whole forward in one call. The recipe is PyTorch's
+own (``torch.cuda.CUDAGraph``): warm up on a side stream, capture, then copy each step's
+inputs into the captured tensors and replay.
+
+Graphs outlive one ``generate`` call: ``graphed_experts`` keeps them with the denoiser
+(weakly) and reuses them while its weights stay where they were captured. A graph reads
+its weights by address, so updates in place (an optimizer or EMA step) are seen by the
+next replay, and a move to other memory (``.to``, ``load_state_dict`` into new tensors)
+means a fresh capture.
+
+What a run captures is known before it starts: one graph per (expert, batch size) of its
+plan. ``GraphedExperts`` is built with that set and refuses any other call, so a run never
+falls back to eager without saying so. The graphs share one memory pool: they replay one
+after another on one stream, so their activations can share memory.
+
+Autocast runs inside a capture with its weight-cast cache off: a cached cast would be
+freed when the capture's autocast region closes, under a graph that still reads it. Each
+replay then casts the weights again, inside the graph, at no host cost.
+
+The experts may be ``torch.compile``'d (``--compile``): the warm-up compiles them, and the
+capture records the compiled kernels, which is what ``mode="reduce-overhead"`` does.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Hashable, Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from meme.common.fastpath import FastPath
+
+WARMUP_CALLS = 3        # eager calls on a side stream before a capture (cuDNN picks its algorithms, compiles run)
+
+
+@dataclass
+class _Captured:
+    """One captured forward: the tensors it reads and the one it writes."""
+
+    graph: "torch.cuda.CUDAGraph"
+    x: torch.Tensor         # copied into before each replay
+    t: torch.Tensor         # filled with the step's timestep before each replay
+    eps: torch.Tensor       # the forward's fp32 output, overwritten by each replay
+
+
+class GraphedExperts:
+    """``forward(e, x, t)`` -> expert ``e``'s fp32 eps at ``x`` and timestep ``t``, from a CUDA
+    graph captured on the first call at that batch size.
+
+    ``batch_sizes`` are the only batch sizes the run may call with: the capture budget is
+    experts x batch sizes graphs, and a call outside it raises. An expert given as None
+    (``--low-memory``: not on the device now) is outside it too.
+    """
+
+    def __init__(self, experts: Sequence[Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]],
+                 batch_sizes: Iterable[int], fp: FastPath, device: torch.device):
+        device = torch.device(device)
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
+        self.experts = list(experts)
+        self.fp, self.device = fp, device
+        self.planned: set[tuple[int, int]] = set()
+        self.plan(batch_sizes)
+        self.graphs: dict[tuple[int, int], _Captured] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def plan(self, batch_sizes: Iterable[int]) -> None:
+        """Allow these batch sizes too (a later run of the same graphs)."""
+        self.planned |= {(e, int(b)) for e, ex in enumerate(self.experts) if ex is not None for b in batch_sizes}
+
+    @property
+    def budget(self) -> int:
+        """Graphs this run may capture: experts x batch sizes."""
+        return len(self.planned)
+
+    def __call__(self, e: int, x: torch.Tensor, t: int) -> torch.Tensor:
+        key = (e, x.shape[0])
+        g = self.graphs.get(key)
+        if g is None:
+            if key not in self.planned:
+                sizes = sorted({b for _, b in self.planned})
+                raise RuntimeError(f"no CUDA graph planned for expert {e} at batch {x.shape[0]} (planned: "
+                                   f"{len(self.experts)} expert(s) x batch sizes {sizes}); sample without CUDA "
+                                   f"graphs (--no-cuda-graphs) to run other shapes")
+            g = self.graphs[key] = self._capture(e, x)
+        g.x.copy_(x)
+        g.t.fill_(t)
+        g.graph.replay()
+        return g.eps.clone()    # the next replay overwrites g.eps; a caller may keep this one
+
+    def _capture(self, e: int, x: torch.Tensor) -> _Captured:
+        expert = self.experts[e]
+        static_x = x.clone()    # same memory format as the sampler's states
+        static_t = torch.zeros(x.shape[0], dtype=torch.long, device=self.device)
+        graph, eps = capture_graph(lambda: expert(static_x, static_t).float(), self.fp, self.device, self.pool)
+        return _Captured(graph, static_x, static_t, eps)
+
+
+@torch.no_grad()
+def capture_graph(fn: Callable[[], torch.Tensor], fp: FastPath, device: torch.device,
+                  pool=None) -> tuple["torch.cuda.CUDAGraph", torch.Tensor]:
+    """``fn`` (reading tensors it closes over) captured as a CUDA graph on ``fp``'s autocast:
+    ``WARMUP_CALLS`` eager calls on a side stream first, then the capture. Returns the graph
+    and the tensor each replay overwrites with ``fn``'s result."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), fp.autocast(cache=False):
+        for _ in range(WARMUP_CALLS):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool), fp.autocast(cache=False):
+        out = fn()
+    return graph, out
+
+
+_KEPT: "weakref.WeakKeyDictionary[nn.Module, tuple[Hashable, GraphedExperts]]" = weakref.WeakKeyDictionary()
+
+
+def weights_key(modules: Iterable[nn.Module]) -> tuple:
+    """Where every parameter and buffer lives, and in what dtype: what a captured graph reads."""
+    return tuple((t.data_ptr(), t.dtype) for m in modules for t in (*m.parameters(), *m.buffers()))
+
+
+def graphed_experts(owner: nn.Module, experts: Sequence[Callable], batch_sizes: Iterable[int], fp: FastPath,
+                    device: torch.device, variant: Hashable = None) -> GraphedExperts:
+    """The graphs of ``owner``'s experts, kept from an earlier call when nothing they read moved.
+
+    ``variant`` names anything else the graphs depend on (compiled or not); ``experts`` are
+    the callables to capture, ``owner.experts`` the modules whose weights they read.
+    """
+    sizes = list(batch_sizes)
+    key = (fp, str(device), variant, weights_key(owner.experts))
+    kept = _KEPT.get(owner)
+    if kept is not None and kept[0] == key:
+        kept[1].plan(sizes)
+        return kept[1]
+    graphs = GraphedExperts(experts, sizes, fp, device)
+    _KEPT[owner] = (key, graphs)
+    return graphs

@@ -1,0 +1,89 @@
+"""How many proxy trials one GPU runs at once, from one trial's measured memory and busy time.
+
+A proxy trial of the default space keeps an H100 busy a few percent of the time: its
+kernels are small and the host launches them one by one. Trials in separate processes
+overlap their launch gaps, so a GPU holds several, until memory or the GPU's own time
+runs out:
+
+    trials = min(memory: floor(USABLE x free / (peak + CONTEXT_MIB)),
+                 time:   ceil(1 / busy),
+                 cores:  the CPU cores (each trial's host work needs one),
+                 MAX_TRIALS)
+
+``peak`` is the largest candidate's peak memory over its first rung (the space's widest
+experts, most experts: every other candidate needs less) and ``busy`` the share of that
+trial's wall time the GPU spent in kernels (``torch.profiler``). Both are measured on the
+GPU the trials will use, once per search. The Optuna engine runs that many trial
+processes on its GPU; under Ray the default ``--gpus-per-trial`` becomes 1 / trials.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from meme.common.device import pick_device
+from meme.model.config import MemeConfig
+from nas.evaluators.trial import run_trial
+from nas.space.space import SearchSpace, largest_candidate
+
+USABLE = 0.8            # share of the free memory the trials may fill
+CONTEXT_MIB = 500.0     # each trial process's own CUDA context and allocator slack
+MAX_TRIALS = 8
+
+
+@dataclass(frozen=True)
+class DeviceShare:
+    """Trials at once on one device, and the measurements that chose the number."""
+
+    trials: int
+    peak_mib: float = 0.0       # one trial's peak device memory
+    free_mib: float = 0.0       # the device's free memory when measured
+    busy: float = 1.0           # share of a trial's wall time the GPU is busy
+    cores: int = 1
+    limit: str = "cpu"          # what set the number: memory, time, cores, cap, cpu (one per device)
+
+    def describe(self) -> str:
+        if self.limit == "cpu":
+            return "1 trial at a time (a CPU device)"
+        return (f"{self.trials} trials at once on the GPU: one trial peaks at {self.peak_mib:.0f} MiB of "
+                f"{self.free_mib:.0f} free and keeps the GPU busy {100 * self.busy:.0f}% of its time "
+                f"(limited by {self.limit})")
+
+
+def trials_at_once(peak_mib: float, free_mib: float, busy: float, cores: int) -> DeviceShare:
+    """The rule of the module docstring, from measured numbers."""
+    by = {"memory": max(1, math.floor(USABLE * free_mib / (peak_mib + CONTEXT_MIB))),
+          "time": max(1, math.ceil(1.0 / max(busy, 1e-3))),
+          "cores": max(1, cores),
+          "cap": MAX_TRIALS}
+    limit = min(by, key=lambda k: (by[k], list(by).index(k)))
+    return DeviceShare(by[limit], peak_mib, free_mib, busy, cores, limit)
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def measure_share(space: SearchSpace, device: Optional[str] = None) -> DeviceShare:
+    """Train the space's largest candidate to its first rung on ``device`` and apply the rule.
+
+    On a CPU nothing is measured: one trial at a time, with the cores it was given.
+    """
+    dev = pick_device(device)
+    if dev.type != "cuda":
+        return DeviceShare(1)
+    cfg: MemeConfig = largest_candidate(space)
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(dev)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        res = run_trial(cfg, space.proxy, lambda step, value: True, objective="loss", device=str(dev))
+        torch.cuda.synchronize(dev)
+        wall = time.perf_counter() - t0
+    kernel_us = sum(e.self_device_time_total for e in prof.key_averages())
+    return trials_at_once(res.peak_mem_mb, free / 2 ** 20, kernel_us / 1e6 / wall, usable_cores())
