@@ -72,9 +72,10 @@ class GroupNorm32(nn.GroupNorm):
       4x256x32x32 bf16 channels_last on 2 cores).
     * CUDA: the kernel wants one dtype for x and the affine, so the affine (C values) is
       cast to x's dtype, and autocast, which would cast x to fp32, is off for the call.
-      One norm kernel where there were three over the whole tensor; its output differs
-      from the fp32 round trip by the rounding of gamma and beta to bf16 (tested on the
-      GPU in ``tests/meme/speed/test_cuda.py``, and on a CPU through ``low_precision_group_norm``).
+      The two fp32 casts of the activation are gone; ATen's CUDA kernel still makes its
+      own NCHW copy of a channels_last input, as it did before. The output differs from
+      the fp32 round trip by the rounding of gamma and beta to bf16 (tested on the GPU in
+      ``tests/meme/speed/test_cuda.py``, and on a CPU through ``low_precision_group_norm``).
     """
 
     def __init__(self, channels: int, groups: int = 32, eps: float = 1e-5, group_channels: int = 0):
@@ -418,6 +419,11 @@ class InceptionMixer(nn.Module):
         if cached is None or cached.key != key or any(a is not b for a, b in zip(cached.sources, sources)):
             with torch.no_grad():
                 self._fused = dataclasses.replace(self._build_fused(dense, key), sources=tuple(sources))
+        return self._fused
+
+    def fused_cache(self) -> "Optional[FusedMixerWeights]":
+        """The fused weights built last (None before the first fast forward): a CUDA graph
+        captured after that forward reads them (``meme.sampling.graphs`` holds them)."""
         return self._fused
 
     def _build_fused(self, dense: bool, key: tuple) -> "FusedMixerWeights":

@@ -406,19 +406,22 @@ _CONCAT_INPUTS = {"res.in_layers.0.weight": 0, "res.in_layers.0.bias": 0, "res.i
                   "res.skip.weight": 1}
 
 
-def _segments(full: tuple[int, ...], sub: tuple[int, ...]) -> torch.Tensor:
-    """Indices of the first ``sub[i]`` entries of each of the segments ``full`` lays end to end."""
+def _segments(full: tuple[int, ...], sub: tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
+    """Indices of the first ``sub[i]`` entries of each of the segments ``full`` lays end to end,
+    made on ``device`` (a view's forward may run inside a CUDA graph capture, where a copy
+    from host memory is not allowed)."""
     starts = [sum(full[:i]) for i in range(len(full))]
-    return torch.cat([torch.arange(a, a + n) for a, n in zip(starts, sub)])
+    return torch.cat([torch.arange(a, a + n, device=device) for a, n in zip(starts, sub)])
 
 
-def _input_index(name: str, n: int, full_net: IUNet, sub_net: IUNet) -> torch.Tensor:
+def _input_index(name: str, n: int, full_net: IUNet, sub_net: IUNet, device: torch.device | None = None) -> torch.Tensor:
     """Which of the full network's input channels a sub-network's weight ``name`` reads: the
     first of each segment of a decoder block's concatenation, else the first ``n``."""
     parts = name.split(".")
     if parts[:2] == ["decoder", "dec"] and ".".join(parts[3:]) in _CONCAT_INPUTS:
-        return _segments(full_net.decoder.concat_channels[parts[2]], sub_net.decoder.concat_channels[parts[2]])
-    return torch.arange(n)
+        return _segments(full_net.decoder.concat_channels[parts[2]], sub_net.decoder.concat_channels[parts[2]],
+                         device)
+    return torch.arange(n, device=device)
 
 
 def _identity_slice(name: str, shape: tuple[int, ...], full_net: IUNet, sub_net: IUNet,
@@ -428,7 +431,7 @@ def _identity_slice(name: str, shape: tuple[int, ...], full_net: IUNet, sub_net:
     input channel c. A constant, since the full network holds no weight there."""
     if name.endswith("bias"):
         return torch.zeros(shape, dtype=like.dtype, device=like.device)
-    idx = _input_index(name, shape[1], full_net, sub_net).to(like.device)
+    idx = _input_index(name, shape[1], full_net, sub_net, like.device)
     eye = idx[None, :] == torch.arange(shape[0], device=like.device)[:, None]
     return eye.to(like.dtype)[:, :, None, None]
 
@@ -443,11 +446,11 @@ def _width_slice(name: str, weight: torch.Tensor, shape: tuple[int, ...], full_n
     parts = name.split(".")
     if parts[:2] == ["decoder", "dec"] and ".".join(parts[3:]) in _CONCAT_INPUTS:
         dim = _CONCAT_INPUTS[".".join(parts[3:])]
-        idx = _input_index(name, 0, full_net, sub_net)
-        weight = weight.index_select(dim, idx.to(weight.device))
+        idx = _input_index(name, 0, full_net, sub_net, weight.device)
+        weight = weight.index_select(dim, idx)
     elif parts[-2] == "qkv" and parts[-3] == "attn":
-        idx = _segments((weight.shape[0] // 3,) * 3, (shape[0] // 3,) * 3)
-        weight = weight.index_select(0, idx.to(weight.device))
+        idx = _segments((weight.shape[0] // 3,) * 3, (shape[0] // 3,) * 3, weight.device)
+        weight = weight.index_select(0, idx)
     return weight[tuple(slice(0, n) for n in shape)]
 
 

@@ -9,10 +9,11 @@ own (``torch.cuda.CUDAGraph``): warm up on a side stream, capture, then copy eac
 inputs into the captured tensors and replay.
 
 Graphs outlive one ``generate`` call: ``graphed_experts`` keeps them with the denoiser
-(weakly) and reuses them while its weights stay where they were captured. A graph reads
-its weights by address, so updates in place (an optimizer or EMA step) are seen by the
-next replay, and a move to other memory (``.to``, ``load_state_dict`` into new tensors)
-means a fresh capture.
+(weakly) and reuses them while its weights are unchanged: same memory, same version
+counter. A graph reads its weights by address, but not every tensor it reads is a weight:
+the fast iFormer mixer's fused weights are derived from them by Python code that a replay
+does not run. So any change, a move (``.to``, ``load_state_dict``) or an update in place
+(an optimizer or EMA step), means a fresh capture (``tests/meme/speed/test_cuda.py``).
 
 What a run captures is known before it starts: one graph per (expert, batch size) of its
 plan. ``GraphedExperts`` is built with that set and refuses any other call, so a run never
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 
 from meme.common.fastpath import FastPath
+from meme.model.blocks import InceptionMixer
 
 WARMUP_CALLS = 3        # eager calls on a side stream before a capture (cuDNN picks its algorithms, compiles run)
 
@@ -47,7 +49,9 @@ class _Captured:
     graph: "torch.cuda.CUDAGraph"
     x: torch.Tensor         # copied into before each replay
     t: torch.Tensor         # filled with the step's timestep before each replay
-    eps: torch.Tensor       # the forward's fp32 output, overwritten by each replay
+    eps: torch.Tensor       # the forward's fp32 output, overwritten by each replay of ANY graph of the pool
+    derived: list           # tensors derived from the weights in Python (fused mixer weights), held so the
+                            # memory the graph reads stays theirs even if their cache moves on
 
 
 class GraphedExperts:
@@ -100,7 +104,7 @@ class GraphedExperts:
         static_x = x.clone()    # same memory format as the sampler's states
         static_t = torch.zeros(x.shape[0], dtype=torch.long, device=self.device)
         graph, eps = capture_graph(lambda: expert(static_x, static_t).float(), self.fp, self.device, self.pool)
-        return _Captured(graph, static_x, static_t, eps)
+        return _Captured(graph, static_x, static_t, eps, derived_tensors(expert))
 
 
 @torch.no_grad()
@@ -109,29 +113,42 @@ def capture_graph(fn: Callable[[], torch.Tensor], fp: FastPath, device: torch.de
     """``fn`` (reading tensors it closes over) captured as a CUDA graph on ``fp``'s autocast:
     ``WARMUP_CALLS`` eager calls on a side stream first, then the capture. Returns the graph
     and the tensor each replay overwrites with ``fn``'s result."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side), fp.autocast(cache=False):
-        for _ in range(WARMUP_CALLS):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool), fp.autocast(cache=False):
-        out = fn()
+    with torch.cuda.device(device):     # the capture stream belongs to the tensors' GPU, current or not
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), fp.autocast(cache=False):
+            for _ in range(WARMUP_CALLS):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=side), fp.autocast(cache=False):
+            out = fn()
     return graph, out
+
+
+def derived_tensors(module: nn.Module) -> list:
+    """What a forward of ``module`` reads besides its parameters and buffers: the fast
+    iFormer mixers' fused weights (``InceptionMixer``'s cache, built by the warm-up)."""
+    return [m.fused_cache() for m in module.modules() if isinstance(m, InceptionMixer)]
 
 
 _KEPT: "weakref.WeakKeyDictionary[nn.Module, tuple[Hashable, GraphedExperts]]" = weakref.WeakKeyDictionary()
 
 
 def weights_key(modules: Iterable[nn.Module]) -> tuple:
-    """Where every parameter and buffer lives, and in what dtype: what a captured graph reads."""
-    return tuple((t.data_ptr(), t.dtype) for m in modules for t in (*m.parameters(), *m.buffers()))
+    """Where every parameter and buffer lives, its dtype and its version (bumped by every
+    in-place update; the counter the fused-mixer cache reads too): what a graph depends on."""
+    return tuple((t.data_ptr(), t.dtype, t._version) for m in modules for t in (*m.parameters(), *m.buffers()))
+
+
+def release(owner: nn.Module) -> None:
+    """Drop ``owner``'s kept graphs and their memory pool (a command done sampling)."""
+    _KEPT.pop(owner, None)
 
 
 def graphed_experts(owner: nn.Module, experts: Sequence[Callable], batch_sizes: Iterable[int], fp: FastPath,
                     device: torch.device, variant: Hashable = None) -> GraphedExperts:
-    """The graphs of ``owner``'s experts, kept from an earlier call when nothing they read moved.
+    """The graphs of ``owner``'s experts, kept from an earlier call when no weight they read changed.
 
     ``variant`` names anything else the graphs depend on (compiled or not); ``experts`` are
     the callables to capture, ``owner.experts`` the modules whose weights they read.

@@ -47,7 +47,7 @@ from meme.model.experts import MultiExpertDenoiser, build_denoiser
 from meme.model.resources import check_fits
 from meme.model.schedule import load_schedule, schedule_denoiser
 from meme.model.shared_parts import move_private, shared_modules
-from meme.sampling.graphs import GraphedExperts, graphed_experts
+from meme.sampling.graphs import GraphedExperts, graphed_experts, release
 
 log = logging.getLogger("meme.sampling.sample")
 SAMPLERS = ("ddim", "ddpm")
@@ -347,6 +347,7 @@ def main(argv=None) -> int:
                        precision=args.precision, compile=args.compile,
                        cuda_graphs=False if args.no_cuda_graphs else None)
     wall = time.perf_counter() - t0
+    release(denoiser)                       # the graphs' memory goes back before decoding
     out = args.out or default_out
     info = write_samples(samples, out, decoder)
     info.update(step=step, wall_s=round(wall, 3), img_per_s=round(args.n / wall, 3), device=str(device),

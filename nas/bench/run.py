@@ -42,6 +42,7 @@ from nas.bench.search_costs import (
     bench_evaluators,
     bench_macs_check,
     bench_supernet_search,
+    bench_trials_at_once,
     default_options,
 )
 from nas.space.proxy import proxy_config
@@ -190,6 +191,8 @@ def run_bench(o: SearchBenchOptions, log: Callable[[str], None] = print,
         rows += bench_macs_check(o)
         for e in ENGINES:
             rows += bench_engine(e, o, dev, log)
+        rows += bench_trials_at_once(o, dev, log)
+        done(rows)
         rows += bench_evaluators(o, dev, log)
         rows += bench_supernet_search(o, dev, log)
         done(rows)

@@ -35,6 +35,7 @@ from nas import search
 from nas.engine import optuna_engine, ray_engine
 from nas.engine.settings import Settings
 from nas.engine.study import open_study, storage_url_for
+from nas.evaluators.device_share import measure_share, usable_cores
 from nas.evaluators.supernet_score import SharedScorer
 from nas.evaluators.supernet_training import macro_of, train_all
 from nas.evaluators.trial import run_trial
@@ -187,6 +188,43 @@ def bench_engine(engine: str, o: SearchBenchOptions, dev: torch.device, log: Cal
         Row("search", f"engine_{engine}", "overhead_incl_startup", 100 * (wall - body) / body, "%", shape=label,
             note=f"(engine wall - bodies) / bodies: every start-up spread over only {n} trials"),
     ]
+
+
+def bench_trials_at_once(o: SearchBenchOptions, dev: torch.device, log: Callable[[str], None]) -> list[Row]:
+    """Trained candidates per minute of the Optuna engine, one trial at a time against
+    several (on a GPU as many as ``nas.evaluators.device_share`` measures it holds; on a CPU
+    one per core), same space, same number of trials, pruning off (a Pareto search: which
+    trials a pruner stops depends on their order, and so would the time)."""
+    share = measure_share(load_space(o.space), str(dev))
+    k = share.trials if dev.type == "cuda" else usable_cores()
+    trials = 2 * k if o.quick else max(6 * k, 12)   # enough that starting workers (torch imports) is not the figure
+    label = f"{o.space} space proxy, {trials} trials, no pruning"
+    if k < 2:
+        return [Row("search", "trials_at_once", "candidates_per_min_gain", "n/a (one core)", "x", shape=label)]
+    per_min = {}
+    try:
+        for n in (1, k):
+            with tempfile.TemporaryDirectory(prefix="meme-bench-at-once-") as tmp:
+                s = dataclasses.replace(_engine_settings("optuna", o.space, trials, Path(tmp), dev),
+                                        objectives=("loss", "gflops"), cpus_per_trial=1.0, trials_at_once=n,
+                                        study_name=f"bench-at-once-{n}")
+                storage, study = open_study(s, resume=False)
+                t0 = time.perf_counter()
+                optuna_engine.run(s, study)
+                wall = time.perf_counter() - t0
+                done = sum(1 for t in study.get_trials(deepcopy=False) if "wall_s" in t.user_attrs)
+                if hasattr(storage, "engine"):
+                    storage.engine.dispose()
+            per_min[n] = 60 * done / wall
+            log(f"  trials at once {n}: {done} trained in {wall:.1f} s, {per_min[n]:.1f} per minute")
+    except Exception as exc:  # reported, not invented
+        return [Row("search", "trials_at_once", "candidates_per_min_gain", PENDING, "x", shape=label,
+                    note=one_line(exc, typed=True)[:200])]
+    why = share.describe() if dev.type == "cuda" else f"{k} CPU cores, one trial each"
+    return [Row("search", "trials_at_once_1", "candidates_per_min", per_min[1], "/min", shape=label,
+                note="nas.engine.optuna_engine, one trial at a time, one thread"),
+            Row("search", f"trials_at_once_{k}", "candidates_per_min", per_min[k], "/min", per_min[k] / per_min[1],
+                shape=label, note=f"worker processes ({why}); vs_ref = / one at a time")]
 
 
 def bench_evaluators(o: SearchBenchOptions, dev: torch.device, log: Callable[[str], None], k: int = 4) -> list[Row]:

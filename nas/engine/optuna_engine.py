@@ -42,7 +42,8 @@ from nas.space.proxy import ProxySpec
 
 log = logging.getLogger("nas.engine.optuna_engine")
 POLL_S = 0.05              # longest wait for a report or a finished trial
-REPORT_TIMEOUT_S = 600.0   # a worker waits this long for the pruner's answer before giving up
+REPORT_TIMEOUT_S = 3600.0  # a worker waits this long for the pruner's answer (the engine may be pricing a
+                           # candidate, timing it for a latency table) before it gives up
 
 
 def run(s: Settings, study: optuna.Study, beat: Optional[Heartbeat] = None,
@@ -76,6 +77,8 @@ def score_workers(s: Settings) -> int:
 def train_workers(s: Settings) -> int:
     """Trained trials at once: ``--trials-at-once``, else on a GPU what one GPU holds
     (``nas.evaluators.device_share``, measured once), else 1."""
+    if s.space.proxy.evaluator == "supernet":  # scores: one forward per interval, pooled by score_workers
+        return 1
     if s.trials_at_once:
         return s.trials_at_once
     share = measure_share(s.space, s.device)
@@ -180,35 +183,46 @@ def _run_trained_pooled(s: Settings, study: optuna.Study, beat: Optional[Heartbe
     threads = max(1, int(s.cpus_per_trial))
     pending: dict[Future, tuple[optuna.Trial, record.Candidate]] = {}
     by_number: dict[int, tuple[optuna.Trial, record.Candidate, Any]] = {}
-    with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        requests = manager.Queue()
-        while True:
-            while len(pending) < workers and draws.allow(len(pending)):
-                trial, cand, outcome = _ask(study, s, beat)
-                if outcome is not None:
-                    _finish(study, trial, outcome, cand, beat, bar)
-                    continue
-                answers = manager.Queue()
-                try:
-                    fut = pool.submit(train_one, cand.config.to_yaml(), s.space.proxy, s.quality, s.device, threads,
-                                      trial.number, requests, answers)
-                except BrokenProcessPool:
-                    _finish(study, trial, record.failed("a trial worker died"), cand, beat, bar)
+    broken = False
+    with ctx.Manager() as manager:
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+        try:
+            requests = manager.Queue()
+            while True:
+                while not broken and len(pending) < workers and draws.allow(len(pending)):
+                    trial, cand, outcome = _ask(study, s, beat)
+                    if outcome is not None:
+                        _finish(study, trial, outcome, cand, beat, bar)
+                        continue
+                    answers = manager.Queue()
+                    try:
+                        fut = pool.submit(train_one, cand.config.to_yaml(), s.space.proxy, s.quality, s.device,
+                                          threads, trial.number, requests, answers)
+                    except BrokenProcessPool:  # a worker died (killed, out of memory): the pool takes no more
+                        _finish(study, trial, record.failed("a trial worker died"), cand, beat, bar)
+                        broken = True
+                        break
+                    pending[fut] = (trial, cand)
+                    by_number[trial.number] = (trial, cand, answers)
+                if not pending:
                     break
-                pending[fut] = (trial, cand)
-                by_number[trial.number] = (trial, cand, answers)
-            if not pending:
-                break
-            _answer_reports(s, requests, by_number)
-            done, _ = wait(pending, timeout=POLL_S, return_when=FIRST_COMPLETED)
-            for fut in done:
-                trial, cand = pending.pop(fut)
-                by_number.pop(trial.number, None)
-                try:
-                    outcome = _judged(fut.result(), cand, s)
-                except Exception as exc:  # the trial's error, or a worker that died
-                    outcome = record.failed(one_line(exc, typed=True))
-                _finish(study, trial, outcome, cand, beat, bar)
+                _answer_reports(s, requests, by_number)
+                done, _ = wait(pending, timeout=POLL_S, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    trial, cand = pending.pop(fut)
+                    by_number.pop(trial.number, None)
+                    try:
+                        outcome = _judged(fut.result(), cand, s)
+                    except Exception as exc:  # the trial's error, or a worker that died
+                        outcome = record.failed(one_line(exc, typed=True))
+                    _finish(study, trial, outcome, cand, beat, bar)
+        finally:    # stopped by an error or Ctrl-C: workers waiting for an answer are told to stop
+            for _, _, answers in by_number.values():
+                answers.put(True)
+            pool.shutdown(wait=True, cancel_futures=True)
+    if broken:  # the search goes on, one trial at a time
+        bar.write("a trial worker died: the rest of the search trains one trial at a time")
+        _run_serial(s, study, beat, draws, bar)
 
 
 def _answer_reports(s: Settings, requests, by_number: dict) -> None:

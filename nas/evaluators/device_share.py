@@ -10,14 +10,19 @@ runs out:
                  cores:  the CPU cores (each trial's host work needs one),
                  MAX_TRIALS)
 
-``peak`` is the largest candidate's peak memory over its first rung (the space's widest
-experts, most experts: every other candidate needs less) and ``busy`` the share of that
-trial's wall time the GPU spent in kernels (``torch.profiler``). Both are measured on the
+``peak`` is the memory the allocator reserved for the largest candidate's trial up to its
+first rung (the space's widest experts, most experts: every other candidate needs less)
+and ``busy`` the share of that trial's wall time the GPU spent in kernels
+(``torch.profiler``; the wall time includes building the model and loading the data, as a
+trial's does). A search with the FID objective also samples and runs the Inception network
+at each rung, which this measurement (the held-out loss) leaves out: pass
+``--trials-at-once`` there. Both are measured on the
 GPU the trials will use, once per search. The Optuna engine runs that many trial
 processes on its GPU; under Ray the default ``--gpus-per-trial`` becomes 1 / trials.
 """
 from __future__ import annotations
 
+import gc
 import math
 import os
 import time
@@ -80,10 +85,15 @@ def measure_share(space: SearchSpace, device: Optional[str] = None) -> DeviceSha
     cfg: MemeConfig = largest_candidate(space)
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
-        res = run_trial(cfg, space.proxy, lambda step, value: True, objective="loss", device=str(dev))
+        run_trial(cfg, space.proxy, lambda step, value: True, objective="loss", device=str(dev))
         torch.cuda.synchronize(dev)
         wall = time.perf_counter() - t0
-    kernel_us = sum(e.self_device_time_total for e in prof.key_averages())
-    return trials_at_once(res.peak_mem_mb, free / 2 ** 20, kernel_us / 1e6 / wall, usable_cores())
+    peak = torch.cuda.max_memory_reserved(dev) / 2 ** 20   # reserved: what the allocator held, slack included
+    kernel_us = sum(e.self_device_time_total for e in prof.key_averages()
+                    if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
+    gc.collect()
+    torch.cuda.empty_cache()    # the trial's memory goes back to the GPU, for the trials that follow
+    return trials_at_once(peak, free / 2 ** 20, kernel_us / 1e6 / wall, usable_cores())

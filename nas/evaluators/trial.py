@@ -82,7 +82,8 @@ def sample_fid(model: MultiExpertDenoiser, diffusion: Diffusion, proxy: ProxySpe
         decoder = _decoder(require_latent_info(proxy.data, "--objective fid"), str(device))
     shape = (proxy.channels, proxy.resolution, proxy.resolution)
     plan = SamplingPlan(n=proxy.fid_samples, steps=proxy.fid_steps, seed=proxy.seed + 777, batch_size=64)
-    latents = generate(model, diffusion, shape, plan, device, precision="bf16" if fp.bf16 else "fp32")
+    latents = generate(model, diffusion, shape, plan, device, precision="bf16" if fp.bf16 else "fp32",
+                       cuda_graphs=False)   # mid-training: graphs would hold their memory and be captured anew each rung
     samples = to_uint8(decode(latents, decoder))
     model.train()
     spec = None if proxy.data in (None, "fashion-mnist") else image_reference(proxy.data)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import optuna
+import torch
 from scipy.stats import spearmanr
 
 from meme.common.command import CommandParser, add_fast_path_flag, main_guard
@@ -36,6 +37,7 @@ from meme.model.iunet import macro_key
 from meme.model.macs import cost_of_meme
 from meme.speed.latency import CLOCKS, Setting, build_timed, precision_of, time_network
 from meme.speed.latency_model import LatencyTable, default_table_path, load_or_new
+from meme.speed.timing import warm_clocks
 from nas.space.draw import build_config
 from nas.space.space import SearchSpace, load_space
 
@@ -340,12 +342,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     setting = setting_from(args)
     space = load_space(args.space)
     if args.cmd == "table":
+        warm_clocks(torch.device(setting.device))
         table, path = space_table(space, setting, args.table, log)
         print(f"{path}: {len(table.blocks)} blocks, {len(table.macros)} macros, {table.build_s:.0f} s of measuring")
         return 0
     if args.n < 3:
         raise UserError("--n must be >= 3")
     cands = random_candidates(space, args.n, args.seed)
+    warm_clocks(torch.device(setting.device))   # a GPU at its working clock before the first pass
     before = time_experts(cands, setting, "whole networks, pass 1", log)
     table = build_space_table(space, LatencyTable.empty(setting), log, args.calibrations)  # fresh: this run
     path = table.save(args.table or default_table_path(setting) or Path(args.out or ".") / "table.json")

@@ -444,18 +444,19 @@ def check_space(space: SearchSpace) -> None:
         # the proxy keeps every target head step exact
         proxy_arch(arch, space.proxy, where=f"{src}: proxy (base {base})")
         # the largest candidate of this macro (the widest decoder) must fit where its trials train
-        check_fits(largest_of_macro(space, widest), space.proxy.batch_size, pick_device(None), what=f"{src}: proxy")
+        check_fits(largest_of_macro(space, widest, base, blocks), space.proxy.batch_size, pick_device(None),
+                   what=f"{src}: proxy")
     ref = space.reference
     if ref is not None:
         require(ref.data == space.data, f"{src}: reference {ref.name} has data {ref.data}, the target is {space.data}")
         proxy_config(ref, space.proxy)
 
 
-def largest_of_macro(space: SearchSpace, widest: ArchConfig) -> MemeConfig:
-    """The most experts the space draws, each ``widest`` (a proxy-scale expert): what a trial of
-    this macro can cost at most in memory."""
+def largest_of_macro(space: SearchSpace, widest: ArchConfig, base: int, blocks: int) -> MemeConfig:
+    """The most experts the space draws, each ``widest`` (the proxy-scale expert of the macro
+    of target ``base`` and ``blocks``): what a trial of this macro can cost at most in memory."""
     n = max(space.num_experts)
-    return MemeConfig(name=f"{n} experts of base {widest.base_channels} x {widest.num_res_blocks} blocks",
+    return MemeConfig(name=f"{n} experts of base {base} x {blocks} blocks",
                       experts=(widest,) * n, data=space.proxy.shape(),
                       diffusion=space.proxy.diffusion or space.diffusion).validate()
 

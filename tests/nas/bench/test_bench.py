@@ -11,6 +11,7 @@ import pytest
 from meme.speed import bench_report, model_bench
 from meme.speed import forward_bench as bench_forward
 from nas.bench import run as bench
+from nas.evaluators.device_share import usable_cores
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -32,6 +33,9 @@ def expected_keys() -> set[tuple[str, str, str]]:
     keys |= {("search", "engine_optuna", k) for k in
              ("wall_per_trial", "body_per_trial", "overhead_s_per_trial", "overhead")}
     keys |= {("search", "engine_ray", "overhead")}
+    if usable_cores() >= 2:     # one trial at a time against one per core
+        keys |= {("search", "trials_at_once_1", "candidates_per_min"),
+                 ("search", f"trials_at_once_{usable_cores()}", "candidates_per_min")}
     keys |= {("search", "evaluator_scratch", "s_per_candidate"), ("search", "evaluator_supernet", "speedup_cold"),
              ("search", "evaluator_supernet", "s_per_candidate_cold"), ("search", "evaluator_supernet",
                                                                         "s_per_candidate_warm"),
@@ -89,6 +93,10 @@ def test_quick_run_writes_every_row_and_column(quick_run):
     assert by[("memory", "meme-table4", "peak_device_mem_normal")]["value"] == "n/a (cpu)"
     assert by[("target", "iU-Net expert training", "mfu (H100/H200 bf16)")]["value"] == bench_report.NOT_MEASURED
     assert by[("search", "engine_ray", "overhead")]["value"] == "skipped (--engines)"
+    if usable_cores() >= 2:     # the several-at-once row's vs_ref is its rate over the one-at-a-time rate
+        one = float(by[("search", "trials_at_once_1", "candidates_per_min")]["value"])
+        more = by[("search", f"trials_at_once_{usable_cores()}", "candidates_per_min")]
+        assert float(more["vs_ref"]) == pytest.approx(float(more["value"]) / one, rel=0.02)
     scratch = float(by[("search", "evaluator_scratch", "s_per_candidate")]["value"])
     cold = float(by[("search", "evaluator_supernet", "s_per_candidate_cold")]["value"])
     # the CSV keeps three significant digits: the ratio of printed values agrees to ~1%
