@@ -23,7 +23,8 @@ import multiprocessing
 import queue
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import optuna
 import torch
@@ -136,36 +137,63 @@ def _ask(study: optuna.Study, s: Settings, beat: Optional[Heartbeat]
     return trial, cand, outcome
 
 
+@dataclass
+class _PoolJob:
+    """What a pool of worker processes does with each candidate: ``submit`` it, ``judge`` the
+    worker's TrialResult, and, while waiting (at most ``poll`` s; None: until one is done),
+    ``serve`` the workers (answer their reports)."""
+
+    what: str                                   # 'score' or 'trial': for the messages
+    submit: Callable[[ProcessPoolExecutor, optuna.Trial, record.Candidate], Future]
+    judge: Callable[[optuna.Trial, record.Candidate, TrialResult], record.Outcome]
+    serve: Callable[[], None] = lambda: None
+    poll: Optional[float] = None
+    done: Callable[[optuna.Trial], None] = lambda trial: None   # a candidate left the pool
+
+
+def _run_in_pool(s: Settings, study: optuna.Study, beat: Optional[Heartbeat], draws: _Draws, bar,
+                 pool: ProcessPoolExecutor, workers: int, job: _PoolJob) -> bool:
+    """Ask and price here, one candidate in flight per worker; True when a worker died (the
+    pool takes no more, the caller goes on one at a time)."""
+    pending: dict[Future, tuple[optuna.Trial, record.Candidate]] = {}
+    broken = False
+    while True:
+        while not broken and len(pending) < workers and draws.allow(len(pending)):
+            trial, cand, outcome = _ask(study, s, beat)
+            if outcome is not None:
+                _finish(study, trial, outcome, cand, beat, bar)
+                continue
+            try:
+                fut = job.submit(pool, trial, cand)
+            except BrokenProcessPool:  # a worker died (killed, out of memory): the pool takes no more
+                job.done(trial)
+                _finish(study, trial, record.failed(f"a {job.what} worker died"), cand, beat, bar)
+                broken = True
+                break
+            pending[fut] = (trial, cand)
+        if not pending:
+            return broken
+        job.serve()
+        done, _ = wait(pending, timeout=job.poll, return_when=FIRST_COMPLETED)
+        for fut in done:
+            trial, cand = pending.pop(fut)
+            job.done(trial)
+            try:
+                outcome = job.judge(trial, cand, fut.result())
+            except Exception as exc:  # the worker's error, or a worker that died
+                outcome = record.failed(one_line(exc, typed=True))
+            _finish(study, trial, outcome, cand, beat, bar)
+
+
 def _run_pooled(s: Settings, study: optuna.Study, beat: Optional[Heartbeat], draws: _Draws, bar,
                 workers: int) -> None:
-    """Ask and price here; score in ``workers`` processes, one candidate in flight per worker."""
-    pending: dict[Future, tuple[optuna.Trial, record.Candidate]] = {}
+    """Supernet scores in ``workers`` single-thread processes."""
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
-    broken = False
+    job = _PoolJob("score", lambda pool, trial, cand: pool.submit(score_one, cand.config.to_yaml(), s.space.proxy,
+                                                                  s.device),
+                   lambda trial, cand, res: _scored(trial, cand, s, res))
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=single_thread_worker) as pool:
-        while True:
-            while not broken and len(pending) < workers and draws.allow(len(pending)):
-                trial, cand, outcome = _ask(study, s, beat)
-                if outcome is not None:
-                    _finish(study, trial, outcome, cand, beat, bar)
-                    continue
-                try:
-                    fut = pool.submit(score_one, cand.config.to_yaml(), s.space.proxy, s.device)
-                except BrokenProcessPool:  # a worker died (killed, out of memory): the pool takes no more
-                    _finish(study, trial, record.failed("a score worker died"), cand, beat, bar)
-                    broken = True
-                    break
-                pending[fut] = (trial, cand)
-            if not pending:
-                break
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
-                trial, cand = pending.pop(fut)
-                try:
-                    outcome = _scored(trial, cand, s, fut.result())
-                except Exception as exc:  # the worker's error, or a worker that died
-                    outcome = record.failed(one_line(exc, typed=True))
-                _finish(study, trial, outcome, cand, beat, bar)
+        broken = _run_in_pool(s, study, beat, draws, bar, pool, workers, job)
     if broken:  # the search goes on, one score at a time
         bar.write("a score worker died: the rest of the search scores in this process")
         _run_serial(s, study, beat, draws, bar)
@@ -173,51 +201,32 @@ def _run_pooled(s: Settings, study: optuna.Study, beat: Optional[Heartbeat], dra
 
 def _run_trained_pooled(s: Settings, study: optuna.Study, beat: Optional[Heartbeat], draws: _Draws, bar,
                         workers: int) -> None:
-    """Ask, price, report and tell here; train in ``workers`` processes, one trial each.
+    """Trained trials in ``workers`` processes; reports, pruning and tells stay here.
 
     A worker's report arrives on ``requests`` as (trial number, step, value); the answer
-    (stop or not) goes back on that trial's own queue. This loop waits at most
-    ``POLL_S`` for either a report or a finished trial.
+    (stop or not) goes back on that trial's own queue. The loop waits at most ``POLL_S``
+    for either a report or a finished trial.
     """
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads or CUDA
     threads = max(1, int(s.cpus_per_trial))
-    pending: dict[Future, tuple[optuna.Trial, record.Candidate]] = {}
-    by_number: dict[int, tuple[optuna.Trial, record.Candidate, Any]] = {}
-    broken = False
+    live: dict[int, tuple[optuna.Trial, record.Candidate, Any]] = {}
     with ctx.Manager() as manager:
+        requests = manager.Queue()
+
+        def submit(pool: ProcessPoolExecutor, trial: optuna.Trial, cand: record.Candidate) -> Future:
+            answers = manager.Queue()
+            live[trial.number] = (trial, cand, answers)
+            return pool.submit(train_one, cand.config.to_yaml(), s.space.proxy, s.quality, s.device, threads,
+                               trial.number, requests, answers)
+
+        job = _PoolJob("trial", submit, lambda trial, cand, res: _judged(res, cand, s),
+                       serve=lambda: _answer_reports(s, requests, live), poll=POLL_S,
+                       done=lambda trial: live.pop(trial.number, None))
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
         try:
-            requests = manager.Queue()
-            while True:
-                while not broken and len(pending) < workers and draws.allow(len(pending)):
-                    trial, cand, outcome = _ask(study, s, beat)
-                    if outcome is not None:
-                        _finish(study, trial, outcome, cand, beat, bar)
-                        continue
-                    answers = manager.Queue()
-                    try:
-                        fut = pool.submit(train_one, cand.config.to_yaml(), s.space.proxy, s.quality, s.device,
-                                          threads, trial.number, requests, answers)
-                    except BrokenProcessPool:  # a worker died (killed, out of memory): the pool takes no more
-                        _finish(study, trial, record.failed("a trial worker died"), cand, beat, bar)
-                        broken = True
-                        break
-                    pending[fut] = (trial, cand)
-                    by_number[trial.number] = (trial, cand, answers)
-                if not pending:
-                    break
-                _answer_reports(s, requests, by_number)
-                done, _ = wait(pending, timeout=POLL_S, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    trial, cand = pending.pop(fut)
-                    by_number.pop(trial.number, None)
-                    try:
-                        outcome = _judged(fut.result(), cand, s)
-                    except Exception as exc:  # the trial's error, or a worker that died
-                        outcome = record.failed(one_line(exc, typed=True))
-                    _finish(study, trial, outcome, cand, beat, bar)
+            broken = _run_in_pool(s, study, beat, draws, bar, pool, workers, job)
         finally:    # stopped by an error or Ctrl-C: workers waiting for an answer are told to stop
-            for _, _, answers in by_number.values():
+            for _, _, answers in live.values():
                 answers.put(True)
             pool.shutdown(wait=True, cancel_futures=True)
     if broken:  # the search goes on, one trial at a time

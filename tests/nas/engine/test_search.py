@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -24,6 +25,7 @@ from meme.model.config import MemeConfig
 from meme.training.distributed import free_local_port
 from nas import search
 from nas.evaluators.supernet_training import train_all
+from tests.nas.evaluators.test_supernet_search import spawned_workers
 from nas.space.budget import cheapest_config
 from nas.space.space import load_space
 
@@ -444,3 +446,39 @@ def test_trained_trials_run_at_once_and_are_pruned_by_the_engine(tmp_path):
     spans = sorted((t.datetime_start, t.datetime_complete) for t in trained)
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), "no two trials trained at the same time"
     assert len([t for t in study.get_trials() if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 8
+
+
+def test_a_killed_trial_worker_fails_its_trial_and_the_search_goes_on_one_at_a_time(tmp_path):
+    """kill -9 of a trial worker (not the queue manager, spawned before the workers): the
+    trials the broken pool held FAIL, the rest train in this process, nothing stays RUNNING."""
+    args = ["--space", TINY, "--budget-gflops", "100", "--executor", "optuna", "--trials", "6", "--trials-at-once",
+            "2", "--out", str(tmp_path), "--study", "killed", "--rerank-top", "0", "--no-reference", "--quiet"]
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def kill_a_worker():                       # bounded: 240 s, or until the search returns
+        end = time.monotonic() + 240
+        while not killed and not stop.is_set() and time.monotonic() < end:
+            pids = spawned_workers()
+            if len(pids) >= 3:                 # the manager and both pool workers are up
+                os.kill(max(pids), signal.SIGKILL)
+                killed.append(max(pids))
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_a_worker, daemon=True)
+    killer.start()
+    try:
+        rc = _run(args)
+    finally:
+        stop.set()
+        killer.join(timeout=10)
+    assert killed, "no trial worker was seen to kill"
+    assert rc == 0
+    study = _study(tmp_path, "killed")
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert failed and all("BrokenProcessPool" in t.user_attrs["fail_reason"]
+                          or "trial worker died" in t.user_attrs["fail_reason"] for t in failed)
+    after = [t for t in study.trials if t.number > max(f.number for f in failed) and t.state == TrialState.COMPLETE
+             and "duplicate_of" not in t.user_attrs]
+    assert after, "nothing was trained after the worker died"
+    assert not [t for t in study.trials if t.state == TrialState.RUNNING]
