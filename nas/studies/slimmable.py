@@ -51,7 +51,7 @@ from meme.sampling.evaluate import evaluate_samples
 from meme.sampling.sample import SamplingPlan, generate, load_run
 from meme.speed.latency import Setting, measure_meme
 from nas.studies.schedule_opt import MONOTONE, Point, best_under, front, reverse, to_schedule
-from nas.engine.stats import rank_correlation, summarize
+from nas.engine.stats import rank_correlation, summarize, welch
 from nas.space.proxy_data import heldout_images, heldout_noise
 from nas.space.space import load_space
 
@@ -161,6 +161,26 @@ def fid_of(denoiser: torch.nn.Module, diffusion: DiffusionConfig, data: DataShap
 
 
 # ---- the honest alternative: one network trained at the width it is sampled at ----------------
+
+def standalone_by_width(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per width, the stand-alone runs (training seeds) against the supernets' uniform rows:
+    each side one value per training (its FID over the noise seeds), compared by Welch's t.
+    This is the comparison the training-seed noise allows: the per-noise-seed pairing of a
+    row holds only one training of each side."""
+    out = []
+    for width in dict.fromkeys(r["width"] for r in rows):
+        mine = [r for r in rows if r["width"] == width]
+        alone = [r["fid_mean"] for r in mine]
+        supernets = list(dict.fromkeys((v["supernet"], v["supernet_fid_mean"]) for r in mine
+                                       for v in r["vs_supernets"]))
+        theirs = [fid for _, fid in supernets]
+        if not theirs:
+            continue
+        a, b = summarize(alone), summarize(theirs)
+        out.append({"width": width, "standalone": [a.mean, a.std, a.n], "supernets": [b.mean, b.std, b.n],
+                    "welch": welch(alone, theirs).to_dict()})
+    return out
+
 
 def standalone_rows(runs: Sequence[Path], per_supernet: list[dict[str, Any]], out: Path, seeds: Sequence[int],
                     n: int, steps: int, batch: int, n_ref: int, device: torch.device) -> list[dict[str, Any]]:
@@ -304,6 +324,7 @@ def study(supernets: Sequence[Path], out: Path, *, bins: int, per_bin: int, matc
                            "n_ref": n_ref, "sampler": "ddim", "timing": f"thread CPU time, 1 thread, batch {batch}"},
               "supernets": per_supernet,
               "standalone": standalone_rows(standalone, per_supernet, out, seeds, n, steps, batch, n_ref, device)}
+    result["standalone_by_width"] = standalone_by_width(result["standalone"])
     atomic_write_json(result, out / "study.json")
     (out / "study.md").write_text(report(result))
     plot(result, out / "study.png")
@@ -373,6 +394,17 @@ def report(result: dict[str, Any]) -> str:
                           ", ".join(f"{v['supernet_fid_mean']:.2f}" for v in r["vs_supernets"]),
                           "; ".join(_fmt_pair(v["same_noise"]) for v in r["vs_supernets"])])
         lines.append(markdown_table(table[0], table[1:]))
+        summary = standalone_by_width(result["standalone"])
+        if any(w["standalone"][2] > 1 for w in summary):
+            lines.append("\nOver training seeds (one FID per training, the mean over its noise seeds; Welch's t):\n")
+            table = [["width", "stand-alone FID", "supernets' uniform FID", "stand-alone - supernets", "p", "verdict"]]
+            for w in summary:
+                c = w["welch"]
+                table.append([w["width"], f"{w['standalone'][0]:.2f} +- {w['standalone'][1]:.2f} (n={w['standalone'][2]})",
+                              f"{w['supernets'][0]:.2f} +- {w['supernets'][1]:.2f} (n={w['supernets'][2]})",
+                              f"{c['diff']:+.2f}", f"{c['p_value']:.3f}" if c["p_value"] == c["p_value"] else "n/a",
+                              c["verdict"]])
+            lines.append(markdown_table(table[0], table[1:]))
     return "\n".join(lines) + "\n"
 
 

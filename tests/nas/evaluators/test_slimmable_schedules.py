@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from scipy import stats as sps
 
 from meme.common.errors import UserError
 from meme.model.config import ConfigError
@@ -22,6 +23,7 @@ from meme.sampling.sample import SamplingPlan, generate
 from meme.training.options import TrainOptions
 from meme.training.train import Trainer, train, training_compute
 from nas.evaluators.supernet_training import auto_group_channels, parse_widths, train_all
+from nas.studies.slimmable import standalone_by_width
 from nas.studies import slimmable
 
 WIDTHS = ("1/2", "1")
@@ -209,3 +211,21 @@ def test_train_init_from_cuts_a_schedule_s_experts_and_charges_the_supernet(slim
     index = json.loads((out / "supernet.json").read_text())
     compute = training_compute(cfg, opts, tr.branch)
     assert compute.source_tflops == pytest.approx(index["train_gflops_total"] / 1e3) and compute.source_tflops > 0
+
+
+def test_standalone_runs_are_compared_with_the_supernets_over_training_seeds():
+    """Per width: one FID per training on each side (runs of two seeds against two supernets,
+    each supernet counted once however many runs name it), Welch's t against scipy's."""
+    def run(width, fid, supernets):
+        return {"width": width, "fid_mean": fid,
+                "vs_supernets": [{"supernet": p, "supernet_fid_mean": f} for p, f in supernets]}
+
+    both = [("s0", 106.0), ("s1", 101.0)]
+    rows = [run("1", 90.0, both), run("1", 100.0, both), run("3/4", 87.0, [("s0", 117.0), ("s1", 113.0)])]
+    by = {w["width"]: w for w in standalone_by_width(rows)}
+    assert by["1"]["standalone"] == pytest.approx([95.0, 50 ** 0.5, 2])
+    assert by["1"]["supernets"] == pytest.approx([103.5, 12.5 ** 0.5, 2])
+    want = sps.ttest_ind([90.0, 100.0], [106.0, 101.0], equal_var=False)
+    assert by["1"]["welch"]["diff"] == pytest.approx(-8.5)
+    assert by["1"]["welch"]["p_value"] == pytest.approx(want.pvalue)
+    assert by["3/4"]["standalone"][2] == 1 and by["3/4"]["welch"]["verdict"] == "cannot tell apart"
