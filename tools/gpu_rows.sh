@@ -14,10 +14,10 @@
 #      model's graph gain, the eager/eager and best/best ratios against the targets;
 #   2. nas.bench --only training,memory: training MFU of an iU-Net expert at batch 64 and
 #      256 (and LDM-S at 64), normal against low-memory sampling memory;
-#   3. nas.space.latency_table report on fmnist32: the latency model (timed as CUDA-graph
-#      replays, as the sampler runs) against whole-network timings of 30 candidates;
-#   4. a 60 s search of the tiny space with the Optuna engine on this GPU: trials at
+#   3. a 60 s search of the tiny space with the Optuna engine on this GPU: trials at
 #      once as measured (nas.evaluators.device_share) and candidates per minute;
+#   4. nas.space.latency_table report on fmnist32: the latency model (timed as CUDA-graph
+#      replays, as the sampler runs) against whole-network timings of 30 candidates;
 #   5. nas.bench --only sampling --compile: compile time and compiled + graph sampling;
 #   6. nas.bench --only fastpath: fast paths, iFormer blocks, mixers (its rows beside the
 #      H200's of 2026-12-04);
@@ -60,14 +60,14 @@ $PY -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torc
   | tee "$W/versions.txt"
 
 step cuda-tests 90 $PY -m pytest -q -m cuda -p no:cacheprovider tests/meme/speed/test_cuda.py
-step bench-sampling 130 $PY -m nas.bench --device cuda --only sampling --steps 20 --repeats 5 \
+step bench-sampling 160 $PY -m nas.bench --device cuda --only sampling --steps 20 --repeats 5 \
   --out "$W" --md "$W/BENCHMARKS.md"
 step bench-training 90 $PY -m nas.bench --device cuda --only training,memory --train-steps 3 --repeats 3 \
   --out "$W" --md "$W/BENCHMARKS.md"
-step report-fmnist32 80 $PY -m nas.space.latency_table report --space fmnist32 --device cuda --n 30 \
-  --out "$W/latency-fmnist32"
 step search-60s 90 $PY -m nas.search --space tiny --executor optuna --device cuda --budget-gflops 1 \
   --trials 1000 --time-budget 60 --no-reference --rerank-top 0 --quiet --out "$W/search"
+step report-fmnist32 80 $PY -m nas.space.latency_table report --space fmnist32 --device cuda --n 30 \
+  --out "$W/latency-fmnist32"
 step bench-compile 150 $PY -m nas.bench --device cuda --only sampling --compile --steps 20 --sampling-batches 32 \
   --out "$W" --md "$W/BENCHMARKS.md"
 step bench-fastpath 150 $PY -m nas.bench --device cuda --only fastpath --out "$W" --md "$W/BENCHMARKS.md"
