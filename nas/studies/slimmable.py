@@ -1,4 +1,4 @@
-"""One slimmable network, every budget: ``meme-nas slimmable front|study``.
+"""One slimmable network, every budget: ``meme-nas slimmable front|study|standalone``.
 
 ``front``: per-interval held-out loss of every width of a trained slimmable supernet
 (``meme-nas supernet train --widths``), and from it the exact best width schedule at
@@ -15,7 +15,9 @@ and spread. Outputs in ``--out``: ``sets/`` (one JSON per supernet, widths per b
 and seed; resumable, and a schedule met twice is sampled once), ``study.json``, ``study.md`` and ``study.png`` (FID against sampling GMACs).
 ``--standalone RUN,...`` adds networks trained alone at one width (``meme-nas train`` of a
 uniform schedule's YAML, from scratch, for the supernet's training FLOPs): the answer to "is
-the slimmable network worse than training the size you need?".
+the slimmable network worse than training the size you need?"; ``standalone --study OUT --runs
+RUN,...`` joins runs trained later to a finished study. ``--against STUDY`` sets this study's first
+supernet beside another study's, design by design (another training recipe, e.g. ``--distill``).
 Sampling time is measured per schedule as thread CPU time of its experts' steps
 (``meme.speed.latency``, one thread, batch ``--batch-size``) and given as a ratio to the
 full width measured in the same run.
@@ -46,7 +48,7 @@ from meme.model.config import ConfigError, DataShape, DiffusionConfig
 from meme.model.diffusion import Diffusion
 from meme.model.macs import cost_of_meme
 from meme.model.schedule import Schedule, TrainedSupernet, schedule_denoiser
-from meme.model.supernet import SuperNet
+from meme.model.supernet import INDEX, SuperNet
 from meme.sampling.evaluate import evaluate_samples
 from meme.sampling.sample import SamplingPlan, generate, load_run
 from meme.speed.latency import Setting, measure_meme
@@ -191,7 +193,7 @@ def standalone_rows(runs: Sequence[Path], per_supernet: list[dict[str, Any]], ou
     noise seed is not free of training noise: the spread that matters is the one between
     training seeds (two supernets here, and stand-alone runs of one width on several seeds).
     """
-    trained = TrainedSupernet.open(Path(per_supernet[0]["supernet"]))
+    trained = TrainedSupernet.open(supernet_index(Path(per_supernet[0]["supernet"]), out))
     rows = []
     for run in runs:
         cfg, den, step = load_run(run)
@@ -232,6 +234,76 @@ def standalone_rows(runs: Sequence[Path], per_supernet: list[dict[str, Any]], ou
     return rows
 
 
+def supernet_index(supernet: Path, out: Path) -> Path:
+    """The supernet directory, or the copy of its index kept beside the study (``out/NAME/``)
+    once the weights are gone: a stand-alone row needs the supernet's spec, not its weights."""
+    if (supernet / INDEX).is_file():
+        return supernet
+    copy = out / supernet.name
+    return copy if (copy / INDEX).is_file() else supernet      # neither: load_index names the missing file
+
+
+def add_standalone(out: Path, runs: Sequence[Path], device: torch.device, command: str) -> dict[str, Any]:
+    """Stand-alone runs joined to a finished study (``out/study.json``), sampled with the study's own
+    protocol (seeds, n, DDIM steps, reference images): runs trained after the study join it without
+    the supernets being sampled again. A run already in the study is scored again (its cached sets
+    reused); rows of runs not named are kept."""
+    path = out / "study.json"
+    if not path.is_file():
+        raise UserError(f"{out}: no study.json; run meme-nas slimmable study --out {out} first")
+    result = json.loads(path.read_text())
+    proto = result.get("protocol")
+    if not proto:
+        raise UserError(f"{path}: an unfinished study (no protocol); run the study again to finish it")
+    new = standalone_rows(runs, result["supernets"], out, proto["seeds"], proto["n"], proto["steps"],
+                          proto.get("batch", 100), proto["n_ref"], device)
+    named = {r["run"] for r in new}
+    result["standalone"] = [r for r in result.get("standalone", []) if r["run"] not in named] + new
+    result["standalone_by_width"] = standalone_by_width(result["standalone"])
+    result["standalone_commands"] = [*result.get("standalone_commands", []), command]
+    atomic_write_json(result, path)
+    (out / "study.md").write_text(report(result))
+    plot(result, out / "study.png")
+    return result
+
+
+def against_study(mine: dict[str, Any], other: Path) -> dict[str, Any]:
+    """This study's first supernet against another study's first supernet, design by design (a
+    different training recipe on the same training seed, e.g. ``--distill``): the FID difference per
+    noise seed. Both used the same noise, but they are different weights, so the spread between
+    training seeds (the two supernets' full-width rows of one study) is the yardstick, not the
+    paired std alone."""
+    theirs = _other_study(other)
+    by = {r["design"]: r for r in theirs["supernets"][0]["rows"]}
+    rows = []
+    for r in mine["rows"]:
+        t = by.get(r["design"])
+        same = t is not None and t["widths_per_bin"] == r["widths_per_bin"]   # a searched schedule may differ
+        rows.append({"design": r["design"], "widths_per_bin": r["widths_per_bin"], "fid_mean": r["fid_mean"],
+                     "their_widths_per_bin": t["widths_per_bin"] if t else None,
+                     "their_fid_mean": t["fid_mean"] if t else None,
+                     "same_noise": paired(r["fid"], t["fid"]) if same else None})
+    full = [next(x["fid_mean"] for x in s["rows"] if x["design"] == "uniform-1")
+            for s in theirs["supernets"] if any(x["design"] == "uniform-1" for x in s["rows"])]
+    return {"study": str(other), "supernet": theirs["supernets"][0]["supernet"],
+            "their_entry": theirs["supernets"][0]["entry"], "rows": rows,
+            "their_full_width_over_training_seeds": full}
+
+
+def _other_study(other: Path, protocol: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Another finished study's result, refused when its noise seeds or FID protocol differ."""
+    path = other / "study.json"
+    if not path.is_file() or "protocol" not in json.loads(path.read_text()):
+        raise UserError(f"--against {other}: no finished study there (study.json with its protocol)")
+    theirs = json.loads(path.read_text())
+    if protocol is not None:
+        got = {k: theirs["protocol"].get(k) for k in protocol}
+        if got != protocol:
+            raise UserError(f"--against {other}: sampled with {got}, this study with {protocol}: "
+                            f"not the same noise and FID protocol")
+    return theirs
+
+
 def ms_per_step(schedule: Schedule, trained: TrainedSupernet, batch: int) -> float:
     """Interval-weighted thread-CPU ms of one sampling step at ``batch``, per image."""
     cfg = schedule.config(trained.spec, trained.diffusion)
@@ -252,12 +324,14 @@ def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
 def study(supernets: Sequence[Path], out: Path, *, bins: int, per_bin: int, match: Sequence[str],
           seeds: Sequence[int], n: int, steps: int, batch: int, n_ref: int, device: torch.device,
           command: str, headline: Optional[Sequence[str]] = None, headline_only: bool = False,
-          standalone: Sequence[Path] = ()) -> dict[str, Any]:
+          standalone: Sequence[Path] = (), against: Optional[Path] = None) -> dict[str, Any]:
     """Every design on the first supernet, the headline rows (full width, and the uniform and
     searched schedules at each ``headline`` width) on the others, or everywhere with ``headline_only``."""
     headline = list(match if headline is None else headline)
     if not set(headline) <= set(match):
         raise UserError(f"--headline {headline}: every headline width must be one of --match {list(match)}")
+    if against is not None:                      # refused before anything is sampled
+        _other_study(against, {"seeds": list(seeds), "n": n, "steps": steps, "n_ref": n_ref})
     out.mkdir(parents=True, exist_ok=True)
     (out / "sets").mkdir(exist_ok=True)
     per_supernet = []
@@ -321,10 +395,12 @@ def study(supernets: Sequence[Path], out: Path, *, bins: int, per_bin: int, matc
         atomic_write_json({"command": command, "supernets": per_supernet}, out / "study.json")
     result = {"command": command, "headline": headline_rows(per_supernet, headline),
               "protocol": {"bins": bins, "per_bin": per_bin, "seeds": list(seeds), "n": n, "steps": steps,
-                           "n_ref": n_ref, "sampler": "ddim", "timing": f"thread CPU time, 1 thread, batch {batch}"},
+                           "n_ref": n_ref, "batch": batch, "sampler": "ddim", "timing": f"thread CPU time, 1 thread, batch {batch}"},
               "supernets": per_supernet,
               "standalone": standalone_rows(standalone, per_supernet, out, seeds, n, steps, batch, n_ref, device)}
     result["standalone_by_width"] = standalone_by_width(result["standalone"])
+    if against is not None:
+        result["against"] = against_study(per_supernet[0], against)
     atomic_write_json(result, out / "study.json")
     (out / "study.md").write_text(report(result))
     plot(result, out / "study.png")
@@ -405,6 +481,22 @@ def report(result: dict[str, Any]) -> str:
                               f"{c['diff']:+.2f}", f"{c['p_value']:.3f}" if c["p_value"] == c["p_value"] else "n/a",
                               c["verdict"]])
             lines.append(markdown_table(table[0], table[1:]))
+    if result.get("against"):
+        a = result["against"]
+        e = a["their_entry"]
+        lines.append(f"\n## Against {a['study']} (its first supernet: {e['steps']} steps, seed {e['seed']}, "
+                     f"distill {e.get('distill', False)})\n")
+        lines.append("Same noise seeds, different weights: the per-seed difference still holds training noise. "
+                     "Full width over that study's training seeds: "
+                     + ", ".join(f"{x:.2f}" for x in a["their_full_width_over_training_seeds"]) + ".\n")
+        table = [["design", "widths per bin", "FID here", "FID there", "here - there (same noise)"]]
+        for r in a["rows"]:
+            there = r["their_fid_mean"]
+            table.append([r["design"], " ".join(r["widths_per_bin"]), f"{r['fid_mean']:.2f}",
+                          "" if there is None else f"{there:.2f}" + ("" if r["same_noise"] else
+                                                                      " (" + " ".join(r["their_widths_per_bin"]) + ")"),
+                          _fmt_pair(r["same_noise"]) if r["same_noise"] else "other schedule"])
+        lines.append(markdown_table(table[0], table[1:]))
     return "\n".join(lines) + "\n"
 
 
@@ -477,8 +569,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--standalone", default="",
                    help="comma-separated meme-nas train runs of one sub-network's architecture, from scratch (the "
                         "same training compute): each is sampled with --seeds beside its width's uniform rows")
+    s.add_argument("--against", type=Path, default=None,
+                   help="another finished study (same seeds and FID protocol, another training recipe): its first "
+                        "supernet's rows against this one's, design by design")
     s.add_argument("--device", default="auto", help="torch device (default %(default)s)")
     add_fast_path_flag(s)
+    a = sub.add_parser("standalone", help="add networks trained alone at one width to a finished study, "
+                                          "sampled with its protocol (the supernets are not needed again)")
+    a.add_argument("--study", required=True, type=Path, help="the study's --out folder")
+    a.add_argument("--runs", required=True, help="comma-separated meme-nas train runs of one uniform width's "
+                                                 "architecture, trained from scratch")
+    a.add_argument("--device", default="auto", help="torch device (default %(default)s)")
+    add_fast_path_flag(a)
     return p.parse_args(argv)
 
 
@@ -513,15 +615,19 @@ def main(argv=None) -> int:
             path = fr.schedule(best, f"best-{budget:g}{unit.lower()}").save(out / "best.yaml")
             print(f"best at {budget:g} {unit}: {best.cost:.4g} {unit}, held-out loss {best.loss:.4f} -> {path}")
         return 0
+    command = "python -m nas.studies.slimmable " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.command == "standalone":
+        add_standalone(args.study, [Path(x) for x in args.runs.split(",") if x.strip()], device, command)
+        print((args.study / "study.md").read_text())
+        return 0
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     supernets = [Path(x) for x in args.supernets.split(",") if x.strip()]
-    command = "python -m nas.studies.slimmable " + " ".join(sys.argv[1:] if argv is None else argv)
     result = study(supernets, args.out, bins=args.bins, per_bin=args.per_bin,
                    match=[str(x).strip() for x in args.match.split(",") if x.strip()], seeds=seeds, n=args.n,
                    steps=args.steps, batch=args.batch_size, n_ref=args.n_ref, device=device, command=command,
                    headline=None if args.headline is None else [x.strip() for x in args.headline.split(",") if x.strip()],
                    headline_only=args.headline_only,
-                   standalone=[Path(x) for x in args.standalone.split(",") if x.strip()])
+                   standalone=[Path(x) for x in args.standalone.split(",") if x.strip()], against=args.against)
     print((args.out / "study.md").read_text())
     return 0 if result else 1
 

@@ -160,10 +160,10 @@ def test_the_study_pairs_schedules_by_noise_seed(slim, tmp_path):
     assert [h["width"] for h in result["headline"]] == ["1/2"] and result["headline"][0]["searched_vs_full"]["n"] == 4
     sets = sorted(p.name for p in (tmp_path / "st" / "sets").iterdir())
     assert len(sets) == 2 * len({tuple(r["widths_per_bin"]) for r in rows.values()})   # one per schedule content and seed
-    _a_standalone_network_is_scored_beside_its_width(out, tmp_path, result)
+    _a_standalone_network_is_scored_beside_its_width(slim[0], out, tmp_path, result)
 
 
-def _a_standalone_network_is_scored_beside_its_width(out: Path, tmp_path: Path, before: dict) -> None:
+def _a_standalone_network_is_scored_beside_its_width(space: Path, out: Path, tmp_path: Path, before: dict) -> None:
     """A network of the width-1/2 architecture trained alone: sampled with the same noise seeds
     (the supernets' sets are reused, not resampled), set beside each supernet's uniform-1/2."""
     _, _, cfg = load_schedule(write_schedule(tmp_path, out, widths=("1/2",), bounds=(0, 1000)))
@@ -186,11 +186,64 @@ def _a_standalone_network_is_scored_beside_its_width(out: Path, tmp_path: Path, 
     assert row["train_tflops"] == pytest.approx(json.loads((tmp_path / "alone-half" / "compute.json").read_text())
                                                 ["charged_tflops"])
     assert "Stand-alone networks" in (tmp_path / "st" / "study.md").read_text()
+    _a_run_trained_later_joins_the_finished_study(out, tmp_path, opts, cfg, row)
+    _another_recipe_is_set_beside_the_study(space, out, tmp_path)
     two = load_schedule(write_schedule(tmp_path, out))[2]
     train(two, opts, tmp_path / "two", progress=False)
     with pytest.raises(UserError, match="a run of one network is compared with a uniform width"):
         slimmable.study([out], tmp_path / "st", bins=2, per_bin=1, match=["1/2"], seeds=[0], n=8, steps=2, batch=8,
                         n_ref=32, device=torch.device("cpu"), command="", standalone=[tmp_path / "two"])
+
+
+def _a_run_trained_later_joins_the_finished_study(out: Path, tmp_path: Path, opts: TrainOptions, cfg, first: dict) -> None:
+    """``slimmable standalone``: a second training seed joins with the study's own protocol, the
+    supernets' weights no longer needed (their index copy beside the study gives the spec)."""
+    import dataclasses, shutil
+    train(cfg, dataclasses.replace(opts, seed=1), tmp_path / "alone-half-s1", progress=False)
+    hidden = out.parent / (out.name + "-gone")
+    out.rename(hidden)                        # the supernet's directory is gone ...
+    try:
+        with pytest.raises(UserError, match="not a trained supernet directory"):
+            slimmable.add_standalone(tmp_path / "st", [tmp_path / "alone-half-s1"], torch.device("cpu"), "")
+        (tmp_path / "st" / out.name).mkdir()  # ... its index copied beside the study is enough
+        shutil.copy(hidden / "supernet.json", tmp_path / "st" / out.name / "supernet.json")
+        assert slimmable.main(["standalone", "--study", str(tmp_path / "st"), "--runs",
+                               str(tmp_path / "alone-half-s1"), "--device", "cpu"]) == 0
+    finally:
+        hidden.rename(out)
+    result = json.loads((tmp_path / "st" / "study.json").read_text())
+    kept, joined = result["standalone"]
+    assert kept == first and joined["seed"] == 1 and len(joined["fid"]) == 2     # the study's seeds 0, 1
+    assert (tmp_path / "st" / "sets" / "standalone-alone-half-s1-s1.json").is_file()
+    [half] = result["standalone_by_width"]
+    assert half["standalone"][2] == 2 and half["standalone"][0] == pytest.approx(
+        (kept["fid_mean"] + joined["fid_mean"]) / 2)
+    assert result["standalone_commands"][-1].endswith("--device cpu")
+    with pytest.raises(UserError, match="no study.json"):
+        slimmable.add_standalone(tmp_path / "nowhere", [tmp_path / "alone-half-s1"], torch.device("cpu"), "")
+
+
+def _another_recipe_is_set_beside_the_study(space: Path, out: Path, tmp_path: Path) -> None:
+    """``study --against``: design by design, this supernet's FID minus the other study's, per noise seed
+    (here a supernet trained without distillation against the fixture's, trained with it)."""
+    plain = tmp_path / "plain"
+    train_all(str(space), plain, 3, jobs=1, progress=False, widths=WIDTHS, distill=False, ema_decay=0.9)
+    args = ["study", "--supernets", str(plain), "--out", str(tmp_path / "st2"), "--bins", "2", "--per-bin", "1",
+            "--match", "1/2,1", "--seeds", "0,1", "--n", "8", "--n-ref", "32", "--steps", "2", "--batch-size", "8",
+            "--device", "cpu", "--against", str(tmp_path / "st")]
+    with pytest.raises(UserError, match="not the same noise"):
+        slimmable.study([plain], tmp_path / "st2", bins=2, per_bin=1, match=["1/2"], seeds=[0, 1], n=4, steps=2,
+                        batch=8, n_ref=32, device=torch.device("cpu"), command="", against=tmp_path / "st")
+    assert not (tmp_path / "st2").exists()            # refused before anything was sampled
+    assert slimmable.main(args) == 0
+    result = json.loads((tmp_path / "st2" / "study.json").read_text())
+    theirs = {r["design"]: r for r in json.loads((tmp_path / "st" / "study.json").read_text())["supernets"][0]["rows"]}
+    mine = {r["design"]: r for r in result["supernets"][0]["rows"]}
+    row = {r["design"]: r for r in result["against"]["rows"]}["uniform-1/2"]
+    diff = [a - b for a, b in zip(mine["uniform-1/2"]["fid"], theirs["uniform-1/2"]["fid"])]
+    assert row["same_noise"]["diff_mean"] == pytest.approx(sum(diff) / 2) and diff[0] != 0
+    assert len(result["against"]["their_full_width_over_training_seeds"]) == 2
+    assert "## Against" in (tmp_path / "st2" / "study.md").read_text()
 
 
 def test_train_init_from_cuts_a_schedule_s_experts_and_charges_the_supernet(slim, tmp_path):
