@@ -17,8 +17,9 @@ does not run. So any change, a move (``.to``, ``load_state_dict``) or an update 
 
 What a run captures is known before it starts: one graph per (expert, batch size) of its
 plan. ``GraphedExperts`` is built with that set and refuses any other call, so a run never
-falls back to eager without saying so. The graphs share one memory pool: they replay one
-after another on one stream, so their activations can share memory.
+falls back to eager without saying so. The graphs share one memory pool and are all
+captured on one side stream: they replay one after another, so their activations can share
+memory, which PyTorch allows only for graphs captured on the same stream.
 
 Autocast runs inside a capture with its weight-cast cache off: a cached cast would be
 freed when the capture's autocast region closes, under a graph that still reads it. Each
@@ -72,8 +73,9 @@ class GraphedExperts:
         self.fp, self.device = fp, device
         self.planned: set[tuple[int, int]] = set()
         self.plan(batch_sizes)
-        self.graphs: dict[tuple[int, int], _Captured] = {}
+        self.graphs: dict[tuple, _Captured] = {}
         self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream(device)     # every capture of the pool on this one stream
 
     def plan(self, batch_sizes: Iterable[int]) -> None:
         """Allow these batch sizes too (a later run of the same graphs)."""
@@ -85,10 +87,10 @@ class GraphedExperts:
         return len(self.planned)
 
     def __call__(self, e: int, x: torch.Tensor, t: int) -> torch.Tensor:
-        key = (e, x.shape[0])
-        g = self.graphs.get(key)
+        key = (e, tuple(x.shape), x.dtype, x.is_contiguous(memory_format=torch.channels_last))
+        g = self.graphs.get(key)    # a graph reads its inputs at one shape, dtype and layout
         if g is None:
-            if key not in self.planned:
+            if (e, x.shape[0]) not in self.planned:
                 sizes = sorted({b for _, b in self.planned})
                 raise RuntimeError(f"no CUDA graph planned for expert {e} at batch {x.shape[0]} (planned: "
                                    f"{len(self.experts)} expert(s) x batch sizes {sizes}); sample without CUDA "
@@ -103,18 +105,20 @@ class GraphedExperts:
         expert = self.experts[e]
         static_x = x.clone()    # same memory format as the sampler's states
         static_t = torch.zeros(x.shape[0], dtype=torch.long, device=self.device)
-        graph, eps = capture_graph(lambda: expert(static_x, static_t).float(), self.fp, self.device, self.pool)
+        graph, eps = capture_graph(lambda: expert(static_x, static_t).float(), self.fp, self.device, self.pool,
+                                   self.stream)
         return _Captured(graph, static_x, static_t, eps, derived_tensors(expert))
 
 
 @torch.no_grad()
 def capture_graph(fn: Callable[[], torch.Tensor], fp: FastPath, device: torch.device,
-                  pool=None) -> tuple["torch.cuda.CUDAGraph", torch.Tensor]:
+                  pool=None, stream: Optional["torch.cuda.Stream"] = None) -> tuple["torch.cuda.CUDAGraph", torch.Tensor]:
     """``fn`` (reading tensors it closes over) captured as a CUDA graph on ``fp``'s autocast:
     ``WARMUP_CALLS`` eager calls on a side stream first, then the capture. Returns the graph
-    and the tensor each replay overwrites with ``fn``'s result."""
+    and the tensor each replay overwrites with ``fn``'s result. Graphs sharing a ``pool``
+    pass the same ``stream``."""
     with torch.cuda.device(device):     # the capture stream belongs to the tensors' GPU, current or not
-        side = torch.cuda.Stream(device)
+        side = stream if stream is not None else torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side), fp.autocast(cache=False):
             for _ in range(WARMUP_CALLS):

@@ -37,7 +37,7 @@ from nas.engine.heartbeat import Heartbeat
 from nas.engine.replicates import default_jobs, single_thread_worker
 from nas.engine.settings import Deadline, Settings
 from nas.engine.study import counted
-from nas.evaluators.device_share import measure_share
+from nas.evaluators.device_share import share_for_search
 from nas.evaluators.trial import TrialResult, run_trial
 from nas.space.proxy import ProxySpec
 
@@ -82,7 +82,7 @@ def train_workers(s: Settings) -> int:
         return 1
     if s.trials_at_once:
         return s.trials_at_once
-    share = measure_share(s.space, s.device)
+    share = share_for_search(s.space, s.device, s.quality, s.cpus_per_trial)
     if share.trials > 1 or share.limit != "cpu":
         log.info("%s", share.describe())
     return share.trials
@@ -241,7 +241,10 @@ def _answer_reports(s: Settings, requests, by_number: dict) -> None:
             number, step, value = requests.get_nowait()
         except queue.Empty:
             return
-        trial, cand, answers = by_number[number]
+        live = by_number.get(number)
+        if live is None:    # its trial already left the pool (finished, or stopped): nobody waits for the answer
+            continue
+        trial, cand, answers = live
         answers.put(_report(trial, cand, s, step, value))
 
 

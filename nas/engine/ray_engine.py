@@ -38,7 +38,7 @@ from meme.training.compute import train_gflops_per_step, training_gflops
 from nas.engine import record
 from nas.engine.heartbeat import Heartbeat
 from nas.engine.settings import Deadline, Settings
-from nas.evaluators.device_share import measure_share
+from nas.evaluators.device_share import share_for_search
 from nas.evaluators.trial import peak_memory_mb, run_trial
 from nas.space.proxy import proxy_config
 
@@ -98,7 +98,8 @@ def default_gpus_per_trial(requested: Optional[float], s: Optional[Settings] = N
         return 0.5
     if s.trials_at_once:
         return 1.0 / s.trials_at_once
-    share = ray.get(ray.remote(measure_share).options(num_gpus=1, num_cpus=1).remote(s.space, "cuda"))
+    share = ray.get(ray.remote(share_for_search).options(num_gpus=1, num_cpus=1).remote(
+        s.space, "cuda", s.quality, s.cpus_per_trial))
     print(share.describe())
     return 1.0 / share.trials
 

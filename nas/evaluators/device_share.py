@@ -15,10 +15,12 @@ first rung (the space's widest experts, most experts: every other candidate need
 and ``busy`` the share of that trial's wall time the GPU spent in kernels
 (``torch.profiler``; the wall time includes building the model and loading the data, as a
 trial's does). A search with the FID objective also samples and runs the Inception network
-at each rung, which this measurement (the held-out loss) leaves out: pass
-``--trials-at-once`` there. Both are measured on the
-GPU the trials will use, once per search. The Optuna engine runs that many trial
-processes on its GPU; under Ray the default ``--gpus-per-trial`` becomes 1 / trials.
+at each rung, which this measurement (the held-out loss) leaves out: such a search runs one
+trial at a time unless ``--trials-at-once`` says otherwise. Both are measured on the
+GPU the trials will use, once per search; a measurement that fails (out of memory, a
+profiler error) leaves the search running one trial at a time, and says why. The cores
+limit counts trials of ``--cpus-per-trial`` cores each. The Optuna engine runs that many
+trial processes on its GPU; under Ray the default ``--gpus-per-trial`` becomes 1 / trials.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from typing import Optional
 import torch
 
 from meme.common.device import pick_device
+from meme.common.errors import UserError, one_line
 from meme.model.config import MemeConfig
 from nas.evaluators.trial import run_trial
 from nas.space.space import SearchSpace, largest_candidate
@@ -50,11 +53,17 @@ class DeviceShare:
     free_mib: float = 0.0       # the device's free memory when measured
     busy: float = 1.0           # share of a trial's wall time the GPU is busy
     cores: int = 1
-    limit: str = "cpu"          # what set the number: memory, time, cores, cap, cpu (one per device)
+    limit: str = "cpu"          # what set the number: memory, time, cores, cap; cpu, objective or failed: not measured
+    why: str = ""               # limit 'failed': the measurement's error
 
     def describe(self) -> str:
         if self.limit == "cpu":
             return "1 trial at a time (a CPU device)"
+        if self.limit == "objective":
+            return ("1 trial at a time: the measured share covers the held-out loss, not an objective that "
+                    "samples at every rung; pass --trials-at-once N to run N")
+        if self.limit == "failed":
+            return f"1 trial at a time: measuring one trial's memory and GPU time failed ({self.why})"
         return (f"{self.trials} trials at once on the GPU: one trial peaks at {self.peak_mib:.0f} MiB of "
                 f"{self.free_mib:.0f} free and keeps the GPU busy {100 * self.busy:.0f}% of its time "
                 f"(limited by {self.limit})")
@@ -74,7 +83,29 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def measure_share(space: SearchSpace, device: Optional[str] = None) -> DeviceShare:
+def trial_cores(cpus_per_trial: float = 1.0) -> int:
+    """Trials whose host work the usable cores hold, at ``cpus_per_trial`` cores each."""
+    return max(1, usable_cores() // max(1, math.ceil(cpus_per_trial)))
+
+
+def share_for_search(space: SearchSpace, device: Optional[str], objective: str = "loss",
+                     cpus_per_trial: float = 1.0) -> DeviceShare:
+    """What both engines run: one trial at a time where the measurement does not apply
+    (an objective other than the held-out loss) or fails; else ``measure_share``."""
+    if objective != "loss":
+        return DeviceShare(1, limit="objective")
+    try:
+        return measure_share(space, device, cpus_per_trial)
+    except UserError:
+        raise
+    except Exception as exc:  # the search goes on without the measurement
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return DeviceShare(1, limit="failed", why=one_line(exc, typed=True))
+
+
+def measure_share(space: SearchSpace, device: Optional[str] = None, cpus_per_trial: float = 1.0) -> DeviceShare:
     """Train the space's largest candidate to its first rung on ``device`` and apply the rule.
 
     On a CPU nothing is measured: one trial at a time, with the cores it was given.
@@ -96,4 +127,4 @@ def measure_share(space: SearchSpace, device: Optional[str] = None) -> DeviceSha
                     if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
     gc.collect()
     torch.cuda.empty_cache()    # the trial's memory goes back to the GPU, for the trials that follow
-    return trials_at_once(peak, free / 2 ** 20, kernel_us / 1e6 / wall, usable_cores())
+    return trials_at_once(peak, free / 2 ** 20, kernel_us / 1e6 / wall, trial_cores(cpus_per_trial))

@@ -50,6 +50,7 @@ from meme.model.diffusion import Diffusion
 from meme.model.experts import build_denoiser
 from meme.model.macs import cost_of_meme
 from meme.model.references import resolve
+from meme.sampling.graphs import release
 from meme.sampling.sample import SamplingPlan, generate
 from meme.speed.timing import time_runs
 from nas.engine.stats import Summary, summarize, welch
@@ -156,7 +157,9 @@ def sampling_rate(cfg: MemeConfig, steps: int, n: int = 32, device: str = "cpu",
     plan = SamplingPlan(n=n, steps=steps, batch_size=n, clip_x0=not cfg.data.latent)
     shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
     dev = torch.device(device)
-    return n / min(time_runs(lambda: generate(den, diffusion, shape, plan, dev), dev, repeats, warmup=1))
+    rate = n / min(time_runs(lambda: generate(den, diffusion, shape, plan, dev), dev, repeats, warmup=1))
+    release(den)        # the graphs (CUDA) kept for the timed runs
+    return rate
 
 
 def table(designs: list[Design], rows: list[dict[str, Any]], gflops: dict[str, float], protocol: PromoteProtocol,

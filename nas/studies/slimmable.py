@@ -50,6 +50,7 @@ from meme.model.macs import cost_of_meme
 from meme.model.schedule import Schedule, TrainedSupernet, schedule_denoiser
 from meme.model.supernet import INDEX, SuperNet
 from meme.sampling.evaluate import evaluate_samples
+from meme.sampling.graphs import release
 from meme.sampling.sample import SamplingPlan, generate, load_run
 from meme.speed.latency import Setting, measure_meme
 from nas.studies.schedule_opt import MONOTONE, Point, best_under, front, reverse, to_schedule
@@ -157,6 +158,7 @@ def fid_of(denoiser: torch.nn.Module, diffusion: DiffusionConfig, data: DataShap
     t0 = time.perf_counter()
     samples = generate(denoiser, Diffusion(diffusion), (data.channels, data.resolution, data.resolution), plan, device)
     wall = time.perf_counter() - t0
+    release(denoiser)   # its CUDA graphs' memory back before the Inception network runs
     ev = evaluate_samples(to_uint8(samples), ref="fashion-mnist", n_ref=n_ref, split="train", device=device)
     return {"seed": seed, "n": n, "steps": steps, "fid": ev["fid"], "precision": ev["precision"],
             "recall": ev["recall"], "sampling_wall_s": round(wall, 2)}

@@ -482,3 +482,17 @@ def test_a_killed_trial_worker_fails_its_trial_and_the_search_goes_on_one_at_a_t
              and "duplicate_of" not in t.user_attrs]
     assert after, "nothing was trained after the worker died"
     assert not [t for t in study.trials if t.state == TrialState.RUNNING]
+
+
+def test_a_report_that_arrives_after_its_trial_left_the_pool_is_dropped():
+    """A worker's last report can reach the queue after its trial finished and left ``live``:
+    the engine drops it and answers the reports of trials still in the pool."""
+    import queue
+
+    from nas.engine.optuna_engine import _answer_reports
+
+    requests, answers = queue.Queue(), queue.Queue()
+    requests.put((7, 3, 0.25))                 # trial 7 is gone
+    live = {}
+    _answer_reports(None, requests, live)      # no KeyError, nothing left waiting
+    assert requests.empty() and answers.empty()

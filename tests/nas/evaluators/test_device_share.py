@@ -8,7 +8,8 @@ import pytest
 
 from meme.model.config import MemeConfig
 from meme.model.macs import cost_of_meme
-from nas.evaluators.device_share import MAX_TRIALS, DeviceShare, measure_share, trials_at_once
+from nas.evaluators.device_share import (MAX_TRIALS, DeviceShare, measure_share, share_for_search, trial_cores,
+                                          trials_at_once, usable_cores)
 from nas.space.proxy import proxy_config
 from nas.space.space import largest_candidate, load_space
 
@@ -46,3 +47,19 @@ def test_largest_candidate_costs_at_least_every_macro_of_the_space():
         one = cost_of_meme(proxy_config(MemeConfig(name="x", experts=(arch,), data=space.data,
                                                       diffusion=space.diffusion).validate(), space.proxy)).gmacs_mean
         assert one <= cost
+
+
+def test_a_search_that_samples_at_every_rung_runs_one_trial_at_a_time_unmeasured():
+    """The measured share covers the held-out loss only: an FID search is not given it."""
+    share = share_for_search(load_space("tiny"), "cpu", "fid")
+    assert (share.trials, share.limit) == (1, "objective")
+    assert "--trials-at-once" in share.describe()
+    assert share_for_search(load_space("tiny"), "cpu", "loss") == DeviceShare(1)
+
+
+def test_the_cores_limit_counts_trials_of_cpus_per_trial_cores():
+    cores = usable_cores()
+    assert trial_cores(1) == cores
+    assert trial_cores(cores) == 1
+    assert trial_cores(2) == max(1, cores // 2)
+    assert trial_cores(1.5) == max(1, cores // 2)  # a trial of 1.5 cores holds two
