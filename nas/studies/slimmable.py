@@ -284,6 +284,7 @@ def against_study(mine: dict[str, Any], other: Path) -> dict[str, Any]:
         rows.append({"design": r["design"], "widths_per_bin": r["widths_per_bin"], "fid_mean": r["fid_mean"],
                      "their_widths_per_bin": t["widths_per_bin"] if t else None,
                      "their_fid_mean": t["fid_mean"] if t else None,
+                     "their_fid_std": t["fid_std"] if t else None, "their_gflops": t["gflops"] if t else None,
                      "same_noise": paired(r["fid"], t["fid"]) if same else None})
     full = [next(x["fid_mean"] for x in s["rows"] if x["design"] == "uniform-1")
             for s in theirs["supernets"] if any(x["design"] == "uniform-1" for x in s["rows"])]
@@ -521,6 +522,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 ax.errorbar([r["gflops"] for r in rows], [r["fid_mean"] for r in rows],
                             yerr=[r["fid_std"] for r in rows], marker=m, linestyle=ls or "none", capsize=3,
                             label=f"{kind} (supernet {i + 1})", color=f"C{i * 3 + list(marks).index(kind)}")
+    against = [r for r in (result.get("against") or {}).get("rows", []) if r.get("their_gflops") is not None]
+    if against:     # the other recipe's first supernet, same designs, same noise
+        ax.errorbar([r["their_gflops"] for r in against], [r["their_fid_mean"] for r in against],
+                    yerr=[r["their_fid_std"] for r in against], marker="D", mfc="none", color="0.45",
+                    linestyle="none", capsize=3, label=f"against {Path(result['against']['study']).name}")
     for k, r in enumerate(result.get("standalone", [])):
         ax.errorbar([r["gflops"]], [r["fid_mean"]], yerr=[r["fid_std"]], marker="s", color="k", linestyle="none",
                     capsize=3, label="stand-alone, same training FLOPs" if k == 0 else None)

@@ -242,6 +242,8 @@ def _another_recipe_is_set_beside_the_study(space: Path, out: Path, tmp_path: Pa
     row = {r["design"]: r for r in result["against"]["rows"]}["uniform-1/2"]
     diff = [a - b for a, b in zip(mine["uniform-1/2"]["fid"], theirs["uniform-1/2"]["fid"])]
     assert row["same_noise"]["diff_mean"] == pytest.approx(sum(diff) / 2) and diff[0] != 0
+    assert (row["their_gflops"], row["their_fid_mean"]) == (theirs["uniform-1/2"]["gflops"],
+                                                            theirs["uniform-1/2"]["fid_mean"])    # plotted beside
     assert len(result["against"]["their_full_width_over_training_seeds"]) == 2
     assert "## Against" in (tmp_path / "st2" / "study.md").read_text()
 
