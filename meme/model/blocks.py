@@ -402,9 +402,9 @@ class InceptionMixer(nn.Module):
         bumped by every optimizer step, ``load_state_dict`` copy and EMA update), so a
         changed weight is never served stale. A write through ``param.data`` is the one
         exception: ``.data`` has a counter of its own, so such a write is not seen; update
-        weights in place under ``torch.no_grad()`` instead, as torch.optim and the EMA do. ``dense``: the bf16 form (block-diagonal
-        weight for a dense conv, stored in bf16 so autocast casts nothing per call) or the
-        fp32 form (two groups). The cache holds the source parameters themselves and
+        weights in place under ``torch.no_grad()`` instead, as torch.optim and the EMA do.
+        ``dense``: the bf16 form (block-diagonal weight for a dense conv, stored in bf16 so
+        autocast casts nothing per call) or the fp32 form (two groups). The cache holds the source parameters themselves and
         compares them by identity, so a replaced parameter, or one whose storage moved
         (``.to()``), is rebuilt too.
         """

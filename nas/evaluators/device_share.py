@@ -99,9 +99,6 @@ def share_for_search(space: SearchSpace, device: Optional[str], objective: str =
     except UserError:
         raise
     except Exception as exc:  # the search goes on without the measurement
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
         return DeviceShare(1, limit="failed", why=one_line(exc, typed=True))
 
 
@@ -117,14 +114,17 @@ def measure_share(space: SearchSpace, device: Optional[str] = None, cpus_per_tri
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(dev)
     torch.cuda.reset_peak_memory_stats(dev)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        run_trial(cfg, space.proxy, lambda step, value: True, objective="loss", device=str(dev))
-        torch.cuda.synchronize(dev)
-        wall = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_reserved(dev) / 2 ** 20   # reserved: what the allocator held, slack included
-    kernel_us = sum(e.self_device_time_total for e in prof.key_averages()
-                    if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
-    gc.collect()
-    torch.cuda.empty_cache()    # the trial's memory goes back to the GPU, for the trials that follow
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            run_trial(cfg, space.proxy, lambda step, value: True, objective="loss", device=str(dev))
+            torch.cuda.synchronize(dev)
+            wall = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_reserved(dev) / 2 ** 20   # reserved: what the allocator held, slack included
+        kernel_us = sum(e.self_device_time_total for e in prof.key_averages()
+                        if e.device_type == torch.autograd.DeviceType.CUDA
+                        and not getattr(e, "is_user_annotation", False))
+    finally:    # the trial's memory goes back to the GPU, for the trials that follow, measured or failed
+        gc.collect()
+        torch.cuda.empty_cache()
     return trials_at_once(peak, free / 2 ** 20, kernel_us / 1e6 / wall, trial_cores(cpus_per_trial))
