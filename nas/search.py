@@ -349,7 +349,7 @@ def with_evaluator(space, args):
     if proxy.finetune_steps < 0:
         raise UserError(f"--finetune-steps must be >= 0, got {proxy.finetune_steps}")
     if proxy.evaluator == "supernet":
-        if space.widths.searched:
+        if space.widths.searched and not space.widths.whole_network:
             raise UserError(f"{space.source} searches decoder widths (search.widths), which the supernet evaluator "
                             f"does not slice: use --evaluator scratch")
         if not proxy.supernet:

@@ -2,14 +2,15 @@
 
 With the weight-shared evaluator a candidate's objective is a sum of per-expert terms,
 expert n contributing sum_{t in grid, t in I_n} loss(t, a_n) for its sub-network a_n,
-and its cost is the interval-weighted sum of per-expert costs. So the best ratios for
-each N, boundary choice and macro shape under the budget are an exact optimisation:
-a dynamic program over experts (the state is the previous expert's chain, because the
-space's rules bound each expert by the one before it), keeping for each state the
-Pareto set of (cost so far, loss so far) and dropping partial costs over the budget.
+and its cost is the interval-weighted sum of per-expert costs. So the best sub-networks
+for each N, boundary choice and macro shape under the budget are an exact optimisation,
+done by the project's one chain optimiser (``nas.engine.pareto_chain``): positions are
+experts, an expert's choice is its sub-network -- its width (``search.widths`` of scope
+network: one slimmable supernet) and its per-stage d_h/d at that width -- and the space's
+monotone rules bound each expert by the one before it.
 
-It scores every legal chain once, so it is for spaces small enough to enumerate
-(``--max-archs``); larger ones say how many chains they have and are left to TPE.
+It scores every legal sub-network once, so it is for spaces small enough to enumerate
+(``--max-archs``); larger ones say how many they have and are left to TPE.
 p_n does not enter the objective without a fine-tune, so the optimum uses the space's
 largest p choice for every expert; ``finetune_steps > 0`` is refused here.
 """
@@ -29,13 +30,17 @@ from meme.common.command import CommandParser, add_fast_path_flag, main_guard
 from meme.common.errors import UserError
 from meme.model.config import MemeConfig
 from meme.model.macs import cost_of_network
+from meme.model.schedule import Choice, Schedule
+from nas.engine import pareto_chain
 from nas.engine.study import storage_url_for
 from nas.evaluators.supernet_score import SharedScorer
-from nas.space.draw import FixedTrial, ratio_choices, sample_boundaries
+from nas.evaluators.supernet_training import macro_name
+from nas.space.draw import FixedTrial, clustered_boundaries, ratio_choices, sample_boundaries, width_choices
 from nas.space.proxy import proxy_arch
 from nas.space.space import SearchSpace, load_space
 
 Chain = tuple[Fraction, ...]
+Option = tuple[str, Chain]          # one expert's sub-network: (width, per-stage d_h/d)
 
 
 @dataclass
@@ -47,7 +52,7 @@ class Optimum:
 
 
 def chains_after(space: SearchSpace, base: int, prev: Optional[Chain]) -> list[Chain]:
-    """Every chain an expert may take after ``prev`` (None: the first expert), by the space's rules."""
+    """Every chain an expert of ``base`` channels may take after ``prev`` (None: the first expert), by the space's rules."""
     out: list[Chain] = []
 
     def walk(row: list[Fraction]) -> None:
@@ -62,35 +67,44 @@ def chains_after(space: SearchSpace, base: int, prev: Optional[Chain]) -> list[C
     return out
 
 
-def all_chains(space: SearchSpace, base: int, n_max: int) -> set[Chain]:
-    """Chains reachable by any expert of any N up to n_max."""
-    seen: set[Chain] = set()
-    frontier: set[Optional[Chain]] = {None}
+def options_after(space: SearchSpace, base: int, prev: Optional[Option]) -> list[Option]:
+    """Every (width, chain) an expert of macro ``base`` may take after ``prev``: the space's widths
+    (scope network; full width only otherwise) and, at each, the chains of its own channels."""
+    widths = width_choices(space, prev[0] if prev else None) if space.widths.whole_network else ["1"]
+    return [(w, c) for w in widths for c in chains_after(space, space.expert_base(base, w), prev[1] if prev else None)]
+
+
+def all_options(space: SearchSpace, base: int, n_max: int) -> set[Option]:
+    """Sub-networks reachable by any expert of any N up to n_max."""
+    seen: set[Option] = set()
+    frontier: set[Optional[Option]] = {None}
     for _ in range(n_max):
         nxt = set()
         for p in frontier:
-            for c in chains_after(space, base, p):
-                if c not in seen:
-                    seen.add(c)
-                    nxt.add(c)
+            for o in options_after(space, base, p):
+                if o not in seen:
+                    seen.add(o)
+                    nxt.add(o)
         frontier = nxt
     return seen
 
 
 def target_cost(space: SearchSpace, base: int, blocks: int, pools: tuple[int, ...]):
-    """GFLOPs of a chain at the TARGET shape (``meme.model.macs`` counts iU-Nets by parts: cheap per chain).
+    """GFLOPs of a sub-network at the TARGET shape (``meme.model.macs`` counts iU-Nets by parts: cheap per chain).
 
-    Memoised per chain: the DP asks for the same chain at every state, and a macro's chains
+    Memoised per option: the DP asks for the same one at every state, and a macro's options
     (up to ``--max-archs``) outnumber ``cost_of_network``'s in-process cache."""
     @lru_cache(maxsize=None)
-    def cost(chain: Chain) -> float:
-        return cost_of_network(space.arch(base, blocks, pools, tuple(str(r) for r in chain)), space.data).gflops
+    def cost(option: Option) -> float:
+        return cost_of_network(_arch(space, base, blocks, pools, option), space.data).gflops
     return cost
 
 
 def boundary_choices(space: SearchSpace, n: int) -> list[tuple[int, ...]]:
     if space.boundaries.mode == "uniform":
         return [()]
+    if space.boundaries.mode == "cluster":     # a trial picks uniform or the clustered ones
+        return [()] if n == 1 else [(), clustered_boundaries(space, n)]
     import itertools
     levels = range(1, space.boundaries.weight_levels + 1)
     seen = []
@@ -106,39 +120,42 @@ def optimise(space: SearchSpace, scorer: SharedScorer, budget: float, mode: str 
     """The exact best candidate per (N, boundaries, macro) under the budget, and the overall best."""
     if getattr(scorer.proxy, "finetune_steps", 0):
         raise UserError("interval_opt scores inherited sub-networks; a fine-tune couples p_n in: use TPE")
+    if space.widths.searched and not space.widths.whole_network:
+        raise UserError(f"{space.source}: decoder widths are not sub-networks of a supernet; interval_opt needs "
+                        f"search.widths of scope network or none")
     t0 = time.perf_counter()
     rows, best, scored = [], None, 0
     p_top = space.probs.choices[-1]
     for base, blocks, pools in space.macro.combos():
-        chains = all_chains(space, base, max(space.num_experts))
-        if len(chains) > max_archs:
-            rows.append({"macro": [base, blocks, list(pools)], "skipped": f"{len(chains)} chains > --max-archs {max_archs}"})
+        options = all_options(space, base, max(space.num_experts))
+        if len(options) > max_archs:
+            rows.append({"macro": [base, blocks, list(pools)], "skipped": f"{len(options)} sub-networks > --max-archs {max_archs}"})
             continue
         cost = target_cost(space, base, blocks, tuple(pools))
-        if min(cost(c) for c in chains) > budget:
-            rows.append({"macro": [base, blocks, list(pools)], "skipped": "every chain is over the budget"})
+        if min(cost(o) for o in options) > budget:
+            rows.append({"macro": [base, blocks, list(pools)], "skipped": "every sub-network is over the budget"})
             continue
-        macro = f"b{base}-r{blocks}"
-        losses: dict[Chain, dict[int, float]] = {}
-        for c in _bar(chains, progress, f"scoring {macro} {pools}"):
-            arch = proxy_arch(space.arch(base, blocks, pools, tuple(str(r) for r in c)), scorer.proxy)
+        macro = macro_name(base, blocks)
+        losses: dict[Option, dict[int, float]] = {}
+        for o in _bar(options, progress, f"scoring {macro} {pools}"):
+            arch = proxy_arch(_arch(space, base, blocks, pools, o), scorer.proxy)
             vals, _ = scorer.arch_losses(macro, arch, scorer.grid)
-            losses[c] = dict(zip(scorer.grid, vals))
-        scored += len(chains)
+            losses[o] = dict(zip(scorer.grid, vals))
+        scored += len(options)
         for n in space.num_experts:
             for bounds in boundary_choices(space, n):
-                cfg0 = _config(space, base, blocks, pools, [next(iter(chains))] * n, bounds, p_top)
+                first = next(iter(options_after(space, base, None)))
+                cfg0 = _config(space, base, blocks, pools, [first] * n, bounds, p_top)
                 owners = scorer.owners(cfg0)
-                w = cfg0.interval_weights()
-                sol = _dp(space, base, n, owners, w, losses, cost, budget, mode)
+                sol = best_chain(space, base, n, owners, cfg0.interval_weights(), losses, cost, budget, mode)
                 if sol is None:
                     continue
                 total_cost, total_loss, assignment = sol
                 cfg = _config(space, base, blocks, pools, assignment, bounds, p_top)
                 obj = total_loss / len(scorer.grid)
                 row = {"macro": [base, blocks, list(pools)], "N": n, "boundaries": list(cfg.resolved_boundaries()),
-                       "objective": obj, "gflops": total_cost,
-                       "ratios": [[str(r) for r in c] for c in assignment]}
+                       "objective": obj, "gflops": total_cost, "widths": [w for w, _ in assignment],
+                       "ratios": [[str(r) for r in c] for _, c in assignment]}
                 rows.append(row)
                 if best is None or obj < best.objective:
                     best = Optimum(cfg, obj, total_cost, scored)
@@ -148,50 +165,22 @@ def optimise(space: SearchSpace, scorer: SharedScorer, budget: float, mode: str 
                                                "config_yaml": best.config.to_yaml()}}
 
 
-def _dp(space, base, n, owners, weights, losses, cost, budget, mode):
-    """min sum of expert losses s.t. cost; states: the previous expert's chain -> Pareto [(cost, loss, path)]."""
-    def term(e: int, c: Chain) -> float:
-        return sum(losses[c][t] for t in owners[e])
+def best_chain(space, base, n, owners, weights, losses, cost, budget, mode):
+    """The lowest summed loss of n experts' sub-networks under the budget, by ``nas.engine.pareto_chain``:
+    positions are experts, an expert's choice is its (width, chain), the rules bound it by the
+    expert before. 'mean': the interval-weighted cost is summed and bounded; 'max': every
+    expert alone is under the budget. (total cost, total loss, choices) or None."""
+    def options(e: int, prev: Optional[Option]) -> list[Option]:
+        return [o for o in options_after(space, base, prev) if mode != "max" or cost(o) <= budget * (1 + 1e-9)]
 
-    def pareto(items):
-        items.sort(key=lambda x: (x[0], x[1]))
-        out, best_loss = [], float("inf")
-        for it in items:
-            if it[1] < best_loss - 1e-15:
-                out.append(it)
-                best_loss = it[1]
-        return out
+    def term(e: int, o: Option) -> tuple[float, float]:
+        return (weights[e] * cost(o) if mode == "mean" else 0.0), sum(losses[o][t] for t in owners[e])
 
-    def step_cost(e: int, c: Chain) -> float:
-        return weights[e] * cost(c) if mode == "mean" else 0.0
-
-    def fits(c: Chain) -> bool:
-        return mode != "max" or cost(c) <= budget
-
-    states: dict[Chain, list] = {}
-    for c in chains_after(space, base, None):
-        if fits(c) and step_cost(0, c) <= budget + 1e-9:
-            states.setdefault(c, []).append((step_cost(0, c), term(0, c), (c,)))
-    states = {c: pareto(v) for c, v in states.items()}
-    children: dict[Chain, list[Chain]] = {}
-    for e in range(1, n):
-        nxt: dict[Chain, list] = {}
-        for prev, front in states.items():
-            kids = children.setdefault(prev, chains_after(space, base, prev))
-            for c in kids:
-                if not fits(c):
-                    continue
-                sc, tl = step_cost(e, c), term(e, c)
-                for pc, pl, path in front:
-                    if pc + sc <= budget + 1e-9:
-                        nxt.setdefault(c, []).append((pc + sc, pl + tl, path + (c,)))
-        states = {c: pareto(v) for c, v in nxt.items()}
-    finals = [it for front in states.values() for it in front]
-    if not finals:
+    best = pareto_chain.best_under(pareto_chain.front(n, options, term, budget), budget)
+    if best is None:
         return None
-    c, l, path = min(finals, key=lambda x: (x[1], x[0]))
-    total = c if mode == "mean" else max(cost(x) for x in path)
-    return total, l, path
+    total = best.cost if mode == "mean" else max(cost(o) for o in best.choices)
+    return total, best.loss, best.choices
 
 
 def against_search(study_dir: Path, optimum: float, digest: Optional[str]) -> dict:
@@ -232,17 +221,31 @@ def against_search(study_dir: Path, optimum: float, digest: Optional[str]) -> di
             "trials_to_0.01pct": first_within(1e-4)}
 
 
-def _config(space, base, blocks, pools, chains, bounds, p) -> MemeConfig:
-    experts = tuple(space.arch(base, blocks, pools, tuple(str(r) for r in c)) for c in chains)
+def schedule_of(space: SearchSpace, cfg: MemeConfig, supernet: Path) -> Schedule:
+    """A candidate of a slimmable space as the schedule that samples it straight from the supernet."""
+    choices = []
+    for e in cfg.experts:
+        _, width = space.macro_and_width(e)
+        choices.append(Choice(width, tuple(e.high_ratios), tuple(e.pool_strides)))
+    return Schedule(tuple(cfg.resolved_boundaries()), tuple(choices), str(supernet), cfg.name)
+
+
+def _arch(space: SearchSpace, base: int, blocks: int, pools, option: Option):
+    width, chain = option
+    return space.arch(base, blocks, tuple(pools), tuple(str(r) for r in chain), width)
+
+
+def _config(space, base, blocks, pools, options, bounds, p) -> MemeConfig:
+    experts = tuple(_arch(space, base, blocks, pools, o) for o in options)
     return MemeConfig(name=f"{space.name}-optimum", experts=experts, data=space.data, diffusion=space.diffusion,
-                      boundaries=tuple(bounds), expert_probs=(p,) * len(chains)).validate()
+                      boundaries=tuple(bounds), expert_probs=(p,) * len(options)).validate()
 
 
 def _bar(items, progress: bool, desc: str):
     if not progress:
         return items
     from tqdm import tqdm
-    return tqdm(sorted(items), desc=desc, unit="chain", file=sys.stdout, disable=None, leave=False)
+    return tqdm(sorted(items), desc=desc, unit="sub-network", file=sys.stdout, disable=None, leave=False)
 
 
 def parse_args(argv=None):
@@ -284,7 +287,13 @@ def main(argv=None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(res, args.out / "optimum.json")
         (args.out / "optimum.yaml").write_text(res["best"]["config_yaml"])
-        print(f"wrote {args.out}/optimum.json, optimum.yaml")
+        wrote = "optimum.json, optimum.yaml"
+        if space.widths.whole_network:
+            schedule_of(space, MemeConfig.from_yaml(res["best"]["config_yaml"]), args.supernet).save(
+                args.out / "schedule.yaml")
+            wrote += (f", schedule.yaml (sample it: meme-nas sample --supernet {args.supernet} "
+                      f"--schedule {args.out / 'schedule.yaml'})")
+        print(f"wrote {args.out}/{wrote}")
     else:
         print(json.dumps(res["best"], indent=2))
     return 0

@@ -112,6 +112,8 @@ def prepare(trial: Any, s: Settings) -> Candidate:
              "num_experts": cfg.num_experts, "config_yaml": cfg.to_yaml(), "config_hash": cfg.hash(),
              "trained_steps": 0, "stopped_early": False, **readable_attrs(cfg, c.params),
              "status": "running"}
+    if s.space.widths.whole_network:   # every trial shows its widths, full-width ones too
+        attrs["widths"] = " ".join(s.space.macro_and_width(e)[1] for e in cfg.experts)
     overs = [(c.gflops - s.budget.gflops, "GFLOPs")] if s.budget.bounded else []
     cand = Candidate(cfg, c.gflops, True)
     if s.latency is not None:

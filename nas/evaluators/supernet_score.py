@@ -28,12 +28,12 @@ from typing import Optional
 import torch
 
 from meme.common.device import pick_device
-from meme.common.errors import UserError
+from meme.common.errors import ConfigError, UserError
 from meme.common.fastpath import fast_path
 from meme.model.config import ArchConfig, MemeConfig
 from meme.model.diffusion import Diffusion
 from meme.model.experts import SoftExpertSampler
-from meme.model.supernet import SuperNet, arch_key, load_index, load_supernet
+from meme.model.supernet import SuperNet, SupernetSpec, arch_key, load_index, load_supernet
 from meme.training.compute import train_gflops_per_step
 from meme.training.train import draw_batch, train_step, warmup_lr
 from nas.evaluators.supernet_training import macro_name, macro_of
@@ -79,11 +79,18 @@ class SharedScorer:
              "diffusion": str(self.diffusion.cfg)}, sort_keys=True).encode()).hexdigest()[:12]
         self.cache: dict[tuple, float] = {}
         self._param_counts: dict[tuple[str, ArchConfig], int] = {}
+        self._specs: dict[str, SupernetSpec] = {}
+        self._accepted: dict[tuple[str, ArchConfig], bool] = {}
         self._load_cache()
 
     # ---- the cache ------------------------------------------------------------
     def _key(self, macro: str, arch: ArchConfig, t: int, tune: tuple = ()) -> tuple:
-        return (self.index["macros"][macro]["weights_sha1"], self.protocol, macro, arch_key(arch), int(t), tune)
+        return (self.index["macros"][macro]["weights_sha1"], self.protocol, macro, self.name_of(macro, arch),
+                int(t), tune)
+
+    def name_of(self, macro: str, arch: ArchConfig) -> str:
+        """The sub-network's name in its supernet ('ratios|strides', '@width' when narrower)."""
+        return arch_key(arch, int(self.index["macros"][macro]["spec"]["template"]["base_channels"]))
 
     def _load_cache(self) -> None:
         path = self.dir / SCORES
@@ -107,6 +114,31 @@ class SharedScorer:
                 f.write("\n".join(lines) + "\n")
 
     # ---- networks -------------------------------------------------------------
+    def macro_for(self, config: MemeConfig, cfg: MemeConfig) -> str:
+        """The macro whose supernet runs every expert of ``cfg`` (``config`` at the proxy's scale).
+
+        By name (target base and blocks) when the first expert is full width; experts that are
+        narrower widths of a slimmable supernet are matched against each trained spec."""
+        name = macro_name(*macro_of(config))
+        if name in self.index["macros"] and all(self._accepts(name, a) for a in cfg.experts):
+            return name
+        for other in self.index["macros"]:
+            if all(self._accepts(other, a) for a in cfg.experts):
+                return other
+        return name     # none runs them all: supernet()/activate() say why
+
+    def _accepts(self, macro: str, arch: ArchConfig) -> bool:
+        key = (macro, arch)
+        if key not in self._accepted:
+            if macro not in self._specs:
+                self._specs[macro] = SupernetSpec.from_dict(self.index["macros"][macro]["spec"], f"{self.dir}: {macro}")
+            try:
+                self._specs[macro].check(arch)
+                self._accepted[key] = True
+            except ConfigError:
+                self._accepted[key] = False
+        return self._accepted[key]
+
     def supernet(self, macro: str) -> SuperNet:
         if macro not in self.index["macros"]:
             raise UserError(f"{self.dir}: no supernet for macro shape {macro} (trained: "
@@ -156,7 +188,7 @@ class SharedScorer:
         """The candidate's held-out routed loss from inherited (and optionally fine-tuned) experts."""
         t0 = time.perf_counter()
         cfg = proxy_config(config, self.proxy)
-        macro = macro_name(*macro_of(config))
+        macro = self.macro_for(config, cfg)
         owners = self.owners(cfg)
         terms, evaluated, cached, ft_gflops = [], 0, 0, 0.0
         steps = self._finetune_split(cfg.num_experts)
@@ -171,7 +203,8 @@ class SharedScorer:
                 values, new = self.arch_losses(macro, arch, ts)
             evaluated += new
             cached += len(ts) - new
-            terms += [{"t": t, "expert": n + 1, "arch": arch_key(arch), "loss": v} for t, v in zip(ts, values)]
+            terms += [{"t": t, "expert": n + 1, "arch": self.name_of(macro, arch), "loss": v}
+                      for t, v in zip(ts, values)]
         objective = sum(r["loss"] for r in terms) / len(terms)
         params = sum(self._params(macro, a) for a in cfg.experts)
         entry = self.index["macros"][macro]

@@ -46,6 +46,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Optional
 
@@ -88,8 +89,8 @@ def spec_for(space: SearchSpace, base: int, blocks: int, widths: tuple[str, ...]
     target = space.arch(base, blocks, pools[0], tuple(g[0] for g in grids))
     template = proxy_arch(target, space.proxy, where=f"{space.source}: supernet (base {base})")
     if len(widths) > 1:
-        template = dataclasses.replace(template, group_channels=group_channels or auto_group_channels(
-            template.base_channels, widths))
+        template = dataclasses.replace(template, group_channels=group_channels or template.group_channels
+                                       or auto_group_channels(template.base_channels, widths))
     try:
         return SupernetSpec(template, space.proxy.shape(), grids, strides, tuple(widths)).validate()
     except ConfigError as exc:
@@ -105,10 +106,29 @@ def auto_group_channels(base: int, widths: tuple[str, ...]) -> int:
     return max(1, min(g, 8))
 
 
-def parse_widths(text: Optional[str]) -> tuple[str, ...]:
-    """'1/4,1/2,1' -> ('1/4', '1/2', '1'), sorted, 1 added when missing; one-line error otherwise."""
+def slimmable_widths(space: SearchSpace, widths: Optional[tuple[str, ...]], group_channels: int) -> tuple[str, ...]:
+    """The widths a supernet of ``space`` trains: the asked ones, by default the space's own.
+
+    A space whose experts are widths of one network (``search.widths`` scope network) draws
+    sub-networks that the supernet must run: every width of the space, and GroupNorm groups
+    of the space's ``group_channels``; anything else is refused here, not at the first score."""
+    drawn = space.widths.choices if space.widths.whole_network else ("1",)
+    widths = tuple(widths) if widths else drawn
+    missing = [w for w in drawn if w not in widths]
+    if missing:
+        raise UserError(f"{space.source} draws experts of widths {list(drawn)}: the supernet needs {missing} too "
+                        f"(--widths {','.join(sorted(set(widths) | set(drawn), key=Fraction))})")
+    own = space.template.group_channels
+    if space.widths.whole_network and group_channels and own and group_channels != own:
+        raise UserError(f"{space.source}: its experts have GroupNorm groups of {own} channels "
+                        f"(target.expert.group_channels), not {group_channels}; leave --group-channels out")
+    return widths
+
+
+def parse_widths(text: Optional[str]) -> Optional[tuple[str, ...]]:
+    """'1/4,1/2,1' -> ('1/4', '1/2', '1'), sorted, 1 added when missing; None when not given."""
     if not text:
-        return ("1",)
+        return None
     try:
         fracs = sorted({parse_fraction(w, "--widths") for w in text.split(",") if w.strip()} | {parse_fraction(1, "")})
     except ConfigError as exc:
@@ -342,10 +362,13 @@ def macros_to_train(space: SearchSpace, wanted: Optional[str]) -> list[tuple[int
 
 def train_all(space_spec: str, out: Path, steps: int, *, macros: Optional[str] = None, jobs: int = 1,
               random_subnets: int = 2, seed: int = 0, device: Optional[str] = None,
-              progress: bool = True, widths: tuple[str, ...] = ("1",), group_channels: int = 0,
+              progress: bool = True, widths: Optional[tuple[str, ...]] = None, group_channels: int = 0,
               distill: bool = False, ema_decay: float = 0.0) -> dict[str, Any]:
-    """Every macro's supernet (in ``jobs`` processes), then the index ``supernet.json``."""
+    """Every macro's supernet (in ``jobs`` processes), then the index ``supernet.json``.
+
+    ``widths`` None: the space's (``search.widths`` of scope network), else full width only."""
     space = load_space(space_spec)
+    widths = slimmable_widths(space, widths, group_channels)
     shapes = macros_to_train(space, macros)
     p = space.proxy
     plans = [TrainPlan(space=space.source, base=b, blocks=r, out=str(out / macro_name(b, r)), steps=steps,
@@ -387,7 +410,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--jobs", type=int, default=None, help="supernets trained side by side (default: CPU cores, max 2)")
     t.add_argument("--seed", type=int, default=0, help="seed of initial weights, batches and sub-network draws")
     t.add_argument("--widths", default=None,
-                   help="slimmable: channel widths a sub-network may run, e.g. 1/4,1/2,3/4,1 (default: full width only)")
+                   help="slimmable: channel widths a sub-network may run, e.g. 1/4,1/2,3/4,1 (default: the space's "
+                        "search.widths of scope network, else full width only)")
     t.add_argument("--group-channels", type=int, default=0,
                    help="slimmable: channels per GroupNorm group (default 0: the largest dividing every width, max 8)")
     t.add_argument("--ema-decay", type=float, default=0.0,
@@ -413,7 +437,7 @@ def main(argv=None) -> int:
         raise UserError("--steps must be >= 1 and --random-subnets >= 0")
     out = args.out or Path("results") / f"supernet-{space.name}"
     jobs = args.jobs or min(2, os.cpu_count() or 1)
-    widths = parse_widths(args.widths)
+    widths = slimmable_widths(space, parse_widths(args.widths), args.group_channels)
     if not 0.0 <= args.ema_decay < 1.0:
         raise UserError(f"--ema-decay must lie in [0, 1), got {args.ema_decay}")
     if args.group_channels < 0:

@@ -135,7 +135,7 @@ def _stage_tables(space, base: int, blocks: int, pools: tuple[int, ...],
 
     ``cost_of_arch(arch)``: GFLOPs by default; any cost that is a sum of per-stage terms.
     """
-    grids = [space.stage_grid(base, s) for s in range(space.num_stages)]
+    grids = [space.stage_grid(space.expert_base(base, space.widths.choices[0]), s) for s in range(space.num_stages)]
     top = [g[-1] for g in grids]
     cost_of_arch = cost_of_arch or (lambda arch: cost_of_network(arch, space.data).gflops)
 
@@ -195,11 +195,12 @@ def cheapest_config(space, budget: Optional[float] = None) -> tuple[MemeConfig, 
 
     Corner chains first (a handful of counts); when a budget is given and a corner
     meets it, that is enough. Otherwise the exact minimum by the per-stage DP.
-    All experts share the chain and the narrowest decoder width, so mean == max and N does not matter.
+    All experts share the chain and the narrowest width (decoder or network), so mean == max and N does
+    not matter.
     """
     best, narrowest = None, space.widths.choices[0]
     for base, blocks, pools in _cheap_macros(space):
-        grids = [space.stage_grid(base, s) for s in range(space.num_stages)]
+        grids = [space.stage_grid(space.expert_base(base, narrowest), s) for s in range(space.num_stages)]
         for chain in _step_chains(grids, space.ratios.monotone_depth):
             c = cost_of_network(space.arch(base, blocks, pools, tuple(str(r) for r in chain), narrowest), space.data).gflops
             if best is None or c < best[0]:

@@ -15,8 +15,10 @@ Structural rules hold by construction, never by sample-and-reject:
   start-up trials spread over the space instead of piling onto its floor;
 * p_n non-increasing: the same, over the choices at or below p_{n-1}
   (at most ``max_decrement`` choice steps below);
-* decoder widths (``search.widths``) non-increasing with n under ``wider_near_data``:
-  a position among the widths at or below the previous expert's.
+* widths (``search.widths``: an expert's decoder, or with ``scope: network`` its every
+  channel) non-increasing with n under ``wider_near_data``: a position among the widths
+  at or below the previous expert's. A network width is drawn before the expert's ratios,
+  whose grids are those of its own channels.
 
 Parameter names do not depend on N (``e{n}_s{s}`` is the same parameter for every N
 that has expert n), so TPE pools what trials with different N learn about shared
@@ -79,20 +81,23 @@ def prob_choices(space: SearchSpace, previous: Optional[int]) -> list[int]:
 
 
 def sample_ratios(trial: TrialLike, space: SearchSpace, n_experts: int, base: int,
-                  shared_stages: int = 0) -> list[tuple[str, ...]]:
+                  shared_stages: int = 0, widths: Optional[tuple[str, ...]] = None) -> list[tuple[str, ...]]:
     """Per-expert, per-stage d_h/d; monotone rules hold by construction.
 
     The first ``shared_stages`` stages are one module for all experts (``MemeConfig.share``),
     so expert 1 draws them and the others take its values (equal values keep every rule).
+    ``widths``: each expert's width when widths scale the whole network (its grids are those
+    of its own channels).
     """
     out: list[list[Fraction]] = []
     for n in range(n_experts):
         row: list[Fraction] = []
+        own = space.expert_base(base, widths[n]) if widths else base
         for s in range(space.num_stages):
             if n and s < shared_stages:
                 row.append(out[0][s])
                 continue
-            legal = ratio_choices(space, base, s, row[s - 1] if s else None, out[n - 1][s] if n else None)
+            legal = ratio_choices(space, own, s, row[s - 1] if s else None, out[n - 1][s] if n else None)
             row.append(pick(legal, trial.suggest_float(f"e{n}_s{s}", 0.0, 1.0)))
         out.append(row)
     return [tuple(str(r) for r in row) for row in out]
@@ -107,7 +112,8 @@ def width_choices(space: SearchSpace, previous: Optional[str]) -> list[str]:
 
 
 def sample_widths(trial: TrialLike, space: SearchSpace, n_experts: int) -> tuple[str, ...]:
-    """Each expert's decoder width (a fraction of the base width); all '1' when not searched."""
+    """Each expert's width (a fraction of the base width: its decoder's, or with scope network its
+    every channel's); all '1' when not searched."""
     if not space.widths.searched:
         return ("1",) * n_experts
     out: list[str] = []
@@ -152,8 +158,12 @@ def build_config(trial: TrialLike, space: SearchSpace, name: Optional[str] = Non
     pools = tuple(int(p) for p in str(_maybe(trial, "pool_strides",
                                               tuple(_strides_str(p) for p in space.macro.pool_strides))).split(","))
     share = sample_share(trial, space, n_experts)
-    ratios = sample_ratios(trial, space, n_experts, base, share.encoder_stages)
-    widths = sample_widths(trial, space, n_experts)
+    if space.widths.whole_network:   # an expert's width sets its channels, so its ratio grids: drawn first
+        widths = sample_widths(trial, space, n_experts)
+        ratios = sample_ratios(trial, space, n_experts, base, share.encoder_stages, widths)
+    else:
+        ratios = sample_ratios(trial, space, n_experts, base, share.encoder_stages)
+        widths = sample_widths(trial, space, n_experts)
     if share.decoder_levels:   # a shared decoder has one width: the first expert's
         widths = (widths[0],) * n_experts
     probs = sample_probs(trial, space, n_experts)
@@ -178,12 +188,20 @@ def encode(cfg: MemeConfig, space: SearchSpace) -> dict[str, Any]:
 
     Raises ConfigError if cfg is not in the space (wrong macro shape, a rule broken).
     """
-    e0 = cfg.experts[0]
     params: dict[str, Any] = {"num_experts": cfg.num_experts}
     where = f"{cfg.name}: not in space {space.name}"
     require(cfg.num_experts in space.num_experts, f"{where} (N={cfg.num_experts})")
-    require(all(dataclasses.replace(e, high_ratios=e0.high_ratios, decoder_channels=e0.decoder_channels) == e0
-                for e in cfg.experts), f"{where} (experts differ in macro shape)")
+    try:
+        macro = [space.macro_and_width(e) for e in cfg.experts]
+    except ConfigError as exc:
+        raise ConfigError(f"{where} ({exc})") from None
+    base, widths = macro[0][0], [w for _, w in macro]
+    e0 = space.arch(base, cfg.experts[0].num_res_blocks, cfg.experts[0].pool_strides, cfg.experts[0].high_ratios)
+
+    def shape(e):   # what every expert has in common: all but its ratios and width
+        return dataclasses.replace(e, high_ratios=(), decoder_channels=0, base_channels=0, time_channels=0)
+    require(all(b == base for b, _ in macro) and all(shape(e) == shape(cfg.experts[0]) for e in cfg.experts),
+            f"{where} (experts differ in macro shape)")
     for key, choices in (("base_channels", space.macro.base_channels), ("num_res_blocks", space.macro.num_res_blocks),
                          ("pool_strides", tuple(_strides_str(p) for p in space.macro.pool_strides))):
         value = _strides_str(e0.pool_strides) if key == "pool_strides" else getattr(e0, key)
@@ -199,26 +217,27 @@ def encode(cfg: MemeConfig, space: SearchSpace) -> dict[str, Any]:
         require(not cfg.share.any, f"{where} (one expert shares nothing)")
     rows = [[Fraction(r) for r in e.high_ratios] for e in cfg.experts]
     for n, row in enumerate(rows):
+        own = space.expert_base(base, widths[n])
         for s, r in enumerate(row):
             if n and s < cfg.share.encoder_stages:
                 continue   # a shared stage: expert 1's value (MemeConfig.validate checked they agree)
-            legal = ratio_choices(space, e0.base_channels, s, row[s - 1] if s else None, rows[n - 1][s] if n else None)
+            legal = ratio_choices(space, own, s, row[s - 1] if s else None, rows[n - 1][s] if n else None)
             require(r in legal, f"{where} (expert {n + 1} stage {s + 1}: {r} not in {[str(x) for x in legal]})")
             params[f"e{n}_s{s}"] = _position(legal, r)
-    widths = [str(Fraction(e.decoder_channels or e.base_channels, e.base_channels)) for e in cfg.experts]
     for n, (e, w) in enumerate(zip(cfg.experts, widths)):   # what the macro draws does not say: heads, groups...
-        drawn = space.arch(e.base_channels, e.num_res_blocks, e.pool_strides, e.high_ratios, w)
+        drawn = space.arch(base, e.num_res_blocks, e.pool_strides, e.high_ratios, w)
         off = [f.name for f in dataclasses.fields(e) if getattr(e, f.name) != getattr(drawn, f.name)]
         require(not off, f"{where} (expert {n + 1}'s {', '.join(off)} differ from the space's target.expert)")
+    what = "width" if space.widths.whole_network else "decoder width"
     if space.widths.searched:
         for n, w in enumerate(widths):
             if n and cfg.share.decoder_levels:
                 continue   # a shared decoder: expert 1's width (MemeConfig.validate checked they agree)
             legal = width_choices(space, widths[n - 1] if n else None)
-            require(w in legal, f"{where} (expert {n + 1}'s decoder width {w} not in {legal})")
+            require(w in legal, f"{where} (expert {n + 1}'s {what} {w} not in {legal})")
             params[f"x{n}"] = _position(legal, w)
     else:
-        require(set(widths) == {"1"}, f"{where} (decoder widths {widths}: the space does not search widths)")
+        require(set(widths) == {"1"}, f"{where} ({what}s {widths}: the space does not search widths)")
     idx: list[int] = []
     for n, p in enumerate(cfg.resolved_probs()):
         require(p in space.probs.choices, f"{where} (p_{n + 1}={p})")

@@ -46,7 +46,7 @@ def calibration_archs(space: SearchSpace, base: int, blocks: int, pools: tuple[i
                       width: str = "1") -> list:
     """Up to three networks of one macro (and decoder width): every stage at the top of its grid,
     at the bottom, between."""
-    grids = [space.stage_grid(base, s) for s in range(space.num_stages)]
+    grids = [space.stage_grid(space.expert_base(base, width), s) for s in range(space.num_stages)]
     chains = [[g[-1] for g in grids], [g[0] for g in grids], [g[len(g) // 2] for g in grids]][:k]
     return [space.arch(base, blocks, pools, tuple(str(r) for r in c), width) for c in chains]
 
@@ -54,15 +54,17 @@ def calibration_archs(space: SearchSpace, base: int, blocks: int, pools: tuple[i
 def probe_archs(space: SearchSpace):
     """Experts that together hold every distinct iFormer block of the space: one per
     (base, pools, stage, ratio), that stage at the ratio and the others at the top."""
-    for base in space.macro.base_channels:
-        top = [space.stage_grid(base, s)[-1] for s in range(space.num_stages)]
+    widths = space.widths.choices if space.widths.whole_network else ("1",)   # a network width: blocks of its own
+    for base, width in itertools.product(space.macro.base_channels, widths):
+        own = space.expert_base(base, width)
+        top = [space.stage_grid(own, s)[-1] for s in range(space.num_stages)]
         for pools in space.macro.pool_strides:
             for s in range(space.num_stages):
-                for r in space.stage_grid(base, s):
+                for r in space.stage_grid(own, s):
                     ratios = list(top)
                     ratios[s] = r
                     yield space.arch(base, min(space.macro.num_res_blocks), tuple(pools),
-                                     tuple(str(x) for x in ratios))
+                                     tuple(str(x) for x in ratios), width)
 
 
 def build_space_table(space: SearchSpace, table: LatencyTable, log: Callable[[str], None] = print,
@@ -72,13 +74,13 @@ def build_space_table(space: SearchSpace, table: LatencyTable, log: Callable[[st
     t0 = time.perf_counter()
     n0 = len(table.blocks)
     for base, blocks, width in itertools.product(space.macro.base_channels, space.macro.num_res_blocks,
-                                                 space.widths.choices):   # a decoder width is a macro of its own
+                                                 space.widths.choices):   # a width is a macro of its own
         archs = calibration_archs(space, base, blocks, tuple(space.macro.pool_strides[0]), calibrations, width)
         if macro_key(archs[0], space.data) not in table.macros:
             t1 = time.perf_counter()
             table.calibrate(archs, space.data)
             table.build_s += time.perf_counter() - t1
-            decoder = "" if width == "1" else f", decoder x{width}"
+            decoder = "" if width == "1" else f", {'width' if space.widths.whole_network else 'decoder'} x{width}"
             log(f"  calibrated base {base}, {blocks} block(s){decoder}: {time.perf_counter() - t1:.0f} s")
     for arch in probe_archs(space):
         table.ensure(arch, space.data)

@@ -113,7 +113,9 @@ def proxy_arch(arch: ArchConfig, proxy: ProxySpec, where: str = "proxy") -> Arch
     if base % 8:
         raise ConfigError(f"{where}: proxy base width {base} (= {arch.base_channels} x {m}) must be a multiple of 8")
     decoder = _scaled(arch.decoder_channels, m, "decoder_channels", where) if arch.decoder_channels else 0
-    out = dataclasses.replace(arch, base_channels=base, head_channels=heads, decoder_channels=decoder)
+    time = _scaled(arch.time_channels, m, "time_channels", where) if arch.time_channels else 0
+    out = dataclasses.replace(arch, base_channels=base, head_channels=heads, decoder_channels=decoder,
+                              time_channels=time)
     for s, (wt, wp) in enumerate(zip(arch.stage_channels(), out.stage_channels())):
         if head_step_grid(wt, arch.head_channels) != head_step_grid(wp, heads):
             raise ConfigError(f"{where}: stage {s + 1} head-step grid changes at proxy width {wp} "

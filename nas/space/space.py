@@ -55,6 +55,7 @@ DEFAULT_SPACE = "meme_ffhq256"
 BOUNDARY_MODES = ("uniform", "searchable", "cluster")
 BOUNDARY_CHOICES = ("uniform", "cluster")   # what a trial picks from in mode 'cluster'
 WIDTH_MONOTONE = ("wider_near_data", "free")
+WIDTH_SCOPES = ("decoder", "network")
 
 
 @dataclass(frozen=True)
@@ -88,21 +89,35 @@ class BoundaryRules:
 
 @dataclass(frozen=True)
 class WidthRules:
-    """Each expert's decoder width (``ArchConfig.decoder_channels``) as a fraction of the macro's
-    base width: Multistage's shape, one encoder and decoders of their own widths, as a point of
-    the space. The encoder stays the macro's (shared or not), so an expert's width is what it
-    spends on rebuilding the image from the encoder's features.
+    """Each expert's width, as a fraction of the macro's base width, in one of two scopes.
+
+    ``scope: decoder`` (the default): the expert's decoder width (``ArchConfig.decoder_channels``):
+    Multistage's shape, one encoder and decoders of their own widths, as a point of the space.
+    The encoder stays the macro's (shared or not), so an expert's width is what it spends on
+    rebuilding the image from the encoder's features.
+
+    ``scope: network``: every channel of the expert (``base_channels``), DDSM's slimmable
+    sub-networks: the experts of a candidate are widths of one slimmable supernet
+    (``meme-nas supernet train --space S``), so the supernet evaluator scores them and the
+    samplers and ``nas.engine.interval_opt`` choose a width per interval. Every width reads
+    the full-width time embedding and GroupNorm groups of ``target.expert.group_channels``,
+    as the supernet's sub-networks do (``meme.model.supernet``).
     """
 
     choices: tuple[str, ...] = ("1",)      # ascending fractions of the base width; ("1",): not searched
     monotone: str = "free"                 # 'wider_near_data': non-increasing with expert index (toward t = T)
+    scope: str = "decoder"                 # 'decoder' or 'network' (WIDTH_SCOPES)
 
     @property
     def searched(self) -> bool:
         return self.choices != ("1",)
 
+    @property
+    def whole_network(self) -> bool:
+        return self.scope == "network"
+
     def channels(self, width: str, base: int) -> int:
-        """The decoder's base channels at this width (``check_space`` made them whole)."""
+        """The base channels at this width (``check_space`` made them whole)."""
         return int(Fraction(width) * base)
 
 
@@ -195,9 +210,31 @@ class SearchSpace:
 
     def arch(self, base: int, blocks: int, pools: tuple[int, ...], ratios: tuple[str, ...],
              width: str = "1") -> ArchConfig:
-        return dataclasses.replace(self.template, base_channels=base, num_res_blocks=blocks,
-                                   pool_strides=tuple(pools), high_ratios=tuple(ratios),
-                                   decoder_channels=self.widths.channels(width, base))
+        """The expert of macro ``base`` x ``blocks`` with these strides, d_h/d and width (a plain ArchConfig)."""
+        arch = dataclasses.replace(self.template, base_channels=base, num_res_blocks=blocks,
+                                   pool_strides=tuple(pools), high_ratios=tuple(ratios))
+        if not self.widths.whole_network:
+            return dataclasses.replace(arch, decoder_channels=self.widths.channels(width, base))
+        narrow = self.widths.channels(width, base)     # as SupernetSpec.arch: the full-width time embedding
+        features = self.template.time_channels or base
+        return dataclasses.replace(arch, base_channels=narrow, time_channels=0 if narrow == features else features)
+
+    def expert_base(self, base: int, width: str) -> int:
+        """The base channels an expert of this width runs (its stages' d_h/d grids follow them)."""
+        return self.widths.channels(width, base) if self.widths.whole_network else base
+
+    def macro_and_width(self, arch: ArchConfig) -> tuple[int, str]:
+        """(macro base width, expert width) of an expert this space draws (inverse of ``arch``)."""
+        if not self.widths.whole_network:
+            return arch.base_channels, str(Fraction(arch.decoder_channels or arch.base_channels, arch.base_channels))
+        for base in self.macro.base_channels:
+            width = str(Fraction(arch.base_channels, base))
+            if width in self.widths.choices and self.arch(base, arch.num_res_blocks, arch.pool_strides,
+                                                          arch.high_ratios, width) == arch:
+                return base, width
+        raise ConfigError(f"{arch.base_channels} base channels are not a width {list(self.widths.choices)} of a "
+                          f"macro base {list(self.macro.base_channels)} of {self.name} (time embedding "
+                          f"{arch.time_channels or arch.base_channels}, groups of {arch.group_channels or 'LDM'})")
 
     def stage_grid(self, base: int, stage: int) -> list[Fraction]:
         """Legal d_h/d of a stage at this base width within [min, max], ascending."""
@@ -331,18 +368,23 @@ def parse_share(x: Any, template: ArchConfig, where: str) -> tuple[ShareConfig, 
 
 
 def parse_widths(x: Any, where: str) -> WidthRules:
-    """``search.widths: {choices: [1/2, 1, 3/2], monotone: wider_near_data | free}`` (absent: not searched)."""
+    """``search.widths: {choices: [1/2, 1, 3/2], monotone: wider_near_data | free, scope: decoder | network}``
+    (absent: not searched)."""
     if x is None:
         return WidthRules()
     m = _map(x, where)
-    check_keys(m, {"choices", "monotone"}, where)
+    check_keys(m, {"choices", "monotone", "scope"}, where)
     fracs = [parse_fraction(v, f"{where}.choices") for v in _list(m.get("choices"), f"{where}.choices")]
     require(all(f > 0 for f in fracs), f"{where}.choices must be positive fractions of the base width, "
                                        f"got {[str(f) for f in fracs]}")
     require(len(set(fracs)) == len(fracs), f"{where}.choices: a width is listed twice: {[str(f) for f in fracs]}")
     monotone = str(m.get("monotone", "free"))
     require(monotone in WIDTH_MONOTONE, f"{where}.monotone must be one of {list(WIDTH_MONOTONE)}, got {monotone!r}")
-    return WidthRules(tuple(str(f) for f in sorted(fracs)), monotone)
+    scope = str(m.get("scope", "decoder"))
+    require(scope in WIDTH_SCOPES, f"{where}.scope must be one of {list(WIDTH_SCOPES)}, got {scope!r}")
+    require(scope != "network" or max(fracs) == 1, f"{where}: scope network runs sub-networks of the macro, "
+                                                  f"so the widest choice must be 1, got {max(fracs)}")
+    return WidthRules(tuple(str(f) for f in sorted(fracs)), monotone, scope)
 
 
 def parse_reference(x: Any, path: Path, data: DataShape) -> Optional[MemeConfig]:
@@ -416,9 +458,15 @@ def parse_proxy(d: Any, src: str) -> ProxySpec:
 def check_space(space: SearchSpace) -> None:
     """Every draw must be legal: non-empty grids, rule bounds reachable, proxy exact."""
     src = space.source
-    require(not (space.widths.searched and space.proxy.evaluator == "supernet"),
+    require(not (space.widths.searched and not space.widths.whole_network and space.proxy.evaluator == "supernet"),
             f"{src}: search.widths varies the experts' decoder widths, which the supernet evaluator does not "
-            f"slice: use proxy.evaluator scratch")
+            f"slice: use proxy.evaluator scratch (or scope: network, widths of one slimmable supernet)")
+    if space.widths.whole_network and space.widths.searched:
+        require(space.template.group_channels > 0,
+                f"{src}: search.widths scope network needs target.expert.group_channels (a fixed number of channels "
+                f"per GroupNorm group, as the slimmable supernet's), so that a group means the same at every width")
+        require(all(not c.any for c in space.share),
+                f"{src}: search.share: experts of different widths hold nothing in common; use share: [none]")
     require(space.diffusion.timesteps >= max(space.num_experts) * space.boundaries.weight_levels,
           f"{src}: T={space.diffusion.timesteps} too small for {max(space.num_experts)} searchable intervals")
     for base, blocks, pools in space.macro.combos():
@@ -433,9 +481,12 @@ def check_space(space: SearchSpace) -> None:
             wide = space.arch(base, blocks, pools, ("0",) * space.num_stages, w)
             wide.validate(f"{src}: search.widths {w} (base {base})")
             widest = proxy_arch(wide, space.proxy, where=f"{src}: proxy, search.widths {w} (base {base})")
+            for st in range(space.num_stages):
+                require(bool(space.stage_grid(space.expert_base(base, w), st)),
+                        f"{src}: search.ratios: no legal d_h/d in [min, max] at stage {st + 1} (base {base}, "
+                        f"width {w}: {space.expert_base(base, w) * space.template.channel_mult[st]} channels in "
+                        f"heads of {space.template.head_channels})")
         grids = [space.stage_grid(base, st) for st in range(space.num_stages)]
-        for st, g in enumerate(grids):
-            require(bool(g), f"{src}: search.ratios: no legal d_h/d in [min, max] at stage {st + 1} (base {base})")
         if space.ratios.monotone_depth:
             for st in range(1, space.num_stages):
                 require(all(any(x <= v for x in grids[st]) for v in grids[st - 1]),

@@ -4,10 +4,10 @@ A schedule gives each of K bins of t (equal or not) one width of the supernet. I
 cost per sampling step is the bin-weighted mean of its widths' costs (GFLOPs, or
 measured ms), and its cheap score is the sum over bins of the held-out eps-MSE of its
 width on that bin: both are sums of per-bin terms, so the set of schedules on the
-(cost, loss) Pareto front is found exactly by a dynamic program over bins, keeping at
-each bin, per width of that bin (the state, for the ``wider_near_data`` rule), the
-Pareto set of partial (cost, loss). The front answers every budget: the best schedule
-at B is the front's lowest loss at cost <= B.
+(cost, loss) Pareto front is found exactly by the project's one chain optimiser
+(``nas.engine.pareto_chain``): positions are bins, a bin's choice is its width, and the
+``wider_near_data`` rule limits a bin's widths by the bin before it. The front answers
+every budget: the best schedule at B is the front's lowest loss at cost <= B.
 
 Bins with the same width next to each other become one expert (``to_schedule``), so a
 schedule of K bins has 1 to K experts. ``tests/nas/studies/test_schedule_opt.py`` checks
@@ -20,6 +20,8 @@ from typing import Optional, Sequence
 
 from meme.common.errors import UserError
 from meme.model.schedule import Choice, Schedule
+from nas.engine import pareto_chain
+from nas.engine.pareto_chain import pareto
 
 MONOTONE = ("free", "wider_near_data")
 
@@ -31,15 +33,6 @@ class Point:
     cost: float                   # bin-weighted mean cost per step
     loss: float                   # sum over bins of that bin's held-out loss at its width
     widths: tuple[int, ...]       # index into the width list, per bin
-
-
-def pareto(points: list[Point]) -> list[Point]:
-    """The points no other point beats in both cost and loss, by ascending cost (ties: first kept)."""
-    out: list[Point] = []
-    for p in sorted(points, key=lambda p: (p.cost, p.loss)):
-        if not out or p.loss < out[-1].loss - 1e-15:
-            out.append(p)
-    return out
 
 
 def front(losses: Sequence[Sequence[float]],      # [width][bin] held-out loss
@@ -58,22 +51,19 @@ def front(losses: Sequence[Sequence[float]],      # [width][bin] held-out loss
         raise UserError(f"losses must be [width][bin] = [{n_w}][{n_b}]")
     if monotone != "free" and list(costs) != sorted(costs):
         raise UserError("wider_near_data needs the widths listed narrow to wide")
-    # states[w]: Pareto set of partial schedules whose last bin has width w
-    states: dict[int, list[Point]] = {w: [Point(weights[0] * costs[w], losses[w][0], (w,))] for w in range(n_w)}
-    for b in range(1, n_b):
-        nxt: dict[int, list[Point]] = {}
-        for w in range(n_w):
-            prev = [p for v, ps in states.items() if monotone == "free" or v >= w for p in ps]
-            nxt[w] = pareto([Point(p.cost + weights[b] * costs[w], p.loss + losses[w][b], p.widths + (w,))
-                             for p in prev])
-        states = nxt
-    return pareto([p for ps in states.values() for p in ps])
+
+    def options(b: int, previous: Optional[int]) -> list[int]:
+        if monotone == "free" or previous is None:
+            return list(range(n_w))
+        return list(range(previous + 1))
+
+    designs = pareto_chain.front(n_b, options, lambda b, w: (weights[b] * costs[w], losses[w][b]))
+    return [Point(d.cost, d.loss, d.choices) for d in designs]
 
 
 def best_under(points: list[Point], budget: float) -> Optional[Point]:
     """The front's lowest loss at cost <= budget (None if nothing fits)."""
-    fits = [p for p in points if p.cost <= budget * (1 + 1e-9)]
-    return min(fits, key=lambda p: p.loss) if fits else None
+    return pareto_chain.best_under(points, budget)
 
 
 def to_schedule(point: Point, widths: Sequence[str], bounds: Sequence[int], supernet: str = "",

@@ -22,7 +22,7 @@ from meme.model.experts import MultiExpertDenoiser
 from meme.model.supernet import SuperNet, load_index, load_supernet
 from nas import search
 from nas.engine import optuna_engine
-from nas.engine.interval_opt import _config, boundary_choices, chains_after, optimise
+from nas.engine.interval_opt import _config, boundary_choices, optimise, options_after
 from nas.engine.replicates import default_jobs
 from nas.engine.study import make_sampler
 from nas.evaluators.supernet_score import SharedScorer
@@ -80,11 +80,8 @@ def test_shared_score_is_the_proxy_objective_of_the_inherited_experts(tiny_super
     assert again.evaluated == 0 and again.objective == got.objective
 
 
-def test_interval_optimiser_matches_brute_force(tiny_supernet):
-    space = load_space("tiny")
-    scorer = SharedScorer(tiny_supernet, space.proxy)
-    budget = 0.1
-    res = optimise(space, scorer, budget, progress=False)
+def brute_force_optimum(space, scorer, budget):
+    """Every legal candidate of the space (N, boundaries, every expert's width and chain), scored one by one."""
     best = None
     for base, blocks, pools in space.macro.combos():
         for n in space.num_experts:
@@ -93,15 +90,24 @@ def test_interval_optimiser_matches_brute_force(tiny_supernet):
                     if len(prefix) == n:
                         yield prefix
                         return
-                    for c in chains_after(space, base, prefix[-1] if prefix else None):
-                        yield from walk(prefix + [c])
-                for chains in walk([]):
-                    cfg = _config(space, base, blocks, pools, chains, bounds, space.probs.choices[-1])
+                    for o in options_after(space, base, prefix[-1] if prefix else None):
+                        yield from walk(prefix + [o])
+                for options in walk([]):
+                    cfg = _config(space, base, blocks, pools, options, bounds, space.probs.choices[-1])
                     if cost_of(cfg).gflops_mean > budget:
                         continue
                     v = scorer.score(cfg).objective
                     if best is None or v < best[0]:
                         best = (v, cfg)
+    return best
+
+
+def test_interval_optimiser_matches_brute_force(tiny_supernet):
+    space = load_space("tiny")
+    scorer = SharedScorer(tiny_supernet, space.proxy)
+    budget = 0.1
+    res = optimise(space, scorer, budget, progress=False)
+    best = brute_force_optimum(space, scorer, budget)
     assert best is not None and res["best"] is not None
     assert res["best"]["objective"] == pytest.approx(best[0], rel=1e-9)
     found = load_cfg(res["best"]["config_yaml"])
