@@ -16,7 +16,9 @@ and seed; resumable, and a schedule met twice is sampled once), ``study.json``, 
 ``--standalone RUN,...`` adds networks trained alone at one width (``meme-nas train`` of a
 uniform schedule's YAML, from scratch, for the supernet's training FLOPs): the answer to "is
 the slimmable network worse than training the size you need?"; ``standalone --study OUT --runs
-RUN,...`` joins runs trained later to a finished study. ``--against STUDY`` sets this study's first
+RUN,...`` joins runs trained later to a finished study. ``--schedules FILE,...`` adds schedules found
+elsewhere (``interval-opt``'s, a search winner's) as designs of their own, paired with the rest and
+with the front's schedule of the nearest cost. ``--against STUDY`` sets this study's first
 supernet beside another study's, design by design (another training recipe, e.g. ``--distill``).
 Sampling time is measured per schedule as thread CPU time of its experts' steps
 (``meme.speed.latency``, one thread, batch ``--batch-size``) and given as a ratio to the
@@ -25,6 +27,7 @@ full width measured in the same run.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -67,28 +70,55 @@ def bin_bounds(T: int, bins: int) -> list[int]:
     return [round(i * T / bins) for i in range(bins + 1)]
 
 
+def bin_timesteps(bounds: Sequence[int], per_bin: int) -> list[list[int]]:
+    """``per_bin`` evenly spaced t inside each bin [lo, hi)."""
+    return [[lo + int((j + 0.5) * (hi - lo) / per_bin) for j in range(per_bin)] for lo, hi in zip(bounds, bounds[1:])]
+
+
 @torch.no_grad()
+def t_losses(net: SuperNet, arch, diffusion: Diffusion, x0: torch.Tensor, noise: torch.Tensor,
+             ts: Sequence[int]) -> list[float]:
+    """eps-MSE of one sub-network at each t on the given images and noise."""
+    out = []
+    for t in ts:
+        tt = torch.full((len(x0),), t, dtype=torch.long, device=x0.device)
+        eps = net.run(arch, diffusion.q_sample(x0, tt, noise), tt).float()
+        out.append(float(torch.nn.functional.mse_loss(eps, noise.float())))
+    return out
+
+
+def _heldout(net: SuperNet, images: torch.Tensor, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    fp = fast_path(device, "fp32", net)
+    net.eval()
+    return fp.input(images, device), fp.input(heldout_noise(images, seed), device)
+
+
 def interval_losses(net: SuperNet, archs: Sequence, diffusion: Diffusion, images: torch.Tensor,
                     bounds: Sequence[int], per_bin: int, seed: int, device: torch.device) -> list[list[float]]:
     """[width][bin] eps-MSE on fixed held-out images: ``per_bin`` evenly spaced t inside each bin,
     the same images, t and noise for every width (paired by construction)."""
-    fp = fast_path(device, "fp32", net)
-    x0 = fp.input(images, device)
-    noise = fp.input(heldout_noise(images, seed), device)
-    net.eval()
-    out = []
-    for arch in archs:
-        row = []
-        for lo, hi in zip(bounds, bounds[1:]):
-            ts = [lo + int((j + 0.5) * (hi - lo) / per_bin) for j in range(per_bin)]
-            vals = []
-            for t in ts:
-                tt = torch.full((len(x0),), t, dtype=torch.long, device=device)
-                eps = net.run(arch, diffusion.q_sample(x0, tt, noise), tt).float()
-                vals.append(float(torch.nn.functional.mse_loss(eps, noise.float())))
-            row.append(sum(vals) / len(vals))
-        out.append(row)
-    return out
+    x0, noise = _heldout(net, images, seed, device)
+    return [[sum(v) / len(v) for v in (t_losses(net, arch, diffusion, x0, noise, ts)
+                                       for ts in bin_timesteps(bounds, per_bin))] for arch in archs]
+
+
+def schedule_loss(net: SuperNet, schedule: Schedule, diffusion: Diffusion, images: torch.Tensor,
+                  bounds: Sequence[int], per_bin: int, seed: int, device: torch.device) -> tuple[float, list[str]]:
+    """Any schedule's score on the front's protocol: per bin, the mean over its t of the loss of the
+    expert that owns each t, summed over bins (for a schedule whose cuts are bin edges, the front's
+    own number); and the width(s) owning each bin, for reading."""
+    x0, noise = _heldout(net, images, seed, device)
+    archs = schedule.archs(net.spec)
+    cuts = schedule.boundaries
+
+    def owner(t: int) -> int:
+        return next(n for n in range(len(archs)) if cuts[n] <= t < cuts[n + 1])
+    total, widths = 0.0, []
+    for ts in bin_timesteps(bounds, per_bin):
+        owners = [owner(t) for t in ts]
+        total += sum(t_losses(net, archs[o], diffusion, x0, noise, [t])[0] for o, t in zip(owners, ts)) / len(ts)
+        widths.append("+".join(dict.fromkeys(schedule.experts[o].width for o in owners)))
+    return total, widths
 
 
 @dataclass
@@ -102,6 +132,8 @@ class Fronts:
     gflops: list[float]             # [width] per step
     weights: list[float]            # [bin] fraction of steps
     points: list[Point]
+    images: Optional[torch.Tensor] = None   # the held-out images the losses are on
+    seed: int = 0                           # and the seed of their noise
 
     def schedule(self, p: Point, name: str) -> Schedule:
         return to_schedule(p, self.widths, self.bounds, str(self.trained.path), name)
@@ -133,7 +165,7 @@ def compute_front(trained: TrainedSupernet, bins: int, per_bin: int, monotone: s
     gflops = [cost_of_meme(cfg).gflops_mean for cfg in uniform]
     weights = [(hi - lo) / bounds[-1] for lo, hi in zip(bounds, bounds[1:])]
     points = front(losses, costs or gflops, weights, monotone)
-    return Fronts(trained, widths, bounds, losses, gflops, weights, points)
+    return Fronts(trained, widths, bounds, losses, gflops, weights, points, images, space.proxy.seed)
 
 
 def _space_of(trained: TrainedSupernet) -> str:
@@ -327,9 +359,13 @@ def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
 def study(supernets: Sequence[Path], out: Path, *, bins: int, per_bin: int, match: Sequence[str],
           seeds: Sequence[int], n: int, steps: int, batch: int, n_ref: int, device: torch.device,
           command: str, headline: Optional[Sequence[str]] = None, headline_only: bool = False,
-          standalone: Sequence[Path] = (), against: Optional[Path] = None) -> dict[str, Any]:
+          standalone: Sequence[Path] = (), against: Optional[Path] = None,
+          schedules: Sequence[Path] = ()) -> dict[str, Any]:
     """Every design on the first supernet, the headline rows (full width, and the uniform and
-    searched schedules at each ``headline`` width) on the others, or everywhere with ``headline_only``."""
+    searched schedules at each ``headline`` width) on the others, or everywhere with ``headline_only``.
+    ``schedules``: schedule files (e.g. ``interval-opt``'s or a search winner's) sampled on every
+    supernet of the study as further designs, paired with the rest."""
+    extra = {f"file:{Path(f).stem}": Schedule.load(f) for f in schedules}
     headline = list(match if headline is None else headline)
     if not set(headline) <= set(match):
         raise UserError(f"--headline {headline}: every headline width must be one of --match {list(match)}")
@@ -375,6 +411,30 @@ def study(supernets: Sequence[Path], out: Path, *, bins: int, per_bin: int, matc
                          "schedule": sched.to_dict(), "gflops": p.cost, "heldout_loss_sum": p.loss,
                          "fid": fids, "fid_mean": float(np.mean(fids)),
                          "fid_std": float(np.std(fids, ddof=1)) if len(fids) > 1 else 0.0})
+        for name, given in extra.items():
+            sched = Schedule(given.boundaries, given.experts, str(path), name)
+            try:
+                cfg = sched.config(trained.spec, trained.diffusion)
+            except ConfigError as exc:
+                raise UserError(f"--schedules {name[5:]}: not a schedule of {path} ({exc})") from None
+            loss, owners = schedule_loss(net, sched, Diffusion(trained.diffusion), fr.images, fr.bounds, per_bin,
+                                         fr.seed, device)
+            content = hashlib.sha1(json.dumps([list(sched.boundaries), [c.to_dict() for c in sched.experts]]
+                                              ).encode()).hexdigest()[:10]
+            fids = []
+            for seed in seeds:
+                key = out / "sets" / f"{path.name}-schedule-{content}-s{seed}.json"
+                if key.is_file():
+                    rec = json.loads(key.read_text())
+                else:
+                    rec = sample_set(sched, trained, net, seed, n, steps, batch, n_ref, device)
+                    atomic_write_json(rec, key)
+                    log.info("%s %s seed %d: FID %.2f", path.name, name, seed, rec["fid"])
+                fids.append(rec["fid"])
+            rows.append({"design": name, "widths_per_bin": owners, "schedule": sched.to_dict(),
+                         "gflops": cost_of_meme(cfg).gflops_mean, "heldout_loss_sum": loss,
+                         "fid": fids, "fid_mean": float(np.mean(fids)),
+                         "fid_std": float(np.std(fids, ddof=1)) if len(fids) > 1 else 0.0})
         by = {r["design"]: r for r in rows}
         full_ms = ms_per_step(fr.schedule(fr.uniform(full), "uniform-1"), trained, batch)
         for r in rows:
@@ -389,6 +449,16 @@ def study(supernets: Sequence[Path], out: Path, *, bins: int, per_bin: int, matc
             s["vs_uniform_same_cost"] = paired(s["fid"], by[f"uniform-{w}"]["fid"])
             if f"reversed@{w}" in by:
                 by[f"reversed@{w}"]["vs_searched"] = paired(by[f"reversed@{w}"]["fid"], s["fid"])
+        for name in extra:             # against the uniform width nearest its cost, and that cost's front schedule
+            r = by[name]
+            near = [x for x in match if f"uniform-{x}" in by]
+            if not near:
+                continue
+            w = min(near, key=lambda x: abs(math.log(by[f"uniform-{x}"]["gflops"] / r["gflops"])))
+            r["nearest_match"] = w
+            r["vs_uniform_same_cost"] = paired(r["fid"], by[f"uniform-{w}"]["fid"])
+            if f"searched@{w}" in by:
+                r["vs_front_searched"] = paired(r["fid"], by[f"searched@{w}"]["fid"])
         ranking = None
         if len(rows) >= 3:
             ranking = {k2: v.__dict__ for k2, v in rank_correlation([r["heldout_loss_sum"] for r in rows],
@@ -449,12 +519,18 @@ def report(result: dict[str, Any]) -> str:
                   "held-out loss", "FID", "paired vs full", "paired vs uniform, same cost"]]
         for r in s["rows"]:
             vs_u = r.get("vs_uniform_same_cost") or r.get("vs_searched")
+            if r.get("nearest_match"):
+                vs_u = r["vs_uniform_same_cost"]
             table.append([r["design"], " ".join(r["widths_per_bin"]), f"{r['gflops']:.3f}",
                           f"{r['gflops_ratio_vs_full']:.2f}", f"{r['speedup_vs_full']:.2f}x",
                           f"{r['heldout_loss_sum']:.4f}", f"{r['fid_mean']:.2f} +- {r['fid_std']:.2f}",
                           _fmt_pair(r["vs_full"]), _fmt_pair(vs_u) + (" (vs searched)" if "vs_searched" in r else "")
                           if vs_u else ""])
         lines.append(markdown_table(table[0], table[1:]))
+        for r in s["rows"]:
+            if r.get("vs_front_searched"):
+                lines.append(f"\n{r['design']} (schedule file) against the front's searched@{r['nearest_match']}, "
+                             f"paired: {_fmt_pair(r['vs_front_searched'])}.")
         if s["heldout_vs_fid"]:
             sp = s["heldout_vs_fid"]["spearman"]
             lines.append(f"\nHeld-out loss vs FID over these designs: Spearman {sp['value']:+.2f} "
@@ -514,14 +590,15 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    marks = {"uniform": ("o", "-"), "searched": ("*", ""), "reversed": ("x", "")}
+    marks = {"uniform": ("o", "-"), "searched": ("*", ""), "reversed": ("x", ""), "file:": ("P", "")}
     for i, s in enumerate(result["supernets"]):
         for kind, (m, ls) in marks.items():
             rows = sorted([r for r in s["rows"] if r["design"].startswith(kind)], key=lambda r: r["gflops"])
             if rows:
                 ax.errorbar([r["gflops"] for r in rows], [r["fid_mean"] for r in rows],
                             yerr=[r["fid_std"] for r in rows], marker=m, linestyle=ls or "none", capsize=3,
-                            label=f"{kind} (supernet {i + 1})", color=f"C{i * 3 + list(marks).index(kind)}")
+                            label=f"{'schedule file' if kind == 'file:' else kind} (supernet {i + 1})",
+                            color=f"C{i * len(marks) + list(marks).index(kind)}")
     against = [r for r in (result.get("against") or {}).get("rows", []) if r.get("their_gflops") is not None]
     if against:     # the other recipe's first supernet, same designs, same noise
         ax.errorbar([r["their_gflops"] for r in against], [r["their_fid_mean"] for r in against],
@@ -577,6 +654,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--standalone", default="",
                    help="comma-separated meme-nas train runs of one sub-network's architecture, from scratch (the "
                         "same training compute): each is sampled with --seeds beside its width's uniform rows")
+    s.add_argument("--schedules", default="",
+                   help="comma-separated schedule files (interval-opt's schedule.yaml, a search winner's) sampled as "
+                        "further designs on every supernet, paired with the rest")
     s.add_argument("--against", type=Path, default=None,
                    help="another finished study (same seeds and FID protocol, another training recipe): its first "
                         "supernet's rows against this one's, design by design")
@@ -635,7 +715,8 @@ def main(argv=None) -> int:
                    steps=args.steps, batch=args.batch_size, n_ref=args.n_ref, device=device, command=command,
                    headline=None if args.headline is None else [x.strip() for x in args.headline.split(",") if x.strip()],
                    headline_only=args.headline_only,
-                   standalone=[Path(x) for x in args.standalone.split(",") if x.strip()], against=args.against)
+                   standalone=[Path(x) for x in args.standalone.split(",") if x.strip()], against=args.against,
+                   schedules=[Path(x) for x in args.schedules.split(",") if x.strip()])
     print((args.out / "study.md").read_text())
     return 0 if result else 1
 

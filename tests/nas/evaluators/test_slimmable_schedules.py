@@ -163,6 +163,28 @@ def test_the_study_pairs_schedules_by_noise_seed(slim, tmp_path):
     _a_standalone_network_is_scored_beside_its_width(slim[0], out, tmp_path, result)
 
 
+def test_a_schedule_file_joins_the_study_paired_and_scored_on_the_fronts_protocol(slim, tmp_path):
+    """``--schedules``: a schedule found elsewhere (its cut at t = 400, inside the study's first bin
+    of [0, 500)) is sampled with the study's noise seeds and scored by the owner of each held-out t."""
+    _, out = slim
+    given = write_schedule(tmp_path, out)                     # width 1 on [0, 400), 1/2 on [400, 1000)
+    assert slimmable.main(["study", "--supernets", str(out), "--out", str(tmp_path / "st"), "--bins", "2",
+                           "--per-bin", "1", "--match", "1/2,1", "--seeds", "0,1", "--n", "8", "--n-ref", "32",
+                           "--steps", "2", "--batch-size", "8", "--device", "cpu", "--schedules", str(given)]) == 0
+    result = json.loads((tmp_path / "st" / "study.json").read_text())
+    rows = {r["design"]: r for r in result["supernets"][0]["rows"]}
+    mine, front = rows["file:s"], result["supernets"][0]["front"]
+    assert mine["widths_per_bin"] == ["1", "1/2"]              # t = 250 and t = 750, one per bin
+    w = front["widths"]
+    assert mine["heldout_loss_sum"] == pytest.approx(front["losses"][w.index("1")][0] + front["losses"][w.index("1/2")][1])
+    assert mine["gflops"] == pytest.approx(cost_of_meme(load_schedule(given)[2]).gflops_mean)
+    near = rows[f"uniform-{mine['nearest_match']}"]
+    diffs = [a - b for a, b in zip(mine["fid"], near["fid"])]
+    assert mine["vs_uniform_same_cost"]["diff_mean"] == pytest.approx(sum(diffs) / 2)
+    assert "vs_front_searched" in mine and "(schedule file)" in (tmp_path / "st" / "study.md").read_text()
+    assert len([p for p in (tmp_path / "st" / "sets").iterdir() if "-schedule-" in p.name]) == 2
+
+
 def _a_standalone_network_is_scored_beside_its_width(space: Path, out: Path, tmp_path: Path, before: dict) -> None:
     """A network of the width-1/2 architecture trained alone: sampled with the same noise seeds
     (the supernets' sets are reused, not resampled), set beside each supernet's uniform-1/2."""
