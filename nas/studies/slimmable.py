@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -196,6 +196,29 @@ def fid_of(denoiser: torch.nn.Module, diffusion: DiffusionConfig, data: DataShap
             "recall": ev["recall"], "sampling_wall_s": round(wall, 2)}
 
 
+def fids_over_seeds(key: Callable[[int], Path], sample: Callable[[int], dict[str, Any]], seeds: Sequence[int],
+                    what: str) -> list[float]:
+    """FID of one design at every noise seed, each set read from ``key(seed)`` when it was sampled
+    before (resumable; a design met twice is sampled once), else sampled and written there."""
+    fids = []
+    for seed in seeds:
+        path = key(seed)
+        if path.is_file():
+            rec = json.loads(path.read_text())
+        else:
+            t0 = time.perf_counter()
+            rec = sample(seed)
+            atomic_write_json(rec, path)
+            log.info("%s seed %d: FID %.2f (%.0f s)", what, seed, rec["fid"], time.perf_counter() - t0)
+        fids.append(rec["fid"])
+    return fids
+
+
+def fid_row(fids: Sequence[float]) -> dict[str, Any]:
+    return {"fid": list(fids), "fid_mean": float(np.mean(fids)),
+            "fid_std": float(np.std(fids, ddof=1)) if len(fids) > 1 else 0.0}
+
+
 # ---- the honest alternative: one network trained at the width it is sampled at ----------------
 
 def standalone_by_width(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -240,24 +263,15 @@ def standalone_rows(runs: Sequence[Path], per_supernet: list[dict[str, Any]], ou
             raise UserError(f"--standalone {run}: not a sub-network of the supernets: {exc}") from None
         width = trained.spec.width_of(cfg.experts[0])
         den.to(device).eval()
-        fids = []
-        for seed in seeds:
-            key = out / "sets" / f"standalone-{run.name}-s{seed}.json"
-            if key.is_file():
-                rec = json.loads(key.read_text())
-            else:
-                t0 = time.perf_counter()
-                rec = {"run": str(run), **fid_of(den, cfg.diffusion, cfg.data, seed, n, steps, batch, n_ref, device)}
-                atomic_write_json(rec, key)
-                log.info("stand-alone %s seed %d: FID %.2f (%.0f s)", run.name, seed, rec["fid"],
-                         time.perf_counter() - t0)
-            fids.append(rec["fid"])
+        fids = fids_over_seeds(lambda seed: out / "sets" / f"standalone-{run.name}-s{seed}.json",
+                               lambda seed: {"run": str(run), **fid_of(den, cfg.diffusion, cfg.data, seed, n, steps,
+                                                                       batch, n_ref, device)},
+                               seeds, f"stand-alone {run.name}")
         compute = json.loads((Path(run) / "compute.json").read_text())
         row = {"run": str(run), "width": width, "steps": step, "seed": json.loads((Path(run) / "options.json")
                                                                                   .read_text()).get("seed"),
                "train_tflops": compute["charged_tflops"], "gflops": cost_of_meme(cfg).gflops_mean,
-               "fid": fids, "fid_mean": float(np.mean(fids)),
-               "fid_std": float(np.std(fids, ddof=1)) if len(fids) > 1 else 0.0, "vs_supernets": []}
+               **fid_row(fids), "vs_supernets": []}
         for s in per_supernet:
             uni = {r["design"]: r for r in s["rows"]}.get(f"uniform-{width}")
             if uni:
@@ -394,23 +408,12 @@ def study(supernets: Sequence[Path], out: Path, *, bins: int, per_bin: int, matc
         for name, p in designs.items():
             sched = fr.schedule(p, name)
             sched.save(out / f"{path.name}-{name.replace('@', '-at-').replace('/', '_')}.yaml")
-            fids = []
-            for seed in seeds:
-                widths_key = "-".join(widths[w].replace("/", "_") for w in p.widths)   # by content: a reversed
-                key = out / "sets" / f"{path.name}-{widths_key}-s{seed}.json"              # uniform is sampled once
-                if key.is_file():
-                    rec = json.loads(key.read_text())
-                else:
-                    t0 = time.perf_counter()
-                    rec = sample_set(sched, trained, net, seed, n, steps, batch, n_ref, device)
-                    atomic_write_json(rec, key)
-                    log.info("%s %s seed %d: FID %.2f (%.0f s)", path.name, name, seed, rec["fid"],
-                             time.perf_counter() - t0)
-                fids.append(rec["fid"])
+            widths_key = "-".join(widths[w].replace("/", "_") for w in p.widths)   # by content: a reversed
+            fids = fids_over_seeds(lambda seed: out / "sets" / f"{path.name}-{widths_key}-s{seed}.json",  # uniform
+                                   lambda seed: sample_set(sched, trained, net, seed, n, steps, batch, n_ref,  # once
+                                                           device), seeds, f"{path.name} {name}")
             rows.append({"design": name, "widths_per_bin": [widths[w] for w in p.widths],
-                         "schedule": sched.to_dict(), "gflops": p.cost, "heldout_loss_sum": p.loss,
-                         "fid": fids, "fid_mean": float(np.mean(fids)),
-                         "fid_std": float(np.std(fids, ddof=1)) if len(fids) > 1 else 0.0})
+                         "schedule": sched.to_dict(), "gflops": p.cost, "heldout_loss_sum": p.loss, **fid_row(fids)})
         for name, given in extra.items():
             sched = Schedule(given.boundaries, given.experts, str(path), name)
             try:
@@ -421,20 +424,11 @@ def study(supernets: Sequence[Path], out: Path, *, bins: int, per_bin: int, matc
                                          fr.seed, device)
             content = hashlib.sha1(json.dumps([list(sched.boundaries), [c.to_dict() for c in sched.experts]]
                                               ).encode()).hexdigest()[:10]
-            fids = []
-            for seed in seeds:
-                key = out / "sets" / f"{path.name}-schedule-{content}-s{seed}.json"
-                if key.is_file():
-                    rec = json.loads(key.read_text())
-                else:
-                    rec = sample_set(sched, trained, net, seed, n, steps, batch, n_ref, device)
-                    atomic_write_json(rec, key)
-                    log.info("%s %s seed %d: FID %.2f", path.name, name, seed, rec["fid"])
-                fids.append(rec["fid"])
+            fids = fids_over_seeds(lambda seed: out / "sets" / f"{path.name}-schedule-{content}-s{seed}.json",
+                                   lambda seed: sample_set(sched, trained, net, seed, n, steps, batch, n_ref, device),
+                                   seeds, f"{path.name} {name}")
             rows.append({"design": name, "widths_per_bin": owners, "schedule": sched.to_dict(),
-                         "gflops": cost_of_meme(cfg).gflops_mean, "heldout_loss_sum": loss,
-                         "fid": fids, "fid_mean": float(np.mean(fids)),
-                         "fid_std": float(np.std(fids, ddof=1)) if len(fids) > 1 else 0.0})
+                         "gflops": cost_of_meme(cfg).gflops_mean, "heldout_loss_sum": loss, **fid_row(fids)})
         by = {r["design"]: r for r in rows}
         full_ms = ms_per_step(fr.schedule(fr.uniform(full), "uniform-1"), trained, batch)
         for r in rows:
