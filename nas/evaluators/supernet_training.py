@@ -23,7 +23,10 @@ narrowest width with its most attention, and random sub-networks of a uniformly 
 width (at full width drawn as above, narrower uniformly among that width's legal splits).
 ``--distill`` adds in-place distillation (BigNAS, US-Nets): all sub-networks of a step see
 one batch; the full-width one learns the true noise, every other one the full-width
-prediction (detached). Training FLOPs count every sub-network's forward and backward.
+prediction (detached). ``--distill-batch own`` gives each sub-network its own batch instead
+(the very batches training without ``--distill`` draws) and runs the full width again on it
+for the target. Training FLOPs count every sub-network's forward and backward, and those
+teacher forwards.
 ``--ema-decay`` keeps an EMA of the weights (as ``meme-nas train`` does) and writes it as
 ``supernet.pt``: what a schedule samples should be averaged like a stand-alone network is.
 
@@ -192,6 +195,7 @@ class TrainPlan:
     widths: tuple[str, ...] = ("1",)   # slimmable: the widths a sub-network may run
     group_channels: int = 0            # slimmable: channels per GroupNorm group (0: auto)
     distill: bool = False              # slimmable: narrower sub-networks learn the full width's prediction
+    distill_batch: str = "shared"      # distill: 'shared' (one batch per step) or 'own' (each its own, teacher re-run)
     ema_decay: float = 0.0             # > 0: supernet.pt holds the EMA of the weights
     device: Optional[str] = None
     progress: bool = True
@@ -272,8 +276,9 @@ def train_supernet(plan: TrainPlan) -> dict[str, Any]:
             opt.zero_grad(set_to_none=True)
             losses = []
             teacher = None
-            for arch in archs:
-                if teacher is None or not plan.distill:   # distill: one batch for all, the first draws it
+            own_batches = not plan.distill or plan.distill_batch == "own"
+            for k, arch in enumerate(archs):
+                if k == 0 or own_batches:   # shared distillation: one batch for all, the first draws it
                     idx = torch.randint(len(train), (plan.batch_size,), generator=gen)
                     x0 = fp.input(train[idx], dev)
                     t = _uniform_t(diffusion.T, plan.batch_size, gen).to(dev)
@@ -281,6 +286,10 @@ def train_supernet(plan: TrainPlan) -> dict[str, Any]:
                     x_t = diffusion.q_sample(x0, t, noise)
                 with fp.autocast():
                     eps = net.run(arch, x_t, t).float()
+                if teacher is not None and own_batches:   # the full width again, on this student's batch
+                    with torch.no_grad(), fp.autocast():
+                        teacher = net.run(archs[0], x_t, t).float()
+                    train_gflops += plan.batch_size * fwd_gflops(archs[0])
                 target = teacher if teacher is not None else noise.float()
                 loss = torch.nn.functional.mse_loss(eps, target)
                 if plan.distill and teacher is None:
@@ -321,7 +330,8 @@ def _finish(net: SuperNet, spec: SupernetSpec, plan: TrainPlan, out: Path, step:
             "spec_digest": spec.digest(), "steps": step, "random_subnets": plan.random_subnets,
             "subnets_per_step": 2 + plan.random_subnets, "lr": plan.lr, "batch_size": plan.batch_size,
             "seed": plan.seed, "train_gflops": round(train_gflops, 1), "wall_s": round(wall, 1),
-            "widths": list(spec.widths), "distill": plan.distill, "ema_decay": plan.ema_decay, "diffusion": dataclasses.asdict(diffusion_of(plan)),
+            "widths": list(spec.widths), "distill": plan.distill,
+            **({"distill_batch": plan.distill_batch} if plan.distill else {}), "ema_decay": plan.ema_decay, "diffusion": dataclasses.asdict(diffusion_of(plan)),
             "weights_sha1": _sha1(weights)}
 
 
@@ -363,7 +373,7 @@ def macros_to_train(space: SearchSpace, wanted: Optional[str]) -> list[tuple[int
 def train_all(space_spec: str, out: Path, steps: int, *, macros: Optional[str] = None, jobs: int = 1,
               random_subnets: int = 2, seed: int = 0, device: Optional[str] = None,
               progress: bool = True, widths: Optional[tuple[str, ...]] = None, group_channels: int = 0,
-              distill: bool = False, ema_decay: float = 0.0) -> dict[str, Any]:
+              distill: bool = False, ema_decay: float = 0.0, distill_batch: str = "shared") -> dict[str, Any]:
     """Every macro's supernet (in ``jobs`` processes), then the index ``supernet.json``.
 
     ``widths`` None: the space's (``search.widths`` of scope network), else full width only."""
@@ -374,7 +384,8 @@ def train_all(space_spec: str, out: Path, steps: int, *, macros: Optional[str] =
     plans = [TrainPlan(space=space.source, base=b, blocks=r, out=str(out / macro_name(b, r)), steps=steps,
                        random_subnets=random_subnets, lr=p.lr, warmup=p.warmup, batch_size=p.batch_size,
                        grad_clip=p.grad_clip, seed=seed, device=device, progress=progress, position=i,
-                       widths=tuple(widths), group_channels=group_channels, distill=distill, ema_decay=ema_decay)
+                       widths=tuple(widths), group_channels=group_channels, distill=distill, ema_decay=ema_decay,
+                       distill_batch=distill_batch)
              for i, (b, r) in enumerate(shapes)]
     t0 = time.perf_counter()
     if jobs <= 1:
@@ -387,7 +398,7 @@ def train_all(space_spec: str, out: Path, steps: int, *, macros: Optional[str] =
     entries = [e for k, e in old.get("macros", {}).items() if k not in {x["dir"] for x in entries}] + entries
     rule = ("sandwich: most conv + most attention + random chains" if len(widths) == 1 else
             "sandwich: full width most conv + narrowest + random widths and chains"
-            + (", in-place distillation from the full width" if distill else ""))
+            + (f", in-place distillation from the full width ({distill_batch} batches)" if distill else ""))
     index = {"space": space.name, "space_source": space.source, "proxy": p.training_digest(), "rule": rule,
              "macros": {e["dir"]: e for e in entries},
              "train_gflops_total": round(sum(e["train_gflops"] for e in entries), 1),
@@ -419,6 +430,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--distill", action="store_true",
                    help="slimmable: in-place distillation, narrower sub-networks learn the full width's prediction "
                         "(on fmnist32-slim it made every width 91-155 FID worse: docs/results/slimmable.md)")
+    t.add_argument("--distill-batch", choices=("shared", "own"), default="shared",
+                   help="--distill: 'shared', one batch per step for every sub-network (the full width's prediction "
+                        "on it is the target); 'own', each sub-network its own batch, as without --distill, the full "
+                        "width run again on it (one more forward each)")
     t.add_argument("--device", default=None, help="torch device to train on (default: cuda when available)")
     t.add_argument("--out", type=Path, default=None, help="output folder for the supernets (default: results/supernet-<space>)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -447,6 +462,7 @@ def main(argv=None) -> int:
     index = train_all(space.source, out, steps, macros=args.macros, jobs=jobs,
                       random_subnets=args.random_subnets, seed=args.seed, device=args.device, progress=not args.quiet,
                       widths=widths, group_channels=args.group_channels, distill=args.distill,
+                      distill_batch=args.distill_batch,
                       ema_decay=args.ema_decay)
     for name, e in index["macros"].items():
         print(f"{name}: {e['steps']} steps x {e['subnets_per_step']} sub-networks, "

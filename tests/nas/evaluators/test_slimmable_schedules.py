@@ -18,6 +18,7 @@ from meme.model.experts import build_denoiser
 from meme.model.macs import cost_of_meme, cost_of_network
 from meme.model.references import resolve
 from meme.model.schedule import Choice, Schedule, load_schedule, schedule_denoiser
+from meme.model.supernet import SupernetSpec
 from meme.sampling import sample as sample_cli
 from meme.sampling.sample import SamplingPlan, generate
 from meme.training.options import TrainOptions
@@ -306,3 +307,32 @@ def test_standalone_runs_are_compared_with_the_supernets_over_training_seeds():
     assert by["1"]["welch"]["diff"] == pytest.approx(-8.5)
     assert by["1"]["welch"]["p_value"] == pytest.approx(want.pvalue)
     assert by["3/4"]["standalone"][2] == 1 and by["3/4"]["welch"]["verdict"] == "cannot tell apart"
+
+
+def test_distillation_on_own_batches_sees_the_plain_runs_batches_and_pays_for_its_teacher(slim, tmp_path):
+    """Ten steps of each recipe from the same seed: ``--distill-batch own`` draws the very batches of the
+    plain recipe (the full width's first loss is the plain one's), so only the students' target differs;
+    its teacher forwards are charged; ``shared`` gives the students another batch than ``own``."""
+    space, _ = slim
+
+    def first_row(name, **kw):
+        train_all(str(space), tmp_path / name, 10, jobs=1, progress=False, widths=WIDTHS, ema_decay=0.9, **kw)
+        index = json.loads((tmp_path / name / "supernet.json").read_text())
+        (entry,) = index["macros"].values()
+        return next(csv.DictReader(open(tmp_path / name / entry["dir"] / "metrics.csv"))), entry, index
+
+    plain, plain_entry, _ = first_row("plain")
+    own, entry, index = first_row("own", distill=True, distill_batch="own")
+    shared, _, _ = first_row("shared", distill=True)
+    assert own["loss_most_conv"] == plain["loss_most_conv"] == shared["loss_most_conv"]
+    # the students' target: the zero-initialised output of the teacher, not the noise
+    assert float(own["loss_most_attention"]) == 0.0 < float(plain["loss_most_attention"])
+
+    def draws(name):   # the generator after the steps: what it drew (sub-networks, batches, t, noise)
+        return torch.load(tmp_path / name / entry["dir"] / "checkpoint.pt", weights_only=True)["generator"]
+    assert torch.equal(draws("own"), draws("plain")) and not torch.equal(draws("own"), draws("shared"))
+    spec = SupernetSpec.from_dict(entry["spec"])
+    teacher = cost_of_network(spec.largest(), spec.data).gflops * entry["batch_size"]
+    students = entry["subnets_per_step"] - 1
+    assert entry["train_gflops"] == pytest.approx(plain_entry["train_gflops"] + 10 * students * teacher, abs=0.1)
+    assert entry["distill_batch"] == "own" and "(own batches)" in index["rule"]
