@@ -90,9 +90,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "re-rank to fit (default: the space's)")
     r.add_argument("--objective", default="loss", choices=("loss", "fid"),
                    help="'loss' (held-out denoising loss, default) or 'fid'")
-    r.add_argument("--sampler", default="auto", choices=("auto", "tpe", "nsga2"),
+    r.add_argument("--sampler", default="auto", choices=("auto", "tpe", "nsga2", "random"),
                    help="'auto': NSGA-II for a Pareto search or the supernet evaluator (whose near-equal scores "
-                        "make TPE re-propose its best designs), TPE otherwise")
+                        "make TPE re-propose its best designs), TPE otherwise; 'random': uniform draws, the "
+                        "baseline a sampler must beat")
     r.add_argument("--evaluator", default=None, choices=("scratch", "supernet"),
                    help="'scratch' (train each candidate on the proxy) or 'supernet' (score its experts as "
                         "sub-networks of --supernet DIR); default: the space's proxy.evaluator")
@@ -108,6 +109,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--out", default="results", help="results root; the study lives in OUT/<study> (default %(default)s)")
     r.add_argument("--resume", action="store_true", help="continue an interrupted study (finished trials are kept)")
     r.add_argument("--seed", type=int, default=None, help="sampler and training seed (default: space's proxy seed)")
+    r.add_argument("--sampler-seed", type=int, default=None,
+                   help="the sampler's seed alone (default: --seed): repeat a search with the same evaluator, e.g. "
+                        "the same supernet scores, to see how the sampler's result spreads")
     r.add_argument("--device", default=None, help="torch device for trials (default: cuda when available)")
     r.add_argument("--no-reference", action="store_true", help="skip training the paper's Table 4 reference")
     r.add_argument("--rerank-top", type=int, default=3,
@@ -283,7 +287,7 @@ def make_settings(args) -> tuple[Settings, dict]:
     s = Settings(space=space, budget=budget, objectives=objectives,
                  trials=args.trials or int(space.defaults.get("trials", 16)), study_name=study_name, out=out,
                  storage_url=storage_url_for(out, args.storage),
-                 seed=args.seed if args.seed is not None else space.proxy.seed,
+                 seed=args.seed if args.seed is not None else space.proxy.seed, sampler_seed=args.sampler_seed,
                  time_budget=float(time_budget) if time_budget else None, device=args.device,
                  cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus, address=args.address,
                  progress=not args.quiet, stale_after=args.stale_after, latency=latency,

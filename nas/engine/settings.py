@@ -29,6 +29,7 @@ class Settings:
     out: Path                          # results/<study>
     storage_url: str
     seed: int = 0
+    sampler_seed: Optional[int] = None   # the sampler's own seed (None: ``seed``), the evaluator left as it is
     time_budget: Optional[float] = None  # seconds for the whole job (trials, reference and re-rank)
     device: Optional[str] = None       # torch device for trials ('auto' when None)
     cpus_per_trial: float = 1.0

@@ -89,10 +89,13 @@ def make_sampler(s: Settings) -> optuna.samplers.BaseSampler:
         # TPE's multivariate `group` mode is marked experimental; it is what a conditional space needs
         warnings.filterwarnings("ignore", message=".*``group``.*", category=optuna.exceptions.ExperimentalWarning)
         name = sampler_name(s)
+        seed = s.seed if s.sampler_seed is None else s.sampler_seed
+        if name == "random":   # every rule holds by construction, so a uniform draw is a uniform candidate
+            return optuna.samplers.RandomSampler(seed=seed)
         if name == "nsga2":
             size = max(4, min(20, s.trials // 3)) if s.multi else max(4, min(50, s.trials // 4))
-            return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=size, constraints_func=constraint_of)
-        return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=max(3, min(10, s.trials // 3)),
+            return optuna.samplers.NSGAIISampler(seed=seed, population_size=size, constraints_func=constraint_of)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(3, min(10, s.trials // 3)),
                                           multivariate=True, group=True, constraints_func=constraint_of)
 
 

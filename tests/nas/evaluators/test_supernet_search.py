@@ -189,6 +189,15 @@ def test_nsga2_samples_under_the_supernet_evaluator_unless_told_otherwise(tiny_s
     assert isinstance(sampler(), optuna.samplers.TPESampler)
     assert isinstance(sampler("--sampler", "nsga2"), optuna.samplers.NSGAIISampler)
 
+    def first_draws(*argv):   # --sampler-seed seeds the sampler alone: the evaluator's seed stays the space's
+        s, _ = search.make_settings(search.parse_args([*base, "--sampler", "random", *argv]))
+        assert s.space.proxy.seed == load_space("tiny").proxy.seed
+        study = optuna.create_study(sampler=make_sampler(s))
+        return [study.ask().suggest_float("u", 0, 1) for _ in range(3)]
+    mine = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=7))
+    assert first_draws("--sampler-seed", "7") == [mine.ask().suggest_float("u", 0, 1) for _ in range(3)]
+    assert first_draws("--sampler-seed", "8") != first_draws("--sampler-seed", "7")
+
 
 def test_search_refuses_a_missing_supernet(tmp_path, capsys):
     rc = search.main(["--space", "tiny", "--budget-gflops", "1", "--executor", "optuna", "--supernet",
