@@ -215,10 +215,37 @@ def against_search(study_dir: Path, optimum: float, digest: Optional[str]) -> di
     def first_within(rel: float) -> Optional[int]:
         return next((i + 1 for i, t in enumerate(trials)
                      if t.number in numbers and t.values[0] <= optimum * (1 + rel)), None)
+    so_far, curve = float("inf"), []
+    for t in trials:
+        if t.number in numbers:
+            so_far = min(so_far, t.values[0])
+        curve.append(None if so_far == float("inf") else 100 * (so_far / optimum - 1))
     return {"study": str(study_dir), "sampler": study.user_attrs.get("sampler"), "trials": len(trials),
             "distinct_scored": len(scored), "best_trial": best.number, "best_objective": best.values[0],
             "gap_pct": 100 * (best.values[0] / optimum - 1), "trials_to_0.1pct": first_within(1e-3),
-            "trials_to_0.01pct": first_within(1e-4)}
+            "trials_to_0.01pct": first_within(1e-4), "gap_pct_by_trial": curve}
+
+
+def plot_against(against: list[dict], path: Path, title: str) -> None:
+    """Best-so-far gap to the exact optimum against trials, one line per search."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    for a in against:
+        xs = [i + 1 for i, g in enumerate(a["gap_pct_by_trial"]) if g is not None]
+        ys = [max(g, 1e-4) for g in a["gap_pct_by_trial"] if g is not None]
+        ax.step(xs, ys, where="post", label=f"{Path(a['study']).name} ({a['sampler']})")
+    ax.set_yscale("log")
+    ax.axhline(0.1, color="0.6", linestyle=":", linewidth=1)
+    ax.set_xlabel("trials (rejected and duplicates included)")
+    ax.set_ylabel("best so far: % above the exact optimum (floor 1e-4)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def schedule_of(space: SearchSpace, cfg: MemeConfig, supernet: Path) -> Schedule:
@@ -288,6 +315,10 @@ def main(argv=None) -> int:
         atomic_write_json(res, args.out / "optimum.json")
         (args.out / "optimum.yaml").write_text(res["best"]["config_yaml"])
         wrote = "optimum.json, optimum.yaml"
+        if res["against"]:
+            plot_against(res["against"], args.out / "against.png",
+                         f"{space.name}, {args.budget_gflops:g} GFLOPs: searches against the exact optimum")
+            wrote += ", against.png"
         if space.widths.whole_network:
             schedule_of(space, MemeConfig.from_yaml(res["best"]["config_yaml"]), args.supernet).save(
                 args.out / "schedule.yaml")

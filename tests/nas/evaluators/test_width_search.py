@@ -154,3 +154,6 @@ def test_the_samplers_search_widths_and_never_beat_the_exact_optimum(slim, tmp_p
                               "--against", str(tmp_path / "w"), "--out", str(tmp_path / "opt"), "--quiet"]) == 0
     (vs,) = json.loads((tmp_path / "opt" / "optimum.json").read_text())["against"]
     assert vs["gap_pct"] >= 0 and vs["best_objective"] == pytest.approx(study.best_value)
+    curve = [g for g in vs["gap_pct_by_trial"] if g is not None]
+    assert len(vs["gap_pct_by_trial"]) == 12 and curve == sorted(curve, reverse=True) and curve[-1] == vs["gap_pct"]
+    assert (tmp_path / "opt" / "against.png").stat().st_size > 0
