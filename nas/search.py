@@ -490,7 +490,11 @@ def _outputs(study, s: Settings, reference, refs) -> None:
         print(line)
     print(f"outputs in {s.out}/: optuna.db, trials.csv, pareto.png"
           + (", best.yaml" if best else "") + (", reference.json" if reference else ""))
-    if best:
+    if best and s.space.widths.whole_network and s.space.proxy.evaluator == "supernet":
+        schedule = s.space.schedule_of(MemeConfig.load(best), s.space.proxy.supernet).save(s.out / "schedule.yaml")
+        print(f"the winner is a schedule of the supernet; sample it, nothing to train:  meme-nas sample "
+              f"--supernet {s.space.proxy.supernet} --schedule {schedule}")
+    elif best:
         data = f" --data {s.space.dataset}" if s.space.dataset else ""
         print(f"train the winner at full scale:  meme-nas train --config {best}{data}")
         print(f"or train, sample and score the top designs:  meme-nas promote --study {s.out}")

@@ -30,7 +30,6 @@ from meme.common.command import CommandParser, add_fast_path_flag, main_guard
 from meme.common.errors import UserError
 from meme.model.config import MemeConfig
 from meme.model.macs import cost_of_network
-from meme.model.schedule import Choice, Schedule
 from nas.engine import pareto_chain
 from nas.engine.study import storage_url_for
 from nas.evaluators.supernet_score import SharedScorer
@@ -248,15 +247,6 @@ def plot_against(against: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def schedule_of(space: SearchSpace, cfg: MemeConfig, supernet: Path) -> Schedule:
-    """A candidate of a slimmable space as the schedule that samples it straight from the supernet."""
-    choices = []
-    for e in cfg.experts:
-        _, width = space.macro_and_width(e)
-        choices.append(Choice(width, tuple(e.high_ratios), tuple(e.pool_strides)))
-    return Schedule(tuple(cfg.resolved_boundaries()), tuple(choices), str(supernet), cfg.name)
-
-
 def _arch(space: SearchSpace, base: int, blocks: int, pools, option: Option):
     width, chain = option
     return space.arch(base, blocks, tuple(pools), tuple(str(r) for r in chain), width)
@@ -320,7 +310,7 @@ def main(argv=None) -> int:
                          f"{space.name}, {args.budget_gflops:g} GFLOPs: searches against the exact optimum")
             wrote += ", against.png"
         if space.widths.whole_network:
-            schedule_of(space, MemeConfig.from_yaml(res["best"]["config_yaml"]), args.supernet).save(
+            space.schedule_of(MemeConfig.from_yaml(res["best"]["config_yaml"]), args.supernet).save(
                 args.out / "schedule.yaml")
             wrote += (f", schedule.yaml (sample it: meme-nas sample --supernet {args.supernet} "
                       f"--schedule {args.out / 'schedule.yaml'})")

@@ -162,7 +162,8 @@ def summary_lines(study: optuna.Study, reference: Optional[dict], budget: float,
         mark = ""
         lines.append(f"{i + 1:>2} {t.number:>7} {cfg.num_experts:>2} {t.user_attrs['gflops']:>8.2f} "
                      f"{t.user_attrs['params'] / 1e6:>8.1f}M {quality(t):>10.5f}  "
-                     f"{ratios_summary(t.user_attrs['config_yaml'])} / p={list(cfg.resolved_probs())}{mark}")
+                     f"{ratios_summary(t.user_attrs['config_yaml'])} / p={list(cfg.resolved_probs())}"
+                     + (f" / widths {t.user_attrs['widths']}" if "widths" in t.user_attrs else "") + mark)
     if reference:
         q = f"{ref_q:>10.5f}" if ref_q is not None else f"{'failed':>10}"
         over = "  (over budget)" if reference["gflops"] > budget else ""

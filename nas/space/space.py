@@ -35,6 +35,7 @@ from meme.model.config import (
 )
 from meme.model.macs import cost_of_meme
 from meme.model.references import reference_names, resolve
+from meme.model.schedule import Choice, Schedule
 from meme.model.resources import check_fits
 from meme.training.branching import SPLIT_OPTIMIZERS
 from meme.training.options import TrainOptions
@@ -235,6 +236,15 @@ class SearchSpace:
         raise ConfigError(f"{arch.base_channels} base channels are not a width {list(self.widths.choices)} of a "
                           f"macro base {list(self.macro.base_channels)} of {self.name} (time embedding "
                           f"{arch.time_channels or arch.base_channels}, groups of {arch.group_channels or 'LDM'})")
+
+    def schedule_of(self, cfg: MemeConfig, supernet: str | Path) -> Schedule:
+        """A candidate of a space of network widths as the schedule that samples it straight from
+        the slimmable supernet (``meme-nas sample --supernet DIR --schedule FILE``)."""
+        require(self.widths.whole_network, f"{self.source}: its experts are not widths of one network "
+                                           f"(search.widths scope network), so a candidate is not a schedule")
+        choices = tuple(Choice(self.macro_and_width(e)[1], tuple(e.high_ratios), tuple(e.pool_strides))
+                        for e in cfg.experts)
+        return Schedule(tuple(cfg.resolved_boundaries()), choices, str(supernet), cfg.name)
 
     def stage_grid(self, base: int, stage: int) -> list[Fraction]:
         """Legal d_h/d of a stage at this base width within [min, max], ascending."""

@@ -150,6 +150,9 @@ def test_the_samplers_search_widths_and_never_beat_the_exact_optimum(slim, tmp_p
     study = optuna.load_study(study_name="w", storage=f"sqlite:///{tmp_path / 'w' / 'optuna.db'}")
     drawn = {w for t in study.trials for w in t.user_attrs["widths"].split()}
     assert drawn == {"1/2", "1"}
+    winner = MemeConfig.load(tmp_path / "w" / "best.yaml")     # and as a schedule sampled from the supernet
+    _, _, sampled = load_schedule(tmp_path / "w" / "schedule.yaml")
+    assert sampled.experts == proxy_config(winner, space.proxy).experts
     assert interval_opt.main(["--space", space.source, "--supernet", str(out), "--budget-gflops", str(BUDGET),
                               "--against", str(tmp_path / "w"), "--out", str(tmp_path / "opt"), "--quiet"]) == 0
     (vs,) = json.loads((tmp_path / "opt" / "optimum.json").read_text())["against"]
