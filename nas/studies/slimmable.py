@@ -370,6 +370,17 @@ def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     return {"diff_mean": s.mean, "diff_std": s.std, "n": s.n, "verdict": verdict}
 
 
+def design_names(files: Sequence[Path]) -> dict[str, Path]:
+    """A name per schedule file: its stem, or folder-stem when two files share a stem (two
+    ``interval-opt`` outputs are both ``schedule.yaml``)."""
+    stems = [Path(f).stem for f in files]
+    names = {(Path(f).stem if stems.count(Path(f).stem) == 1 else f"{Path(f).parent.name}-{Path(f).stem}"): Path(f)
+             for f in files}
+    if len(names) < len(files):
+        raise UserError(f"--schedules: two files share a folder and a name: {[str(f) for f in files]}")
+    return names
+
+
 def study(supernets: Sequence[Path], out: Path, *, bins: int, per_bin: int, match: Sequence[str],
           seeds: Sequence[int], n: int, steps: int, batch: int, n_ref: int, device: torch.device,
           command: str, headline: Optional[Sequence[str]] = None, headline_only: bool = False,
@@ -379,7 +390,7 @@ def study(supernets: Sequence[Path], out: Path, *, bins: int, per_bin: int, matc
     searched schedules at each ``headline`` width) on the others, or everywhere with ``headline_only``.
     ``schedules``: schedule files (e.g. ``interval-opt``'s or a search winner's) sampled on every
     supernet of the study as further designs, paired with the rest."""
-    extra = {f"file:{Path(f).stem}": Schedule.load(f) for f in schedules}
+    extra = {f"file:{name}": Schedule.load(f) for name, f in design_names(schedules).items()}
     headline = list(match if headline is None else headline)
     if not set(headline) <= set(match):
         raise UserError(f"--headline {headline}: every headline width must be one of --match {list(match)}")

@@ -184,6 +184,8 @@ def test_a_schedule_file_joins_the_study_paired_and_scored_on_the_fronts_protoco
     assert mine["vs_uniform_same_cost"]["diff_mean"] == pytest.approx(sum(diffs) / 2)
     assert "vs_front_searched" in mine and "(schedule file)" in (tmp_path / "st" / "study.md").read_text()
     assert len([p for p in (tmp_path / "st" / "sets").iterdir() if "-schedule-" in p.name]) == 2
+    assert list(slimmable.design_names([Path("a/schedule.yaml"), Path("b/schedule.yaml"), Path("c/x.yaml")])) == [
+        "a-schedule", "b-schedule", "x"]
 
 
 def _a_standalone_network_is_scored_beside_its_width(space: Path, out: Path, tmp_path: Path, before: dict) -> None:
