@@ -231,10 +231,14 @@ def plot_against(against: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    samplers = list(dict.fromkeys(a["sampler"] for a in against))   # a colour per sampler, a dash per repeat
+    seen: dict[str, int] = {}
     for a in against:
+        k = seen[a["sampler"]] = seen.get(a["sampler"], -1) + 1
         xs = [i + 1 for i, g in enumerate(a["gap_pct_by_trial"]) if g is not None]
         ys = [max(g, 1e-4) for g in a["gap_pct_by_trial"] if g is not None]
-        ax.step(xs, ys, where="post", label=f"{Path(a['study']).name} ({a['sampler']})")
+        ax.step(xs, ys, where="post", color=f"C{samplers.index(a['sampler'])}", linestyle=("-", "--", ":", "-.")[k % 4],
+                label=f"{Path(a['study']).name} ({a['sampler']})")
     ax.set_yscale("log")
     ax.axhline(0.1, color="0.6", linestyle=":", linewidth=1)
     ax.set_xlabel("trials (rejected and duplicates included)")
