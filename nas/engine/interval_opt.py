@@ -4,7 +4,7 @@ With the weight-shared evaluator a candidate's objective is a sum of per-expert 
 expert n contributing sum_{t in grid, t in I_n} loss(t, a_n) for its sub-network a_n,
 and its cost is the interval-weighted sum of per-expert costs. So the best sub-networks
 for each N, boundary choice and macro shape under the budget are an exact optimisation,
-done by the project's one chain optimiser (``nas.engine.pareto_chain``): positions are
+done by the project's one chain optimiser (``nas.space.pareto_chain``): positions are
 experts, an expert's choice is its sub-network -- its width (``search.widths`` of scope
 network: one slimmable supernet) and its per-stage d_h/d at that width -- and the space's
 monotone rules bound each expert by the one before it.
@@ -30,7 +30,7 @@ from meme.common.command import CommandParser, add_fast_path_flag, main_guard
 from meme.common.errors import UserError
 from meme.model.config import MemeConfig
 from meme.model.macs import cost_of_network
-from nas.engine import pareto_chain
+from nas.space import pareto_chain
 from nas.engine.study import storage_url_for
 from nas.evaluators.supernet_score import SharedScorer
 from nas.evaluators.supernet_training import macro_name
@@ -165,7 +165,7 @@ def optimise(space: SearchSpace, scorer: SharedScorer, budget: float, mode: str 
 
 
 def best_chain(space, base, n, owners, weights, losses, cost, budget, mode):
-    """The lowest summed loss of n experts' sub-networks under the budget, by ``nas.engine.pareto_chain``:
+    """The lowest summed loss of n experts' sub-networks under the budget, by ``nas.space.pareto_chain``:
     positions are experts, an expert's choice is its (width, chain), the rules bound it by the
     expert before. 'mean': the interval-weighted cost is summed and bounded; 'max': every
     expert alone is under the budget. (total cost, total loss, choices) or None."""

@@ -3,6 +3,7 @@
 A space YAML made into a validated ``SearchSpace`` (``space``), candidates drawn from it and
 encoded back (``draw``), the per-step budget in GFLOPs or milliseconds (``budget``, with
 the space's latency table in ``latency_table``), clustered interval boundaries
-(``clusters``), and the proxy a trial trains on with its data (``proxy``,
-``proxy_data``). It may import ``meme`` only: this is the bottom room of ``nas``.
+(``clusters``), the proxy a trial trains on with its data (``proxy``, ``proxy_data``), and
+the exact (cost, loss) front of a chain of per-interval choices (``pareto_chain``). It may
+import ``meme`` only: this is the bottom room of ``nas``.
 """

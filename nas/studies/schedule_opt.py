@@ -5,7 +5,7 @@ cost per sampling step is the bin-weighted mean of its widths' costs (GFLOPs, or
 measured ms), and its cheap score is the sum over bins of the held-out eps-MSE of its
 width on that bin: both are sums of per-bin terms, so the set of schedules on the
 (cost, loss) Pareto front is found exactly by the project's one chain optimiser
-(``nas.engine.pareto_chain``): positions are bins, a bin's choice is its width, and the
+(``nas.space.pareto_chain``): positions are bins, a bin's choice is its width, and the
 ``wider_near_data`` rule limits a bin's widths by the bin before it. The front answers
 every budget: the best schedule at B is the front's lowest loss at cost <= B.
 
@@ -20,8 +20,8 @@ from typing import Optional, Sequence
 
 from meme.common.errors import UserError
 from meme.model.schedule import Choice, Schedule
-from nas.engine import pareto_chain
-from nas.engine.pareto_chain import pareto
+from nas.space import pareto_chain
+from nas.space.pareto_chain import pareto
 
 MONOTONE = ("free", "wider_near_data")
 

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from nas.engine.pareto_chain import Design, best_under, front, pareto
+from nas.space.pareto_chain import Design, best_under, front, pareto
 
 
 def brute(length, options, term, budget=math.inf):

@@ -11,7 +11,7 @@ keeping per state the Pareto set of partial (cost, loss) -- every budget's optim
 the front's lowest loss at cost <= budget. A ``budget`` drops partial costs above it early
 (terms are non-negative), which is what keeps large enumerations small.
 
-Checked against brute force in ``tests/nas/engine/test_pareto_chain.py`` (and through both
+Checked against brute force in ``tests/nas/space/test_pareto_chain.py`` (and through both
 callers' own brute-force tests).
 """
 from __future__ import annotations
