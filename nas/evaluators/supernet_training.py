@@ -429,7 +429,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="keep an EMA of the weights with this decay and write it as supernet.pt (default 0: none)")
     t.add_argument("--distill", action="store_true",
                    help="slimmable: in-place distillation, narrower sub-networks learn the full width's prediction "
-                        "(on fmnist32-slim it made every width 91-155 FID worse: docs/results/slimmable.md)")
+                        "(on fmnist32-slim it made every width 87-155 FID worse, with one batch or own batches: "
+                        "docs/results/slimmable.md)")
     t.add_argument("--distill-batch", choices=("shared", "own"), default="shared",
                    help="--distill: 'shared', one batch per step for every sub-network (the full width's prediction "
                         "on it is the target); 'own', each sub-network its own batch, as without --distill, the full "
