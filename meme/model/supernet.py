@@ -152,10 +152,7 @@ class SupernetSpec:
 
     def arch(self, ratios, pools, width: str = "1") -> ArchConfig:
         """The sub-network with this width and these per-stage ratios and strides (a plain ArchConfig)."""
-        t = self.template
-        base = int(parse_fraction(width, "width") * t.base_channels)
-        features = t.time_channels or t.base_channels     # every width reads the full-width time embedding
-        return dataclasses.replace(t, base_channels=base, time_channels=0 if base == features else features,
+        return dataclasses.replace(at_width(self.template, width),
                                    high_ratios=tuple(str(parse_fraction(r, "ratio")) for r in ratios),
                                    pool_strides=tuple(int(p) for p in pools))
 
@@ -239,6 +236,15 @@ class SupernetSpec:
 
     def digest(self) -> str:
         return hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def at_width(arch: ArchConfig, width: str) -> ArchConfig:
+    """``arch`` narrowed to ``width`` of its channels, as a slimmable supernet runs it: every
+    channel count scaled, the time embedding kept at full width (it costs per image, not per
+    pixel). The one rule ``SupernetSpec.arch`` and a space of network widths both follow."""
+    base = int(parse_fraction(width, "width") * arch.base_channels)
+    features = arch.time_channels or arch.base_channels
+    return dataclasses.replace(arch, base_channels=base, time_channels=0 if base == features else features)
 
 
 def arch_key(arch: ArchConfig, full_base: Optional[int] = None) -> str:

@@ -30,10 +30,10 @@ from meme.common.command import CommandParser, add_fast_path_flag, main_guard
 from meme.common.errors import UserError
 from meme.model.config import MemeConfig
 from meme.model.macs import cost_of_network
-from nas.space import pareto_chain
 from nas.engine.study import storage_url_for
 from nas.evaluators.supernet_score import SharedScorer
 from nas.evaluators.supernet_training import macro_name
+from nas.space import pareto_chain
 from nas.space.draw import FixedTrial, clustered_boundaries, ratio_choices, sample_boundaries, width_choices
 from nas.space.proxy import proxy_arch
 from nas.space.space import SearchSpace, load_space
@@ -141,12 +141,12 @@ def optimise(space: SearchSpace, scorer: SharedScorer, budget: float, mode: str 
             vals, _ = scorer.arch_losses(macro, arch, scorer.grid)
             losses[o] = dict(zip(scorer.grid, vals))
         scored += len(options)
+        after = lru_cache(maxsize=None)(lambda prev: options_after(space, base, prev))   # asked per state, N, bounds
         for n in space.num_experts:
             for bounds in boundary_choices(space, n):
-                first = next(iter(options_after(space, base, None)))
-                cfg0 = _config(space, base, blocks, pools, [first] * n, bounds, p_top)
+                cfg0 = _config(space, base, blocks, pools, [after(None)[0]] * n, bounds, p_top)
                 owners = scorer.owners(cfg0)
-                sol = best_chain(space, base, n, owners, cfg0.interval_weights(), losses, cost, budget, mode)
+                sol = best_chain(after, n, owners, cfg0.interval_weights(), losses, cost, budget, mode)
                 if sol is None:
                     continue
                 total_cost, total_loss, assignment = sol
@@ -164,13 +164,13 @@ def optimise(space: SearchSpace, scorer: SharedScorer, budget: float, mode: str 
                                                "config_yaml": best.config.to_yaml()}}
 
 
-def best_chain(space, base, n, owners, weights, losses, cost, budget, mode):
+def best_chain(after, n, owners, weights, losses, cost, budget, mode):
     """The lowest summed loss of n experts' sub-networks under the budget, by ``nas.space.pareto_chain``:
-    positions are experts, an expert's choice is its (width, chain), the rules bound it by the
-    expert before. 'mean': the interval-weighted cost is summed and bounded; 'max': every
-    expert alone is under the budget. (total cost, total loss, choices) or None."""
+    positions are experts, an expert's choice is its (width, chain), ``after(prev)`` the ones the
+    rules allow after the expert before. 'mean': the interval-weighted cost is summed and bounded;
+    'max': every expert alone is under the budget. (total cost, total loss, choices) or None."""
     def options(e: int, prev: Optional[Option]) -> list[Option]:
-        return [o for o in options_after(space, base, prev) if mode != "max" or cost(o) <= budget * (1 + 1e-9)]
+        return [o for o in after(prev) if mode != "max" or cost(o) <= budget * (1 + 1e-9)]
 
     def term(e: int, o: Option) -> tuple[float, float]:
         return (weights[e] * cost(o) if mode == "mean" else 0.0), sum(losses[o][t] for t in owners[e])

@@ -36,6 +36,7 @@ from meme.model.config import (
 from meme.model.macs import cost_of_meme
 from meme.model.references import reference_names, resolve
 from meme.model.schedule import Choice, Schedule
+from meme.model.supernet import at_width
 from meme.model.resources import check_fits
 from meme.training.branching import SPLIT_OPTIMIZERS
 from meme.training.options import TrainOptions
@@ -216,9 +217,7 @@ class SearchSpace:
                                    pool_strides=tuple(pools), high_ratios=tuple(ratios))
         if not self.widths.whole_network:
             return dataclasses.replace(arch, decoder_channels=self.widths.channels(width, base))
-        narrow = self.widths.channels(width, base)     # as SupernetSpec.arch: the full-width time embedding
-        features = self.template.time_channels or base
-        return dataclasses.replace(arch, base_channels=narrow, time_channels=0 if narrow == features else features)
+        return at_width(arch, width)
 
     def expert_base(self, base: int, width: str) -> int:
         """The base channels an expert of this width runs (its stages' d_h/d grids follow them)."""
