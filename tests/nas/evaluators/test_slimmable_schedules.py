@@ -26,6 +26,7 @@ from meme.training.train import Trainer, train, training_compute
 from nas.evaluators.supernet_training import auto_group_channels, parse_widths, train_all
 from nas.studies.slimmable import standalone_by_width
 from nas.studies import slimmable
+from tests.tiny_models import single_thread, tiny_space_variant
 
 WIDTHS = ("1/2", "1")
 
@@ -33,25 +34,20 @@ WIDTHS = ("1/2", "1")
 def tiny_slim_space(folder: Path) -> Path:
     """search_spaces/tiny.yaml at base 32 with d_h/d = 1/2: at the proxy's x1/2, stages of 16 and 32
     channels (8 and 16 at width 1/2) in 4-channel heads, whole heads at both widths."""
-    d = yaml.safe_load((Path(__file__).parents[3] / "search_spaces" / "tiny.yaml").read_text())
-    d["name"] = "tiny-slim"
-    d["search"]["ratios"].update(min="1/2", max="1/2")
-    d["search"]["macro"]["base_channels"] = [32]      # proxy x1/2: 16 at full width, 8 at 1/2
-    path = folder / "tiny-slim.yaml"
-    path.write_text(yaml.safe_dump(d))
-    return path
+    def edit(d):
+        d["search"]["ratios"].update(min="1/2", max="1/2")
+        d["search"]["macro"]["base_channels"] = [32]      # proxy x1/2: 16 at full width, 8 at 1/2
+    return tiny_space_variant(folder, "tiny-slim", edit)
 
 
 @pytest.fixture(scope="module")
 def slim(tmp_path_factory):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    folder = tmp_path_factory.mktemp("slim")
-    space = tiny_slim_space(folder)
-    out = folder / "sn"
-    train_all(str(space), out, 3, jobs=1, progress=False, widths=WIDTHS, distill=True, ema_decay=0.9)
-    yield space, out
-    torch.set_num_threads(before)
+    with single_thread():
+        folder = tmp_path_factory.mktemp("slim")
+        space = tiny_slim_space(folder)
+        out = folder / "sn"
+        train_all(str(space), out, 3, jobs=1, progress=False, widths=WIDTHS, distill=True, ema_decay=0.9)
+        yield space, out
 
 
 def write_schedule(folder: Path, supernet: Path, widths=("1", "1/2"), bounds=(0, 400, 1000)) -> Path:

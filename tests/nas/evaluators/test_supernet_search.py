@@ -22,7 +22,7 @@ from meme.model.experts import MultiExpertDenoiser
 from meme.model.supernet import SuperNet, load_index, load_supernet
 from nas import search
 from nas.engine import optuna_engine
-from nas.engine.interval_opt import _config, boundary_choices, optimise, options_after
+from nas.engine.interval_opt import optimise
 from nas.engine.replicates import default_jobs
 from nas.engine.study import make_sampler
 from nas.evaluators.supernet_score import SharedScorer
@@ -32,17 +32,17 @@ from nas.space.draw import FixedTrial, build_config, encode
 from nas.space.proxy import proxy_arch
 from nas.space.proxy_data import eval_timesteps, heldout_images, heldout_loss
 from nas.space.space import load_space
+from tests.nas.evaluators.exhaustive import brute_force_optimum
+from tests.tiny_models import single_thread
 
 
 @pytest.fixture(scope="module")
 def tiny_supernet(tmp_path_factory):
     """One thread while this module's tests run (tiny models), restored for the next module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("supernet")
-    train_all("tiny", out, 4, jobs=1, progress=False)
-    yield out
-    torch.set_num_threads(before)
+    with single_thread():
+        out = tmp_path_factory.mktemp("supernet")
+        train_all("tiny", out, 4, jobs=1, progress=False)
+        yield out
 
 
 def test_training_resumes_and_extends(tiny_supernet, tmp_path):
@@ -78,28 +78,6 @@ def test_shared_score_is_the_proxy_objective_of_the_inherited_experts(tiny_super
     assert got.objective == pytest.approx(want, rel=1e-5)
     again = SharedScorer(tiny_supernet, space.proxy).score(cfg)   # a new process: the disk cache answers
     assert again.evaluated == 0 and again.objective == got.objective
-
-
-def brute_force_optimum(space, scorer, budget):
-    """Every legal candidate of the space (N, boundaries, every expert's width and chain), scored one by one."""
-    best = None
-    for base, blocks, pools in space.macro.combos():
-        for n in space.num_experts:
-            for bounds in boundary_choices(space, n):
-                def walk(prefix):
-                    if len(prefix) == n:
-                        yield prefix
-                        return
-                    for o in options_after(space, base, prefix[-1] if prefix else None):
-                        yield from walk(prefix + [o])
-                for options in walk([]):
-                    cfg = _config(space, base, blocks, pools, options, bounds, space.probs.choices[-1])
-                    if cost_of(cfg).gflops_mean > budget:
-                        continue
-                    v = scorer.score(cfg).objective
-                    if best is None or v < best[0]:
-                        best = (v, cfg)
-    return best
 
 
 def test_interval_optimiser_matches_brute_force(tiny_supernet):

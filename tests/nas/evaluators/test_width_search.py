@@ -10,7 +10,6 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-import yaml
 
 from meme.common.errors import UserError
 from meme.common.fastpath import fast_path
@@ -21,7 +20,7 @@ from meme.model.schedule import load_schedule
 from meme.model.supernet import SupernetSpec, load_supernet
 from nas import search
 from nas.engine import interval_opt
-from nas.engine.interval_opt import _config, boundary_choices, optimise, options_after
+from nas.engine.interval_opt import _config, optimise
 from nas.evaluators.supernet_score import SharedScorer
 from nas.evaluators.supernet_training import train_all
 from nas.space.budget import cost_of
@@ -29,6 +28,8 @@ from nas.space.draw import FixedTrial, build_config, encode
 from nas.space.proxy import proxy_arch, proxy_config
 from nas.space.proxy_data import eval_timesteps, heldout_images, heldout_loss
 from nas.space.space import load_space
+from tests.nas.evaluators.exhaustive import brute_force_optimum
+from tests.tiny_models import single_thread, tiny_space_variant
 
 BUDGET = 0.09      # GFLOPs per step: under full width (0.136), over half width (0.035): widths must mix
 
@@ -36,28 +37,23 @@ BUDGET = 0.09      # GFLOPs per step: under full width (0.136), over half width 
 def tiny_widths_space(folder: Path) -> Path:
     """search_spaces/tiny.yaml, one macro (base 32; 16 at the proxy's x1/2), every expert at width 1/2
     or 1 of it, GroupNorm groups of 4 channels, N of 1 or 2, hard experts."""
-    d = yaml.safe_load((Path(__file__).parents[3] / "search_spaces" / "tiny.yaml").read_text())
-    d["name"] = "tiny-widths"
-    d["target"]["expert"]["group_channels"] = 4
-    d["search"].update(num_experts=[1, 2], probs={"choices": [1.0]},
-                       widths={"choices": ["1/2", "1"], "scope": "network"})
-    d["search"]["macro"]["base_channels"] = [32]
-    d["reference"] = None
-    path = folder / "tiny-widths.yaml"
-    path.write_text(yaml.safe_dump(d))
-    return path
+    def edit(d):
+        d["target"]["expert"]["group_channels"] = 4
+        d["search"].update(num_experts=[1, 2], probs={"choices": [1.0]},
+                           widths={"choices": ["1/2", "1"], "scope": "network"})
+        d["search"]["macro"]["base_channels"] = [32]
+        d["reference"] = None
+    return tiny_space_variant(folder, "tiny-widths", edit)
 
 
 @pytest.fixture(scope="module")
 def slim(tmp_path_factory):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    folder = tmp_path_factory.mktemp("widths")
-    space = tiny_widths_space(folder)
-    out = folder / "sn"
-    train_all(str(space), out, 3, jobs=1, progress=False)          # the space's widths, by default
-    yield load_space(str(space)), out
-    torch.set_num_threads(before)
+    with single_thread():
+        folder = tmp_path_factory.mktemp("widths")
+        space = tiny_widths_space(folder)
+        out = folder / "sn"
+        train_all(str(space), out, 3, jobs=1, progress=False)          # the space's widths, by default
+        yield load_space(str(space)), out
 
 
 def random_trial(rng: random.Random, n: int) -> FixedTrial:
@@ -119,17 +115,7 @@ def test_the_exact_optimiser_mixes_widths_as_brute_force_does(slim, tmp_path):
     space, out = slim
     scorer = SharedScorer(out, space.proxy)
     res = optimise(space, scorer, BUDGET, progress=False)
-    best = None
-    for n in space.num_experts:
-        for bounds in boundary_choices(space, n):
-            chains = [[o] for o in options_after(space, 32, None)]
-            for _ in range(n - 1):
-                chains = [c + [o] for c in chains for o in options_after(space, 32, c[-1])]
-            for c in chains:
-                cfg = _config(space, 32, 1, (2, 1), c, bounds, 1.0)
-                if cost_of(cfg).gflops_mean <= BUDGET:
-                    v = scorer.score(cfg).objective
-                    best = min(best or (v, cfg), (v, cfg), key=lambda x: x[0])
+    best = brute_force_optimum(space, scorer, BUDGET)
     assert res["best"]["objective"] == pytest.approx(best[0], rel=1e-9)
     found = MemeConfig.from_yaml(res["best"]["config_yaml"])
     encode(found, space)
